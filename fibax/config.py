@@ -1,0 +1,68 @@
+"""Frozen dataclass configs; the values live in `configs/*.py`."""
+
+from __future__ import annotations
+
+import dataclasses
+
+from fibax import patterns
+
+
+@dataclasses.dataclass(frozen=True)
+class AttentionConfig:
+  """How each layer attends (PAPER.md §1-2)."""
+
+  schedule: str = "stagger"  # fixed | learned | stagger | coprime | dense
+  base: str = "fib"  # fib | pow2
+  window: int = 12
+  num_terms: int = patterns.FIB_TERMS
+  cap_mode: str = "run"  # run (the paper's) | train (frozen at the training length)
+  # Implementation of integer-offset layers: reference | xla | pallas | pallas_tpu.
+  impl: str = "xla"
+  # Implementation of dense layers: dense (auto) | cudnn | xla_dense | reference.
+  dense_impl: str = "dense"
+
+  def __post_init__(self):
+    if self.schedule not in patterns.SCHEDULES:
+      raise ValueError(f"unknown schedule={self.schedule!r}; expected one of {patterns.SCHEDULES}")
+    if self.base not in patterns.BASES:
+      raise ValueError(f"unknown base={self.base!r}; expected one of {patterns.BASES}")
+    if self.cap_mode not in patterns.CAP_MODES:
+      raise ValueError(f"unknown cap_mode={self.cap_mode!r}; expected {patterns.CAP_MODES}")
+    if self.window < 0:
+      raise ValueError(f"window={self.window} must be >= 0")
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+  """PAPER.md §4."""
+
+  vocab_size: int = 32_768
+  d_model: int = 512
+  num_layers: int = 16
+  num_heads: int = 8
+  num_kv_heads: int = 2
+  head_dim: int = 64
+  mlp_hidden: int = 1366  # round(512 * 8/3 / 2) * 2
+  seq_len: int = 1024  # the training length
+  rope_theta: float = 1e4
+  norm_eps: float = 1e-6
+  compute_dtype: str = "bfloat16"
+  attention: AttentionConfig = AttentionConfig()
+
+  def __post_init__(self):
+    for name in ("vocab_size", "d_model", "num_layers", "num_heads", "num_kv_heads", "head_dim"):
+      if getattr(self, name) < 1:
+        raise ValueError(f"{name}={getattr(self, name)} must be >= 1")
+    if self.num_heads % self.num_kv_heads:
+      raise ValueError(
+        f"num_heads={self.num_heads} is not divisible by num_kv_heads={self.num_kv_heads}"
+      )
+    if self.head_dim % 2:
+      raise ValueError(f"head_dim={self.head_dim} must be even for RoPE")
+    if self.attention.window >= self.seq_len:
+      raise ValueError(f"window={self.attention.window} must be < seq_len={self.seq_len}")
+
+
+def mlp_hidden_for(d_model: int) -> int:
+  """PAPER.md §4: hidden = round(d * 8/3 / 2) * 2."""
+  return round(d_model * 8 / 3 / 2) * 2
