@@ -20,6 +20,9 @@ class AttentionConfig:
   impl: str = "xla"
   # Implementation of dense layers: dense (auto) | cudnn | xla_dense | reference.
   dense_impl: str = "dense"
+  # Set by `freeze`: per-layer alphas of a trained learned schedule, rounded into static
+  # integer patterns (PAPER.md §3 offsets, compiled like a static schedule).
+  frozen_alphas: tuple[float, ...] | None = None
 
   def __post_init__(self):
     if self.schedule not in patterns.SCHEDULES:
@@ -66,3 +69,36 @@ class ModelConfig:
 def mlp_hidden_for(d_model: int) -> int:
   """PAPER.md §4: hidden = round(d * 8/3 / 2) * 2."""
   return round(d_model * 8 / 3 / 2) * 2
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+  """PAPER.md §4: 13,000 steps x 32 x 1024 tokens, AdamW (0.9, 0.95), wd 0.1, lr 3e-4."""
+
+  seed: int = 42
+  batch_size: int = 32
+  total_steps: int = 13_000
+  warmup_steps: int = 300
+  peak_lr: float = 3e-4
+  final_lr_fraction: float = 0.1
+  b1: float = 0.9
+  b2: float = 0.95
+  weight_decay: float = 0.1
+  grad_clip: float = 1.0
+  grad_accum: int = 1
+  eval_every: int = 500
+  checkpoint_every: int = 500
+  keep_checkpoints: int = 3
+
+  def __post_init__(self):
+    if self.batch_size < 1 or self.total_steps < 1:
+      raise ValueError(f"batch_size={self.batch_size}, total_steps={self.total_steps} must be >= 1")
+    if self.grad_accum < 1 or self.batch_size % self.grad_accum:
+      raise ValueError(f"grad_accum={self.grad_accum} must divide batch_size={self.batch_size}")
+
+
+@dataclasses.dataclass(frozen=True)
+class RunConfig:
+  model: ModelConfig = ModelConfig()
+  train: TrainConfig = TrainConfig()
+  data_source: str = "gutenberg"

@@ -1,0 +1,202 @@
+"""Attention paths in plain JAX, chosen by a string.
+
+Shape key: B batch, T sequence, H query heads, K key/value heads, G = H // K query heads
+per key/value head, D head dim, N attended distances (|D| of PAPER.md §1), R rungs.
+
+All paths take q [B, T, H, D] and k, v [B, T, K, D] and return o [B, T, H, D] in q's dtype.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jaxtyping import Array, Float
+
+from fibax.patterns import LearnedPattern, Pattern
+
+# PAPER.md §3: masked logits use a large finite negative number, not -inf.
+MASK_VALUE = -1e9
+
+
+def _check_heads(q: Array, k: Array, v: Array) -> int:
+  if q.ndim != 4 or k.shape != v.shape or k.ndim != 4:
+    raise ValueError(f"expected q [B,T,H,D], k/v [B,T,K,D]; got {q.shape=} {k.shape=} {v.shape=}")
+  if q.shape[0] != k.shape[0] or q.shape[1] != k.shape[1] or q.shape[3] != k.shape[3]:
+    raise ValueError(f"q and k disagree on B, T or D: {q.shape=} {k.shape=}")
+  num_heads, num_kv = q.shape[2], k.shape[2]
+  if num_heads % num_kv:
+    raise ValueError(f"{num_heads=} query heads are not divisible by {num_kv=} kv heads")
+  return num_heads // num_kv
+
+
+def reference(
+  q: Float[Array, "B T H D"],
+  k: Float[Array, "B T K D"],
+  v: Float[Array, "B T K D"],
+  pattern: Pattern,
+) -> Float[Array, "B T H D"]:
+  """The oracle: float32, dense [T, T] scores masked with the pattern's mask."""
+  groups = _check_heads(q, k, v)
+  seq_len, head_dim = q.shape[1], q.shape[3]
+  q_BxTxHxD = q.astype(jnp.float32)
+  k_BxTxHxD = jnp.repeat(k.astype(jnp.float32), groups, axis=2)
+  v_BxTxHxD = jnp.repeat(v.astype(jnp.float32), groups, axis=2)
+  s_BxHxTxT = jnp.einsum("bthd,bshd->bhts", q_BxTxHxD, k_BxTxHxD) / np.sqrt(head_dim)
+  mask_TxT = jnp.asarray(pattern.mask(seq_len))
+  s_BxHxTxT = jnp.where(mask_TxT, s_BxHxTxT, -jnp.inf)
+  p_BxHxTxT = jax.nn.softmax(s_BxHxTxT, axis=-1)
+  o_BxTxHxD = jnp.einsum("bhts,bshd->bthd", p_BxHxTxT, v_BxTxHxD)
+  return o_BxTxHxD.astype(q.dtype)
+
+
+def _shifted(x_BxTxKxD: Array, distances: tuple[int, ...]) -> Array:
+  """x[b, t - d] for each d, zero where t - d < 0: [B, T, N, K, D] via static slices."""
+  seq_len = x_BxTxKxD.shape[1]
+  pad = max(distances)
+  x_pad = jnp.pad(x_BxTxKxD, ((0, 0), (pad, 0), (0, 0), (0, 0)))
+  return jnp.stack([x_pad[:, pad - d : pad - d + seq_len] for d in distances], axis=2)
+
+
+def xla(
+  q: Float[Array, "B T H D"],
+  k: Float[Array, "B T K D"],
+  v: Float[Array, "B T K D"],
+  pattern: Pattern,
+) -> Float[Array, "B T H D"]:
+  """Gathers only the listed distances: memory O(T * N * D), never [T, T].
+
+  K/V are not repeated over the G query heads of a group: q is viewed as [B, T, K, G, D].
+  """
+  groups = _check_heads(q, k, v)
+  bsz, seq_len, num_heads, head_dim = q.shape
+  num_kv = k.shape[2]
+  distances = tuple(d for d in pattern.distances if d < seq_len)
+  k_BxTxNxKxD = _shifted(k, distances)
+  v_BxTxNxKxD = _shifted(v, distances)
+  q_BxTxKxGxD = q.reshape(bsz, seq_len, num_kv, groups, head_dim)
+  s_BxTxKxGxN = jnp.einsum(
+    "btkgd,btnkd->btkgn", q_BxTxKxGxD, k_BxTxNxKxD, preferred_element_type=jnp.float32
+  ) / np.sqrt(head_dim)
+  valid_TxN = np.arange(seq_len)[:, None] >= np.asarray(distances)[None, :]
+  s_BxTxKxGxN = jnp.where(valid_TxN[None, :, None, None, :], s_BxTxKxGxN, -jnp.inf)
+  p_BxTxKxGxN = jax.nn.softmax(s_BxTxKxGxN, axis=-1)
+  o_BxTxKxGxD = jnp.einsum(
+    "btkgn,btnkd->btkgd",
+    p_BxTxKxGxN.astype(v.dtype),
+    v_BxTxNxKxD,
+    preferred_element_type=jnp.float32,
+  )
+  return o_BxTxKxGxD.reshape(bsz, seq_len, num_heads, head_dim).astype(q.dtype)
+
+
+def _dense(implementation: str | None):
+  def attend(q, k, v, pattern: Pattern):
+    _check_heads(q, k, v)
+    if pattern.window < q.shape[1] - 1 or pattern.far:
+      raise NotImplementedError(
+        f"dense attention needs a dense pattern; got window={pattern.window}, far={pattern.far}"
+      )
+    return jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation=implementation)
+
+  return attend
+
+
+def learned(
+  q: Float[Array, "B T H D"],
+  k: Float[Array, "B T K D"],
+  v: Float[Array, "B T K D"],
+  pattern: LearnedPattern,
+  alpha: Float[Array, ""],
+) -> Float[Array, "B T H D"]:
+  """Fractional offsets with linear interpolation of K and V (PAPER.md §3).
+
+  For rung b: t = alpha * b, lo = floor(t), frac = t - lo, hi = lo + 1 (index clamped at
+  0). Keys/values are (1 - frac) x[i - lo] + frac x[i - hi]; validity is judged at lo. A
+  rung is skipped when round(t) <= W, lo > cap, or lo is already used by the window or
+  an earlier rung. The gradient reaches alpha only through frac (lo is piecewise constant).
+  """
+  groups = _check_heads(q, k, v)
+  bsz, seq_len, num_heads, head_dim = q.shape
+  num_kv = k.shape[2]
+  window = min(pattern.window, seq_len - 1)
+  ct = jnp.promote_types(q.dtype, jnp.float32)  # float32 softmax, float64 under x64
+  alpha = jnp.asarray(alpha, ct)
+
+  # Window part: static distances 0..W.
+  win = tuple(range(window + 1))
+  k_win = _shifted(k, win).astype(ct)
+  v_win = _shifted(v, win).astype(ct)
+  win_valid_TxN = jnp.asarray(np.arange(seq_len)[:, None] >= np.asarray(win)[None, :])
+
+  # Rungs: dynamic lo per rung, gathered along T.
+  pos_T = jnp.arange(seq_len)
+  k_rungs, v_rungs, valid_rungs, used_lo = [], [], [], []
+  for b in pattern.terms:
+    t = alpha * b
+    lo = jnp.floor(t)
+    frac = t - lo
+    lo_i = lo.astype(jnp.int32)
+    # jnp.round is half-to-even, like Python's round in the paper's code.
+    skip = (jnp.round(t) <= pattern.window) | (lo_i > pattern.cap) | (lo_i <= pattern.window)
+    for prev_lo, prev_skip in used_lo:
+      skip = skip | (~prev_skip & (prev_lo == lo_i))
+    used_lo.append((lo_i, skip))
+    idx_lo = jnp.clip(pos_T - lo_i, 0, seq_len - 1)
+    idx_hi = jnp.clip(pos_T - lo_i - 1, 0, seq_len - 1)
+    w_lo, w_hi = 1.0 - frac, frac
+    k_rungs.append(w_lo * k[:, idx_lo].astype(ct) + w_hi * k[:, idx_hi].astype(ct))
+    v_rungs.append(w_lo * v[:, idx_lo].astype(ct) + w_hi * v[:, idx_hi].astype(ct))
+    valid_rungs.append(~skip & (pos_T >= lo_i))
+
+  k_all = jnp.concatenate([k_win, jnp.stack(k_rungs, axis=2)], axis=2) if k_rungs else k_win
+  v_all = jnp.concatenate([v_win, jnp.stack(v_rungs, axis=2)], axis=2) if v_rungs else v_win
+  valid_TxN = win_valid_TxN
+  if valid_rungs:
+    valid_TxN = jnp.concatenate([win_valid_TxN, jnp.stack(valid_rungs, axis=1)], axis=1)
+
+  q_BxTxKxGxD = q.astype(ct).reshape(bsz, seq_len, num_kv, groups, head_dim)
+  s_BxTxKxGxN = jnp.einsum("btkgd,btnkd->btkgn", q_BxTxKxGxD, k_all) / np.sqrt(head_dim)
+  s_BxTxKxGxN = jnp.where(valid_TxN[None, :, None, None, :], s_BxTxKxGxN, MASK_VALUE)
+  p_BxTxKxGxN = jax.nn.softmax(s_BxTxKxGxN, axis=-1)
+  o_BxTxKxGxD = jnp.einsum("btkgn,btnkd->btkgd", p_BxTxKxGxN, v_all)
+  return o_BxTxKxGxD.reshape(bsz, seq_len, num_heads, head_dim).astype(q.dtype)
+
+
+def _pallas(backend: str):
+  def attend(q, k, v, pattern: Pattern):
+    # Imported lazily: kernels_pallas pulls in Pallas lowering modules.
+    from kernels_pallas import fib_attention
+
+    return fib_attention(q, k, v, pattern, backend=backend)
+
+  return attend
+
+
+AttentionFn = Callable[[Array, Array, Array, Pattern], Array]
+
+IMPLEMENTATIONS: dict[str, AttentionFn] = {
+  "reference": reference,
+  "xla": xla,
+  "pallas": _pallas("gpu"),
+  "pallas_interpret": _pallas("gpu_interpret"),
+  "pallas_tpu": _pallas("tpu"),
+  "pallas_tpu_interpret": _pallas("tpu_interpret"),
+  "dense": _dense(None),
+  "cudnn": _dense("cudnn"),
+  "xla_dense": _dense("xla"),
+}
+
+
+@functools.cache
+def get(name: str) -> AttentionFn:
+  """The attention implementation registered under `name`."""
+  try:
+    return IMPLEMENTATIONS[name]
+  except KeyError:
+    raise ValueError(
+      f"unknown attention impl {name=}; expected one of {sorted(IMPLEMENTATIONS)}"
+    ) from None

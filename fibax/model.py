@@ -1,0 +1,205 @@
+"""The decoder-only Transformer of PAPER.md §4, in Flax linen.
+
+Shape key: B batch, T sequence, E d_model, H query heads, K kv heads, D head dim,
+F SwiGLU hidden, V vocabulary.
+
+Each layer's attention pattern comes from the schedule (fibax.patterns) and is rebuilt
+for the length the model is applied at, following the config's cap mode; applying the
+model at a length other than its training length is the extrapolation experiment.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jaxtyping import Array, Float, Int
+
+from fibax import attention, patterns
+from fibax.config import ModelConfig
+
+
+@functools.cache
+def layer_patterns(
+  cfg: ModelConfig, seq_len: int
+) -> tuple[patterns.Pattern | patterns.LearnedPattern, ...]:
+  """The per-layer patterns at run length `seq_len` (cached: built once per trace)."""
+  att = cfg.attention
+  if att.frozen_alphas is not None:
+    if len(att.frozen_alphas) != cfg.num_layers:
+      raise ValueError(f"frozen_alphas has {len(att.frozen_alphas)} values for {cfg.num_layers=}")
+    return tuple(
+      patterns.Pattern.build(
+        base=att.base,
+        alpha=a,
+        window=att.window,
+        seq_len=seq_len,
+        train_len=cfg.seq_len,
+        cap_mode=att.cap_mode,
+        num_terms=att.num_terms,
+      )
+      for a in att.frozen_alphas
+    )
+  return patterns.model_patterns(
+    base=att.base,
+    schedule=att.schedule,
+    window=att.window,
+    num_layers=cfg.num_layers,
+    seq_len=seq_len,
+    train_len=cfg.seq_len,
+    cap_mode=att.cap_mode,
+    num_terms=att.num_terms,
+  )
+
+
+def _init(std: float, axes: tuple[str, ...]):
+  return nn.with_logical_partitioning(nn.initializers.normal(stddev=std), axes)
+
+
+class RMSNorm(nn.Module):
+  eps: float
+  dtype: jnp.dtype
+
+  @nn.compact
+  def __call__(self, x_BxTxE: Array) -> Array:
+    scale_E = self.param(
+      "scale", nn.with_logical_partitioning(nn.initializers.ones, ("norm",)), (x_BxTxE.shape[-1],)
+    )
+    x32 = x_BxTxE.astype(jnp.float32)
+    x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+    return (x32 * scale_E[None, None, :]).astype(self.dtype)
+
+
+def rope(x_BxTxHxD: Array, theta: float) -> Array:
+  """Rotary position embedding (rotate-half form), angles in float32."""
+  seq_len, head_dim = x_BxTxHxD.shape[1], x_BxTxHxD.shape[3]
+  inv_freq = 1.0 / (theta ** (np.arange(0, head_dim, 2, dtype=np.float32) / head_dim))
+  ang_TxD2 = jnp.arange(seq_len, dtype=jnp.float32)[:, None] * inv_freq[None, :]
+  cos, sin = jnp.cos(ang_TxD2)[None, :, None, :], jnp.sin(ang_TxD2)[None, :, None, :]
+  x1, x2 = jnp.split(x_BxTxHxD.astype(jnp.float32), 2, axis=-1)
+  out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+  return out.astype(x_BxTxHxD.dtype)
+
+
+class Attention(nn.Module):
+  cfg: ModelConfig
+  pattern: patterns.Pattern | patterns.LearnedPattern
+
+  @nn.compact
+  def __call__(self, x_BxTxE: Array) -> Array:
+    cfg, dtype = self.cfg, jnp.dtype(self.cfg.compute_dtype)
+    std = cfg.d_model**-0.5
+    dense = functools.partial(nn.DenseGeneral, use_bias=False, dtype=dtype, param_dtype=jnp.float32)
+    q_BxTxHxD = dense(
+      (cfg.num_heads, cfg.head_dim), kernel_init=_init(std, ("embed", "heads", "kv")), name="query"
+    )(x_BxTxE)
+    k_BxTxKxD = dense(
+      (cfg.num_kv_heads, cfg.head_dim),
+      kernel_init=_init(std, ("embed", "kv_heads", "kv")),
+      name="key",
+    )(x_BxTxE)
+    v_BxTxKxD = dense(
+      (cfg.num_kv_heads, cfg.head_dim),
+      kernel_init=_init(std, ("embed", "kv_heads", "kv")),
+      name="value",
+    )(x_BxTxE)
+    q_BxTxHxD = rope(q_BxTxHxD, cfg.rope_theta)
+    k_BxTxKxD = rope(k_BxTxKxD, cfg.rope_theta)
+
+    if isinstance(self.pattern, patterns.LearnedPattern):
+      # PAPER.md §2: alpha = 0.5 + sigmoid(theta), theta initialised at 0 (alpha = 1).
+      theta = self.param("theta", nn.with_logical_partitioning(nn.initializers.zeros, ()), ())
+      self.sow("intermediates", "alpha", 0.5 + jax.nn.sigmoid(theta))
+      o_BxTxHxD = attention.learned(
+        q_BxTxHxD, k_BxTxKxD, v_BxTxKxD, self.pattern, 0.5 + jax.nn.sigmoid(theta)
+      )
+    else:
+      is_dense = self.pattern.window >= x_BxTxE.shape[1] - 1 and not self.pattern.far
+      impl = cfg.attention.dense_impl if is_dense else cfg.attention.impl
+      o_BxTxHxD = attention.get(impl)(q_BxTxHxD, k_BxTxKxD, v_BxTxKxD, self.pattern)
+
+    # PAPER.md §4: residual output projections further scaled by 1/sqrt(2L).
+    out_std = std / np.sqrt(2 * cfg.num_layers)
+    return nn.DenseGeneral(
+      cfg.d_model,
+      axis=(-2, -1),
+      use_bias=False,
+      dtype=dtype,
+      param_dtype=jnp.float32,
+      kernel_init=_init(out_std, ("heads", "kv", "embed")),
+      name="out",
+    )(o_BxTxHxD.astype(dtype))
+
+
+class SwiGLU(nn.Module):
+  cfg: ModelConfig
+
+  @nn.compact
+  def __call__(self, x_BxTxE: Array) -> Array:
+    cfg, dtype = self.cfg, jnp.dtype(self.cfg.compute_dtype)
+    std = cfg.d_model**-0.5
+    dense = functools.partial(nn.Dense, use_bias=False, dtype=dtype, param_dtype=jnp.float32)
+    gate_BxTxF = dense(cfg.mlp_hidden, kernel_init=_init(std, ("embed", "mlp")), name="gate")(
+      x_BxTxE
+    )
+    up_BxTxF = dense(cfg.mlp_hidden, kernel_init=_init(std, ("embed", "mlp")), name="up")(x_BxTxE)
+    out_std = std / np.sqrt(2 * cfg.num_layers)
+    down = dense(cfg.d_model, kernel_init=_init(out_std, ("mlp", "embed")), name="down")
+    return down(nn.silu(gate_BxTxF) * up_BxTxF)
+
+
+class Block(nn.Module):
+  cfg: ModelConfig
+  pattern: patterns.Pattern | patterns.LearnedPattern
+
+  @nn.compact
+  def __call__(self, x_BxTxE: Array) -> Array:
+    cfg, dtype = self.cfg, jnp.dtype(self.cfg.compute_dtype)
+    x_BxTxE = x_BxTxE + Attention(cfg, self.pattern, name="attn")(
+      RMSNorm(cfg.norm_eps, dtype, name="attn_norm")(x_BxTxE)
+    )
+    return x_BxTxE + SwiGLU(cfg, name="mlp")(RMSNorm(cfg.norm_eps, dtype, name="mlp_norm")(x_BxTxE))
+
+
+class Transformer(nn.Module):
+  """Tied-embedding decoder; logits in float32."""
+
+  cfg: ModelConfig
+
+  @nn.compact
+  def __call__(self, tokens_BxT: Int[Array, "B T"]) -> Float[Array, "B T V"]:
+    cfg, dtype = self.cfg, jnp.dtype(self.cfg.compute_dtype)
+    embed = nn.Embed(
+      cfg.vocab_size,
+      cfg.d_model,
+      dtype=dtype,
+      param_dtype=jnp.float32,
+      embedding_init=_init(cfg.d_model**-0.5, ("vocab", "embed")),
+      name="embed",
+    )
+    x_BxTxE = embed(tokens_BxT)
+    for layer, pattern in enumerate(layer_patterns(cfg, tokens_BxT.shape[1])):
+      x_BxTxE = Block(cfg, pattern, name=f"layer_{layer}")(x_BxTxE)
+    x_BxTxE = RMSNorm(cfg.norm_eps, dtype, name="final_norm")(x_BxTxE)
+    return jnp.einsum(
+      "bte,ve->btv", x_BxTxE, embed.embedding.astype(dtype), preferred_element_type=jnp.float32
+    )
+
+
+def count_params(params) -> tuple[int, int]:
+  """(total, non-embedding) parameter counts; the learned thetas count as non-embedding."""
+  leaves = jax.tree_util.tree_leaves_with_path(nn.meta.unbox(params))
+  total = sum(int(np.prod(x.shape)) for _, x in leaves)
+  embed = sum(int(np.prod(x.shape)) for path, x in leaves if "embed" in jax.tree_util.keystr(path))
+  return total, total - embed
+
+
+def learned_alphas(params, cfg: ModelConfig) -> tuple[float, ...]:
+  """The per-layer alphas of a learned-schedule model, 0.5 + sigmoid(theta)."""
+  p = nn.meta.unbox(params)
+  return tuple(
+    float(0.5 + jax.nn.sigmoid(p[f"layer_{i}"]["attn"]["theta"])) for i in range(cfg.num_layers)
+  )

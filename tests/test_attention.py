@@ -1,0 +1,137 @@
+"""Plain-JAX attention paths against the float32 reference (PAPER.md §1, §3)."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from fibax import attention
+from fibax.patterns import LearnedPattern, Pattern
+
+TOL = {jnp.float32: dict(atol=2e-5, rtol=2e-5), jnp.bfloat16: dict(atol=3e-2, rtol=3e-2)}
+
+
+def _qkv(key, b, t, h, kv, d, dtype):
+  kq, kk, kv_ = jax.random.split(key, 3)
+  return (
+    jax.random.normal(kq, (b, t, h, d), dtype),
+    jax.random.normal(kk, (b, t, kv, d), dtype),
+    jax.random.normal(kv_, (b, t, kv, d), dtype),
+  )
+
+
+def _random_case(seed):
+  rng = np.random.default_rng(seed)
+  t = int(rng.integers(3, 90))
+  w = int(rng.integers(0, min(t, 16)))
+  pattern = Pattern.build(
+    base=str(rng.choice(["fib", "pow2"])), alpha=float(rng.uniform(0.4, 1.6)), window=w, seq_len=t
+  )
+  kv = int(rng.choice([1, 2]))
+  h = kv * int(rng.choice([1, 2, 4]))
+  return t, h, kv, int(rng.choice([8, 16])), pattern
+
+
+@pytest.mark.parametrize("seed", range(8))
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_xla_matches_reference(seed, dtype):
+  t, h, kv, d, pattern = _random_case(seed)
+  q, k, v = _qkv(jax.random.key(seed), 2, t, h, kv, d, dtype)
+  tol = TOL[dtype]
+  ref = attention.reference(q, k, v, pattern)
+  out = attention.xla(q, k, v, pattern)
+  np.testing.assert_allclose(np.asarray(out, np.float32), np.asarray(ref, np.float32), **tol)
+
+  def loss(fn, q, k, v):
+    return (
+      fn(q, k, v, pattern).astype(jnp.float32) * jnp.cos(jnp.arange(d))[None, None, None, :]
+    ).sum()
+
+  g_ref = jax.grad(lambda *a: loss(attention.reference, *a), argnums=(0, 1, 2))(q, k, v)
+  g_out = jax.grad(lambda *a: loss(attention.xla, *a), argnums=(0, 1, 2))(q, k, v)
+  for a, b in zip(g_out, g_ref, strict=True):
+    scale = float(jnp.abs(b.astype(jnp.float32)).max()) + 1
+    np.testing.assert_allclose(
+      np.asarray(a, np.float32) / scale, np.asarray(b, np.float32) / scale, **tol
+    )
+
+
+@pytest.mark.parametrize("alpha", [1.0, 2.0, 3.0])
+def test_learned_at_integer_alpha_equals_integer_path(alpha):
+  t, w = 80, 4
+  lp = LearnedPattern.build(base="fib", window=w, seq_len=t)
+  q, k, v = _qkv(jax.random.key(1), 2, t, 4, 2, 16, jnp.float32)
+  ref = attention.reference(q, k, v, lp.freeze(alpha))
+  out = attention.learned(q, k, v, lp, jnp.float32(alpha))
+  np.testing.assert_allclose(np.asarray(out), np.asarray(ref), atol=2e-5, rtol=2e-5)
+
+
+def test_learned_gradient_matches_finite_difference():
+  t, w = 64, 3
+  lp = LearnedPattern.build(base="fib", window=w, seq_len=t)
+  with jax.enable_x64(True):
+    q, k, v = (x.astype(jnp.float64) for x in _qkv(jax.random.key(2), 1, t, 2, 1, 8, jnp.float32))
+    weights = jax.random.normal(jax.random.key(3), (1, t, 2, 8), jnp.float64)
+
+    def loss(theta):
+      return (attention.learned(q, k, v, lp, 0.5 + jax.nn.sigmoid(theta)) * weights).sum()
+
+    # alpha ~ 1.09: fractional rungs; eps small enough that no lo = floor(alpha * b) moves.
+    theta = jnp.float64(0.37)
+    grad = float(jax.grad(loss)(theta))
+    eps = 1e-5
+    fd = (float(loss(theta + eps)) - float(loss(theta - eps))) / (2 * eps)
+  assert abs(grad) > 1e-3  # the gradient does reach theta
+  assert grad == pytest.approx(fd, rel=1e-4)
+
+
+def test_learned_skip_rules():
+  # alpha = 0.5: rungs 1,2,3,5,8,13,21,... -> t = 0.5,1,1.5,2.5,4,6.5,10.5,...; with W = 4
+  # rungs with round(t) <= 4 are skipped, and lo = 6 (b = 13) and lo = 10 (b = 21) stay.
+  t_len, w = 64, 4
+  lp = LearnedPattern.build(base="fib", window=w, seq_len=t_len)
+  q, k, v = _qkv(jax.random.key(4), 1, t_len, 1, 1, 8, jnp.float32)
+  zero_v = v.at[:, :].set(0.0)
+  # Perturbing a key that only a skipped rung would see leaves the output unchanged.
+  out = attention.learned(q, k, zero_v + 1.0, lp, jnp.float32(0.5))
+  np.testing.assert_allclose(np.asarray(out), 1.0, atol=1e-6)  # convex weights over ones
+
+
+@pytest.mark.parametrize("impl", ["reference", "xla", "learned", "xla_dense"])
+def test_causality(impl):
+  """d out[t] / d inputs[s] is exactly zero for every s > t."""
+  t, t0 = 48, 20
+  if impl == "xla_dense":
+    pattern = Pattern.dense(t)
+  else:
+    pattern = Pattern.build(base="fib", alpha=1.3, window=5, seq_len=t)
+  q, k, v = _qkv(jax.random.key(5), 1, t, 4, 2, 8, jnp.float32)
+
+  def out_t(q, k, v):
+    if impl == "learned":
+      lp = LearnedPattern.build(base="fib", window=5, seq_len=t)
+      return attention.learned(q, k, v, lp, jnp.float32(1.3))[:, t0].sum()
+    return attention.get(impl)(q, k, v, pattern)[:, t0].sum()
+
+  grads = jax.grad(out_t, argnums=(0, 1, 2))(q, k, v)
+  for g in grads:
+    assert np.all(np.asarray(g)[:, t0 + 1 :] == 0.0)
+    assert np.any(np.asarray(g)[:, : t0 + 1] != 0.0)
+
+
+def test_dense_path_needs_dense_pattern_and_matches_reference():
+  q, k, v = _qkv(jax.random.key(6), 2, 33, 8, 2, 16, jnp.float32)
+  ref = attention.reference(q, k, v, Pattern.dense(33))
+  np.testing.assert_allclose(
+    np.asarray(attention.get("xla_dense")(q, k, v, Pattern.dense(33))), np.asarray(ref), atol=2e-5
+  )
+  with pytest.raises(NotImplementedError, match="dense pattern"):
+    attention.get("xla_dense")(q, k, v, Pattern(4))
+
+
+def test_bad_heads_and_impl():
+  q, k, v = _qkv(jax.random.key(7), 1, 8, 6, 4, 8, jnp.float32)
+  with pytest.raises(ValueError, match="num_heads=6"):
+    attention.xla(q, k, v, Pattern(2))
+  with pytest.raises(ValueError, match="flash9"):
+    attention.get("flash9")

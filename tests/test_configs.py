@@ -1,0 +1,52 @@
+"""Every file in configs/ loads and gives a valid config."""
+
+import importlib.util
+import pathlib
+
+import pytest
+
+from fibax.config import AttentionConfig, ModelConfig, RunConfig
+
+CONFIGS = sorted((pathlib.Path(__file__).parent.parent / "configs").glob("*.py"))
+
+
+def _load(path):
+  spec = importlib.util.spec_from_file_location(path.stem, path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
+def test_config_file_loads(path):
+  assert isinstance(_load(path).get_config(), RunConfig)
+
+
+def test_paper_matrix_is_complete():
+  paper = _load(pathlib.Path(__file__).parent.parent / "configs" / "paper.py")
+  names = set(paper.RUNS)
+  main = {n for n in names if "seed" not in n and n != "dense"}
+  assert len(main) == 21
+  assert "dense" in names
+  seeds = {n for n in names if "seed" in n}
+  assert len(seeds) == 9
+  for name in names:
+    cfg = paper.get_config(name)
+    assert cfg.model.seq_len == 1024 and cfg.train.total_steps == 13_000
+    assert paper.get_config(name, scaled=True).model == cfg.model
+  assert paper.get_config("fib_coprime_w10").model.attention.window == 10
+  assert paper.get_config("pow2_fixed_w8").model.attention.base == "pow2"
+  assert paper.get_config("fib_stagger_w12_seed44").train.seed == 44
+  with pytest.raises(ValueError, match="fib_zigzag"):
+    paper.get_config("fib_zigzag")
+
+
+def test_bad_model_config():
+  with pytest.raises(ValueError, match="num_heads=6"):
+    ModelConfig(num_heads=6, num_kv_heads=4)
+  with pytest.raises(ValueError, match="window=1024"):
+    ModelConfig(attention=AttentionConfig(window=1024))
+  with pytest.raises(ValueError, match="zigzag"):
+    AttentionConfig(schedule="zigzag")
+  with pytest.raises(ValueError, match="fibo"):
+    AttentionConfig(base="fibo")

@@ -1,0 +1,111 @@
+"""The Flax model of PAPER.md §4."""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import linen as nn
+
+from fibax import model as M
+from fibax.config import AttentionConfig, ModelConfig
+
+
+def _small(schedule="stagger", impl="xla", **kw):
+  return ModelConfig(
+    vocab_size=97,
+    d_model=32,
+    num_layers=3,
+    num_heads=4,
+    num_kv_heads=2,
+    head_dim=8,
+    mlp_hidden=M_hidden(32),
+    seq_len=48,
+    compute_dtype="float32",
+    attention=AttentionConfig(schedule=schedule, window=4, impl=impl, dense_impl="xla_dense"),
+    **kw,
+  )
+
+
+def M_hidden(d):
+  from fibax.config import mlp_hidden_for
+
+  return mlp_hidden_for(d)
+
+
+def test_paper_parameter_count():
+  cfg = ModelConfig()
+  assert cfg.mlp_hidden == 1366
+  shapes = jax.eval_shape(
+    lambda: M.Transformer(cfg).init(jax.random.key(0), jnp.zeros((1, 1024), jnp.int32))
+  )
+  total, non_embed = M.count_params(shapes["params"])
+  assert total == 60_850_688 and round(total / 1e6, 1) == 60.9
+  assert non_embed == 44_073_472 and round(non_embed / 1e6, 1) == 44.1
+
+
+def test_init_statistics_and_no_biases():
+  cfg = dataclasses.replace(
+    _small(), d_model=256, mlp_hidden=M_hidden(256), num_heads=8, head_dim=32
+  )
+  params = nn.meta.unbox(
+    M.Transformer(cfg).init(jax.random.key(0), jnp.zeros((1, 8), jnp.int32))["params"]
+  )
+  flat = {jax.tree_util.keystr(p): x for p, x in jax.tree_util.tree_leaves_with_path(params)}
+  assert not any("bias" in k for k in flat)
+  std = 256**-0.5
+  assert np.std(flat["['layer_0']['mlp']['up']['kernel']"]) == pytest.approx(std, rel=0.05)
+  assert np.std(flat["['embed']['embedding']"]) == pytest.approx(std, rel=0.05)
+  resid = std / np.sqrt(2 * cfg.num_layers)
+  assert np.std(flat["['layer_0']['mlp']['down']['kernel']"]) == pytest.approx(resid, rel=0.05)
+  assert np.std(flat["['layer_0']['attn']['out']['kernel']"]) == pytest.approx(resid, rel=0.05)
+  assert np.all(flat["['layer_0']['attn_norm']['scale']"] == 1.0)
+
+
+def test_layers_get_their_schedule_patterns():
+  cfg = ModelConfig(attention=AttentionConfig(schedule="coprime", window=12))
+  pats = M.layer_patterns(cfg, 1024)
+  assert pats[1].far[-1] == round((0.5 + 7 / 15) * 987)
+  longer = M.layer_patterns(cfg, 2048)
+  frozen = M.layer_patterns(
+    dataclasses.replace(cfg, attention=dataclasses.replace(cfg.attention, cap_mode="train")), 2048
+  )
+  assert frozen == pats and longer != pats
+
+
+@pytest.mark.parametrize("schedule", ["stagger", "learned", "dense"])
+def test_forward_at_training_and_longer_length(schedule):
+  cfg = _small(schedule)
+  m = M.Transformer(cfg)
+  tokens = jax.random.randint(jax.random.key(1), (2, 48), 0, 97)
+  params = m.init(jax.random.key(0), tokens)["params"]
+  logits = m.apply({"params": params}, tokens)
+  assert logits.shape == (2, 48, 97) and logits.dtype == jnp.float32
+  assert np.all(np.isfinite(logits))
+  long = jax.random.randint(jax.random.key(2), (1, 4 * 48), 0, 97)
+  assert m.apply({"params": params}, long).shape == (1, 192, 97)
+
+
+def test_xla_and_reference_models_agree_and_are_causal():
+  cfg = _small("stagger", impl="xla")
+  tokens = jax.random.randint(jax.random.key(1), (2, 48), 0, 97)
+  params = M.Transformer(cfg).init(jax.random.key(0), tokens)["params"]
+  ref_cfg = dataclasses.replace(cfg, attention=dataclasses.replace(cfg.attention, impl="reference"))
+  a = M.Transformer(cfg).apply({"params": params}, tokens)
+  b = M.Transformer(ref_cfg).apply({"params": params}, tokens)
+  np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-4, rtol=1e-4)
+  changed = tokens.at[:, 30:].set((tokens[:, 30:] + 1) % 97)
+  c = M.Transformer(cfg).apply({"params": params}, changed)
+  np.testing.assert_array_equal(np.asarray(a[:, :30]), np.asarray(c[:, :30]))
+  assert not np.allclose(np.asarray(a[:, 30:]), np.asarray(c[:, 30:]))
+
+
+def test_learned_alphas_start_at_one_and_bf16_compute():
+  cfg = dataclasses.replace(_small("learned"), compute_dtype="bfloat16")
+  tokens = jnp.zeros((1, 16), jnp.int32)
+  params = M.Transformer(cfg).init(jax.random.key(0), tokens)["params"]
+  assert M.learned_alphas(params, cfg) == (1.0, 1.0, 1.0)
+  leaves = jax.tree_util.tree_leaves(nn.meta.unbox(params))
+  assert all(x.dtype == jnp.float32 for x in leaves)
+  assert M.Transformer(cfg).apply({"params": params}, tokens).dtype == jnp.float32
