@@ -1,0 +1,36 @@
+"""fibax.data: corpora -> sentencepiece tokenizer -> uint16 token shards -> grain batches.
+
+    prepare(source, out_dir, vocab_size)        fibax.data.prepare   (also the CLI)
+    train_iterator(data_dir, seq_len, batch_size, seed)   fibax.data.pipeline
+    eval_batches / eval_windows(data_dir, split, seq_len, ...)  fibax.data.evaluation
+    stage(data_dir, out_dir) / unstage(stage_dir, out_dir)      fibax.data.stage
+
+CLI: `python -m fibax.data prepare|stage|unstage|info ...` (see `--help`).
+
+Names are loaded lazily so that `prepare`'s worker processes do not import grain or JAX.
+"""
+
+import importlib
+
+_EXPORTS = {
+  "DataError": "fibax.data.files",
+  "SPLITS": "fibax.data.splits",
+  "make_source": "fibax.data.sources",
+  "prepare": "fibax.data.prepare",
+  "load_manifest": "fibax.data.shards",
+  "SplitTokens": "fibax.data.shards",
+  "load_tokenizer": "fibax.data.tokenizer",
+  "train_iterator": "fibax.data.pipeline",
+  "eval_batches": "fibax.data.evaluation",
+  "eval_windows": "fibax.data.evaluation",
+  "stage": "fibax.data.stage",
+  "unstage": "fibax.data.stage",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+  if name not in _EXPORTS:
+    raise AttributeError(f"module 'fibax.data' has no attribute {name!r}")
+  return getattr(importlib.import_module(_EXPORTS[name]), name)

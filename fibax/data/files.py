@@ -1,0 +1,104 @@
+"""File integrity for the data pipeline: one error type, atomic writes, checksums.
+
+Every file the pipeline writes goes through `atomic_write_*` (a temporary name in the same
+directory, then `os.replace`), so an interrupted run never leaves a file that looks complete.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+_CHUNK = 1 << 22
+_UMASK = os.umask(0)
+os.umask(_UMASK)
+
+
+class DataError(ValueError):
+  """Bad input or a damaged data directory; the message names the offending file."""
+
+
+def sha256_file(path: str | os.PathLike) -> str:
+  digest = hashlib.sha256()
+  with open(path, "rb") as f:
+    while chunk := f.read(_CHUNK):
+      digest.update(chunk)
+  return digest.hexdigest()
+
+
+def sha256_bytes(data: bytes) -> str:
+  return hashlib.sha256(data).hexdigest()
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
+  """Yields a temporary path beside `path`; renames it onto `path` only if the block succeeds."""
+  path = Path(path)
+  path.parent.mkdir(parents=True, exist_ok=True)
+  fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+  os.close(fd)
+  try:
+    yield Path(tmp)
+    os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp creates 0600; finished files get the usual mode
+    os.replace(tmp, path)
+  finally:
+    with contextlib.suppress(FileNotFoundError):
+      os.remove(tmp)
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
+  with atomic_path(path) as tmp:
+    tmp.write_bytes(data)
+
+
+def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:
+  atomic_write_bytes(path, (json.dumps(obj, indent=1, sort_keys=False) + "\n").encode())
+
+
+def read_json(path: str | os.PathLike) -> Any:
+  path = Path(path)
+  if not path.is_file():
+    raise DataError(f"missing file {path}")
+  try:
+    return json.loads(path.read_text())
+  except (UnicodeDecodeError, json.JSONDecodeError) as e:
+    raise DataError(f"{path} is not valid JSON: {e}") from None
+
+
+def verify_sha256(path: str | os.PathLike, expected: str) -> None:
+  path = Path(path)
+  if not path.is_file():
+    raise DataError(f"missing file {path}")
+  actual = sha256_file(path)
+  if actual != expected:
+    raise DataError(
+      f"bad checksum for {path}: sha256 {actual[:16]}... != expected {expected[:16]}..."
+    )
+
+
+def make_temp_dir(beside: Path) -> Path:
+  """A temporary directory next to `beside`, to be renamed onto it when complete."""
+  beside.parent.mkdir(parents=True, exist_ok=True)
+  tmp = Path(tempfile.mkdtemp(dir=beside.parent, prefix=f".{beside.name}.", suffix=".tmp"))
+  os.chmod(tmp, 0o777 & ~_UMASK)
+  return tmp
+
+
+def remove_tree(path: str | os.PathLike) -> None:
+  shutil.rmtree(path, ignore_errors=True)
+
+
+def remove_stale_temporaries(directory: str | os.PathLike) -> None:
+  """Removes `.*.tmp` files that a killed run left behind (they never look complete)."""
+  directory = Path(directory)
+  if directory.is_dir():
+    for tmp in directory.rglob(".*.tmp"):
+      with contextlib.suppress(FileNotFoundError):
+        tmp.unlink()
