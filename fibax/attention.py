@@ -17,40 +17,15 @@ import numpy as np
 from jaxtyping import Array, Float
 
 from fibax.patterns import LearnedPattern, Pattern
+from kernels_pallas.reference import check_qkv, fib_attention_reference
 
 # PAPER.md §3: masked logits use a large finite negative number, not -inf.
 MASK_VALUE = -1e9
 
 
-def _check_heads(q: Array, k: Array, v: Array) -> int:
-  if q.ndim != 4 or k.shape != v.shape or k.ndim != 4:
-    raise ValueError(f"expected q [B,T,H,D], k/v [B,T,K,D]; got {q.shape=} {k.shape=} {v.shape=}")
-  if q.shape[0] != k.shape[0] or q.shape[1] != k.shape[1] or q.shape[3] != k.shape[3]:
-    raise ValueError(f"q and k disagree on B, T or D: {q.shape=} {k.shape=}")
-  num_heads, num_kv = q.shape[2], k.shape[2]
-  if num_heads % num_kv:
-    raise ValueError(f"{num_heads=} query heads are not divisible by {num_kv=} kv heads")
-  return num_heads // num_kv
-
-
-def reference(
-  q: Float[Array, "B T H D"],
-  k: Float[Array, "B T K D"],
-  v: Float[Array, "B T K D"],
-  pattern: Pattern,
-) -> Float[Array, "B T H D"]:
-  """The oracle: float32, dense [T, T] scores masked with the pattern's mask."""
-  groups = _check_heads(q, k, v)
-  seq_len, head_dim = q.shape[1], q.shape[3]
-  q_BxTxHxD = q.astype(jnp.float32)
-  k_BxTxHxD = jnp.repeat(k.astype(jnp.float32), groups, axis=2)
-  v_BxTxHxD = jnp.repeat(v.astype(jnp.float32), groups, axis=2)
-  s_BxHxTxT = jnp.einsum("bthd,bshd->bhts", q_BxTxHxD, k_BxTxHxD) / np.sqrt(head_dim)
-  mask_TxT = jnp.asarray(pattern.mask(seq_len))
-  s_BxHxTxT = jnp.where(mask_TxT, s_BxHxTxT, -jnp.inf)
-  p_BxHxTxT = jax.nn.softmax(s_BxHxTxT, axis=-1)
-  o_BxTxHxD = jnp.einsum("bhts,bshd->bthd", p_BxHxTxT, v_BxTxHxD)
-  return o_BxTxHxD.astype(q.dtype)
+_check_heads = check_qkv
+# The oracle lives beside the kernels (same signature); re-exported here for the registry.
+reference = fib_attention_reference
 
 
 def _shifted(x_BxTxKxD: Array, distances: tuple[int, ...]) -> Array:

@@ -1,0 +1,136 @@
+"""The public op: `fib_attention(q, k, v, pattern, backend=...)` with a custom VJP.
+
+Shape key: B batch, T sequence, H query heads, K kv heads, D head dim.
+
+The pattern (a hashable `fibax.patterns.Pattern`) is static: its window and rung table are
+read on the host at trace time and unrolled into the kernels. Sequences that are not a
+block multiple are zero-padded at the end; padded queries are sliced off and padded keys
+are never attended (they lie after every real query).
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Literal
+
+import jax
+import jax.numpy as jnp
+from jaxtyping import Array, Float
+
+from fibax.patterns import Pattern
+from kernels_pallas import gpu
+from kernels_pallas.reference import check_qkv
+
+Backend = Literal["gpu", "gpu_interpret", "tpu", "tpu_interpret"]
+BACKENDS = ("gpu", "gpu_interpret", "tpu", "tpu_interpret")
+
+
+def _pad_len(seq_len: int, multiple: int) -> int:
+  return -(-seq_len // multiple) * multiple
+
+
+def _pad(x, seq_len):
+  return (
+    x if x.shape[1] == seq_len else jnp.pad(x, ((0, 0), (0, seq_len - x.shape[1]), (0, 0), (0, 0)))
+  )
+
+
+def _blocks_for(backend: str, seq_len: int, blocks):
+  if backend.startswith("gpu"):
+    b = blocks or gpu.GpuBlocks()
+    # Triton tiles need power-of-two sides >= 16; shrink blocks for short sequences.
+    cap = max(16, 1 << max(seq_len - 1, 1).bit_length())
+    b = gpu.GpuBlocks(
+      block_q=min(b.block_q, cap),
+      num_warps=b.num_warps,
+      num_stages=b.num_stages,
+      block_q_bwd=min(b.block_q_bwd, cap),
+      num_warps_bwd=b.num_warps_bwd,
+    )
+    return b, max(b.block_q, b.block_q_bwd)
+  from kernels_pallas import tpu
+
+  b = blocks or tpu.TpuBlocks()
+  # Rows a multiple of 16 (bf16 sublane packing); shrink for short sequences.
+  b = tpu.TpuBlocks(block_q=min(b.block_q, _pad_len(seq_len, 16)))
+  return b, b.block_q
+
+
+def _impl(backend: str):
+  if backend.startswith("gpu"):
+    return gpu, dict(interpret=backend == "gpu_interpret")
+  from kernels_pallas import tpu
+
+  return tpu, dict(interpret=tpu.interpret_params() if backend == "tpu_interpret" else False)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
+def _attend(q, k, v, pattern: Pattern, backend: str, blocks):
+  return _fwd(q, k, v, pattern, backend, blocks)[0]
+
+
+def _fwd(q, k, v, pattern, backend, blocks):
+  seq_len = q.shape[1]
+  blocks, multiple = _blocks_for(backend, seq_len, blocks)
+  padded = _pad_len(seq_len, multiple)
+  module, kw = _impl(backend)
+  far = tuple(d for d in pattern.far if d < seq_len)
+  window = min(pattern.window, seq_len - 1)
+  o, lse = module.forward(
+    _pad(q, padded), _pad(k, padded), _pad(v, padded), window=window, far=far, blocks=blocks, **kw
+  )
+  o = o[:, :seq_len]
+  return o, (q, k, v, o, lse)
+
+
+def _bwd(pattern, backend, blocks, res, do):
+  q, k, v, o, lse = res
+  seq_len = q.shape[1]
+  blocks, multiple = _blocks_for(backend, seq_len, blocks)
+  padded = _pad_len(seq_len, multiple)
+  module, kw = _impl(backend)
+  far = tuple(d for d in pattern.far if d < seq_len)
+  window = min(pattern.window, seq_len - 1)
+  dq, dk, dv = module.backward(
+    *(_pad(x, padded) for x in (q, k, v, o)),
+    lse,
+    _pad(do, padded),
+    window=window,
+    far=far,
+    blocks=blocks,
+    **kw,
+  )
+  return dq[:, :seq_len], dk[:, :seq_len], dv[:, :seq_len]
+
+
+_attend.defvjp(_fwd, _bwd)
+
+
+def fib_attention(
+  q: Float[Array, "B T H D"],
+  k: Float[Array, "B T K D"],
+  v: Float[Array, "B T K D"],
+  pattern: Pattern,
+  *,
+  backend: Backend = "gpu",
+  blocks=None,
+) -> Float[Array, "B T H D"]:
+  """Sparse attention over `pattern`'s distances, O(T * (W + R)) forward and backward.
+
+  Args:
+    q, k, v: queries [B, T, H, D] and keys/values [B, T, K, D], H a multiple of K (GQA).
+    pattern: the layer's static `Pattern` (window W and rung table).
+    backend: "gpu" (Triton), "tpu" (Mosaic), or their "_interpret" modes for CPU tests.
+    blocks: block sizes (`GpuBlocks` / `TpuBlocks`); defaults tuned on an H100.
+
+  Returns:
+    o [B, T, H, D] in q's dtype.
+  """
+  check_qkv(q, k, v)
+  if backend not in BACKENDS:
+    raise ValueError(f"unknown {backend=}; expected one of {BACKENDS}")
+  if not isinstance(pattern, Pattern):
+    raise ValueError(f"pattern must be a fibax.patterns.Pattern, got {type(pattern).__name__}")
+  if q.dtype not in (jnp.float32, jnp.bfloat16, jnp.float16):
+    raise ValueError(f"unsupported dtype {q.dtype}; expected float32, bfloat16 or float16")
+  return _attend(q, k.astype(q.dtype), v.astype(q.dtype), pattern, backend, blocks)

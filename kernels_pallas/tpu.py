@@ -1,0 +1,287 @@
+"""Fibonacci sparse attention for TPUs: Pallas kernels lowered through Mosaic.
+
+Shape key: B batch, T (padded) sequence, H query heads, K kv heads, G = H // K, D head dim,
+Q block rows, N = Q + Wp window rows (Wp = W rounded up to 8).
+
+Mosaic tiles the last two dims by (8, 128), so the wrapper moves heads in front of the
+sequence ([B, H, T, D]); a block is then (rows, D) with rows a multiple of 8. Row offsets
+of the rungs (i0 - d) are not aligned, so every shifted block is fetched through an
+element-offset BlockSpec (`pl.Element`), which the pipeline double-buffers like any other
+input; K/V are zero-padded in front (queries: at the end, for the backward) so that no
+offset is negative. Each program sees all its rows at once, so the softmax is two-pass
+over the window tile and the R rung vectors, in float32.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import tpu as pltpu
+
+MASK = -0.7 * float(jnp.finfo(jnp.float32).max)
+MAX_WINDOW = 2048  # the window tile is (Q + W) x D in VMEM; dense layers use the dense path
+
+
+@dataclasses.dataclass(frozen=True)
+class TpuBlocks:
+  block_q: int = 128
+
+
+def interpret_params():
+  return pltpu.InterpretParams()
+
+
+def _round8(x: int) -> int:
+  return -(-x // 8) * 8
+
+
+def _dot_t(a, b):
+  """a [M, D] @ b[N, D]^T -> [M, N] in float32."""
+  return lax.dot_general(a, b, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
+
+
+def _dot(a, b):
+  return lax.dot_general(a, b, (((1,), (0,)), ((), ())), preferred_element_type=jnp.float32)
+
+
+def _dot_tn(a, b):
+  """a[N, M]^T @ b [N, D] -> [M, D]."""
+  return lax.dot_general(a, b, (((0,), (0,)), ((), ())), preferred_element_type=jnp.float32)
+
+
+def _window_keep(rows_q, rows_k, window):
+  rel = rows_q[:, None] - rows_k[None, :]
+  return (rel >= 0) & (rel <= window) & (rows_k[None, :] >= 0)
+
+
+def _fwd_kernel(q_ref, kw_ref, vw_ref, *refs, window, far, wpad, scale, block_q):
+  # q_ref [G, Q, D]; kw/vw [N, D]; rung refs [Q, D] each; o_ref [G, Q, D]; lse_ref [G, Q, 1]
+  nr = len(far)
+  kr_refs, vr_refs, (o_ref, lse_ref) = refs[:nr], refs[nr : 2 * nr], refs[2 * nr :]
+  groups = q_ref.shape[0]
+  i0 = pl.program_id(2) * block_q
+  rows_q = i0 + lax.broadcasted_iota(jnp.int32, (block_q,), 0)
+  rows_k = i0 - wpad + lax.broadcasted_iota(jnp.int32, (block_q + wpad,), 0)
+  keep_QxN = _window_keep(rows_q, rows_k, window)
+  kw_NxD, vw_NxD = kw_ref[...], vw_ref[...]
+  for g in range(groups):
+    q_QxD = q_ref[g]
+    s_QxN = jnp.where(keep_QxN, _dot_t(q_QxD, kw_NxD) * scale, MASK)
+    q32 = q_QxD.astype(jnp.float32)
+    s_r = []
+    for j, d in enumerate(far):
+      s_Q = jnp.sum(q32 * kr_refs[j][...].astype(jnp.float32), axis=1) * scale
+      s_r.append(jnp.where(rows_q - d >= 0, s_Q, MASK))
+    m_Q = jnp.max(s_QxN, axis=1)
+    for s_Q in s_r:
+      m_Q = jnp.maximum(m_Q, s_Q)
+    p_QxN = jnp.exp(s_QxN - m_Q[:, None])
+    l_Q = jnp.sum(p_QxN, axis=1)
+    acc_QxD = _dot(p_QxN.astype(vw_NxD.dtype), vw_NxD)
+    for j, s_Q in enumerate(s_r):
+      p_Q = jnp.exp(s_Q - m_Q)
+      l_Q = l_Q + p_Q
+      acc_QxD = acc_QxD + p_Q[:, None] * vr_refs[j][...].astype(jnp.float32)
+    o_ref[g] = (acc_QxD / l_Q[:, None]).astype(o_ref.dtype)
+    lse_ref[g] = (m_Q + jnp.log(l_Q))[:, None]
+
+
+def _dq_kernel(
+  q_ref, do_ref, lse_ref, delta_ref, kw_ref, vw_ref, *refs, window, far, wpad, scale, block_q
+):
+  nr = len(far)
+  kr_refs, vr_refs, (dq_ref,) = refs[:nr], refs[nr : 2 * nr], refs[2 * nr :]
+  groups = q_ref.shape[0]
+  i0 = pl.program_id(2) * block_q
+  rows_q = i0 + lax.broadcasted_iota(jnp.int32, (block_q,), 0)
+  rows_k = i0 - wpad + lax.broadcasted_iota(jnp.int32, (block_q + wpad,), 0)
+  keep_QxN = _window_keep(rows_q, rows_k, window)
+  kw_NxD, vw_NxD = kw_ref[...], vw_ref[...]
+  for g in range(groups):
+    q_QxD, do_QxD = q_ref[g], do_ref[g]
+    lse_Q, delta_Q = lse_ref[g][:, 0], delta_ref[g][:, 0]
+    s_QxN = _dot_t(q_QxD, kw_NxD) * scale
+    p_QxN = jnp.where(keep_QxN, jnp.exp(s_QxN - lse_Q[:, None]), 0.0)
+    ds_QxN = p_QxN * (_dot_t(do_QxD, vw_NxD) - delta_Q[:, None])
+    dq_QxD = _dot(ds_QxN.astype(kw_NxD.dtype), kw_NxD)
+    q32, do32 = q_QxD.astype(jnp.float32), do_QxD.astype(jnp.float32)
+    for j, d in enumerate(far):
+      k_QxD = kr_refs[j][...].astype(jnp.float32)
+      s_Q = jnp.sum(q32 * k_QxD, axis=1) * scale
+      p_Q = jnp.where(rows_q - d >= 0, jnp.exp(s_Q - lse_Q), 0.0)
+      dp_Q = jnp.sum(do32 * vr_refs[j][...].astype(jnp.float32), axis=1)
+      dq_QxD = dq_QxD + (p_Q * (dp_Q - delta_Q))[:, None] * k_QxD
+    dq_ref[g] = (dq_QxD * scale).astype(dq_ref.dtype)
+
+
+def _dkv_kernel(
+  k_ref,
+  v_ref,
+  qw_ref,
+  dow_ref,
+  lsew_ref,
+  deltaw_ref,
+  *refs,
+  window,
+  far,
+  wpad,
+  scale,
+  block_q,
+  seq_len,
+):
+  # k/v [Q, D]; qw/dow [G, N, D] (query rows j0 .. j0 + N); rung refs [G, Q, D] / [G, Q, 1]
+  nr = len(far)
+  qr, dor, lser, deltar = (refs[i * nr : (i + 1) * nr] for i in range(4))
+  dk_ref, dv_ref = refs[4 * nr :]
+  groups = qw_ref.shape[0]
+  j0 = pl.program_id(2) * block_q
+  rows_k = j0 + lax.broadcasted_iota(jnp.int32, (block_q,), 0)
+  rows_q = j0 + lax.broadcasted_iota(jnp.int32, (block_q + wpad,), 0)
+  keep_NxQ = _window_keep(rows_q, rows_k, window) & (rows_q < seq_len)[:, None]
+  k_QxD, v_QxD = k_ref[...], v_ref[...]
+  k32, v32 = k_QxD.astype(jnp.float32), v_QxD.astype(jnp.float32)
+  dk = jnp.zeros(k_QxD.shape, jnp.float32)
+  dv = jnp.zeros(k_QxD.shape, jnp.float32)
+  for g in range(groups):
+    q_NxD, do_NxD = qw_ref[g], dow_ref[g]
+    lse_N, delta_N = lsew_ref[g][:, 0], deltaw_ref[g][:, 0]
+    p_NxQ = jnp.where(keep_NxQ, jnp.exp(_dot_t(q_NxD, k_QxD) * scale - lse_N[:, None]), 0.0)
+    dv = dv + _dot_tn(p_NxQ.astype(do_NxD.dtype), do_NxD)
+    ds_NxQ = p_NxQ * (_dot_t(do_NxD, v_QxD) - delta_N[:, None])
+    dk = dk + _dot_tn(ds_NxQ.astype(q_NxD.dtype), q_NxD)
+    for j, d in enumerate(far):
+      q_r = qr[j][g].astype(jnp.float32)
+      do_r = dor[j][g].astype(jnp.float32)
+      valid = rows_k + d < seq_len
+      p_Q = jnp.where(valid, jnp.exp(jnp.sum(q_r * k32, axis=1) * scale - lser[j][g][:, 0]), 0.0)
+      dv = dv + p_Q[:, None] * do_r
+      ds_Q = p_Q * (jnp.sum(do_r * v32, axis=1) - deltar[j][g][:, 0])
+      dk = dk + ds_Q[:, None] * q_r
+  dk_ref[...] = (dk * scale).astype(dk_ref.dtype)
+  dv_ref[...] = dv.astype(dv_ref.dtype)
+
+
+def _geometry(window, far):
+  if window > MAX_WINDOW:
+    raise NotImplementedError(
+      f"{window=} > {MAX_WINDOW}: the TPU kernel holds the window tile in VMEM; use a dense impl"
+    )
+  wpad = _round8(window)
+  return wpad, _round8(max((*far, wpad, 8)))
+
+
+def _heads_first(x, front=0, back=0):
+  return jnp.pad(jnp.swapaxes(x, 1, 2), ((0, 0), (0, 0), (front, back), (0, 0)))
+
+
+@functools.partial(jax.jit, static_argnames=("window", "far", "blocks", "interpret"))
+def forward(q, k, v, *, window, far, blocks: TpuBlocks, interpret):
+  """q [B,T,H,D], k/v [B,T,K,D], T a multiple of block_q -> (o [B,T,H,D], lse [B,H,T,1])."""
+  bsz, seq_len, num_heads, head_dim = q.shape
+  num_kv = k.shape[2]
+  groups, bq = num_heads // num_kv, blocks.block_q
+  wpad, front = _geometry(window, far)
+  qt = _heads_first(q)
+  kt, vt = _heads_first(k, front), _heads_first(v, front)
+  q_spec = pl.BlockSpec((None, groups, bq, head_dim), lambda b, h, i: (b, h, i, 0))
+  win = pl.BlockSpec(
+    (None, None, pl.Element(bq + wpad), head_dim), lambda b, h, i: (b, h, i * bq - wpad + front, 0)
+  )
+  rungs = [
+    pl.BlockSpec(
+      (None, None, pl.Element(bq), head_dim), lambda b, h, i, d=d: (b, h, i * bq - d + front, 0)
+    )
+    for d in far
+  ]
+  o, lse = pl.pallas_call(
+    functools.partial(
+      _fwd_kernel, window=window, far=far, wpad=wpad, scale=head_dim**-0.5, block_q=bq
+    ),
+    grid=(bsz, num_kv, seq_len // bq),
+    in_specs=[q_spec, win, win, *rungs, *rungs],
+    out_specs=[q_spec, pl.BlockSpec((None, groups, bq, 1), lambda b, h, i: (b, h, i, 0))],
+    out_shape=[
+      jax.ShapeDtypeStruct(qt.shape, q.dtype),
+      jax.ShapeDtypeStruct((bsz, num_heads, seq_len, 1), jnp.float32),
+    ],
+    compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel", "parallel", "parallel")),
+    interpret=interpret,
+    name="fib_attention_fwd_tpu",
+  )(qt, kt, vt, *(kt,) * len(far), *(vt,) * len(far))
+  return jnp.swapaxes(o, 1, 2), lse
+
+
+@functools.partial(jax.jit, static_argnames=("window", "far", "blocks", "interpret"))
+def backward(q, k, v, o, lse, do, *, window, far, blocks: TpuBlocks, interpret):
+  bsz, seq_len, num_heads, head_dim = q.shape
+  num_kv = k.shape[2]
+  groups, bq = num_heads // num_kv, blocks.block_q
+  wpad, pad = _geometry(window, far)
+  scale = head_dim**-0.5
+  delta = jnp.einsum("bthd,bthd->bht", o.astype(jnp.float32), do.astype(jnp.float32))[..., None]
+  statics = dict(window=window, far=far, wpad=wpad, scale=scale, block_q=bq)
+  params = pltpu.CompilerParams(dimension_semantics=("parallel", "parallel", "parallel"))
+  grid = (bsz, num_kv, seq_len // bq)
+
+  # dQ: the forward's iteration (K/V padded in front).
+  qt, dot_ = _heads_first(q), _heads_first(do)
+  kf, vf = _heads_first(k, pad), _heads_first(v, pad)
+  q_spec = pl.BlockSpec((None, groups, bq, head_dim), lambda b, h, i: (b, h, i, 0))
+  stat_spec = pl.BlockSpec((None, groups, bq, 1), lambda b, h, i: (b, h, i, 0))
+  win = pl.BlockSpec(
+    (None, None, pl.Element(bq + wpad), head_dim), lambda b, h, i: (b, h, i * bq - wpad + pad, 0)
+  )
+  rungs = [
+    pl.BlockSpec(
+      (None, None, pl.Element(bq), head_dim), lambda b, h, i, d=d: (b, h, i * bq - d + pad, 0)
+    )
+    for d in far
+  ]
+  dq = pl.pallas_call(
+    functools.partial(_dq_kernel, **statics),
+    grid=grid,
+    in_specs=[q_spec, q_spec, stat_spec, stat_spec, win, win, *rungs, *rungs],
+    out_specs=q_spec,
+    out_shape=jax.ShapeDtypeStruct(qt.shape, q.dtype),
+    compiler_params=params,
+    interpret=interpret,
+    name="fib_attention_dq_tpu",
+  )(qt, dot_, lse, delta, kf, vf, *(kf,) * len(far), *(vf,) * len(far))
+
+  # dK/dV: the transposed table, query rows j + d (queries padded at the end).
+  kt, vt = _heads_first(k), _heads_first(v)
+  qb, dob = _heads_first(q, 0, pad), _heads_first(do, 0, pad)
+  lseb = jnp.pad(lse, ((0, 0), (0, 0), (0, pad), (0, 0)))
+  deltab = jnp.pad(delta, ((0, 0), (0, 0), (0, pad), (0, 0)))
+  kv_spec = pl.BlockSpec((None, None, bq, head_dim), lambda b, h, i: (b, h, i, 0))
+  qwin = pl.BlockSpec(
+    (None, groups, pl.Element(bq + wpad), head_dim), lambda b, h, i: (b, h, i * bq, 0)
+  )
+  swin = pl.BlockSpec((None, groups, pl.Element(bq + wpad), 1), lambda b, h, i: (b, h, i * bq, 0))
+  q_r = [
+    pl.BlockSpec(
+      (None, groups, pl.Element(bq), head_dim), lambda b, h, i, d=d: (b, h, i * bq + d, 0)
+    )
+    for d in far
+  ]
+  s_r = [
+    pl.BlockSpec((None, groups, pl.Element(bq), 1), lambda b, h, i, d=d: (b, h, i * bq + d, 0))
+    for d in far
+  ]
+  nr = len(far)
+  dk, dv = pl.pallas_call(
+    functools.partial(_dkv_kernel, **statics, seq_len=seq_len),
+    grid=grid,
+    in_specs=[kv_spec, kv_spec, qwin, qwin, swin, swin, *q_r, *q_r, *s_r, *s_r],
+    out_specs=[kv_spec, kv_spec],
+    out_shape=[jax.ShapeDtypeStruct(kt.shape, k.dtype), jax.ShapeDtypeStruct(vt.shape, v.dtype)],
+    compiler_params=params,
+    interpret=interpret,
+    name="fib_attention_dkv_tpu",
+  )(kt, vt, qb, dob, lseb, deltab, *(qb,) * nr, *(dob,) * nr, *(lseb,) * nr, *(deltab,) * nr)
+  return jnp.swapaxes(dq, 1, 2), jnp.swapaxes(dk, 1, 2), jnp.swapaxes(dv, 1, 2)
