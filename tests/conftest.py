@@ -4,12 +4,14 @@ import os
 
 # Cheaper XLA:CPU compiles: Pallas interpret mode compiles every kernel pattern, and
 # compile time, not run time, dominates the CPU suite.
-os.environ.setdefault(
-  "XLA_FLAGS",
-  "--xla_force_host_platform_device_count=8 --xla_backend_optimization_level=0"
-  " --xla_llvm_disable_expensive_passes=true",
-)
-os.environ.setdefault("JAX_PLATFORMS", "cpu" if os.environ.get("FIBAX_GPU_TESTS") != "1" else "")
+# FIBAX_GPU_TESTS=1 runs on the accelerator with XLA's defaults.
+if os.environ.get("FIBAX_GPU_TESTS") != "1":
+  os.environ.setdefault(
+    "XLA_FLAGS",
+    "--xla_force_host_platform_device_count=8 --xla_backend_optimization_level=0"
+    " --xla_llvm_disable_expensive_passes=true",
+  )
+  os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 import jax  # noqa: E402
 import pytest  # noqa: E402

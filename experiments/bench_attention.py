@@ -1,0 +1,208 @@
+"""Attention benchmark: the Pallas kernel against cuDNN dense, cuDNN sliding window and XLA.
+
+    python experiments/bench_attention.py --out experiments/results/bench_attention_h100.json
+
+T in {1K, 4K, 16K, 64K} at B*T = 65,536, 8 query / 2 kv heads, head dim 64, W = 12,
+Fibonacci K = 15, alpha in {0.5, 1, 1.5}; forward and forward+backward milliseconds, all
+in one run, plus the HBM floor (q, k, v, o bytes once over a copy bandwidth measured in the
+same run) and XLA's compiled memory footprint. Prints a table and writes JSON with a
+`summary` of the ratios that the targets name.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import subprocess
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from fibax import attention
+from fibax.patterns import Pattern
+from kernels_pallas import fib_attention
+from kernels_pallas.gpu import GpuBlocks
+
+HEADS, KV_HEADS, HEAD_DIM, WINDOW = 8, 2, 64, 12
+
+
+def timeit(fn, *args, reps: int = 20, rounds: int = 5) -> float:
+  """Median over rounds of the mean of `reps` back-to-back calls, in ms (async dispatch)."""
+  out = fn(*args)
+  jax.block_until_ready(out)
+  times = []
+  for _ in range(rounds):
+    t0 = time.perf_counter()
+    for _ in range(reps):
+      out = fn(*args)
+    jax.block_until_ready(out)
+    times.append((time.perf_counter() - t0) / reps * 1e3)
+  return statistics.median(times)
+
+
+def copy_bandwidth() -> float:
+  """Bytes read + written per second by a large device-to-device elementwise copy."""
+  x = jax.random.normal(jax.random.key(0), (256 * 1024 * 1024,), jnp.bfloat16)  # 512 MiB
+  f = jax.jit(lambda x: x * jnp.bfloat16(1.0009765625))
+  ms = timeit(f, x, reps=10)
+  return 2 * x.nbytes / (ms * 1e-3)
+
+
+def footprint(fn, *args) -> int:
+  m = jax.jit(fn).lower(*args).compile().memory_analysis()
+  if m is None:
+    return -1
+  return int(m.temp_size_in_bytes + m.argument_size_in_bytes + m.output_size_in_bytes)
+
+
+def implementations(pattern: Pattern, blocks: GpuBlocks | None):
+  window = pattern.window
+  return {
+    "pallas": lambda q, k, v: fib_attention(q, k, v, pattern, backend="gpu", blocks=blocks),
+    "cudnn_dense": lambda q, k, v: jax.nn.dot_product_attention(
+      q, k, v, is_causal=True, implementation="cudnn"
+    ),
+    "cudnn_window": lambda q, k, v: jax.nn.dot_product_attention(
+      q, k, v, is_causal=True, local_window_size=(window, 0), implementation="cudnn"
+    ),
+    "xla": lambda q, k, v: attention.xla(q, k, v, pattern),
+  }
+
+
+def bench_one(name, fn, q, k, v, w):
+  fwd = jax.jit(fn)
+  fwdbwd = jax.jit(
+    jax.grad(lambda q, k, v: (fn(q, k, v).astype(jnp.float32) * w).sum(), argnums=(0, 1, 2))
+  )
+  row = {"impl": name}
+  try:
+    row["fwd_ms"] = timeit(fwd, q, k, v)
+    row["fwdbwd_ms"] = timeit(fwdbwd, q, k, v)
+    row["fwd_bytes"] = footprint(fn, q, k, v)
+  except Exception as e:  # a baseline that cannot run at this size is reported, not fatal
+    row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
+  return row
+
+
+def versions() -> dict:
+  dev = jax.devices()[0]
+  smi = subprocess.run(
+    ["nvidia-smi", "--query-gpu=name,driver_version", "--format=csv,noheader"],
+    capture_output=True,
+    text=True,
+  ).stdout.strip()
+  return {
+    "device": dev.device_kind,
+    "nvidia_smi": smi,
+    "jax": jax.__version__,
+    "jaxlib": jax.lib.__version__ if hasattr(jax.lib, "__version__") else None,
+    "python": platform.python_version(),
+  }
+
+
+def main(argv=None):
+  ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  ap.add_argument("--lengths", type=int, nargs="+", default=[1024, 4096, 16384, 65536])
+  ap.add_argument("--alphas", type=float, nargs="+", default=[0.5, 1.0, 1.5])
+  ap.add_argument("--tokens", type=int, default=65536)
+  ap.add_argument("--impls", nargs="+", default=["pallas", "cudnn_dense", "cudnn_window", "xla"])
+  ap.add_argument("--block-q", type=int, default=None)
+  ap.add_argument("--num-warps", type=int, default=None)
+  ap.add_argument("--block-q-bwd", type=int, default=None)
+  ap.add_argument("--num-warps-bwd", type=int, default=None)
+  ap.add_argument("--out", default=None)
+  args = ap.parse_args(argv)
+
+  defaults = GpuBlocks()
+  blocks = GpuBlocks(
+    block_q=args.block_q or defaults.block_q,
+    num_warps=args.num_warps or defaults.num_warps,
+    block_q_bwd=args.block_q_bwd or defaults.block_q_bwd,
+    num_warps_bwd=args.num_warps_bwd or defaults.num_warps_bwd,
+  )
+  bw = copy_bandwidth()
+  results = []
+  for seq_len in args.lengths:
+    batch = max(1, args.tokens // seq_len)
+    ks = jax.random.split(jax.random.key(seq_len), 4)
+    q = jax.random.normal(ks[0], (batch, seq_len, HEADS, HEAD_DIM), jnp.bfloat16)
+    k = jax.random.normal(ks[1], (batch, seq_len, KV_HEADS, HEAD_DIM), jnp.bfloat16)
+    v = jax.random.normal(ks[2], (batch, seq_len, KV_HEADS, HEAD_DIM), jnp.bfloat16)
+    w = jax.random.normal(ks[3], q.shape, jnp.float32)
+    floor_ms = (2 * q.nbytes + k.nbytes + v.nbytes) / bw * 1e3
+    for alpha in args.alphas:
+      pattern = Pattern.build(base="fib", alpha=alpha, window=WINDOW, seq_len=seq_len)
+      impls = implementations(pattern, blocks)
+      for name in args.impls:
+        if name != "pallas" and alpha != args.alphas[0] and name.startswith("cudnn"):
+          continue  # cuDNN baselines do not depend on alpha
+        row = bench_one(name, impls[name], q, k, v, w)
+        row.update(
+          seq_len=seq_len,
+          batch=batch,
+          alpha=alpha if not name.startswith("cudnn") else None,
+          keys_per_query=len(pattern.distances),
+          hbm_floor_ms=floor_ms,
+        )
+        results.append(row)
+        print(
+          f"T={seq_len:6d} B={batch:3d} alpha={alpha:3.1f} {name:13s} "
+          + (
+            f"fwd {row['fwd_ms']:8.3f} ms  fwd+bwd {row['fwdbwd_ms']:8.3f} ms  "
+            f"mem {row['fwd_bytes'] / 2**20:8.1f} MiB  floor {floor_ms:.3f} ms"
+            if "error" not in row
+            else row["error"]
+          ),
+          flush=True,
+        )
+
+  summary = summarize(results)
+  report = {
+    "command": "python " + " ".join([sys.argv[0], *(argv or sys.argv[1:])]),
+    "versions": versions(),
+    "copy_bandwidth_GBps": bw / 1e9,
+    "blocks": blocks.__dict__,
+    "shape": dict(heads=HEADS, kv_heads=KV_HEADS, head_dim=HEAD_DIM, window=WINDOW, tokens=args.tokens),
+    "summary": summary,
+    "results": results,
+  }
+  print(json.dumps(summary, indent=1))
+  if args.out:
+    with open(args.out, "w") as f:
+      json.dump(report, f, indent=1)
+
+
+def summarize(results) -> dict:
+  def get(impl, seq_len, key, alpha=None):
+    vals = [
+      r[key]
+      for r in results
+      if r["impl"] == impl and r["seq_len"] == seq_len and key in r and (alpha is None or r["alpha"] == alpha)
+    ]
+    return max(vals) if vals else None  # worst case over alphas
+
+  out = {}
+  for seq_len in sorted({r["seq_len"] for r in results}):
+    p_fb, p_f = get("pallas", seq_len, "fwdbwd_ms"), get("pallas", seq_len, "fwd_ms")
+    d_fb, w_fb = get("cudnn_dense", seq_len, "fwdbwd_ms"), get("cudnn_window", seq_len, "fwdbwd_ms")
+    floor = get("pallas", seq_len, "hbm_floor_ms")
+    if p_fb and d_fb:
+      out[f"fwdbwd_speedup_vs_cudnn_dense_T{seq_len}"] = d_fb / p_fb
+    if p_fb and w_fb:
+      out[f"fwdbwd_ratio_vs_cudnn_window_T{seq_len}"] = p_fb / w_fb
+    if p_f and floor:
+      out[f"fwd_ratio_vs_hbm_floor_T{seq_len}"] = p_f / floor
+    x_fb = get("xla", seq_len, "fwdbwd_ms")
+    if p_fb and x_fb:
+      out[f"fwdbwd_speedup_vs_xla_T{seq_len}"] = x_fb / p_fb
+  out["note"] = "pallas figures are the worst over the alphas benched"
+  return {k: (round(v, 3) if isinstance(v, float) else v) for k, v in out.items()}
+
+
+if __name__ == "__main__":
+  main()
