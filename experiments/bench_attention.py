@@ -116,7 +116,15 @@ def main(argv=None):
   ap.add_argument("--block-q-bwd", type=int, default=None)
   ap.add_argument("--num-warps-bwd", type=int, default=None)
   ap.add_argument("--out", default=None)
+  ap.add_argument(
+    "--sweep",
+    nargs="+",
+    default=None,
+    help="block configs 'bq,warps,bq_bwd,warps_bwd' to time (pallas only, first length/alpha)",
+  )
   args = ap.parse_args(argv)
+  if args.sweep:
+    return sweep(args)
 
   defaults = GpuBlocks()
   blocks = GpuBlocks(
@@ -175,6 +183,22 @@ def main(argv=None):
   if args.out:
     with open(args.out, "w") as f:
       json.dump(report, f, indent=1)
+
+
+def sweep(args):
+  seq_len, alpha = args.lengths[0], args.alphas[0]
+  batch = max(1, args.tokens // seq_len)
+  ks = jax.random.split(jax.random.key(0), 4)
+  q = jax.random.normal(ks[0], (batch, seq_len, HEADS, HEAD_DIM), jnp.bfloat16)
+  k = jax.random.normal(ks[1], (batch, seq_len, KV_HEADS, HEAD_DIM), jnp.bfloat16)
+  v = jax.random.normal(ks[2], (batch, seq_len, KV_HEADS, HEAD_DIM), jnp.bfloat16)
+  w = jax.random.normal(ks[3], q.shape, jnp.float32)
+  pattern = Pattern.build(base="fib", alpha=alpha, window=WINDOW, seq_len=seq_len)
+  for spec in args.sweep:
+    bq, nw, bqb, nwb = (int(x) for x in spec.split(","))
+    blocks = GpuBlocks(block_q=bq, num_warps=nw, block_q_bwd=bqb, num_warps_bwd=nwb)
+    row = bench_one("pallas", implementations(pattern, blocks)["pallas"], q, k, v, w)
+    print(f"T={seq_len} alpha={alpha} blocks={spec:12s} {row}", flush=True)
 
 
 def summarize(results) -> dict:

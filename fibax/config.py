@@ -89,12 +89,34 @@ class TrainConfig:
   eval_every: int = 500
   checkpoint_every: int = 500
   keep_checkpoints: int = 3
+  # Validation loss every `eval_every` steps (and at the end) over the first `eval_tokens`
+  # validation tokens; 0 turns it off.
+  eval_tokens: int = 1 << 20
+  log_every: int = 10
+  async_checkpoint: bool = True
+  # Mesh shape: `mesh_data` = -1 takes every device left after `mesh_model`.
+  mesh_data: int = -1
+  mesh_model: int = 1
+  # jax.distributed.initialize: "auto" (when JAX_COORDINATOR_ADDRESS or a TPU pod is seen),
+  # "on" (always, letting JAX detect the cluster), "off".
+  distributed: str = "auto"
+  # bf16 peak of one device in TFLOP/s for MFU; None looks the card up (fibax.metrics).
+  peak_tflops: float | None = None
+  data_workers: int = 1  # grain worker processes (0: read in the training process)
+  progress_bar: bool = True
 
   def __post_init__(self):
     if self.batch_size < 1 or self.total_steps < 1:
       raise ValueError(f"batch_size={self.batch_size}, total_steps={self.total_steps} must be >= 1")
     if self.grad_accum < 1 or self.batch_size % self.grad_accum:
       raise ValueError(f"grad_accum={self.grad_accum} must divide batch_size={self.batch_size}")
+    for name in ("eval_every", "checkpoint_every", "keep_checkpoints", "log_every", "mesh_model"):
+      if getattr(self, name) < 1:
+        raise ValueError(f"{name}={getattr(self, name)} must be >= 1")
+    if self.mesh_data < 1 and self.mesh_data != -1:
+      raise ValueError(f"mesh_data={self.mesh_data} must be >= 1 or -1 (all devices left)")
+    if self.distributed not in ("auto", "on", "off"):
+      raise ValueError(f"distributed={self.distributed!r} must be one of auto, on, off")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -102,3 +124,6 @@ class RunConfig:
   model: ModelConfig = ModelConfig()
   train: TrainConfig = TrainConfig()
   data_source: str = "gutenberg"
+  # A prepared data directory (fibax.data.prepare); None: data/<data_source>, prepared
+  # there with the model's vocabulary if missing.
+  data_dir: str | None = None

@@ -48,20 +48,14 @@ def _rows(ref, rows, cols, valid, dtype=None):
   return x if dtype is None else x.astype(dtype)
 
 
-def _online(carry, s_QxN, v_NxD_or_QxD, *, rowwise: bool):
-  """One online-softmax update (FlashAttention-2 §3.1) for one query head."""
+def _online(carry, s_QxC, v_CxD):
+  """One online-softmax step over a key tile (FlashAttention-2 §3.1), one query head."""
   acc, m, l = carry
-  m_cur = s_QxN if rowwise else jnp.max(s_QxN, axis=1)
-  m_new = jnp.maximum(m, m_cur)
+  m_new = jnp.maximum(m, jnp.max(s_QxC, axis=1))
   corr = jnp.exp(m - m_new)
-  if rowwise:
-    p_Q = jnp.exp(s_QxN - m_new)
-    l = l * corr + p_Q
-    acc = acc * corr[:, None] + p_Q[:, None] * v_NxD_or_QxD.astype(jnp.float32)
-  else:
-    p_QxC = jnp.exp(s_QxN - m_new[:, None])
-    l = l * corr + jnp.sum(p_QxC, axis=1)
-    acc = acc * corr[:, None] + plgpu.dot(p_QxC.astype(v_NxD_or_QxD.dtype), v_NxD_or_QxD)
+  p_QxC = jnp.exp(s_QxC - m_new[:, None])
+  l = l * corr + jnp.sum(p_QxC, axis=1)
+  acc = acc * corr[:, None] + plgpu.dot(p_QxC.astype(v_CxD.dtype), v_CxD)
   return acc, m_new, l
 
 
@@ -73,16 +67,26 @@ def _fwd_kernel(q_ref, k_ref, v_ref, o_ref, lse_ref, *, window, far, groups, sca
   cols = jnp.arange(head_dim)
   rows_i = i0 + jnp.arange(block_q)
   q_g = [q_ref[:, g, :] for g in range(groups)]
-  carry = [
-    (
-      jnp.zeros((block_q, head_dim), jnp.float32),
-      jnp.full((block_q,), NEG_INF, jnp.float32),
-      jnp.zeros((block_q,), jnp.float32),
-    )
-    for _ in range(groups)
-  ]
 
-  # Window: key blocks overlapping [i0 - W, i0 + Q).
+  # Pass 1: rung scores (one key row i - d per query). Their max seeds the online softmax,
+  # so the rungs' values are added once at the end without rescaling the accumulators.
+  s_rungs = [[] for _ in range(groups)]
+  for d in far:
+    valid = rows_i - d >= 0
+    k_QxD = _rows(k_ref, rows_i - d, cols, valid, jnp.float32)
+    for g in range(groups):
+      s_Q = jnp.sum(q_g[g].astype(jnp.float32) * k_QxD, axis=1) * scale
+      s_rungs[g].append(jnp.where(valid, s_Q, NEG_INF))
+  carry = []
+  for g in range(groups):
+    m_Q = jnp.full((block_q,), NEG_INF, jnp.float32)
+    for s_Q in s_rungs[g]:
+      m_Q = jnp.maximum(m_Q, s_Q)
+    carry.append(
+      (jnp.zeros((block_q, head_dim), jnp.float32), m_Q, jnp.zeros((block_q,), jnp.float32))
+    )
+
+  # Pass 2: the window, a banded flash loop over key blocks overlapping [i0 - W, i0 + Q).
   def window_body(kb, carry):
     j0 = kb * block_q
     k_CxD = k_ref[pl.ds(j0, block_q), :]
@@ -92,21 +96,20 @@ def _fwd_kernel(q_ref, k_ref, v_ref, o_ref, lse_ref, *, window, far, groups, sca
     out = []
     for g in range(groups):
       s_QxC = plgpu.dot(q_g[g], k_CxD, trans_b=True) * scale
-      out.append(_online(carry[g], jnp.where(keep, s_QxC, NEG_INF), v_CxD, rowwise=False))
+      out.append(_online(carry[g], jnp.where(keep, s_QxC, NEG_INF), v_CxD))
     return out
 
   kb_lo = jnp.maximum(i0 - window, 0) // block_q
   carry = lax.fori_loop(kb_lo, qi + 1, window_body, carry)
 
-  # Far rungs: key rows i - d, one per query (static, unrolled).
-  for d in far:
-    rows_k = rows_i - d
-    valid = rows_k >= 0
-    k_QxD = _rows(k_ref, rows_k, cols, valid, jnp.float32)
-    v_QxD = _rows(v_ref, rows_k, cols, valid)
+  # Pass 3: rung values at the final max.
+  for j, d in enumerate(far):
+    valid = rows_i - d >= 0
+    v_QxD = _rows(v_ref, rows_i - d, cols, valid, jnp.float32)
     for g in range(groups):
-      s_Q = jnp.sum(q_g[g].astype(jnp.float32) * k_QxD, axis=1) * scale
-      carry[g] = _online(carry[g], jnp.where(valid, s_Q, NEG_INF), v_QxD, rowwise=True)
+      acc, m, l = carry[g]
+      p_Q = jnp.where(valid, jnp.exp(s_rungs[g][j] - m), 0.0)
+      carry[g] = (acc + p_Q[:, None] * v_QxD, m, l + p_Q)
 
   for g in range(groups):
     acc, m, l = carry[g]

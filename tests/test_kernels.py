@@ -101,6 +101,8 @@ class KernelTest:
     assert o.shape == q.shape and o.dtype == q.dtype
     (_, r_o), r_grads = grad(ref)(q, k, v)
     tol = TOL[case["dtype"]]
+    if self.BACKEND == "gpu" and case["dtype"] == jnp.float32:
+      tol = 1e-3  # Triton's float32 dot runs on tensor cores in TF32 (~3e-4 relative)
     assert _rel_err(o, r_o) < tol, case
     for name, g, r in zip("qkv", grads, r_grads, strict=True):
       assert g.shape == r.shape and g.dtype == case["dtype"]
