@@ -122,11 +122,19 @@ def main(argv=None):
     default=None,
     help="block configs 'bq,warps,bq_bwd,warps_bwd' to time (pallas only, first length/alpha)",
   )
+  ap.add_argument(
+    "--autotune",
+    nargs="*",
+    default=None,
+    help="pick block_q/warps (forward) and block_q_bwd/warps_bwd separately from these configs "
+    "at the longest length, alpha 1, then run the benchmark with them",
+  )
   args = ap.parse_args(argv)
   if args.sweep:
     return sweep(args)
+  tuned = autotune(args) if args.autotune is not None else None
 
-  defaults = GpuBlocks()
+  defaults = tuned["blocks"] if tuned else GpuBlocks()
   blocks = GpuBlocks(
     block_q=args.block_q or defaults.block_q,
     num_warps=args.num_warps or defaults.num_warps,
@@ -175,8 +183,11 @@ def main(argv=None):
     "versions": versions(),
     "copy_bandwidth_GBps": bw / 1e9,
     "blocks": blocks.__dict__,
-    "shape": dict(heads=HEADS, kv_heads=KV_HEADS, head_dim=HEAD_DIM, window=WINDOW, tokens=args.tokens),
+    "shape": dict(
+      heads=HEADS, kv_heads=KV_HEADS, head_dim=HEAD_DIM, window=WINDOW, tokens=args.tokens
+    ),
     "summary": summary,
+    "autotune": tuned and {"candidates": tuned["rows"], "chosen": tuned["blocks"].__dict__},
     "results": results,
   }
   print(json.dumps(summary, indent=1))
@@ -185,8 +196,27 @@ def main(argv=None):
       json.dump(report, f, indent=1)
 
 
-def sweep(args):
-  seq_len, alpha = args.lengths[0], args.alphas[0]
+AUTOTUNE = ("16,1,16,1", "16,2,16,2", "16,4,16,4", "32,4,32,2", "32,2,32,4")
+
+
+def autotune(args) -> dict:
+  rows = sweep(args, args.autotune or AUTOTUNE, seq_len=max(args.lengths), alpha=1.0)
+  ok = [r for r in rows if "error" not in r]
+  fwd = min(ok, key=lambda r: r["fwd_ms"])
+  bwd = min(ok, key=lambda r: r["fwdbwd_ms"] - r["fwd_ms"])
+  blocks = GpuBlocks(
+    block_q=fwd["blocks"][0],
+    num_warps=fwd["blocks"][1],
+    block_q_bwd=bwd["blocks"][2],
+    num_warps_bwd=bwd["blocks"][3],
+  )
+  print(f"autotune chose {blocks}", flush=True)
+  return {"rows": rows, "blocks": blocks}
+
+
+def sweep(args, specs=None, seq_len=None, alpha=None):
+  specs = specs or args.sweep
+  seq_len, alpha = seq_len or args.lengths[0], alpha or args.alphas[0]
   batch = max(1, args.tokens // seq_len)
   ks = jax.random.split(jax.random.key(0), 4)
   q = jax.random.normal(ks[0], (batch, seq_len, HEADS, HEAD_DIM), jnp.bfloat16)
@@ -194,11 +224,15 @@ def sweep(args):
   v = jax.random.normal(ks[2], (batch, seq_len, KV_HEADS, HEAD_DIM), jnp.bfloat16)
   w = jax.random.normal(ks[3], q.shape, jnp.float32)
   pattern = Pattern.build(base="fib", alpha=alpha, window=WINDOW, seq_len=seq_len)
-  for spec in args.sweep:
+  rows = []
+  for spec in specs:
     bq, nw, bqb, nwb = (int(x) for x in spec.split(","))
     blocks = GpuBlocks(block_q=bq, num_warps=nw, block_q_bwd=bqb, num_warps_bwd=nwb)
     row = bench_one("pallas", implementations(pattern, blocks)["pallas"], q, k, v, w)
+    row.update(blocks=(bq, nw, bqb, nwb), seq_len=seq_len, alpha=alpha)
+    rows.append(row)
     print(f"T={seq_len} alpha={alpha} blocks={spec:12s} {row}", flush=True)
+  return rows
 
 
 def summarize(results) -> dict:
@@ -206,7 +240,10 @@ def summarize(results) -> dict:
     vals = [
       r[key]
       for r in results
-      if r["impl"] == impl and r["seq_len"] == seq_len and key in r and (alpha is None or r["alpha"] == alpha)
+      if r["impl"] == impl
+      and r["seq_len"] == seq_len
+      and key in r
+      and (alpha is None or r["alpha"] == alpha)
     ]
     return max(vals) if vals else None  # worst case over alphas
 
