@@ -1,0 +1,155 @@
+"""Checkpoints: an orbax `CheckpointManager` holding the train state, the grain iterator's
+position and a JSON record with a checksum of every state leaf.
+
+Saves are asynchronous (orbax copies the arrays to host memory, then writes in a background
+thread) and atomic (a step directory appears only once complete). On restore the newest step
+is tried first; one that fails to load or whose checksums disagree is reported, moved into
+`<dir>_corrupt/`, and the next older step is tried.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import grain
+import jax
+import jax.numpy as jnp
+import orbax.checkpoint as ocp
+from jax.experimental import multihost_utils
+
+STATE, DATA, META = "state", "data", "meta"
+
+
+class CheckpointError(RuntimeError):
+  """No readable checkpoint where one was expected."""
+
+
+@jax.jit
+def _checksums(tree) -> list[jax.Array]:
+  """Per leaf, the sum of its bits as uint32 words, modulo 2^32 (order-independent, exact)."""
+
+  def one(x):
+    if jnp.issubdtype(x.dtype, jax.dtypes.prng_key):
+      x = jax.random.key_data(x)
+    bits = jnp.dtype(x.dtype).itemsize * 8
+    if bits not in (8, 16, 32):
+      raise NotImplementedError(f"checksum of dtype={x.dtype} is not supported")
+    word = jax.lax.bitcast_convert_type(x, jnp.dtype(f"uint{bits}")).astype(jnp.uint32)
+    return jnp.sum(word, dtype=jnp.uint32)
+
+  return [one(x) for x in jax.tree.leaves(tree)]
+
+
+def checksums(tree) -> list[int]:
+  return [int(c) for c in jax.device_get(_checksums(tree))]
+
+
+class Checkpointer:
+  """Saves and restores (state, data iterator) under `directory`, keeping the newest `keep`."""
+
+  def __init__(
+    self,
+    directory: str | os.PathLike,
+    *,
+    keep: int,
+    async_save: bool = True,
+    log: Callable[[str], None] = print,
+  ):
+    self.directory = Path(directory).absolute()
+    self.log = log
+    options = ocp.CheckpointManagerOptions(
+      max_to_keep=keep, create=True, enable_async_checkpointing=async_save
+    )
+    self._mngr = ocp.CheckpointManager(
+      self.directory, options=options, item_names=(STATE, DATA, META)
+    )
+
+  def steps(self) -> list[int]:
+    return list(self._mngr.all_steps())
+
+  def save(self, step: int, state, data_iter, meta: dict | None = None) -> None:
+    """Starts saving `state` and the iterator's position at `step`; returns once the arrays are
+    copied off the device (so the caller may donate them) and the write runs in background."""
+    record = {"step": step, "checksums": checksums(state), **(meta or {})}
+    self._mngr.save(
+      step,
+      args=ocp.args.Composite(
+        **{
+          STATE: ocp.args.StandardSave(state),
+          DATA: grain.checkpoint.CheckpointSave(data_iter),
+          META: ocp.args.JsonSave(record),
+        }
+      ),
+      force=True,
+    )
+
+  def _restore_step(self, step: int, abstract_state, data_iter):
+    restored = self._mngr.restore(
+      step,
+      args=ocp.args.Composite(
+        **{
+          STATE: ocp.args.StandardRestore(abstract_state),
+          DATA: grain.checkpoint.CheckpointRestore(data_iter),
+          META: ocp.args.JsonRestore(),
+        }
+      ),
+    )
+    state, meta = restored[STATE], restored[META]
+    if meta.get("step") != step:
+      raise CheckpointError(f"its record says step={meta.get('step')}")
+    got = checksums(state)
+    if got != meta["checksums"]:
+      bad = [i for i, (a, b) in enumerate(zip(got, meta["checksums"], strict=True)) if a != b]
+      raise CheckpointError(f"checksums differ in {len(bad)} of {len(got)} state leaves")
+    return state, meta
+
+  def restore(self, abstract_state, data_iter) -> tuple[object, dict] | None:
+    """The newest readable checkpoint as (state, meta), the iterator set to its position;
+    None if there is no checkpoint. Unreadable newer steps are reported and moved aside.
+
+    Raises:
+      CheckpointError: checkpoints exist but none of them can be read.
+    """
+    failures = []
+    for step in sorted(self.steps(), reverse=True):
+      try:
+        state, meta = self._restore_step(step, abstract_state, data_iter)
+      except Exception as e:  # noqa: BLE001 (any failure to load is reported the same way)
+        first_line = (str(e).strip().splitlines() or [""])[0].split(" See full TensorStore")[0]
+        reason = f"{type(e).__name__}: {first_line}"[:300]
+        self.log(f"checkpoint step {step} in {self.directory} is unreadable ({reason})")
+        failures.append((step, reason))
+        continue
+      if failures:
+        moved = [self._move_aside(s) for s, _ in failures]
+        self.log(
+          f"resuming from step {step} instead; moved unreadable step(s) "
+          f"{[s for s, _ in failures]} to {moved[0].parent}"
+        )
+      return state, meta
+    if failures:
+      raise CheckpointError(
+        f"no readable checkpoint in {self.directory}: steps {[s for s, _ in failures]} all "
+        "failed to load (see above; a config other than the one that wrote them fails the "
+        "same way); move the directory away to start afresh"
+      )
+    return None
+
+  def _move_aside(self, step: int) -> Path:
+    aside = self.directory.parent / f"{self.directory.name}_corrupt" / f"{step}-{int(time.time())}"
+    if jax.process_index() == 0:
+      aside.parent.mkdir(parents=True, exist_ok=True)
+      os.replace(self.directory / str(step), aside)
+    multihost_utils.sync_global_devices(f"fibax_move_aside_{step}")
+    self._mngr.reload()
+    return aside
+
+  def wait(self) -> None:
+    self._mngr.wait_until_finished()
+
+  def close(self) -> None:
+    self._mngr.wait_until_finished()
+    self._mngr.close()

@@ -1,0 +1,151 @@
+"""The train state, its shardings, and the jitted init / train / eval steps.
+
+Shape key: B global batch, A gradient-accumulation microbatches, T sequence, V vocabulary.
+
+Shardings follow the flax lm1b recipe: `jax.eval_shape(model.init)` gives the parameters'
+logical axes, the rules of fibax.sharding turn them into `NamedSharding`s, the optimizer
+state inherits them leaf by leaf (`optax.tree_map_params`), and `jax.jit(init,
+out_shardings=...)` creates every array where it lives.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import optax
+from flax import struct
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from fibax import sharding
+from fibax.config import RunConfig
+from fibax.model import Transformer
+from fibax.optim import lr_schedule, make_optimizer
+
+
+class TrainState(struct.PyTreeNode):
+  step: jax.Array  # int32[]
+  params: Any
+  opt_state: Any
+  rng: jax.Array  # uint32[2], raw key data (checkpointable); step keys are fold_in(rng, step)
+
+
+@dataclasses.dataclass(frozen=True)
+class Steps:
+  """Everything jitted for one run; build with `make_steps`."""
+
+  model: Transformer
+  optimizer: optax.GradientTransformation
+  mesh: Mesh
+  state_shardings: TrainState
+  abstract_state: TrainState  # ShapeDtypeStructs carrying their shardings (for restore)
+  init: Any  # (seed: int) -> TrainState
+  train: Any  # (TrainState, batch) -> (TrainState, {"loss", "grad_norm", "lr"})
+  eval: Any  # (params, batch with weights) -> (sum of token losses, sum of weights)
+
+
+def token_losses(params, model: Transformer, inputs_BxT, targets_BxT, rng=None):
+  rngs = None if rng is None else {"dropout": rng}
+  logits_BxTxV = model.apply({"params": params}, inputs_BxT, rngs=rngs)
+  return optax.softmax_cross_entropy_with_integer_labels(logits_BxTxV, targets_BxT)
+
+
+def _grads(params, model, batch, rng, accum: int, mesh: Mesh):
+  """Mean loss and gradient over the batch, in `accum` sequential microbatches."""
+
+  def loss_fn(p, mb):
+    return token_losses(p, model, mb["inputs"], mb["targets"], rng).mean()
+
+  if accum == 1:
+    return jax.value_and_grad(loss_fn)(params, batch)
+
+  # Microbatch a takes rows a, A + a, 2A + a, ...: each device's contiguous block of rows
+  # splits into A equal parts without moving data between devices.
+  def split(x_BxT):
+    x_AxBAxT = x_BxT.reshape(-1, accum, x_BxT.shape[1]).swapaxes(0, 1)
+    spec = NamedSharding(mesh, PartitionSpec(None, sharding.DATA))
+    return jax.lax.with_sharding_constraint(x_AxBAxT, spec)
+
+  def body(carry, mb):
+    loss, grads = jax.value_and_grad(loss_fn)(params, mb)
+    return jax.tree.map(jnp.add, carry, (loss, grads)), None
+
+  zero = (jnp.zeros((), jnp.float32), jax.tree.map(jnp.zeros_like, params))
+  (loss, grads), _ = jax.lax.scan(body, zero, jax.tree.map(split, batch))
+  return loss / accum, jax.tree.map(lambda g: g / accum, grads)
+
+
+@functools.lru_cache(maxsize=4)
+def make_steps(cfg: RunConfig, mesh: Mesh) -> Steps:
+  """Cached per (config, mesh), so a notebook or test that trains the same config again
+  reuses the compiled steps."""
+  train_cfg = cfg.train
+  model = Transformer(cfg.model)
+  optimizer = make_optimizer(train_cfg)
+  schedule = lr_schedule(train_cfg)
+  data_size = mesh.shape[sharding.DATA]
+  if train_cfg.batch_size % (data_size * train_cfg.grad_accum):
+    raise ValueError(
+      f"batch_size={train_cfg.batch_size} is not divisible by mesh data={data_size} x "
+      f"grad_accum={train_cfg.grad_accum}"
+    )
+
+  def init_params(key):
+    return model.init(key, jnp.zeros((1, cfg.model.seq_len), jnp.int32))["params"]
+
+  def init(seed):
+    init_key, train_key = jax.random.split(jax.random.key(seed))
+    params = nn.meta.unbox(init_params(init_key))
+    return TrainState(
+      step=jnp.zeros((), jnp.int32),
+      params=params,
+      opt_state=optimizer.init(params),
+      rng=jax.random.key_data(train_key),
+    )
+
+  boxed = jax.eval_shape(init_params, jax.random.key(0))
+  param_sh = sharding.param_shardings(boxed, mesh)
+  abstract = jax.eval_shape(init, 0)
+  rep = sharding.replicated(mesh)
+  opt_sh = optax.tree_map_params(
+    optimizer, lambda _, s: s, abstract.opt_state, param_sh, transform_non_params=lambda _: rep
+  )
+  state_sh = TrainState(step=rep, params=param_sh, opt_state=opt_sh, rng=rep)
+  abstract = jax.tree.map(
+    lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, state_sh
+  )
+  batch_sh = sharding.batch_sharding(mesh)
+
+  def train_step(state: TrainState, batch):
+    rng = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
+    loss, grads = _grads(state.params, model, batch, rng, train_cfg.grad_accum, mesh)
+    updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+    new_state = state.replace(
+      step=state.step + 1, params=optax.apply_updates(state.params, updates), opt_state=opt_state
+    )
+    metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads), "lr": schedule(state.step)}
+    return new_state, metrics
+
+  def eval_step(params, batch):
+    losses_BxT = token_losses(params, model, batch["inputs"], batch["targets"])
+    return jnp.sum(losses_BxT * batch["weights"]), jnp.sum(batch["weights"])
+
+  return Steps(
+    model=model,
+    optimizer=optimizer,
+    mesh=mesh,
+    state_shardings=state_sh,
+    abstract_state=abstract,
+    init=jax.jit(init, static_argnums=0, out_shardings=state_sh),
+    train=jax.jit(
+      train_step,
+      in_shardings=(state_sh, batch_sh),
+      out_shardings=(state_sh, rep),
+      donate_argnums=0,
+    ),
+    eval=jax.jit(eval_step, in_shardings=(param_sh, batch_sh), out_shardings=(rep, rep)),
+  )

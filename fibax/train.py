@@ -1,0 +1,287 @@
+"""The training loop, callable from a notebook, and its CLI.
+
+    python -m fibax.train --config configs/tiny.py --workdir runs/tiny
+    python -m fibax.train --config configs/paper.py:fib_stagger_w12 --workdir runs/fib \\
+        --set train.total_steps=100 train.mesh_model=2
+
+    from fibax.train import train
+    summary = train(run_config, "runs/tiny")
+
+The workdir holds `checkpoints/`, `metrics.jsonl`, TensorBoard event files and
+`config.json`. Running again on the same workdir resumes exactly where the last checkpoint
+left off (parameters, optimizer state, step, RNG and data position). SIGTERM saves a
+checkpoint after the current step and returns (the CLI then exits with status 143).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import json
+import math
+import signal
+import sys
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import jax
+import numpy as np
+from jax.experimental import multihost_utils
+
+from fibax import metrics as metrics_lib
+from fibax import sharding
+from fibax.checkpoint import Checkpointer, CheckpointError
+from fibax.config import RunConfig
+from fibax.config_loader import apply_overrides, load_config
+from fibax.data.files import DataError
+from fibax.model import learned_alphas
+from fibax.steps import Steps, make_steps
+
+PREEMPTED_EXIT_CODE = 128 + signal.SIGTERM
+
+
+class TrainingDiverged(FloatingPointError):
+  """The loss became NaN or inf; nothing after the last good checkpoint was saved."""
+
+
+class _StopFlag:
+  """Set by SIGTERM (while the loop runs, in the main thread)."""
+
+  def __init__(self):
+    self.event = threading.Event()
+
+  @contextlib.contextmanager
+  def installed(self):
+    if threading.current_thread() is not threading.main_thread():
+      yield self
+      return
+    previous = signal.signal(signal.SIGTERM, lambda *_: self.event.set())
+    try:
+      yield self
+    finally:
+      signal.signal(signal.SIGTERM, previous)
+
+  def agreed(self) -> bool:
+    """Whether any process was signalled (a collective: call it at the same step everywhere)."""
+    flag = np.int32(self.event.is_set())
+    if jax.process_count() > 1:
+      flag = multihost_utils.process_allgather(flag).max()
+    return bool(flag)
+
+
+def prepare_data(cfg: RunConfig, log: Callable[[str], None] = print) -> Path:
+  """The run's data directory, prepared (tokenizer with the model's vocabulary) if missing."""
+  from fibax.data.prepare import prepare
+
+  data_dir = Path(cfg.data_dir or Path("data") / cfg.data_source)
+  if not (data_dir / "manifest.json").exists():
+    if jax.process_index() == 0:
+      log(f"preparing {cfg.data_source!r} into {data_dir} (vocab {cfg.model.vocab_size})")
+      prepare(cfg.data_source, data_dir, vocab_size=cfg.model.vocab_size, log=log)
+    multihost_utils.sync_global_devices("fibax_prepare_data")
+  return data_dir
+
+
+def evaluate(steps: Steps, params, data_dir: Path, cfg: RunConfig) -> float:
+  """Mean token loss over the first `train.eval_tokens` tokens of the validation split."""
+  from fibax.data import eval_batches
+
+  procs, proc = jax.process_count(), jax.process_index()
+  total, count = 0.0, 0.0
+  batch_size = cfg.train.batch_size
+  for batch in eval_batches(
+    data_dir, "validation", cfg.model.seq_len, batch_size, max_tokens=cfg.train.eval_tokens
+  ):
+    rows = slice(proc * batch_size // procs, (proc + 1) * batch_size // procs)
+    local = {k: v[rows] for k, v in batch.items()}
+    loss_sum, weight_sum = steps.eval(params, sharding.global_batch(local, steps.mesh))
+    total, count = total + float(loss_sum), count + float(weight_sum)
+  return total / max(count, 1.0)
+
+
+class _Logger:
+  """Collects per-step device metrics and fetches them only when asked (no per-step sync)."""
+
+  def __init__(self, cfg: RunConfig, writer, progress, num_devices: int):
+    self.cfg, self.writer, self.progress = cfg, writer, progress
+    self.pending: list[tuple[int, dict]] = []
+    self.tokens_per_step = cfg.train.batch_size * cfg.model.seq_len
+    self.flops_per_token = metrics_lib.flops_per_token(cfg.model)
+    kind = jax.devices()[0].device_kind
+    peak = cfg.train.peak_tflops or metrics_lib.peak_tflops(kind)
+    self.peak_flops = None if peak is None else peak * 1e12 * num_devices
+    self.clock, self.clock_step, self.last_loss = None, None, None
+
+  def start_clock(self, step: int) -> None:
+    self.clock, self.clock_step = time.perf_counter(), step
+
+  def flush(self, step: int, state) -> None:
+    """Writes one record for the pending steps; raises TrainingDiverged on a non-finite loss."""
+    if not self.pending:
+      return
+    fetched = jax.device_get([m for _, m in self.pending])
+    steps_done = [s for s, _ in self.pending]
+    self.pending = []
+    for s, m in zip(steps_done, fetched, strict=True):
+      loss, grad_norm = float(m["loss"]), float(m["grad_norm"])
+      if not (math.isfinite(loss) and math.isfinite(grad_norm)):
+        raise TrainingDiverged(f"loss {loss} / gradient norm {grad_norm} at step {s}")
+    loss = float(np.mean([np.float64(m["loss"]) for m in fetched]))
+    record = {
+      "loss": loss,
+      "ppl": math.exp(min(loss, 700.0)),
+      "lr": float(fetched[-1]["lr"]),
+      "grad_norm": float(fetched[-1]["grad_norm"]),
+      "tokens_per_s": None,
+      "mfu": None,
+    }
+    now = time.perf_counter()
+    if self.clock is not None and step > self.clock_step:
+      record["tokens_per_s"] = (step - self.clock_step) * self.tokens_per_step / (now - self.clock)
+      if self.peak_flops:
+        record["mfu"] = record["tokens_per_s"] * self.flops_per_token / self.peak_flops
+      self.clock, self.clock_step = now, step
+    att = self.cfg.model.attention
+    if att.schedule == "learned" and att.frozen_alphas is None:
+      record["alphas"] = list(learned_alphas(state.params, self.cfg.model))
+    self.writer.write(step, record)
+    self.last_loss = loss
+    tps = record["tokens_per_s"]
+    line = (
+      f"step {step}/{self.cfg.train.total_steps}  loss {loss:.4f}  ppl {record['ppl']:.1f}  "
+      f"lr {record['lr']:.2e}  |g| {record['grad_norm']:.3f}"
+      + ("" if tps is None else f"  {tps:,.0f} tok/s")
+      + ("" if record["mfu"] is None else f"  mfu {record['mfu']:.1%}")
+    )
+    self.progress.print(line)
+    self.progress.update(step, f"loss {loss:.3f}")
+
+
+def train(cfg: RunConfig, workdir: str | Path, *, log: Callable[[str], None] = print) -> dict:
+  """Trains `cfg` in `workdir`, resuming from its newest readable checkpoint.
+
+  Returns:
+    {"step", "loss" (mean of the last logged steps), "val_loss", "preempted", "seconds"}.
+
+  Raises:
+    TrainingDiverged: the loss became NaN or inf (checkpoints up to then stay intact).
+    fibax.checkpoint.CheckpointError: checkpoints exist but none can be read.
+  """
+  from fibax.data import train_iterator
+
+  sharding.maybe_initialize_distributed(cfg.train.distributed)
+  start_time = time.perf_counter()
+  workdir = Path(workdir)
+  main = jax.process_index() == 0
+  log = log if main else (lambda _: None)
+  tc = cfg.train
+  data_dir = prepare_data(cfg, log)
+  mesh = sharding.make_mesh(tc.mesh_data, tc.mesh_model)
+  steps = make_steps(cfg, mesh)
+  data_iter = train_iterator(
+    data_dir,
+    cfg.model.seq_len,
+    tc.batch_size,
+    tc.seed,
+    worker_count=tc.data_workers,
+    vocab_size=cfg.model.vocab_size,
+  )
+  ckpt = Checkpointer(
+    workdir / "checkpoints", keep=tc.keep_checkpoints, async_save=tc.async_checkpoint, log=log
+  )
+  restored = ckpt.restore(steps.abstract_state, data_iter)
+  state = steps.init(tc.seed) if restored is None else restored[0]
+  step = int(state.step)
+  if main:
+    workdir.mkdir(parents=True, exist_ok=True)
+    (workdir / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2) + "\n")
+  if step >= tc.total_steps:
+    log(f"{workdir} is already trained to step {step} of {tc.total_steps}; nothing to do")
+  log(
+    f"{'resuming at' if restored else 'starting'} step {step} of {tc.total_steps} on "
+    f"{mesh.devices.size} {jax.devices()[0].platform} device(s), mesh {dict(mesh.shape)}"
+  )
+  writer = metrics_lib.MetricWriter(workdir, enabled=main)
+  progress = metrics_lib.Progress(tc.total_steps, step, bar=main and tc.progress_bar, log=log)
+  logger = _Logger(cfg, writer, progress, mesh.devices.size)
+  stop, preempted, val_loss = _StopFlag(), False, None
+  try:
+    with stop.installed():
+      while step < tc.total_steps and not preempted:
+        batch = sharding.global_batch(next(data_iter), mesh)
+        state, step_metrics = steps.train(state, batch)
+        step += 1
+        logger.pending.append((step, step_metrics))
+        if logger.clock is None:
+          jax.block_until_ready(state)  # the first step compiles: time from its end
+          logger.start_clock(step)
+        last = step == tc.total_steps
+        # Single process: check the signal every step; several: at log steps (a collective).
+        check = jax.process_count() == 1 or step % tc.log_every == 0 or last
+        preempted = check and stop.agreed()
+        save = step % tc.checkpoint_every == 0 or last or preempted
+        run_eval = tc.eval_tokens > 0 and (step % tc.eval_every == 0 or last)
+        if step % tc.log_every == 0 or save or run_eval:
+          logger.flush(step, state)  # before any save: a NaN state is never checkpointed
+        if run_eval:
+          val_loss = evaluate(steps, state.params, data_dir, cfg)
+          writer.write(step, {"loss": val_loss, "ppl": math.exp(min(val_loss, 700.0))}, "eval")
+          progress.print(f"step {step}  validation loss {val_loss:.4f}")
+          logger.start_clock(step)  # tokens/s counts training only
+        if save:
+          ckpt.save(step, state, data_iter, {"config": dataclasses.asdict(cfg)})
+    if preempted:
+      log(f"SIGTERM: saved a checkpoint at step {step} in {ckpt.directory}; stopping")
+  except TrainingDiverged as e:
+    ckpt.wait()
+    saved = ckpt.steps()
+    raise TrainingDiverged(
+      f"{e} is not finite; stopping. Nothing after the last checkpoint was saved: "
+      + (f"step {max(saved)} in {ckpt.directory}" if saved else "no checkpoint yet")
+    ) from None
+  finally:
+    progress.close()
+    ckpt.close()
+    writer.close()
+  seconds = time.perf_counter() - start_time
+  log(f"done: step {step}, loss {logger.last_loss}, validation loss {val_loss} in {seconds:.1f} s")
+  return {
+    "step": step,
+    "loss": logger.last_loss,
+    "val_loss": val_loss,
+    "preempted": preempted,
+    "seconds": seconds,
+  }
+
+
+def main(argv: list[str] | None = None) -> int:
+  parser = argparse.ArgumentParser(prog="python -m fibax.train", description=__doc__.split("\n")[0])
+  parser.add_argument("--config", required=True, help="configs/<file>.py[:<run>[,key=value]]")
+  parser.add_argument("--workdir", required=True, help="checkpoints, metrics and event files")
+  parser.add_argument(
+    "--set",
+    dest="overrides",
+    nargs="+",
+    action="extend",
+    default=[],
+    metavar="SECTION.FIELD=VALUE",
+    help="override config fields, e.g. train.total_steps=100 model.attention.impl=pallas",
+  )
+  args = parser.parse_args(argv)
+  try:
+    cfg = apply_overrides(load_config(args.config), args.overrides)
+  except (OSError, ValueError, TypeError, AttributeError) as e:
+    parser.error(str(e))
+  try:
+    summary = train(cfg, args.workdir)
+  except (TrainingDiverged, CheckpointError, DataError) as e:
+    print(f"fibax.train: {e}", file=sys.stderr)
+    return 1
+  return PREEMPTED_EXIT_CODE if summary["preempted"] else 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())
