@@ -34,10 +34,13 @@ NEG_INF = -0.7 * float(jnp.finfo(jnp.float32).max)
 class GpuBlocks:
   """Block rows and warps; the window loop uses block_q x block_q tiles."""
 
-  block_q: int = 64
-  num_warps: int = 4
+  # Tuned on one H100 at T = 65,536, 8/2 heads, D = 64 (experiments/results/
+  # bench_attention_h100.json, "autotune"): small query blocks keep the G = 4 heads'
+  # accumulators in registers; the rungs are CUDA-core work, not tensor-core work.
+  block_q: int = 16
+  num_warps: int = 2
   num_stages: int = 2
-  block_q_bwd: int = 32
+  block_q_bwd: int = 16
   num_warps_bwd: int = 4
 
 

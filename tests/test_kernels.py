@@ -10,6 +10,8 @@ The first CI_CASES seeds run in CI; the rest of the 50 are marked `slow` (interp
 compiles each pattern, ~10 s a case on 2 cores): `pytest -m slow tests/test_kernels.py`.
 """
 
+import os
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -109,9 +111,15 @@ class KernelTest:
       assert _rel_err(g, r) < tol * 2, (name, case)
 
 
+def _gpu_seeds():
+  """FIBAX_KERNEL_SHARD=i/n runs every n-th seed, so n processes can share the compiles."""
+  i, n = (int(x) for x in os.environ.get("FIBAX_KERNEL_SHARD", "0/1").split("/"))
+  return [s for s in range(NUM_CASES) if s % n == i]
+
+
 @pytest.mark.gpu
 class TestGpuKernel(KernelTest):
-  @pytest.mark.parametrize("seed", range(NUM_CASES))
+  @pytest.mark.parametrize("seed", _gpu_seeds())
   def test_matches_reference(self, seed):
     self.check(seed)
 
