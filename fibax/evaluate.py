@@ -1,0 +1,361 @@
+"""Held-out evaluation: perplexity at multiples of the training length, position-resolved NLL,
+and learned-alpha freezing.
+
+Shape key: N windows, B batch, L evaluation length (training length T x multiple).
+
+    run = load_run("runs/fib_stagger_w12")       # config + parameters of the newest checkpoint
+    report = evaluate_run(run, length_mults=(1, 4), datasets=("validation", "sotu"))
+    print(format_table(report)); write_report(report, "runs/fib_stagger_w12/eval")
+
+PAPER.md §6: perplexity over the first 2^20 tokens of each held-out set in non-overlapping
+windows of T x multiple (windows from `fibax.data.evaluation`: in document order, never across
+a document boundary); position-resolved NLL per position and in 8 equal bins over the window.
+Checkpoints are read by `fibax.restore` (read-only, the trainer's format); each length is
+checked to fit in memory by `fibax.memory` before it runs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import jax
+import numpy as np
+
+from fibax.config import ModelConfig, RunConfig
+from fibax.data.evaluation import window_starts
+from fibax.data.files import DataError
+from fibax.data.shards import MANIFEST, SplitTokens, load_manifest
+from fibax.memory import InsufficientMemory, compile_forward, free_memory_bytes
+from fibax.model import learned_alphas
+from fibax.restore import Run, load_run, run_config_from_dict
+
+__all__ = [
+  "DATASETS",
+  "VARIANTS",
+  "InsufficientMemory",
+  "Run",
+  "check_eval_args",
+  "compile_forward",
+  "dataset_windows",
+  "evaluate_checkpoint",
+  "evaluate_run",
+  "evaluate_windows",
+  "free_memory_bytes",
+  "freeze",
+  "load_run",
+  "position_bins",
+  "resolve_dataset",
+  "run_config_from_dict",
+  "run_data_dir",
+]
+
+DEFAULT_MAX_TOKENS = 1 << 20
+DEFAULT_BATCH_TOKENS = 1 << 15  # tokens per forward: batch = max(1, this // L)
+NUM_BINS = 8
+# "validation" / "test": the run's own held-out splits. "sotu": the State of the Union corpus
+# in the run's tokenizer: its validation and test splits for a run trained on sotu, otherwise
+# every split (all of it is held out), first N tokens in the order validation, test, train.
+DATASETS = ("validation", "test", "sotu")
+# "trained": the model as trained (a learned schedule on its dynamic path); "frozen": each
+# learned alpha rounded into an integer pattern (`freeze`).
+VARIANTS = ("trained", "frozen")
+
+# --- freezing --------------------------------------------------------------------------------
+
+
+def freeze[C: (ModelConfig, RunConfig)](params, cfg: C) -> C:
+  """The config with each learned alpha rounded into a static integer pattern (PAPER.md §3).
+
+  The model then builds `Pattern`s from `frozen_alphas` and runs them on the config's integer
+  implementation like any static schedule; the thetas in `params` go unused.
+  """
+  model_cfg = cfg.model if isinstance(cfg, RunConfig) else cfg
+  att = model_cfg.attention
+  if att.schedule != "learned" or att.frozen_alphas is not None:
+    raise ValueError(
+      f"freeze needs a learned schedule not yet frozen; got schedule={att.schedule!r}, "
+      f"frozen_alphas={att.frozen_alphas}"
+    )
+  alphas = learned_alphas(params, model_cfg)
+  frozen = dataclasses.replace(model_cfg, attention=dataclasses.replace(att, frozen_alphas=alphas))
+  return dataclasses.replace(cfg, model=frozen) if isinstance(cfg, RunConfig) else frozen
+
+
+# --- data ------------------------------------------------------------------------------------
+
+
+def run_data_dir(cfg: RunConfig, data_dir: str | os.PathLike | None = None) -> Path:
+  """The run's prepared data directory (as `fibax.train` finds it), checked to exist."""
+  path = Path(data_dir or cfg.data_dir or Path("data") / cfg.data_source)
+  if not (path / MANIFEST).is_file():
+    raise FileNotFoundError(
+      f"data_dir={str(path)!r} has no {MANIFEST}: pass the run's prepared data directory "
+      "(--data-dir) or prepare it (python -m fibax.data prepare)"
+    )
+  return path
+
+
+def resolve_dataset(
+  name: str, data_dir: Path, log: Callable[[str], None] = print
+) -> tuple[Path, tuple[str, ...]]:
+  """(prepared directory, splits in order) of a held-out dataset (see `DATASETS`)."""
+  if name not in DATASETS:
+    raise ValueError(f"unknown dataset={name!r}; expected one of {DATASETS}")
+  if name != "sotu":
+    return data_dir, (name,)
+  manifest = load_manifest(data_dir)
+  if manifest["source"].get("kind") == "sotu":
+    return data_dir, ("validation", "test")
+  sotu_dir = data_dir.parent / f"sotu-{manifest['tokenizer']['sha256'][:12]}"
+  if not (sotu_dir / MANIFEST).is_file():
+    from fibax.data.prepare import prepare
+
+    log(f"preparing sotu with the tokenizer of {data_dir} into {sotu_dir}")
+    prepare("sotu", sotu_dir, tokenizer_from=data_dir, log=log)
+  return sotu_dir, ("validation", "test", "train")
+
+
+def dataset_windows(
+  data_dir: Path, splits: Sequence[str], seq_len: int, max_tokens: int, verify: bool = True
+) -> np.ndarray:
+  """The first `max_tokens // seq_len` evaluation windows over `splits` in order, as
+  int32[N, seq_len + 1] (N may be 0: no window fits in one document)."""
+  windows, left = [], max_tokens
+  for split in splits:
+    if left < seq_len:
+      break
+    tokens = SplitTokens(data_dir, split, verify=verify)
+    try:
+      starts_N = window_starts(tokens, seq_len, left)
+    except DataError:  # no window of this length fits in one document of this split
+      continue
+    windows += [tokens.read(int(s), seq_len + 1).astype(np.int32) for s in starts_N]
+    left -= len(starts_N) * seq_len
+  return np.stack(windows) if windows else np.zeros((0, seq_len + 1), np.int32)
+
+
+# --- evaluation ------------------------------------------------------------------------------
+
+
+def position_bins(nll_L: np.ndarray, num_bins: int = NUM_BINS) -> list[float]:
+  """Mean NLL in `num_bins` equal (to within one position) bins over the window."""
+  return [float(b.mean()) for b in np.array_split(nll_L, num_bins)]
+
+
+def evaluate_windows(
+  cfg: ModelConfig,
+  params,
+  windows_NxL1: np.ndarray,
+  *,
+  batch_size: int,
+  free_bytes: int | None = None,
+  compiled: dict | None = None,
+) -> dict:
+  """NLL of `windows_NxL1` (inputs = [:, :-1], targets = [:, 1:]) under the model.
+
+  Returns:
+    {"nll_per_position": float64[L] (mean over windows), "nll", "ppl", "bins", "windows",
+     "tokens", "batch_size", "memory_bytes", "seconds"}.
+  """
+  num_windows, seq_len = windows_NxL1.shape[0], windows_NxL1.shape[1] - 1
+  if num_windows == 0:
+    raise ValueError(f"no windows to evaluate at seq_len={seq_len}")
+  start = time.perf_counter()
+  key = (cfg, seq_len, min(batch_size, num_windows))
+  if compiled is None or key not in compiled:
+    result = compile_forward(cfg, params, seq_len, key[2], free_bytes)
+    if compiled is not None:
+      compiled[key] = result
+  else:
+    result = compiled[key]
+  fn, batch, need = result
+  sums = []
+  for first in range(0, num_windows, batch):
+    rows_BxL1 = windows_NxL1[first : first + batch]
+    weights_B = np.zeros(batch, np.float32)
+    weights_B[: len(rows_BxL1)] = 1.0
+    if len(rows_BxL1) < batch:  # padded to the compiled shape; the padding has weight 0
+      rows_BxL1 = np.concatenate(
+        [rows_BxL1, np.zeros((batch - len(rows_BxL1), seq_len + 1), np.int32)]
+      )
+    sums.append(fn(params, rows_BxL1[:, :-1], rows_BxL1[:, 1:], weights_B))
+  nll_L = np.sum([np.asarray(s, np.float64) for s in sums], axis=0) / num_windows
+  nll = float(nll_L.mean())
+  return {
+    "nll_per_position": nll_L,
+    "nll": nll,
+    "ppl": math.exp(min(nll, 700.0)),
+    "bins": position_bins(nll_L),
+    "windows": num_windows,
+    "tokens": num_windows * seq_len,
+    "batch_size": batch,
+    "memory_bytes": int(need),
+    "seconds": time.perf_counter() - start,
+  }
+
+
+def check_eval_args(
+  length_mults: Sequence[int],
+  datasets: Sequence[str] = ("validation",),
+  variants: Sequence[str] = ("trained",),
+  max_tokens: int = DEFAULT_MAX_TOKENS,
+  batch_tokens: int = DEFAULT_BATCH_TOKENS,
+) -> None:
+  """Raises ValueError naming the first bad argument of `evaluate_run`."""
+  if not length_mults:
+    raise ValueError("length_mults is empty; give at least one multiple")
+  for m in length_mults:
+    if isinstance(m, bool) or not isinstance(m, int | np.integer) or m < 1:
+      raise ValueError(f"length_mult={m!r} must be an integer >= 1")
+  for name in datasets:
+    if name not in DATASETS:
+      raise ValueError(f"unknown dataset={name!r}; expected one of {DATASETS}")
+  for v in variants:
+    if v not in VARIANTS:
+      raise ValueError(f"unknown variant={v!r}; expected one of {VARIANTS}")
+  if max_tokens < 1 or batch_tokens < 1:
+    raise ValueError(f"max_tokens={max_tokens} and batch_tokens={batch_tokens} must be >= 1")
+
+
+def evaluate_run(
+  run: Run,
+  *,
+  length_mults: Sequence[int] = (1,),
+  datasets: Sequence[str] = ("validation",),
+  cap_mode: str | None = None,
+  variants: Sequence[str] = ("trained",),
+  max_tokens: int = DEFAULT_MAX_TOKENS,
+  batch_tokens: int = DEFAULT_BATCH_TOKENS,
+  data_dir: str | os.PathLike | None = None,
+  free_bytes: int | None = None,
+  log: Callable[[str], None] = print,
+) -> dict:
+  """Perplexity and position-resolved NLL of `run` at each length multiple and dataset.
+
+  Args:
+    cap_mode: "run" (the pattern rebuilt at the evaluation length, the paper's) or "train"
+      (built at the training length); default: the run's own.
+    max_tokens: first N tokens of each dataset (fewer where the dataset is smaller or where
+      N is not a multiple of the window).
+    batch_tokens: tokens per forward (the batch is halved further if memory is short).
+    free_bytes: memory to plan with instead of the device's free memory.
+
+  Returns:
+    A report: {"label", "checkpoint", "step", "cap_mode", "max_tokens", "device", "config",
+    "results": [one dict per variant x dataset x multiple], "positions": {key: float64[L]}}.
+    A length that would not fit in memory, or at which no window fits in one document, gets
+    a result with `status` saying so and no perplexity.
+  """
+  check_eval_args(length_mults, datasets, variants, max_tokens, batch_tokens)
+  if "frozen" in variants and run.cfg.model.attention.schedule != "learned":
+    raise ValueError(
+      f"variant 'frozen' needs a learned schedule; this run's is "
+      f"{run.cfg.model.attention.schedule!r}"
+    )
+  model_cfg = run.cfg.model
+  if cap_mode is not None:
+    model_cfg = dataclasses.replace(
+      model_cfg, attention=dataclasses.replace(model_cfg.attention, cap_mode=cap_mode)
+    )
+  base_dir = run_data_dir(run.cfg, data_dir)
+  vocab = int(load_manifest(base_dir)["tokenizer"]["vocab_size"])
+  if vocab > model_cfg.vocab_size:
+    raise ValueError(
+      f"tokenizer of {base_dir} has {vocab=} > model vocab_size={model_cfg.vocab_size}"
+    )
+  sources = {name: resolve_dataset(name, base_dir, log) for name in datasets}
+  configs = {"trained": model_cfg}
+  if "frozen" in variants:
+    configs["frozen"] = freeze(run.params, model_cfg)
+    log(
+      f"frozen alphas: {', '.join(f'{a:.4f}' for a in configs['frozen'].attention.frozen_alphas)}"
+    )
+  results, positions, compiled, verified = [], {}, {}, set()
+  for variant in variants:
+    cfg = configs[variant]
+    for name, (directory, splits) in sources.items():
+      for mult in length_mults:
+        seq_len = model_cfg.seq_len * int(mult)
+        row = {
+          "label": run.label,
+          "dataset": name,
+          "variant": variant,
+          "cap_mode": cfg.attention.cap_mode,
+          "length_mult": int(mult),
+          "seq_len": seq_len,
+          "status": "ok",
+        }
+        windows_NxL1 = dataset_windows(
+          directory, splits, seq_len, max_tokens, verify=directory not in verified
+        )
+        verified.add(directory)
+        if len(windows_NxL1) == 0:
+          row["status"] = f"no window of {seq_len + 1} tokens fits in one document of {name}"
+        else:
+          batch = max(1, batch_tokens // seq_len)
+          try:
+            out = evaluate_windows(
+              cfg,
+              run.params,
+              windows_NxL1,
+              batch_size=batch,
+              free_bytes=free_bytes,
+              compiled=compiled,
+            )
+          except InsufficientMemory as e:
+            row["status"] = f"refused: {e}"
+          else:
+            positions[f"{variant}/{name}/x{mult}"] = out.pop("nll_per_position")
+            row.update(out)
+        log(_row_line(row))
+        results.append(row)
+  device = jax.devices()[0]
+  return {
+    "label": run.label,
+    "checkpoint": str(run.checkpoint_dir),
+    "step": run.step,
+    "cap_mode": model_cfg.attention.cap_mode,
+    "max_tokens": max_tokens,
+    "device": f"{device.device_kind} ({device.platform})",
+    "jax_version": jax.__version__,
+    "config": dataclasses.asdict(run.cfg),
+    "results": results,
+    "positions": positions,
+  }
+
+
+def _row_line(row: dict) -> str:
+  what = f"{row['variant']} {row['dataset']} x{row['length_mult']} (L={row['seq_len']})"
+  if row["status"] != "ok":
+    return f"{what}: {row['status']}"
+  return (
+    f"{what}: ppl {row['ppl']:.3f}  nll {row['nll']:.4f}  {row['windows']} windows, "
+    f"{row['tokens']:,} tokens, batch {row['batch_size']}, {row['seconds']:.1f} s"
+  )
+
+
+def evaluate_checkpoint(
+  path: str | os.PathLike,
+  *,
+  step: int | None = None,
+  label: str | None = None,
+  impl: str | None = None,
+  dense_impl: str | None = None,
+  **kwargs,
+) -> dict:
+  """`load_run` then `evaluate_run(**kwargs)`; `impl` / `dense_impl` replace the run's."""
+  check_eval_args(
+    **{
+      k: kwargs[k]
+      for k in ("length_mults", "datasets", "variants", "max_tokens", "batch_tokens")
+      if k in kwargs
+    }
+  )
+  overrides = {k: v for k, v in (("impl", impl), ("dense_impl", dense_impl)) if v is not None}
+  run = load_run(path, step=step, label=label, overrides=overrides)
+  return evaluate_run(run, **kwargs)

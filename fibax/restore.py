@@ -1,0 +1,151 @@
+"""Read-only restore of a run that `fibax.train` checkpointed: its config and parameters.
+
+Reads the trainer's format (`fibax.checkpoint`: an orbax `CheckpointManager` with the state, the
+data iterator's position and a JSON record holding the run config and a checksum per state
+leaf). Only the record and the state are read, the checksums are checked, and nothing is moved
+or written: a damaged checkpoint is an error naming it, not a fallback to an older step.
+
+    run = load_run("runs/fib_stagger_w12")      # newest step; or step=..., or a step's dir
+    run.cfg, run.params, run.step
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+import orbax.checkpoint as ocp
+
+from fibax import sharding
+from fibax.checkpoint import DATA, META, STATE, CheckpointError, checksums
+from fibax.config import RunConfig
+from fibax.steps import make_steps
+
+
+@dataclasses.dataclass(frozen=True)
+class Run:
+  """A checkpointed run: its config, its parameters at `step`, and a label for reports."""
+
+  cfg: RunConfig
+  params: Any
+  step: int
+  checkpoint_dir: Path
+  label: str
+
+
+def run_config_from_dict(record: dict) -> RunConfig:
+  """The inverse of `dataclasses.asdict(RunConfig)` (as stored in a checkpoint's record)."""
+
+  def build(cls, values: dict):
+    kwargs = {}
+    for field in dataclasses.fields(cls):
+      if field.name not in values:
+        continue
+      value = values[field.name]
+      if dataclasses.is_dataclass(field.default):
+        value = build(type(field.default), value)
+      elif isinstance(value, list):
+        value = tuple(value)
+      kwargs[field.name] = value
+    return cls(**kwargs)
+
+  return build(RunConfig, record)
+
+
+def _resolve_checkpoint(path: Path, step: int | None) -> tuple[Path, int | None]:
+  """(directory of step directories, step): a workdir, its checkpoints/ or one step's dir."""
+  if not path.exists():
+    raise CheckpointError(f"checkpoint={str(path)!r} does not exist")
+  if (path / "checkpoints").is_dir():
+    return path / "checkpoints", step
+  if path.name.isdigit() and (path / STATE).is_dir():
+    return path.parent, int(path.name) if step is None else step
+  return path, step
+
+
+def _one_line(e: BaseException) -> str:
+  first = (str(e).strip().splitlines() or [""])[0].split(" See full TensorStore")[0]
+  return f"{type(e).__name__}: {first}"[:300]
+
+
+def _restore(mngr: ocp.CheckpointManager, step: int, overrides: dict | None):
+  """(run config, parameters) of one step: its record first (the config builds the abstract
+  state), then the state, whose checksums must match the record's."""
+  record = mngr.restore(step, args=ocp.args.Composite(**{META: ocp.args.JsonRestore()}))[META]
+  cfg = run_config_from_dict(record["config"])
+  if overrides:
+    attention = dataclasses.replace(cfg.model.attention, **overrides)
+    cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, attention=attention))
+  abstract = make_steps(cfg, sharding.make_mesh(1, 1)).abstract_state
+  state = mngr.restore(
+    step, args=ocp.args.Composite(**{STATE: ocp.args.StandardRestore(abstract)})
+  )[STATE]
+  if checksums(state) != record["checksums"]:
+    raise CheckpointError("its arrays do not match the checksums in its record")
+  return cfg, state.params
+
+
+@contextlib.contextmanager
+def _quiet_orbax():
+  """Orbax warns through absl on every read-only open ("Given directory is read only"), and a
+  damaged array leaves asyncio logging pages of tracebacks; the CheckpointError says it all."""
+  loggers = [logging.getLogger(name) for name in ("absl", "asyncio")]
+  levels = [logger.level for logger in loggers]
+  for logger in loggers:
+    logger.setLevel(logging.CRITICAL)
+  try:
+    yield
+  finally:
+    for logger, level in zip(loggers, levels, strict=True):
+      logger.setLevel(level)
+
+
+def load_run(
+  path: str | os.PathLike,
+  *,
+  step: int | None = None,
+  label: str | None = None,
+  overrides: dict[str, Any] | None = None,
+) -> Run:
+  """The run config and parameters of a checkpoint written by `fibax.train`.
+
+  Args:
+    path: the run's workdir, its `checkpoints/` directory, or one step's directory.
+    step: which step (default: the newest).
+    overrides: `AttentionConfig` fields to replace before anything is traced (e.g.
+      {"impl": "xla"} to read a checkpoint trained with the GPU kernel on a CPU).
+
+  Raises:
+    CheckpointError: no such directory, no checkpoint in it, or one that fails to load or
+      whose checksums disagree with its record.
+  """
+  ckpt_dir, step = _resolve_checkpoint(Path(path).absolute(), step)
+  options = ocp.CheckpointManagerOptions(read_only=True, create=False, save_interval_steps=0)
+  try:
+    with _quiet_orbax():
+      mngr = ocp.CheckpointManager(ckpt_dir, options=options, item_names=(STATE, DATA, META))
+    steps = sorted(mngr.all_steps())
+  except Exception as e:  # noqa: BLE001 (any failure to open is reported the same way)
+    raise CheckpointError(f"cannot open checkpoints in {ckpt_dir} ({_one_line(e)})") from None
+  if not steps:
+    raise CheckpointError(f"no checkpoint in {ckpt_dir} (expected step directories of fibax.train)")
+  if step is None:
+    step = steps[-1]
+  if step not in steps:
+    raise CheckpointError(f"step={step} is not in {ckpt_dir} (steps there: {steps})")
+  try:
+    with _quiet_orbax():
+      cfg, params = _restore(mngr, step, overrides)
+  except Exception as e:  # noqa: BLE001 (any failure to load is reported the same way)
+    raise CheckpointError(
+      f"checkpoint step {step} in {ckpt_dir} is unreadable ({_one_line(e)})"
+    ) from None
+  finally:
+    mngr.close()
+  if label is None:
+    label = ckpt_dir.parent.name if ckpt_dir.name == "checkpoints" else ckpt_dir.name
+  return Run(cfg, params, step, ckpt_dir, label)
