@@ -126,5 +126,7 @@ def test_pallas_model_step_matches_xla(impl):
   l_x, g_x = jax.jit(jax.value_and_grad(loss), static_argnums=1)(params, cfg)
   l_p, g_p = jax.jit(jax.value_and_grad(loss), static_argnums=1)(params, pallas_cfg)
   assert float(l_p) == pytest.approx(float(l_x), rel=1e-4)
+  # On a GPU both paths run float32 matmuls as TF32 (in different places): ~1e-3 relative.
+  tol = dict(atol=1e-3, rtol=1e-2) if impl == "pallas" else dict(atol=2e-4, rtol=2e-3)
   for a, b in zip(jax.tree_util.tree_leaves(g_p), jax.tree_util.tree_leaves(g_x), strict=True):
-    np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=2e-4, rtol=2e-3)
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), **tol)

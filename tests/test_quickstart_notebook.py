@@ -25,7 +25,6 @@ def _code_cells(path: Path) -> list[tuple[str, list[str]]]:
   ]
 
 
-@pytest.mark.slow
 def test_quickstart_notebook_runs_on_cpu(tmp_path, monkeypatch):
   monkeypatch.chdir(REPO)  # the notebook runs from the repository root (configs/, data/)
   prepared = REPO / "data" / "sotu" / "manifest.json"
