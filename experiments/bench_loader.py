@@ -24,8 +24,8 @@ from pathlib import Path
 import grain
 import numpy as np
 
+from fibax.data.build import prepare
 from fibax.data.pipeline import train_iterator
-from fibax.data.prepare import prepare
 from fibax.data.shards import MANIFEST, SplitTokens, load_manifest
 
 CONFIGS = {"tiny": (256, 16), "paper": (1024, 32)}

@@ -113,7 +113,7 @@ def resolve_dataset(
     return data_dir, ("validation", "test")
   sotu_dir = data_dir.parent / f"sotu-{manifest['tokenizer']['sha256'][:12]}"
   if not (sotu_dir / MANIFEST).is_file():
-    from fibax.data.prepare import prepare
+    from fibax.data.build import prepare
 
     log(f"preparing sotu with the tokenizer of {data_dir} into {sotu_dir}")
     prepare("sotu", sotu_dir, tokenizer_from=data_dir, log=log)

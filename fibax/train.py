@@ -74,7 +74,7 @@ class _StopFlag:
 
 def prepare_data(cfg: RunConfig, log: Callable[[str], None] = print) -> Path:
   """The run's data directory, prepared (tokenizer with the model's vocabulary) if missing."""
-  from fibax.data.prepare import prepare
+  from fibax.data.build import prepare
 
   data_dir = Path(cfg.data_dir or Path("data") / cfg.data_source)
   if not (data_dir / "manifest.json").exists():

@@ -43,7 +43,7 @@ def corpus_dir(tmp_path_factory) -> Path:
   """40 documents of pseudo-words (~10K tokens each), 25% held out for validation, prepared
   once per test session."""
   if "corpus" not in _CACHE:
-    from fibax.data.prepare import prepare
+    from fibax.data.build import prepare
 
     root = tmp_path_factory.mktemp("eval_corpus")
     rng = random.Random(0)

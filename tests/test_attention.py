@@ -97,7 +97,9 @@ def test_learned_skip_rules():
   np.testing.assert_allclose(np.asarray(out), 1.0, atol=1e-6)  # convex weights over ones
 
 
-@pytest.mark.parametrize("impl", ["reference", "xla", "learned", "xla_dense"])
+@pytest.mark.parametrize(
+  "impl", ["reference", "xla", "learned", "xla_dense", "pallas_interpret", "pallas_tpu_interpret"]
+)
 def test_causality(impl):
   """d out[t] / d inputs[s] is exactly zero for every s > t."""
   t, t0 = 48, 20

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 
 from fibax.data import evaluation, pipeline
+from fibax.data.build import prepare
 from fibax.data.files import DataError, read_json, sha256_file
-from fibax.data.prepare import prepare
 from fibax.data.shards import SplitTokens, load_manifest
 from fibax.data.sources import SotuSource
 from fibax.data.stage import stage, unstage

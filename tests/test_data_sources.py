@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 
 from fibax.data import sources
+from fibax.data.build import prepare
 from fibax.data.files import DataError
-from fibax.data.prepare import prepare
 from fibax.data.splits import SplitFractions, split_of
 
 

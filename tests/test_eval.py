@@ -187,7 +187,7 @@ def test_datasets_resolve_to_directories_and_splits(tmp_path_factory, tmp_path, 
     out_dir.mkdir(parents=True)
     (out_dir / "manifest.json").write_text("{}")
 
-  monkeypatch.setattr("fibax.data.prepare.prepare", fake_prepare)
+  monkeypatch.setattr("fibax.data.build.prepare", fake_prepare)
   local = tmp_path / "data"
   local.mkdir()
   manifest = (data_dir / "manifest.json").read_text()

@@ -51,7 +51,7 @@ _PREPARED: dict[str, Path] = {}
 def sotu_dir(tmp_path_factory) -> Path:
   """sotu prepared with a 512-piece tokenizer, once per test session (shared by the modules)."""
   if "sotu" not in _PREPARED:
-    from fibax.data.prepare import prepare
+    from fibax.data.build import prepare
 
     out = tmp_path_factory.mktemp("train_data") / "sotu"
     prepare("sotu", out, VOCAB, sample_chars=1_000_000, workers=2, log=lambda _: None)

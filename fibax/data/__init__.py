@@ -1,6 +1,6 @@
 """fibax.data: corpora -> sentencepiece tokenizer -> uint16 token shards -> grain batches.
 
-    prepare(source, out_dir, vocab_size)        fibax.data.prepare   (also the CLI)
+    prepare(source, out_dir, vocab_size)        fibax.data.build     (also the CLI)
     train_iterator(data_dir, seq_len, batch_size, seed)   fibax.data.pipeline
     eval_batches / eval_windows(data_dir, split, seq_len, ...)  fibax.data.evaluation
     stage(data_dir, out_dir) / unstage(stage_dir, out_dir)      fibax.data.stage
@@ -16,7 +16,7 @@ _EXPORTS = {
   "DataError": "fibax.data.files",
   "SPLITS": "fibax.data.splits",
   "make_source": "fibax.data.sources",
-  "prepare": "fibax.data.prepare",
+  "prepare": "fibax.data.build",
   "load_manifest": "fibax.data.shards",
   "SplitTokens": "fibax.data.shards",
   "load_tokenizer": "fibax.data.tokenizer",

@@ -58,7 +58,7 @@ def main(argv: list[str] | None = None) -> int:
   args = parser.parse_args(argv)
   try:
     if args.command == "prepare":
-      from fibax.data.prepare import DEFAULT_SAMPLE_CHARS, prepare
+      from fibax.data.build import DEFAULT_SAMPLE_CHARS, prepare
 
       prepare(
         args.source,
