@@ -114,8 +114,6 @@ def test_learned_alphas_start_at_one_and_bf16_compute():
 @pytest.mark.parametrize(
   "impl", [pytest.param("pallas", marks=pytest.mark.gpu), "pallas_interpret"]
 )
-  "impl", [pytest.param("pallas", marks=pytest.mark.gpu), "pallas_interpret"]
-)
 def test_pallas_model_step_matches_xla(impl):
   """Loss and every parameter gradient of a training step: pallas == xla."""
   cfg = dataclasses.replace(_small("stagger", impl="xla"), num_layers=2, seq_len=40)
