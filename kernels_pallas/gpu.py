@@ -51,6 +51,14 @@ def _rows(ref, rows, cols, valid, dtype=None):
   return x if dtype is None else x.astype(dtype)
 
 
+def _window_tile(k_ref, v_ref, kb, rows_i, window, block_q):
+  """Key tile kb and the band mask 0 <= i - j <= W of query rows `rows_i` against it."""
+  j0 = kb * block_q
+  rel = rows_i[:, None] - (j0 + jnp.arange(block_q))[None, :]
+  keep = (rel >= 0) & (rel <= window)
+  return k_ref[pl.ds(j0, block_q), :], v_ref[pl.ds(j0, block_q), :], keep
+
+
 def _online(carry, s_QxC, v_CxD):
   """One online-softmax step over a key tile (FlashAttention-2 §3.1), one query head."""
   acc, m, l = carry
@@ -91,11 +99,7 @@ def _fwd_kernel(q_ref, k_ref, v_ref, o_ref, lse_ref, *, window, far, groups, sca
 
   # Pass 2: the window, a banded flash loop over key blocks overlapping [i0 - W, i0 + Q).
   def window_body(kb, carry):
-    j0 = kb * block_q
-    k_CxD = k_ref[pl.ds(j0, block_q), :]
-    v_CxD = v_ref[pl.ds(j0, block_q), :]
-    rel = rows_i[:, None] - (j0 + jnp.arange(block_q))[None, :]
-    keep = (rel >= 0) & (rel <= window)
+    k_CxD, v_CxD, keep = _window_tile(k_ref, v_ref, kb, rows_i, window, block_q)
     out = []
     for g in range(groups):
       s_QxC = plgpu.dot(q_g[g], k_CxD, trans_b=True) * scale
@@ -135,11 +139,7 @@ def _dq_kernel(
   delta_g = [delta_ref[g, :] for g in range(groups)]
 
   def window_body(kb, dq):
-    j0 = kb * block_q
-    k_CxD = k_ref[pl.ds(j0, block_q), :]
-    v_CxD = v_ref[pl.ds(j0, block_q), :]
-    rel = rows_i[:, None] - (j0 + jnp.arange(block_q))[None, :]
-    keep = (rel >= 0) & (rel <= window)
+    k_CxD, v_CxD, keep = _window_tile(k_ref, v_ref, kb, rows_i, window, block_q)
     out = []
     for g in range(groups):
       s_QxC = plgpu.dot(q_g[g], k_CxD, trans_b=True) * scale

@@ -175,6 +175,21 @@ def _geometry(window, far):
   return wpad, _round8(max((*far, wpad, 8)))
 
 
+def _kv_specs(bq, wpad, front, far, head_dim):
+  """Element-offset K/V blocks of query block i: the window rows [i0 - Wp, i0 + Q) and, per
+  rung d, rows [i0 - d, i0 - d + Q); offsets shifted by the `front` zero rows."""
+  win = pl.BlockSpec(
+    (None, None, pl.Element(bq + wpad), head_dim), lambda b, h, i: (b, h, i * bq - wpad + front, 0)
+  )
+  rungs = [
+    pl.BlockSpec(
+      (None, None, pl.Element(bq), head_dim), lambda b, h, i, d=d: (b, h, i * bq - d + front, 0)
+    )
+    for d in far
+  ]
+  return win, rungs
+
+
 def _heads_first(x, front=0, back=0):
   return jnp.pad(jnp.swapaxes(x, 1, 2), ((0, 0), (0, 0), (front, back), (0, 0)))
 
@@ -189,15 +204,7 @@ def forward(q, k, v, *, window, far, blocks: TpuBlocks, interpret):
   qt = _heads_first(q)
   kt, vt = _heads_first(k, front), _heads_first(v, front)
   q_spec = pl.BlockSpec((None, groups, bq, head_dim), lambda b, h, i: (b, h, i, 0))
-  win = pl.BlockSpec(
-    (None, None, pl.Element(bq + wpad), head_dim), lambda b, h, i: (b, h, i * bq - wpad + front, 0)
-  )
-  rungs = [
-    pl.BlockSpec(
-      (None, None, pl.Element(bq), head_dim), lambda b, h, i, d=d: (b, h, i * bq - d + front, 0)
-    )
-    for d in far
-  ]
+  win, rungs = _kv_specs(bq, wpad, front, far, head_dim)
   o, lse = pl.pallas_call(
     functools.partial(
       _fwd_kernel, window=window, far=far, wpad=wpad, scale=head_dim**-0.5, block_q=bq
@@ -233,15 +240,7 @@ def backward(q, k, v, o, lse, do, *, window, far, blocks: TpuBlocks, interpret):
   kf, vf = _heads_first(k, pad), _heads_first(v, pad)
   q_spec = pl.BlockSpec((None, groups, bq, head_dim), lambda b, h, i: (b, h, i, 0))
   stat_spec = pl.BlockSpec((None, groups, bq, 1), lambda b, h, i: (b, h, i, 0))
-  win = pl.BlockSpec(
-    (None, None, pl.Element(bq + wpad), head_dim), lambda b, h, i: (b, h, i * bq - wpad + pad, 0)
-  )
-  rungs = [
-    pl.BlockSpec(
-      (None, None, pl.Element(bq), head_dim), lambda b, h, i, d=d: (b, h, i * bq - d + pad, 0)
-    )
-    for d in far
-  ]
+  win, rungs = _kv_specs(bq, wpad, pad, far, head_dim)
   dq = pl.pallas_call(
     functools.partial(_dq_kernel, **statics),
     grid=grid,
