@@ -32,7 +32,7 @@ def _random_case(seed):
   return t, h, kv, int(rng.choice([8, 16])), pattern
 
 
-@pytest.mark.parametrize("seed", range(8))
+@pytest.mark.parametrize("seed", range(5))
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
 def test_xla_matches_reference(seed, dtype):
   t, h, kv, d, pattern = _random_case(seed)
