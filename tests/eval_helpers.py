@@ -8,6 +8,8 @@ import dataclasses
 import random
 from pathlib import Path
 
+from train_helpers import damage  # noqa: F401  (re-exported for the eval tests)
+
 from fibax.config import AttentionConfig, ModelConfig, RunConfig, TrainConfig
 
 VOCAB = 512
@@ -82,19 +84,6 @@ def saved_run(tmp_path_factory, schedule: str = "learned") -> tuple[RunConfig, P
     ckpt.close()
     _CACHE[schedule] = (cfg, workdir)
   return _CACHE[schedule]
-
-
-def damage(path: Path, how: str) -> None:
-  if how == "truncate":
-    data = path.read_bytes()
-    path.write_bytes(data[: len(data) // 2])
-  elif how == "flip":
-    data = bytearray(path.read_bytes())
-    for i in range(len(data) // 3, len(data) // 3 + 16):
-      data[i] ^= 0xFF
-    path.write_bytes(bytes(data))
-  else:
-    path.unlink()
 
 
 def largest_state_file(workdir: Path) -> Path:

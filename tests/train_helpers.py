@@ -88,3 +88,17 @@ def reference_run(tmp_path_factory):
     workdir = tmp_path_factory.mktemp("reference")
     _RUNS["reference"] = (cfg, workdir, train(cfg, workdir, log=lambda _: None))
   return _RUNS["reference"]
+
+
+def damage(path: Path, how: str) -> None:
+  """Damages one checkpoint file: truncate it, flip 16 bytes, or delete it."""
+  if how == "truncate":
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+  elif how == "flip":
+    data = bytearray(path.read_bytes())
+    for i in range(len(data) // 3, len(data) // 3 + 16):
+      data[i] ^= 0xFF
+    path.write_bytes(bytes(data))
+  else:
+    path.unlink()
