@@ -69,16 +69,23 @@ def _attend(q, k, v, pattern: Pattern, backend: str, blocks):
   return _fwd(q, k, v, pattern, backend, blocks)[0]
 
 
-def _fwd(q, k, v, pattern, backend, blocks):
-  seq_len = q.shape[1]
+def _plan(seq_len: int, pattern: Pattern, backend: str, blocks):
+  """Kernel module, padded length and static kernel arguments for a length-`seq_len` call.
+
+  Rungs at or beyond T never have a valid key and are dropped; so is the part of the window
+  past T - 1.
+  """
   blocks, multiple = _blocks_for(backend, seq_len, blocks)
-  padded = _pad_len(seq_len, multiple)
   module, kw = _impl(backend)
   far = tuple(d for d in pattern.far if d < seq_len)
-  window = min(pattern.window, seq_len - 1)
-  o, lse = module.forward(
-    _pad(q, padded), _pad(k, padded), _pad(v, padded), window=window, far=far, blocks=blocks, **kw
-  )
+  statics = dict(window=min(pattern.window, seq_len - 1), far=far, blocks=blocks, **kw)
+  return module, _pad_len(seq_len, multiple), statics
+
+
+def _fwd(q, k, v, pattern, backend, blocks):
+  seq_len = q.shape[1]
+  module, padded, statics = _plan(seq_len, pattern, backend, blocks)
+  o, lse = module.forward(_pad(q, padded), _pad(k, padded), _pad(v, padded), **statics)
   o = o[:, :seq_len]
   return o, (q, k, v, o, lse)
 
@@ -86,19 +93,9 @@ def _fwd(q, k, v, pattern, backend, blocks):
 def _bwd(pattern, backend, blocks, res, do):
   q, k, v, o, lse = res
   seq_len = q.shape[1]
-  blocks, multiple = _blocks_for(backend, seq_len, blocks)
-  padded = _pad_len(seq_len, multiple)
-  module, kw = _impl(backend)
-  far = tuple(d for d in pattern.far if d < seq_len)
-  window = min(pattern.window, seq_len - 1)
+  module, padded, statics = _plan(seq_len, pattern, backend, blocks)
   dq, dk, dv = module.backward(
-    *(_pad(x, padded) for x in (q, k, v, o)),
-    lse,
-    _pad(do, padded),
-    window=window,
-    far=far,
-    blocks=blocks,
-    **kw,
+    *(_pad(x, padded) for x in (q, k, v, o)), lse, _pad(do, padded), **statics
   )
   return dq[:, :seq_len], dk[:, :seq_len], dv[:, :seq_len]
 
