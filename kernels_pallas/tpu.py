@@ -59,15 +59,20 @@ def _window_keep(rows_q, rows_k, window):
   return (rel >= 0) & (rel <= window) & (rows_k[None, :] >= 0)
 
 
+def _query_block(block_q, wpad, window):
+  """Query rows of this program's block and their band mask against the window tile."""
+  i0 = pl.program_id(2) * block_q
+  rows_q = i0 + lax.broadcasted_iota(jnp.int32, (block_q,), 0)
+  rows_k = i0 - wpad + lax.broadcasted_iota(jnp.int32, (block_q + wpad,), 0)
+  return rows_q, _window_keep(rows_q, rows_k, window)
+
+
 def _fwd_kernel(q_ref, kw_ref, vw_ref, *refs, window, far, wpad, scale, block_q):
   # q_ref [G, Q, D]; kw/vw [N, D]; rung refs [Q, D] each; o_ref [G, Q, D]; lse_ref [G, Q, 1]
   nr = len(far)
   kr_refs, vr_refs, (o_ref, lse_ref) = refs[:nr], refs[nr : 2 * nr], refs[2 * nr :]
   groups = q_ref.shape[0]
-  i0 = pl.program_id(2) * block_q
-  rows_q = i0 + lax.broadcasted_iota(jnp.int32, (block_q,), 0)
-  rows_k = i0 - wpad + lax.broadcasted_iota(jnp.int32, (block_q + wpad,), 0)
-  keep_QxN = _window_keep(rows_q, rows_k, window)
+  rows_q, keep_QxN = _query_block(block_q, wpad, window)
   kw_NxD, vw_NxD = kw_ref[...], vw_ref[...]
   for g in range(groups):
     q_QxD = q_ref[g]
@@ -97,10 +102,7 @@ def _dq_kernel(
   nr = len(far)
   kr_refs, vr_refs, (dq_ref,) = refs[:nr], refs[nr : 2 * nr], refs[2 * nr :]
   groups = q_ref.shape[0]
-  i0 = pl.program_id(2) * block_q
-  rows_q = i0 + lax.broadcasted_iota(jnp.int32, (block_q,), 0)
-  rows_k = i0 - wpad + lax.broadcasted_iota(jnp.int32, (block_q + wpad,), 0)
-  keep_QxN = _window_keep(rows_q, rows_k, window)
+  rows_q, keep_QxN = _query_block(block_q, wpad, window)
   kw_NxD, vw_NxD = kw_ref[...], vw_ref[...]
   for g in range(groups):
     q_QxD, do_QxD = q_ref[g], do_ref[g]
