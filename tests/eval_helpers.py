@@ -8,7 +8,7 @@ import dataclasses
 import random
 from pathlib import Path
 
-from train_helpers import damage  # noqa: F401  (re-exported for the eval tests)
+from train_helpers import damage, largest_data_file  # noqa: F401  (damage is re-exported for the eval tests)
 
 from fibax.config import AttentionConfig, ModelConfig, RunConfig, TrainConfig
 
@@ -87,5 +87,4 @@ def saved_run(tmp_path_factory, schedule: str = "learned") -> tuple[RunConfig, P
 
 
 def largest_state_file(workdir: Path) -> Path:
-  files = [p for p in (workdir / "checkpoints" / str(STEP) / "state").rglob("*") if p.is_file()]
-  return max(files, key=lambda p: p.stat().st_size)
+  return largest_data_file(workdir / "checkpoints" / str(STEP) / "state")

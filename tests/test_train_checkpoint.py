@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 
 import pytest
-from train_helpers import config_file, damage, losses, reference_run, sotu_dir
+from train_helpers import config_file, damage, largest_data_file, losses, reference_run, sotu_dir
 
 from fibax.checkpoint import CheckpointError
 from fibax.train import PREEMPTED_EXIT_CODE, train
@@ -61,7 +61,7 @@ def test_sigterm_then_resume_is_bitwise_exact(tmp_path_factory, tmp_path):
 
 
 def _largest_state_file(step_dir: Path) -> Path:
-  return max((p for p in (step_dir / "state").rglob("*") if p.is_file()), key=os.path.getsize)
+  return largest_data_file(step_dir / "state")
 
 
 @pytest.mark.parametrize("how", ["truncate", "flip", "delete"])
