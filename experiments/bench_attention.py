@@ -90,16 +90,23 @@ def bench_one(name, fn, q, k, v, w):
 
 def versions() -> dict:
   dev = jax.devices()[0]
-  smi = subprocess.run(
-    ["nvidia-smi", "--query-gpu=name,driver_version", "--format=csv,noheader"],
-    capture_output=True,
-    text=True,
-  ).stdout.strip()
+  try:
+    smi = subprocess.run(
+      ["nvidia-smi", "--query-gpu=name,driver_version", "--format=csv,noheader"],
+      capture_output=True,
+      text=True,
+    ).stdout.strip()
+  except FileNotFoundError:  # no NVIDIA driver (CPU, TPU)
+    smi = None
+  import flax, optax  # noqa: E401, I001 (recorded when installed; the attention bench needs neither)
+
   return {
     "device": dev.device_kind,
     "nvidia_smi": smi,
     "jax": jax.__version__,
     "jaxlib": jax.lib.__version__ if hasattr(jax.lib, "__version__") else None,
+    "flax": flax.__version__,
+    "optax": optax.__version__,
     "python": platform.python_version(),
   }
 

@@ -1,0 +1,166 @@
+"""Training-step benchmark: steps/s, tokens/s and MFU of the paper model, dense against sparse.
+
+    python experiments/bench_train.py --out experiments/results/bench_train_h100.json
+
+One process, one device. For every (run, T) the full train step of fibax.steps (forward,
+backward, AdamW update; the paper's model at vocab 32,768) runs on random tokens at a fixed
+number of tokens per step (B = tokens / T). Dense runs use cuDNN attention, sparse runs the
+Pallas kernel. MFU is counted against a bf16 matmul peak measured in the same run (and, for
+reference, the card's vendor peak). Results are written after every measurement, so a run cut
+short keeps what it measured.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import statistics
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+sys.path.insert(0, __file__.rsplit("/", 2)[0])  # the repository root, for configs/
+
+from bench_attention import versions  # noqa: E402
+
+from configs.paper import get_config  # noqa: E402
+from fibax import metrics, sharding  # noqa: E402
+from fibax.steps import make_steps  # noqa: E402
+
+
+def matmul_peak_tflops(n: int = 8192, reps: int = 20) -> float:
+  """bf16 TFLOP/s of a chain of [n, n] matmuls (the best of 5 rounds)."""
+  a = jax.random.normal(jax.random.key(0), (n, n), jnp.bfloat16)
+  b = jax.random.normal(jax.random.key(1), (n, n), jnp.bfloat16) / n**0.5
+
+  @jax.jit
+  def chain(a):
+    for _ in range(reps):
+      a = a @ b
+    return a
+
+  jax.block_until_ready(chain(a))
+  best = float("inf")
+  for _ in range(5):
+    t0 = time.perf_counter()
+    jax.block_until_ready(chain(a))
+    best = min(best, time.perf_counter() - t0)
+  return 2 * n**3 * reps / best / 1e12
+
+
+def run_config(name: str, seq_len: int, tokens: int, impl: str, dense_impl: str, accum: int):
+  cfg = get_config(name)
+  attn = dataclasses.replace(cfg.model.attention, impl=impl, dense_impl=dense_impl)
+  model = dataclasses.replace(cfg.model, seq_len=seq_len, attention=attn)
+  if tokens % seq_len:
+    raise ValueError(f"--tokens={tokens} is not a multiple of T={seq_len}")
+  train = dataclasses.replace(
+    cfg.train, batch_size=tokens // seq_len, grad_accum=accum, progress_bar=False
+  )
+  return dataclasses.replace(cfg, model=model, train=train)
+
+
+def bench(cfg, steps_timed: int) -> dict:
+  mesh = sharding.make_mesh(data=1, model=1, devices=jax.devices()[:1])
+  steps = make_steps(cfg, mesh)
+  state = steps.init(cfg.train.seed)
+  rng = np.random.default_rng(0)
+  shape = (cfg.train.batch_size, cfg.model.seq_len)
+  batch = sharding.global_batch(
+    {
+      "inputs": rng.integers(0, cfg.model.vocab_size, shape, dtype=np.int32),
+      "targets": rng.integers(0, cfg.model.vocab_size, shape, dtype=np.int32),
+    },
+    mesh,
+  )
+  t0 = time.perf_counter()
+  compiled = steps.train.lower(state, batch).compile()
+  compile_s = time.perf_counter() - t0
+  memory = compiled.memory_analysis()
+  for _ in range(2):  # warm-up
+    state, m = compiled(state, batch)
+  jax.block_until_ready(m)
+  times = []
+  for _ in range(3):
+    t0 = time.perf_counter()
+    for _ in range(steps_timed):
+      state, m = compiled(state, batch)
+    jax.block_until_ready(m)
+    times.append((time.perf_counter() - t0) / steps_timed)
+  step_s = statistics.median(times)
+  return {
+    "compile_s": round(compile_s, 1),
+    "ms_per_step": round(step_s * 1e3, 2),
+    "steps_per_s": round(1 / step_s, 3),
+    "tokens_per_s": round(shape[0] * shape[1] / step_s),
+    "loss_after": float(m["loss"]),
+    "temp_bytes": None if memory is None else int(memory.temp_size_in_bytes),
+  }
+
+
+def summarize(results: list[dict]) -> dict:
+  by = {(r["run"], r["seq_len"]): r for r in results}
+  summary = {}
+  for r in results:
+    kind = "dense" if r["run"] == "dense" else "sparse"
+    summary[f"mfu_{kind}_T{r['seq_len']}"] = r["mfu"]
+  for (run, seq_len), r in by.items():
+    dense = by.get(("dense", seq_len))
+    if run != "dense" and dense:
+      summary[f"step_speedup_{run}_vs_dense_T{seq_len}"] = round(
+        dense["ms_per_step"] / r["ms_per_step"], 3
+      )
+  return summary
+
+
+def main(argv=None):
+  p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+  p.add_argument("--runs", nargs="+", default=["dense", "fib_stagger_w12"])
+  p.add_argument("--seq-lens", nargs="+", type=int, default=[1024, 8192])
+  p.add_argument("--tokens", type=int, default=32768, help="tokens per step (B = tokens / T)")
+  p.add_argument("--impl", default="pallas", help="sparse attention implementation")
+  p.add_argument("--dense-impl", default="cudnn", help="dense attention implementation")
+  p.add_argument("--grad-accum", type=int, default=1)
+  p.add_argument("--steps", type=int, default=5, help="timed steps per round (3 rounds)")
+  p.add_argument("--peak-n", type=int, default=8192, help="matmul size of the peak measurement")
+  p.add_argument("--out", default=None)
+  args = p.parse_args(argv)
+
+  peak = matmul_peak_tflops(args.peak_n)
+  vendor = metrics.peak_tflops(jax.devices()[0].device_kind)
+  print(f"measured bf16 matmul peak {peak:.0f} TFLOP/s (vendor {vendor})", flush=True)
+  report = {
+    "command": " ".join(["python", *sys.argv]),
+    "versions": versions(),
+    "tokens_per_step": args.tokens,
+    "matmul_peak_tflops_measured": round(peak, 1),
+    "matmul_peak_tflops_vendor": vendor,
+    "results": [],
+  }
+  for seq_len in args.seq_lens:
+    for run in args.runs:
+      cfg = run_config(run, seq_len, args.tokens, args.impl, args.dense_impl, args.grad_accum)
+      flops = metrics.flops_per_token(cfg.model)
+      r = {"run": run, "seq_len": seq_len, "batch": cfg.train.batch_size, **bench(cfg, args.steps)}
+      r["model_tflops_per_token"] = flops / 1e12
+      r["mfu"] = round(r["tokens_per_s"] * flops / (peak * 1e12), 4)
+      r["mfu_vs_vendor_peak"] = (
+        None if vendor is None else round(r["tokens_per_s"] * flops / (vendor * 1e12), 4)
+      )
+      report["results"].append(r)
+      report["summary"] = summarize(report["results"])
+      print(json.dumps(r), flush=True)
+      if args.out:  # replaced whole after every result, never left half written
+        with open(args.out + ".tmp", "w") as f:
+          json.dump(report, f, indent=1)
+        os.replace(args.out + ".tmp", args.out)
+  print(json.dumps(report["summary"], indent=1))
+
+
+if __name__ == "__main__":
+  main()
