@@ -79,22 +79,24 @@ def train_and_eval(args, name: str) -> Path:
     if done == set(args.length_mult):
       print(f"{name}: evaluation already in {report_path}")
       return report_path
+  learned = cfg.model.attention.schedule == "learned"
   report = evaluate_checkpoint(
     workdir,
     label=name,
     length_mults=args.length_mult,
     datasets=args.datasets,
+    variants=("trained", "frozen") if learned else ("trained",),
     max_tokens=args.max_tokens,
   )
   eval_report.write_report(report, eval_dir)
   return report_path
 
 
-def _results(report: dict, dataset: str) -> dict[int, dict]:
+def _results(report: dict, dataset: str, variant: str = "trained") -> dict[int, dict]:
   return {
     r["length_mult"]: r
     for r in report["results"]
-    if r["dataset"] == dataset and r["variant"] == "trained" and r.get("status") == "ok"
+    if r["dataset"] == dataset and r["variant"] == variant and r.get("status") == "ok"
   }
 
 
@@ -169,6 +171,19 @@ def build_tables(reports: dict[str, dict], dataset: str, scale: str) -> tuple[st
       if paper_change is not None and change is not None:
         cell += f" / {paper_change:+.1%}"
       md.append(f"| {name} | " + " | ".join(cells) + f" | {cell} |")
+
+  frozen = {n: _results(rep, dataset, "frozen") for n, rep in reports.items()}
+  frozen = {n: r for n, r in frozen.items() if r and 1 in rows.get(n, {})}
+  if frozen:
+    data["frozen"] = {n: {m: r[m]["ppl"] for m in r} for n, r in frozen.items()}
+    md += ["", "### Learned alpha, trained (dynamic path) and frozen into static tables", ""]
+    md += ["| model | " + " | ".join(f"x{m} trained | x{m} frozen" for m in mults) + " |"]
+    md += ["|---|" + "---|---|" * len(mults)]
+    for name, r in frozen.items():
+      cells = [
+        f"{_fmt(rows[name].get(m, {}).get('ppl'))} | {_fmt(r.get(m, {}).get('ppl'))}" for m in mults
+      ]
+      md.append(f"| {name} | " + " | ".join(cells) + " |")
 
   pair = [n for n in ("fib_fixed_w8", "fib_stagger_w8") if n in rows and 1 in rows[n]]
   if len(pair) == 2:

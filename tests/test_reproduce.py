@@ -15,11 +15,11 @@ reproduce = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(reproduce)
 
 
-def _report(label, ppl_by_mult, bins=None):
+def _report(label, ppl_by_mult, bins=None, variant="trained"):
   results = [
     {
       "dataset": "validation",
-      "variant": "trained",
+      "variant": variant,
       "length_mult": m,
       "status": "ok",
       "ppl": p,
@@ -39,7 +39,9 @@ REPORTS = {
   "fib_fixed_w8": _report("fib_fixed_w8", {1: 30.0, 2: 29.0, 4: 28.5}, [4.0] * 4 + [3.9] * 4),
   "fib_stagger_w8": _report("fib_stagger_w8", {1: 27.0, 2: 27.0, 4: 27.0}, [3.9] * 8),
   "fib_coprime_w8": _report("fib_coprime_w8", {1: 28.0, 2: 28.0, 4: 29.0}),
+  "fib_learned_w8": _report("fib_learned_w8", {1: 29.0, 2: 28.0, 4: 27.0}),
 }
+REPORTS["fib_learned_w8"]["results"] += _report("", {1: 29.5, 4: 27.5}, variant="frozen")["results"]
 
 
 def test_tables_put_ours_beside_the_papers():
@@ -48,8 +50,11 @@ def test_tables_put_ours_beside_the_papers():
   assert "| fib / stagger | 27.00 / 42.53 |" in md
   assert "| fib / fixed | 30.00 / 44.08 |" in md
   assert "Dense: 20.00 / 33.37. Best sparse is +35.0% against dense (paper +25.9%)." in md
-  assert data["orderings"][8]["ours"] == ["fib_stagger", "fib_coprime", "fib_fixed"]
-  assert data["orderings"][8]["paper"] == ["fib_stagger", "fib_coprime", "fib_fixed"]
+  order = ["fib_stagger", "fib_coprime", "fib_learned", "fib_fixed"]
+  assert data["orderings"][8] == {"ours": order, "paper": order}
+  # Learned: the trained (dynamic) and the frozen perplexity side by side; x2 not evaluated.
+  assert data["frozen"] == {"fib_learned_w8": {1: 29.5, 4: 27.5}}
+  assert "| fib_learned_w8 | 29.00 | 29.50 | 28.00 |  | 27.00 | 27.50 |" in md
   # Extrapolation: the change at the largest multiple, against the paper's.
   assert data["extrapolation"]["dense"]["change"] == pytest.approx(3.0)
   assert "| dense | 20.00 / 33.37 | 40.00 / 49.15 | 80.00 / 100.36 | +300.0% / +200.7% |" in md
