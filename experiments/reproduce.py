@@ -74,18 +74,19 @@ def train_and_eval(args, name: str) -> Path:
   train(cfg, workdir)
   eval_dir = workdir / "eval"
   report_path = eval_dir / "results-cap_run.json"
+  variants = ("trained", "frozen") if cfg.model.attention.schedule == "learned" else ("trained",)
+  wanted = {(d, v, m) for d in args.datasets for v in variants for m in args.length_mult}
   if report_path.exists():
-    done = {r["length_mult"] for r in eval_report.load_report(report_path)["results"]}
-    if done == set(args.length_mult):
+    results = eval_report.load_report(report_path)["results"]
+    if wanted <= {(r["dataset"], r["variant"], r["length_mult"]) for r in results}:
       print(f"{name}: evaluation already in {report_path}")
       return report_path
-  learned = cfg.model.attention.schedule == "learned"
   report = evaluate_checkpoint(
     workdir,
     label=name,
     length_mults=args.length_mult,
     datasets=args.datasets,
-    variants=("trained", "frozen") if learned else ("trained",),
+    variants=variants,
     max_tokens=args.max_tokens,
   )
   eval_report.write_report(report, eval_dir)
