@@ -98,15 +98,11 @@ def versions() -> dict:
     ).stdout.strip()
   except FileNotFoundError:  # no NVIDIA driver (CPU, TPU)
     smi = None
-  import flax, optax  # noqa: E401, I001 (recorded when installed; the attention bench needs neither)
-
   return {
     "device": dev.device_kind,
     "nvidia_smi": smi,
     "jax": jax.__version__,
     "jaxlib": jax.lib.__version__ if hasattr(jax.lib, "__version__") else None,
-    "flax": flax.__version__,
-    "optax": optax.__version__,
     "python": platform.python_version(),
   }
 

@@ -19,12 +19,15 @@ import os
 import statistics
 import sys
 import time
+from pathlib import Path
 
+import flax
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 
-sys.path.insert(0, __file__.rsplit("/", 2)[0])  # the repository root, for configs/
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root, for configs/
 
 from bench_attention import versions  # noqa: E402
 
@@ -136,7 +139,7 @@ def main(argv=None):
   print(f"measured bf16 matmul peak {peak:.0f} TFLOP/s (vendor {vendor})", flush=True)
   report = {
     "command": " ".join(["python", *sys.argv]),
-    "versions": versions(),
+    "versions": {**versions(), "flax": flax.__version__, "optax": optax.__version__},
     "tokens_per_step": args.tokens,
     "matmul_peak_tflops_measured": round(peak, 1),
     "matmul_peak_tflops_vendor": vendor,
