@@ -134,6 +134,16 @@ def main(argv=None):
   p.add_argument("--out", default=None)
   args = p.parse_args(argv)
 
+  # Every config is checked before anything is measured or written.
+  configs = [
+    (
+      run,
+      seq_len,
+      run_config(run, seq_len, args.tokens, args.impl, args.dense_impl, args.grad_accum),
+    )
+    for seq_len in args.seq_lens
+    for run in args.runs
+  ]
   peak = matmul_peak_tflops(args.peak_n)
   vendor = metrics.peak_tflops(jax.devices()[0].device_kind)
   print(f"measured bf16 matmul peak {peak:.0f} TFLOP/s (vendor {vendor})", flush=True)
@@ -145,25 +155,26 @@ def main(argv=None):
     "matmul_peak_tflops_vendor": vendor,
     "results": [],
   }
-  for seq_len in args.seq_lens:
-    for run in args.runs:
-      cfg = run_config(run, seq_len, args.tokens, args.impl, args.dense_impl, args.grad_accum)
-      flops = metrics.flops_per_token(cfg.model)
-      r = {"run": run, "seq_len": seq_len, "batch": cfg.train.batch_size, **bench(cfg, args.steps)}
-      r["model_tflops_per_token"] = flops / 1e12
-      r["mfu"] = round(r["tokens_per_s"] * flops / (peak * 1e12), 4)
-      r["mfu_vs_vendor_peak"] = (
-        None if vendor is None else round(r["tokens_per_s"] * flops / (vendor * 1e12), 4)
-      )
-      report["results"].append(r)
-      report["summary"] = summarize(report["results"])
-      print(json.dumps(r), flush=True)
-      if args.out:  # replaced whole after every result, never left half written
-        with open(args.out + ".tmp", "w") as f:
-          json.dump(report, f, indent=1)
-        os.replace(args.out + ".tmp", args.out)
+  for run, seq_len, cfg in configs:
+    flops = metrics.flops_per_token(cfg.model)
+    r = {"run": run, "seq_len": seq_len, "batch": cfg.train.batch_size, **bench(cfg, args.steps)}
+    r["model_tflops_per_token"] = flops / 1e12
+    r["mfu"] = round(r["tokens_per_s"] * flops / (peak * 1e12), 4)
+    r["mfu_vs_vendor_peak"] = (
+      None if vendor is None else round(r["tokens_per_s"] * flops / (vendor * 1e12), 4)
+    )
+    report["results"].append(r)
+    report["summary"] = summarize(report["results"])
+    print(json.dumps(r), flush=True)
+    if args.out:  # replaced whole after every result, never left half written
+      with open(args.out + ".tmp", "w") as f:
+        json.dump(report, f, indent=1)
+      os.replace(args.out + ".tmp", args.out)
   print(json.dumps(report["summary"], indent=1))
 
 
 if __name__ == "__main__":
-  main()
+  try:
+    main()
+  except (ValueError, FileNotFoundError) as e:  # a bad run name, length or path: one line
+    sys.exit(f"bench_train.py: error: {' '.join(str(e).split())}")

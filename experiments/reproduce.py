@@ -221,6 +221,12 @@ def main(argv=None):
   p.add_argument("--out", required=True, help="directory for tables.md and tables.json")
   args = p.parse_args(argv)
 
+  if not args.tables_only:  # bad names and arguments fail before any run trains
+    from fibax.evaluate import check_eval_args
+
+    for name in args.runs:
+      load_config(f"{args.config}:{name}")
+    check_eval_args(args.length_mult, args.datasets, max_tokens=args.max_tokens)
   reports = {}
   for name in args.runs:
     if args.tables_only:
@@ -240,4 +246,7 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-  main()
+  try:
+    main()
+  except (ValueError, FileNotFoundError) as e:  # a bad run name, length or path: one line
+    sys.exit(f"reproduce.py: error: {' '.join(str(e).split())}")

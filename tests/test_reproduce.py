@@ -4,6 +4,8 @@ import importlib.util
 import json
 import math
 import pathlib
+import subprocess
+import sys
 
 import pytest
 
@@ -89,3 +91,32 @@ def test_tables_only_rebuilds_from_written_reports(tmp_path, capsys):
     "runs of configs/tiny_paper.py",
   )[0]
   assert json.loads((out / "tables.json").read_text())["runs"] == list(REPORTS)
+
+
+@pytest.mark.parametrize(
+  ("args", "message"),
+  [
+    (["--runs", "dense", "fib_zigzag_w8"], "unknown run name='fib_zigzag_w8'"),
+    (["--runs", "dense", "--length-mult", "0", "1"], "length_mult=0 must be an integer >= 1"),
+  ],
+)
+def test_bad_input_is_one_line_before_anything_runs(tmp_path, args, message):
+  root = tmp_path / "runs"
+  proc = subprocess.run(
+    [
+      sys.executable,
+      str(PATH),
+      "--config",
+      str(PATH.parents[1] / "configs" / "tiny_paper.py"),
+      *args,
+      "--root",
+      str(root),
+      "--out",
+      str(tmp_path / "tables"),
+    ],
+    capture_output=True,
+    text=True,
+  )
+  assert proc.returncode == 1 and message in proc.stderr
+  assert len(proc.stderr.strip().splitlines()) == 1
+  assert not root.exists() and not (tmp_path / "tables").exists()
