@@ -23,6 +23,12 @@ from jax.experimental import multihost_utils
 STATE, DATA, META = "state", "data", "meta"
 
 
+def error_line(e: BaseException) -> str:
+  """`Type: first line` of an exception, without TensorStore's pointer to its full message."""
+  first = (str(e).strip().splitlines() or [""])[0].split(" See full TensorStore")[0]
+  return f"{type(e).__name__}: {first}"[:300]
+
+
 class CheckpointError(RuntimeError):
   """No readable checkpoint where one was expected."""
 
@@ -118,8 +124,7 @@ class Checkpointer:
       try:
         state, meta = self._restore_step(step, abstract_state, data_iter)
       except Exception as e:  # noqa: BLE001 (any failure to load is reported the same way)
-        first_line = (str(e).strip().splitlines() or [""])[0].split(" See full TensorStore")[0]
-        reason = f"{type(e).__name__}: {first_line}"[:300]
+        reason = error_line(e)
         self.log(f"checkpoint step {step} in {self.directory} is unreadable ({reason})")
         failures.append((step, reason))
         continue

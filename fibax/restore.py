@@ -21,7 +21,7 @@ from typing import Any
 import orbax.checkpoint as ocp
 
 from fibax import sharding
-from fibax.checkpoint import DATA, META, STATE, CheckpointError, checksums
+from fibax.checkpoint import DATA, META, STATE, CheckpointError, checksums, error_line
 from fibax.config import RunConfig
 from fibax.steps import make_steps
 
@@ -65,11 +65,6 @@ def _resolve_checkpoint(path: Path, step: int | None) -> tuple[Path, int | None]
   if path.name.isdigit() and (path / STATE).is_dir():
     return path.parent, int(path.name) if step is None else step
   return path, step
-
-
-def _one_line(e: BaseException) -> str:
-  first = (str(e).strip().splitlines() or [""])[0].split(" See full TensorStore")[0]
-  return f"{type(e).__name__}: {first}"[:300]
 
 
 def _restore(mngr: ocp.CheckpointManager, step: int, overrides: dict | None):
@@ -130,7 +125,7 @@ def load_run(
       mngr = ocp.CheckpointManager(ckpt_dir, options=options, item_names=(STATE, DATA, META))
     steps = sorted(mngr.all_steps())
   except Exception as e:  # noqa: BLE001 (any failure to open is reported the same way)
-    raise CheckpointError(f"cannot open checkpoints in {ckpt_dir} ({_one_line(e)})") from None
+    raise CheckpointError(f"cannot open checkpoints in {ckpt_dir} ({error_line(e)})") from None
   if not steps:
     raise CheckpointError(f"no checkpoint in {ckpt_dir} (expected step directories of fibax.train)")
   if step is None:
@@ -142,7 +137,7 @@ def load_run(
       cfg, params = _restore(mngr, step, overrides)
   except Exception as e:  # noqa: BLE001 (any failure to load is reported the same way)
     raise CheckpointError(
-      f"checkpoint step {step} in {ckpt_dir} is unreadable ({_one_line(e)})"
+      f"checkpoint step {step} in {ckpt_dir} is unreadable ({error_line(e)})"
     ) from None
   finally:
     mngr.close()
