@@ -14,15 +14,14 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import statistics
 import subprocess
 import sys
-import time
 
 import jax
 import jax.numpy as jnp
 
 from fibax import attention
+from fibax.latency import median_ms
 from fibax.patterns import Pattern
 from kernels_pallas import fib_attention
 from kernels_pallas.gpu import GpuBlocks
@@ -32,16 +31,7 @@ HEADS, KV_HEADS, HEAD_DIM, WINDOW = 8, 2, 64, 12
 
 def timeit(fn, *args, reps: int = 20, rounds: int = 5) -> float:
   """Median over rounds of the mean of `reps` back-to-back calls, in ms (async dispatch)."""
-  out = fn(*args)
-  jax.block_until_ready(out)
-  times = []
-  for _ in range(rounds):
-    t0 = time.perf_counter()
-    for _ in range(reps):
-      out = fn(*args)
-    jax.block_until_ready(out)
-    times.append((time.perf_counter() - t0) / reps * 1e3)
-  return statistics.median(times)
+  return median_ms(fn, *args, reps=reps, rounds=rounds)
 
 
 def copy_bandwidth() -> float:

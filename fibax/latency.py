@@ -63,12 +63,18 @@ def time_forward(
   the mean of `reps` back-to-back calls, after a compiling call."""
   fn = jax.jit(lambda p, x: Transformer(cfg).apply({"params": p}, x))
   tokens_BxT = jax.random.randint(jax.random.key(1), (batch_size, seq_len), 0, cfg.vocab_size)
-  jax.block_until_ready(fn(params, tokens_BxT))
+  return median_ms(fn, params, tokens_BxT, reps=reps, rounds=rounds)
+
+
+def median_ms(fn, *args, reps: int = 10, rounds: int = 5) -> float:
+  """Milliseconds per call of `fn(*args)`: the median over `rounds` of the mean of `reps`
+  back-to-back (asynchronously dispatched) calls, after a first, compiling call."""
+  jax.block_until_ready(fn(*args))
   times = []
   for _ in range(rounds):
     start = time.perf_counter()
     for _ in range(reps):
-      out = fn(params, tokens_BxT)
+      out = fn(*args)
     jax.block_until_ready(out)
     times.append((time.perf_counter() - start) / reps * 1e3)
   return statistics.median(times)
