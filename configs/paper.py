@@ -3,8 +3,11 @@
     python -m fibax.train --config configs/paper.py:fib_stagger_w12 --workdir runs/fib_stagger_w12
 
 `get_config()` returns the default run (fib / stagger, W = 12); `get_config(name)` any run
-of `RUNS`; `get_config(name, scaled=True)` the same run on the scaled recipe (fewer
-tokens, same everything else) used for quick matrices.
+of `RUNS`; `get_config(name, steps=N)` the same run on a scaled recipe: N steps of the same
+batch, with the warmup scaled by N / 13,000 (the cosine then decays to 10% at step N), for
+matrices that cannot afford 426M tokens a run:
+
+    python -m fibax.train --config configs/paper.py:fib_stagger_w12,steps=3052 ...  # 100M tokens
 """
 
 from fibax.config import AttentionConfig, ModelConfig, RunConfig, TrainConfig
@@ -19,11 +22,19 @@ SCHEDULES = (
 )
 
 
-def _run(base: str, schedule: str, window: int, seed: int = 42, scaled: bool = False) -> RunConfig:
+# 100,007,936 tokens at 32 x 1024 a step: the scaled matrix's recipe (at least 100M tokens).
+STEPS_100M = 3052
+
+
+def _run(base: str, schedule: str, window: int, seed: int = 42, steps: int | None = None):
   model = ModelConfig(attention=AttentionConfig(schedule=schedule, base=base, window=window))
   train = TrainConfig(seed=seed)
-  if scaled:
-    train = TrainConfig(seed=seed, total_steps=1300)
+  if steps is not None:
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+      raise ValueError(f"steps={steps!r} must be a positive integer")
+    full = train.total_steps
+    warmup = max(1, round(train.warmup_steps * steps / full))
+    train = TrainConfig(seed=seed, total_steps=steps, warmup_steps=warmup)
   return RunConfig(model=model, train=train)
 
 
@@ -43,7 +54,7 @@ def _runs() -> dict[str, tuple]:
 RUNS = _runs()
 
 
-def get_config(name: str = "fib_stagger_w12", scaled: bool = False) -> RunConfig:
+def get_config(name: str = "fib_stagger_w12", steps: int | None = None) -> RunConfig:
   if name not in RUNS:
     raise ValueError(f"unknown run {name=}; expected one of {sorted(RUNS)}")
-  return _run(*RUNS[name], scaled=scaled)
+  return _run(*RUNS[name], steps=steps)

@@ -8,7 +8,7 @@ seed, cap mode, the optax recipe's shape (warmup then cosine to 10%). The scale 
 shortcut and is said next to every number it gives: the model of configs/tiny.py (d_model
 128, T = 256, a 2,048-piece vocabulary) with 8 layers instead of 4 (coprime reassignment then
 uses S = 3 and differs from stagger; at 4 or 6 layers S = 1 and it would not), 600 steps of
-8 x 256 tokens (1.2M tokens) of the State of the Union addresses instead of 2.6B tokens of
+8 x 256 tokens (1.2M tokens) of the State of the Union addresses instead of 426M tokens of
 FineWeb-Edu.
 """
 

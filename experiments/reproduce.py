@@ -27,7 +27,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root
 
 from fibax import eval_report  # noqa: E402
-from fibax.config_loader import load_config  # noqa: E402
+from fibax.config_loader import apply_overrides, load_config  # noqa: E402
 
 # PAPER.md §6 (FineWeb-Edu, trained at T = 1024): held-out perplexity.
 PAPER_PPL = {
@@ -65,11 +65,17 @@ def split_name(name: str) -> tuple[str, int | None]:
   return name, None
 
 
+def run_config(args, name: str):
+  """The run's config: `--config` file with the run name (and `--config-args`), then `--set`."""
+  extra = f",{args.config_args}" if args.config_args else ""
+  return apply_overrides(load_config(f"{args.config}:{name}{extra}"), args.overrides)
+
+
 def train_and_eval(args, name: str) -> Path:
   from fibax.evaluate import evaluate_checkpoint
   from fibax.train import train
 
-  cfg = load_config(f"{args.config}:{name}")
+  cfg = run_config(args, name)
   workdir = Path(args.root) / name
   train(cfg, workdir)
   eval_dir = workdir / "eval"
@@ -113,7 +119,7 @@ def build_tables(reports: dict[str, dict], dataset: str, scale: str) -> tuple[st
   data: dict = {"dataset": dataset, "scale": scale, "ppl_x1": ppl1}
   md = [
     f"Ours: {scale}; held-out set `{dataset}`. Paper: FineWeb-Edu, 60.9M parameters, "
-    "2.6B tokens. Cells are ours / paper.",
+    "426M tokens. Cells are ours / paper.",
     "",
   ]
 
@@ -212,6 +218,16 @@ def main(argv=None):
   p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   p.add_argument("--config", required=True, help="a config file whose get_config takes a run name")
   p.add_argument("--runs", nargs="+", required=True)
+  p.add_argument("--config-args", default="", help="more get_config arguments, e.g. steps=3052")
+  p.add_argument(
+    "--set",
+    dest="overrides",
+    nargs="+",
+    action="extend",
+    default=[],
+    metavar="SECTION.FIELD=VALUE",
+    help="config overrides for every run, e.g. model.attention.impl=pallas",
+  )
   p.add_argument("--root", required=True, help="parent of the run workdirs")
   p.add_argument("--length-mult", nargs="+", type=int, default=[1, 2, 4])
   p.add_argument("--datasets", nargs="+", default=["validation"])
@@ -225,7 +241,7 @@ def main(argv=None):
     from fibax.evaluate import check_eval_args
 
     for name in args.runs:
-      load_config(f"{args.config}:{name}")
+      run_config(args, name)
     check_eval_args(args.length_mult, args.datasets, max_tokens=args.max_tokens)
   reports = {}
   for name in args.runs:
@@ -248,5 +264,5 @@ def main(argv=None):
 if __name__ == "__main__":
   try:
     main()
-  except (ValueError, FileNotFoundError) as e:  # a bad run name, length or path: one line
+  except (ValueError, TypeError, FileNotFoundError) as e:  # a bad name, argument or path
     sys.exit(f"reproduce.py: error: {' '.join(str(e).split())}")

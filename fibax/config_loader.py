@@ -1,7 +1,7 @@
 """Configs from `configs/*.py` files and `section.field=value` overrides.
 
 load_config("configs/paper.py:fib_stagger_w12")        # get_config("fib_stagger_w12")
-load_config("configs/paper.py:fib_fixed_w8,scaled=True")
+load_config("configs/paper.py:fib_fixed_w8,steps=3052")
 apply_overrides(cfg, ["train.total_steps=100", "model.attention.impl=pallas"])
 """
 

