@@ -8,7 +8,6 @@ import tarfile
 import textwrap
 
 import pytest
-
 from train_helpers import sotu_dir
 
 MATRIX = pathlib.Path(__file__).resolve().parents[1] / "experiments" / "matrix.py"
