@@ -68,31 +68,45 @@ def run_config(name: str, seq_len: int, tokens: int, impl: str, dense_impl: str,
   return dataclasses.replace(cfg, model=model, train=train)
 
 
-def bench(cfg, steps_timed: int) -> dict:
+def batches(cfg, mesh, data_dir: str | None, count: int = 8) -> list:
+  """`count` device batches: uniform random tokens, or the first batches of a prepared data
+  directory's training split (real text repeats tokens, which random tokens do not)."""
+  shape = (cfg.train.batch_size, cfg.model.seq_len)
+  if data_dir is None:
+    rng = np.random.default_rng(0)
+    host = [
+      {
+        k: rng.integers(0, cfg.model.vocab_size, shape, dtype=np.int32)
+        for k in ("inputs", "targets")
+      }
+      for _ in range(count)
+    ]
+  else:
+    from fibax.data import train_iterator
+
+    it = train_iterator(data_dir, cfg.model.seq_len, shape[0], cfg.train.seed, worker_count=0)
+    host = [next(it) for _ in range(count)]
+  return [sharding.global_batch(b, mesh) for b in host]
+
+
+def bench(cfg, steps_timed: int, data_dir: str | None = None) -> dict:
   mesh = sharding.make_mesh(data=1, model=1, devices=jax.devices()[:1])
   steps = make_steps(cfg, mesh)
   state = steps.init(cfg.train.seed)
-  rng = np.random.default_rng(0)
   shape = (cfg.train.batch_size, cfg.model.seq_len)
-  batch = sharding.global_batch(
-    {
-      "inputs": rng.integers(0, cfg.model.vocab_size, shape, dtype=np.int32),
-      "targets": rng.integers(0, cfg.model.vocab_size, shape, dtype=np.int32),
-    },
-    mesh,
-  )
+  inputs = batches(cfg, mesh, data_dir)
   t0 = time.perf_counter()
-  compiled = steps.train.lower(state, batch).compile()
+  compiled = steps.train.lower(state, inputs[0]).compile()
   compile_s = time.perf_counter() - t0
   memory = compiled.memory_analysis()
-  for _ in range(2):  # warm-up
-    state, m = compiled(state, batch)
+  for i in range(2):  # warm-up
+    state, m = compiled(state, inputs[i % len(inputs)])
   jax.block_until_ready(m)
   times = []
   for _ in range(3):
     t0 = time.perf_counter()
-    for _ in range(steps_timed):
-      state, m = compiled(state, batch)
+    for i in range(steps_timed):
+      state, m = compiled(state, inputs[i % len(inputs)])
     jax.block_until_ready(m)
     times.append((time.perf_counter() - t0) / steps_timed)
   step_s = statistics.median(times)
@@ -131,8 +145,15 @@ def main(argv=None):
   p.add_argument("--grad-accum", type=int, default=1)
   p.add_argument("--steps", type=int, default=5, help="timed steps per round (3 rounds)")
   p.add_argument("--peak-n", type=int, default=8192, help="matmul size of the peak measurement")
+  p.add_argument(
+    "--data", default=None, help="a prepared data directory: time real batches, not random ones"
+  )
   p.add_argument("--out", default=None)
   args = p.parse_args(argv)
+  if args.data is not None and not (Path(args.data) / "manifest.json").is_file():
+    raise FileNotFoundError(
+      f"--data {args.data} has no manifest.json (python -m fibax.data prepare)"
+    )
 
   # Every config is checked before anything is measured or written.
   configs = [
@@ -151,13 +172,21 @@ def main(argv=None):
     "command": " ".join(["python", *sys.argv]),
     "versions": {**versions(), "flax": flax.__version__, "optax": optax.__version__},
     "tokens_per_step": args.tokens,
+    "batches": "random tokens"
+    if args.data is None
+    else f"the first training batches of {args.data}",
     "matmul_peak_tflops_measured": round(peak, 1),
     "matmul_peak_tflops_vendor": vendor,
     "results": [],
   }
   for run, seq_len, cfg in configs:
     flops = metrics.flops_per_token(cfg.model)
-    r = {"run": run, "seq_len": seq_len, "batch": cfg.train.batch_size, **bench(cfg, args.steps)}
+    r = {
+      "run": run,
+      "seq_len": seq_len,
+      "batch": cfg.train.batch_size,
+      **bench(cfg, args.steps, args.data),
+    }
     r["model_tflops_per_token"] = flops / 1e12
     r["mfu"] = round(r["tokens_per_s"] * flops / (peak * 1e12), 4)
     r["mfu_vs_vendor_peak"] = (

@@ -30,7 +30,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
 import subprocess
 import sys
 import tarfile
@@ -99,15 +98,19 @@ def collect(root: Path, entry: dict, cfg) -> None:
   name = entry["name"]
   src, dst = root / name, root / "results" / name
   dst.mkdir(parents=True, exist_ok=True)
+  # Paths are written relative to the folder above the root (runs/..., data/...): results
+  # name no machine's directories.
+  prefix = str(root.resolve().parent) + os.sep
   for rel in KEPT_FILES:
     if (src / rel).is_file():
-      shutil.copyfile(src / rel, dst / Path(rel).name)
+      text = (src / rel).read_text(errors="replace")
+      (dst / Path(rel).name).write_text(text.replace(prefix, ""))
   log = (
     (src / "log.txt").read_text(errors="replace").splitlines()
     if (src / "log.txt").is_file()
     else []
   )
-  (dst / "log_tail.txt").write_text("\n".join(log[-80:]) + "\n")
+  (dst / "log_tail.txt").write_text("\n".join(log[-80:]).replace(prefix, "") + "\n")
   steps, train_seconds = None, None
   if (src / "metrics.jsonl").is_file():
     records = [
@@ -123,7 +126,7 @@ def collect(root: Path, entry: dict, cfg) -> None:
     tokens=None if steps is None else steps * tokens_per_step,
     train_log_span_s=train_seconds,
   )
-  write_json(dst / "run.json", entry)
+  write_json(dst / "run.json", json.loads(json.dumps(entry).replace(prefix, "")))
 
 
 def supervise(args) -> int:
@@ -134,7 +137,7 @@ def supervise(args) -> int:
   }
   status_path = root / STATUS
   status = {
-    "command": " ".join([sys.executable, *sys.argv]),
+    "command": " ".join(["python", *sys.argv]),
     "started": time.time(),
     "deadline": time.time() + args.deadline_s if args.deadline_s else None,
     "runs": {name: {"name": name, "state": "queued"} for name in args.runs},
@@ -192,7 +195,7 @@ def supervise(args) -> int:
         slot=slot[1],
         gpu_shared_by=shared,
         start=time.time(),
-        command=" ".join(cmd),
+        command=" ".join(["python", *cmd[1:]]),
         length_mults=length_mults(cfg, args),
         estimate_s=estimate_seconds(cfg, shared),
       )
@@ -240,8 +243,16 @@ def poll(args) -> int:
   if not (root / STATUS).is_file():
     print(f"no {STATUS} under {root} yet")
     return 0
+  if args.pack:  # first: output cut short (a closed pipe) must not cost the results
+    pack = Path(args.pack)
+    pack.parent.mkdir(parents=True, exist_ok=True)
+    with tarfile.open(pack, "w:gz") as tar:
+      tar.add(root / STATUS, arcname=STATUS)
+      if (root / "results").is_dir():
+        tar.add(root / "results", arcname="results")
   status = json.loads((root / STATUS).read_text())
   now = time.time()
+  lines = []
   for r in status["runs"].values():
     line = f"{r['name']:>24}  {r['state']}"
     if "start" in r:
@@ -250,14 +261,11 @@ def poll(args) -> int:
     if r["state"] == "running" and log.is_file():
       tail = [x for x in log.read_text(errors="replace").splitlines() if x.strip()][-1:]
       line += f"  | {tail[0][-110:] if tail else ''}"
-    print(line)
-  if args.pack:
-    pack = Path(args.pack)
-    pack.parent.mkdir(parents=True, exist_ok=True)
-    with tarfile.open(pack, "w:gz") as tar:
-      tar.add(root / STATUS, arcname=STATUS)
-      if (root / "results").is_dir():
-        tar.add(root / "results", arcname="results")
+    lines.append(line)
+  try:
+    print("\n".join(lines), flush=True)
+  except BrokenPipeError:
+    pass
   return 0
 
 

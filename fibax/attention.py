@@ -75,7 +75,11 @@ def _dense(implementation: str | None):
       raise NotImplementedError(
         f"dense attention needs a dense pattern; got window={pattern.window}, far={pattern.far}"
       )
-    return jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation=implementation)
+    impl = implementation
+    if impl is None:  # jax.nn.dot_product_attention's own default is XLA's (jax 0.11.2)
+      flash = jax.default_backend() == "gpu" and q.dtype in (jnp.bfloat16, jnp.float16)
+      impl = "cudnn" if flash else "xla"
+    return jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation=impl)
 
   return attend
 

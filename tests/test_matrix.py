@@ -74,6 +74,9 @@ def test_queue_trains_evaluates_and_packs_each_run(config, tmp_path):
     assert all(r["status"] == "ok" and r["ppl"] > 1 for r in report["results"])
     assert report["config"]["train"]["total_steps"] == 4  # --config-args reached the run
     assert report["config"]["train"]["log_every"] == 2  # and so did --set
+    for f in (root / "results" / name).iterdir():  # no machine paths in what is kept
+      assert str(tmp_path) not in f.read_text(), f
+    assert report["checkpoint"] == f"runs/{name}/checkpoints"
 
   proc = _matrix("poll", "--root", root, "--wait", 0, "--pack", tmp_path / "out" / "r.tar.gz")
   assert "stagger" in proc.stdout and "done" in proc.stdout

@@ -1,0 +1,95 @@
+"""experiments/results_md.py: RESULTS.md and its plots, rebuilt from the committed reports."""
+
+import importlib.util
+import json
+import math
+import pathlib
+import subprocess
+import sys
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+PATH = REPO / "experiments" / "results_md.py"
+spec = importlib.util.spec_from_file_location("results_md", PATH)
+results_md = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(results_md)
+
+
+def _write_run(root, name, ppl_by_mult, bins=None, seed_tokens=100, alphas=None, frozen=None):
+  folder = root / name
+  folder.mkdir(parents=True)
+  results = [
+    {
+      "dataset": "validation",
+      "variant": "trained",
+      "length_mult": m,
+      "status": "ok",
+      "ppl": p,
+      "nll": math.log(p),
+      "tokens": 1 << 20,
+      "bins": list(bins or [math.log(p)] * 8),
+    }
+    for m, p in ppl_by_mult.items()
+  ]
+  if frozen is not None:
+    results.append({**results[0], "variant": "frozen", "ppl": frozen})
+  report = {"label": name, "device": "Test GPU", "jax_version": "0", "results": results}
+  (folder / "results-cap_run.json").write_text(json.dumps(report))
+  run = {"name": name, "tokens": seed_tokens, "steps": 1, "wall_s": 1.0, "gpu": 0}
+  (folder / "run.json").write_text(json.dumps(run))
+  if alphas is not None:
+    (folder / "metrics.jsonl").write_text(json.dumps({"kind": "train", "alphas": alphas}) + "\n")
+
+
+def test_committed_results_md_is_what_the_committed_reports_give(tmp_path):
+  """CI rebuilds RESULTS.md from the committed JSON: it must match, and the plots must draw."""
+  proc = subprocess.run([sys.executable, str(PATH), "--check"], capture_output=True, text=True)
+  assert proc.returncode == 0, proc.stderr
+  out = tmp_path / "RESULTS.md"
+  proc = subprocess.run(
+    [sys.executable, str(PATH), "--out", str(out), "--plots", str(tmp_path / "plots")],
+    capture_output=True,
+    text=True,
+  )
+  assert proc.returncode == 0, proc.stderr
+  assert (tmp_path / "plots" / "ppl_vs_length.png").stat().st_size > 10_000
+  assert "## The paper's claims" in out.read_text()
+
+
+def test_claims_follow_the_numbers(tmp_path):
+  # Within Fibonacci at W = 8 the paper's order is broken (fixed beats stagger); dense is
+  # worse than sparse at x1 and does not degrade; stagger has two seeds.
+  _write_run(tmp_path, "dense", {1: 50.0, 4: 50.5})
+  _write_run(tmp_path, "fib_fixed_w8", {1: 40.0, 4: 40.1}, bins=[4.0] * 8)
+  _write_run(tmp_path, "fib_stagger_w8", {1: 41.0, 4: 41.0}, bins=[4.1] * 8)
+  _write_run(tmp_path, "fib_stagger_w8_seed43", {1: 43.0, 4: 43.0})
+  _write_run(
+    tmp_path, "fib_learned_w8", {1: 42.0, 4: 42.0}, alphas=[0.9, 1.2], frozen=43.0
+  )  # fmt: skip
+  runs = results_md.load_runs(tmp_path)
+  assert set(runs) == {"dense", "fib_fixed_w8", "fib_stagger_w8", "fib_learned_w8"}
+  assert results_md.stat(runs, "fib_stagger_w8") == (42.0, math.sqrt(2.0), 2)
+  verdicts = {c: v for c, v, _ in results_md.claims(runs)}
+  assert verdicts["Within Fibonacci at W = 8: stagger ~ coprime < learned < fixed"] == (
+    "does not hold"
+  )
+  assert verdicts["Dense is best at the training length"] == "does not hold"
+  flat = [c for c in verdicts if c.startswith("Every sparse model")]
+  assert verdicts[flat[0]] == "does not hold"  # dense did not degrade
+  gap = [c for c in verdicts if c.startswith("The stagger gain")]
+  assert verdicts[gap[0]] == "does not hold"  # fixed is better, not stagger
+  assert verdicts["Learned alphas stay within about 0.05 of 1"] == "does not hold"
+  evidence = {c: e for c, _, e in results_md.claims(runs)}
+  assert "42.00 trained, 43.00 frozen (+2.4%)" in evidence["What freezing learned alphas costs"]
+
+  md = results_md.build(runs, tmp_path, tmp_path / "RESULTS.md", [])
+  assert "| fib / stagger | - / 42.93 | 42.00 ± 1.41 (2) / 42.53 |" in md
+
+
+def test_no_reports_is_a_one_line_error(tmp_path):
+  proc = subprocess.run(
+    [sys.executable, str(PATH), "--results", str(tmp_path), "--out", str(tmp_path / "R.md")],
+    capture_output=True,
+    text=True,
+  )
+  assert proc.returncode == 1 and "no results-cap_run.json" in proc.stderr
+  assert len(proc.stderr.strip().splitlines()) == 1 and not (tmp_path / "R.md").exists()
