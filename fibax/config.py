@@ -3,23 +3,34 @@
 from __future__ import annotations
 
 import dataclasses
+from typing import Literal, get_args
 
 from fibax import patterns
+
+# Names in fibax.attention.IMPLEMENTATIONS (a test keeps them in step), listed here so that a
+# config is checked without importing JAX.
+Impl = Literal[
+  "reference", "xla", "pallas", "pallas_interpret", "pallas_tpu", "pallas_tpu_interpret"
+]
+DenseImpl = Literal["dense", "cudnn", "xla_dense", "reference"]
+IMPLS: tuple[str, ...] = get_args(Impl)
+DENSE_IMPLS: tuple[str, ...] = get_args(DenseImpl)
 
 
 @dataclasses.dataclass(frozen=True)
 class AttentionConfig:
   """How each layer attends (PAPER.md §1-2)."""
 
-  schedule: str = "stagger"  # fixed | learned | stagger | coprime | dense
-  base: str = "fib"  # fib | pow2
+  schedule: patterns.Schedule = "stagger"
+  base: patterns.Base = "fib"
   window: int = 12
   num_terms: int = patterns.FIB_TERMS
-  cap_mode: str = "run"  # run (the paper's) | train (frozen at the training length)
+  cap_mode: patterns.CapMode = "run"  # run (the paper's) | train (frozen at training length)
   # Implementation of integer-offset layers: reference | xla | pallas | pallas_tpu.
-  impl: str = "xla"
-  # Implementation of dense layers: dense (auto) | cudnn | xla_dense | reference.
-  dense_impl: str = "dense"
+  impl: Impl = "xla"
+  # Implementation of dense layers: dense (cuDNN on a GPU for 16-bit inputs, else XLA) |
+  # cudnn | xla_dense | reference.
+  dense_impl: DenseImpl = "dense"
   # Set by `freeze`: per-layer alphas of a trained learned schedule, rounded into static
   # integer patterns (PAPER.md §3 offsets, compiled like a static schedule).
   frozen_alphas: tuple[float, ...] | None = None
@@ -31,6 +42,10 @@ class AttentionConfig:
       raise ValueError(f"unknown base={self.base!r}; expected one of {patterns.BASES}")
     if self.cap_mode not in patterns.CAP_MODES:
       raise ValueError(f"unknown cap_mode={self.cap_mode!r}; expected {patterns.CAP_MODES}")
+    if self.impl not in IMPLS:
+      raise ValueError(f"unknown impl={self.impl!r}; expected one of {IMPLS}")
+    if self.dense_impl not in DENSE_IMPLS:
+      raise ValueError(f"unknown dense_impl={self.dense_impl!r}; expected one of {DENSE_IMPLS}")
     if self.window < 0:
       raise ValueError(f"window={self.window} must be >= 0")
 

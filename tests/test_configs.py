@@ -72,3 +72,14 @@ def test_tiny_paper_keeps_each_runs_attention_at_a_small_scale():
   assert patterns.coprime_stride(4) == patterns.coprime_stride(6) == 1
   with pytest.raises(ValueError, match="fib_zigzag_w8"):
     tiny.get_config("fib_zigzag_w8")
+
+
+def test_attention_impl_names_are_checked_when_the_config_is_built():
+  from fibax import attention
+  from fibax.config import DENSE_IMPLS, IMPLS
+
+  assert set(IMPLS) | set(DENSE_IMPLS) <= set(attention.IMPLEMENTATIONS)
+  with pytest.raises(ValueError, match="unknown impl='palas'"):
+    AttentionConfig(impl="palas")
+  with pytest.raises(ValueError, match="unknown dense_impl='pallas'"):
+    AttentionConfig(dense_impl="pallas")
