@@ -39,7 +39,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from fibax.config_loader import apply_overrides, load_config  # noqa: E402
+from fibax.config_loader import add_overrides_argument, apply_overrides, load_config  # noqa: E402
 
 STATUS = "status.json"
 STOP = "STOP"
@@ -279,7 +279,7 @@ def main(argv=None) -> int:
   r.add_argument("--runs", nargs="+", required=True)
   r.add_argument("--config", default=str(REPO / "configs" / "paper.py"))
   r.add_argument("--config-args", default="", help="e.g. steps=3052")
-  r.add_argument("--set", dest="overrides", nargs="+", action="extend", default=[])
+  add_overrides_argument(r, "config overrides for every run")
   r.add_argument("--gpus", nargs="+", type=int, default=[0])
   r.add_argument("--slots-per-gpu", type=int, default=1)
   r.add_argument("--deadline-s", type=float, default=0, help="0: none")

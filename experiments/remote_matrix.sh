@@ -19,6 +19,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 SCRATCH=${FIBAX_SCRATCH:-/root/fibax}
+STAGE=${FIBAX_STAGE:-.stage}
 TOKENIZER=experiments/tokenizers/gutenberg-32768
 RUN_ARGS=(--config-args steps=3052 --set model.attention.impl=pallas "data_dir=$SCRATCH/data/gutenberg")
 
@@ -28,19 +29,19 @@ case "${1:-}" in
   split)
     src=${2:?corpus directory}; mib=${3:-54}
     [ -f "$src/MANIFEST.json" ] || die "no MANIFEST.json in $src"
-    [ -e .stage ] && die ".stage exists; remove it first"
+    [ -e "$STAGE" ] && die "$STAGE exists; remove it first"
     part=1; size=0; limit=$((mib << 20))
-    mkdir -p .stage/part-1
-    cp "$src/MANIFEST.json" .stage/part-1/
+    mkdir -p "$STAGE/part-1"
+    cp "$src/MANIFEST.json" "$STAGE/part-1/"
     for f in "$src"/shard-*.jsonl.xz; do
       bytes=$(stat -c %s "$f")
-      if [ $((size + bytes)) -gt "$limit" ]; then part=$((part + 1)); size=0; mkdir -p ".stage/part-$part"; fi
-      cp "$f" ".stage/part-$part/"; size=$((size + bytes))
+      if [ $((size + bytes)) -gt "$limit" ]; then part=$((part + 1)); size=0; mkdir -p "$STAGE/part-$part"; fi
+      cp "$f" "$STAGE/part-$part/"; size=$((size + bytes))
     done
-    du -sh .stage/part-* ;;
+    du -sh "$STAGE"/part-* ;;
   sotu)
     sha=$(python3 -c "import json; print(json.load(open('$TOKENIZER/tokenizer.json'))['sha256'][:12])")
-    out=.stage/sotu/sotu-$sha
+    out=$STAGE/sotu/sotu-$sha
     [ -e "$out" ] || python -m fibax.data prepare --source sotu --out "$out" --tokenizer-from "$TOKENIZER"
     du -sh "$out" ;;
   receive)
@@ -52,12 +53,12 @@ case "${1:-}" in
         *) cp "$f" "$SCRATCH/corpus/" ;;
       esac
     done
-    echo "received $(ls "$SCRATCH/corpus" | grep -c jsonl.xz) corpus shards; data: $(ls "$SCRATCH/data")" ;;
+    echo "received $(find "$SCRATCH/corpus" -name 'shard-*.jsonl.xz' | wc -l) corpus shards; data: $(ls "$SCRATCH/data")" ;;
   start)
     deadline=${2:?deadline in seconds}; shift 2
     [ $# -gt 0 ] || die "no runs given"
     expected=$(python3 -c "import json; print(len(json.load(open('$SCRATCH/corpus/MANIFEST.json'))['shards']))")
-    have=$(ls "$SCRATCH/corpus" | grep -c jsonl.xz)
+    have=$(find "$SCRATCH/corpus" -name 'shard-*.jsonl.xz' | wc -l)
     [ "$have" = "$expected" ] || die "$have of $expected corpus shards received"
     [ -e "$SCRATCH/runs" ] && die "$SCRATCH/runs exists: a queue was already started"
     source experiments/gpu_env.sh

@@ -27,7 +27,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root
 
 from fibax import eval_report  # noqa: E402
-from fibax.config_loader import apply_overrides, load_config  # noqa: E402
+from fibax.config_loader import add_overrides_argument, apply_overrides, load_config  # noqa: E402
 
 # PAPER.md §6 (FineWeb-Edu, trained at T = 1024): held-out perplexity.
 PAPER_PPL = {
@@ -219,15 +219,7 @@ def main(argv=None):
   p.add_argument("--config", required=True, help="a config file whose get_config takes a run name")
   p.add_argument("--runs", nargs="+", required=True)
   p.add_argument("--config-args", default="", help="more get_config arguments, e.g. steps=3052")
-  p.add_argument(
-    "--set",
-    dest="overrides",
-    nargs="+",
-    action="extend",
-    default=[],
-    metavar="SECTION.FIELD=VALUE",
-    help="config overrides for every run, e.g. model.attention.impl=pallas",
-  )
+  add_overrides_argument(p, "config overrides for every run")
   p.add_argument("--root", required=True, help="parent of the run workdirs")
   p.add_argument("--length-mult", nargs="+", type=int, default=[1, 2, 4])
   p.add_argument("--datasets", nargs="+", default=["validation"])

@@ -68,6 +68,19 @@ def _replace(obj, names: list[str], text: str, full: str):
   return dataclasses.replace(obj, **{names[0]: value})
 
 
+def add_overrides_argument(parser, help: str = "override config fields") -> None:
+  """`--set SECTION.FIELD=VALUE ...` into `args.overrides` (for `apply_overrides`)."""
+  parser.add_argument(
+    "--set",
+    dest="overrides",
+    nargs="+",
+    action="extend",
+    default=[],
+    metavar="SECTION.FIELD=VALUE",
+    help=f"{help}, e.g. train.total_steps=100 model.attention.impl=pallas",
+  )
+
+
 def apply_overrides(cfg: RunConfig, overrides: list[str]) -> RunConfig:
   """Each `a.b.c=value` (value a Python literal or a bare string) replaces one field."""
   for item in overrides:

