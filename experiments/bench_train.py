@@ -33,6 +33,7 @@ from bench_attention import versions  # noqa: E402
 
 from configs.paper import get_config  # noqa: E402
 from fibax import metrics, sharding  # noqa: E402
+from fibax.config_loader import add_overrides_argument, apply_overrides  # noqa: E402
 from fibax.steps import make_steps  # noqa: E402
 
 
@@ -148,6 +149,7 @@ def main(argv=None):
   p.add_argument(
     "--data", default=None, help="a prepared data directory: time real batches, not random ones"
   )
+  add_overrides_argument(p, "config overrides for every run")
   p.add_argument("--out", default=None)
   args = p.parse_args(argv)
   if args.data is not None and not (Path(args.data) / "manifest.json").is_file():
@@ -160,7 +162,10 @@ def main(argv=None):
     (
       run,
       seq_len,
-      run_config(run, seq_len, args.tokens, args.impl, args.dense_impl, args.grad_accum),
+      apply_overrides(
+        run_config(run, seq_len, args.tokens, args.impl, args.dense_impl, args.grad_accum),
+        args.overrides,
+      ),
     )
     for seq_len in args.seq_lens
     for run in args.runs
@@ -172,6 +177,7 @@ def main(argv=None):
     "command": " ".join(["python", *sys.argv]),
     "versions": {**versions(), "flax": flax.__version__, "optax": optax.__version__},
     "tokens_per_step": args.tokens,
+    "overrides": args.overrides,
     "batches": "random tokens"
     if args.data is None
     else f"the first training batches of {args.data}",

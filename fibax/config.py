@@ -65,6 +65,10 @@ class ModelConfig:
   rope_theta: float = 1e4
   norm_eps: float = 1e-6
   compute_dtype: str = "bfloat16"
+  # How the input embedding's gradient is formed: "scatter" (the gather's own transpose, a
+  # scatter-add over token ids) or "onehot" (one-hot(tokens)^T @ grad, a matmul accumulated
+  # in float32; the same function, no atomics on repeated tokens).
+  embed_backward: Literal["scatter", "onehot"] = "scatter"
   attention: AttentionConfig = AttentionConfig()
 
   def __post_init__(self):
@@ -77,6 +81,8 @@ class ModelConfig:
       )
     if self.head_dim % 2:
       raise ValueError(f"head_dim={self.head_dim} must be even for RoPE")
+    if self.embed_backward not in ("scatter", "onehot"):
+      raise ValueError(f"embed_backward={self.embed_backward!r} must be 'scatter' or 'onehot'")
     if self.attention.window >= self.seq_len:
       raise ValueError(f"window={self.attention.window} must be < seq_len={self.seq_len}")
 

@@ -164,6 +164,28 @@ class Block(nn.Module):
     return x_BxTxE + SwiGLU(cfg, name="mlp")(RMSNorm(cfg.norm_eps, dtype, name="mlp_norm")(x_BxTxE))
 
 
+@jax.custom_vjp
+def _lookup_onehot_grad(table_VxE: Array, tokens_BxT: Array) -> Array:
+  """table[tokens], whose gradient is one-hot(tokens)^T @ g (a float32-accumulated matmul)
+  instead of a scatter-add: real text repeats tokens, and a scatter-add then serializes on
+  the repeated rows."""
+  return jnp.take(table_VxE, tokens_BxT, axis=0)
+
+
+def _lookup_fwd(table_VxE, tokens_BxT):
+  return _lookup_onehot_grad(table_VxE, tokens_BxT), (tokens_BxT, table_VxE.shape[0])
+
+
+def _lookup_bwd(res, g_BxTxE):
+  tokens_BxT, vocab = res
+  onehot_BxTxV = jax.nn.one_hot(tokens_BxT, vocab, dtype=g_BxTxE.dtype)
+  d_VxE = jnp.einsum("btv,bte->ve", onehot_BxTxV, g_BxTxE, preferred_element_type=jnp.float32)
+  return d_VxE.astype(g_BxTxE.dtype), None
+
+
+_lookup_onehot_grad.defvjp(_lookup_fwd, _lookup_bwd)
+
+
 class Transformer(nn.Module):
   """Tied-embedding decoder; logits in float32."""
 
@@ -180,7 +202,10 @@ class Transformer(nn.Module):
       embedding_init=_init(cfg.d_model**-0.5, ("vocab", "embed")),
       name="embed",
     )
-    x_BxTxE = embed(tokens_BxT)
+    if cfg.embed_backward == "onehot":
+      x_BxTxE = _lookup_onehot_grad(embed.embedding.astype(dtype), tokens_BxT)
+    else:
+      x_BxTxE = embed(tokens_BxT)
     for layer, pattern in enumerate(layer_patterns(cfg, tokens_BxT.shape[1])):
       x_BxTxE = Block(cfg, pattern, name=f"layer_{layer}")(x_BxTxE)
     x_BxTxE = RMSNorm(cfg.norm_eps, dtype, name="final_norm")(x_BxTxE)

@@ -132,3 +132,35 @@ def test_pallas_model_step_matches_xla(impl):
   tol = dict(atol=1e-3, rtol=1e-2) if impl == "pallas" else dict(atol=2e-4, rtol=2e-3)
   for a, b in zip(jax.tree_util.tree_leaves(g_p), jax.tree_util.tree_leaves(g_x), strict=True):
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), **tol)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_onehot_embedding_backward_is_the_same_function(dtype):
+  """embed_backward='onehot' (a matmul) gives the scatter-add's gradient, repeated tokens too."""
+  scatter = dataclasses.replace(_small("stagger"), compute_dtype=dtype)
+  onehot = dataclasses.replace(scatter, embed_backward="onehot")
+  tokens = jax.random.randint(jax.random.key(3), (2, 48), 0, 7)  # 7 ids: many repeats
+  params = M.Transformer(scatter).init(jax.random.key(0), tokens)
+
+  def loss(p, cfg):
+    logits = M.Transformer(cfg).apply(p, tokens)
+    return jnp.mean(jax.nn.logsumexp(logits, -1) - logits[..., 0])
+
+  g_scatter = jax.grad(loss)(params, scatter)
+  g_onehot = jax.grad(loss)(params, onehot)
+  if dtype == "float32":
+    for a, b in zip(jax.tree.leaves(g_scatter), jax.tree.leaves(g_onehot), strict=True):
+      np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=1e-5, atol=1e-7)
+  else:  # bf16 rounds differently: onehot accumulates in float32, so it is no further off
+    truth = jax.grad(loss)(params, dataclasses.replace(scatter, compute_dtype="float32"))
+
+    def embedding(g):
+      return np.asarray(nn.unbox(g)["params"]["embed"]["embedding"], np.float64)
+
+    err = {
+      name: float(np.linalg.norm(embedding(g) - embedding(truth)))
+      for name, g in (("scatter", g_scatter), ("onehot", g_onehot))
+    }
+    assert 0 < err["onehot"] <= err["scatter"] * 1.05, err  # bf16 is not exact
+  with pytest.raises(ValueError, match="embed_backward='sparse'"):
+    dataclasses.replace(scatter, embed_backward="sparse")
