@@ -73,12 +73,15 @@ class RMSNorm(nn.Module):
     return (x32 * scale_E[None, None, :]).astype(self.dtype)
 
 
-def rope(x_BxTxHxD: Array, theta: float) -> Array:
-  """Rotary position embedding (rotate-half form), angles in float32."""
+def rope(x_BxTxHxD: Array, theta: float, positions_BxT: Array | None = None) -> Array:
+  """Rotary position embedding (rotate-half form), angles in float32; positions 0 .. T-1
+  unless given (decoding one token at each row's own position)."""
   seq_len, head_dim = x_BxTxHxD.shape[1], x_BxTxHxD.shape[3]
   inv_freq = 1.0 / (theta ** (np.arange(0, head_dim, 2, dtype=np.float32) / head_dim))
-  ang_TxD2 = jnp.arange(seq_len, dtype=jnp.float32)[:, None] * inv_freq[None, :]
-  cos, sin = jnp.cos(ang_TxD2)[None, :, None, :], jnp.sin(ang_TxD2)[None, :, None, :]
+  if positions_BxT is None:
+    positions_BxT = jnp.arange(seq_len, dtype=jnp.float32)[None, :]
+  ang_BxTxD2 = positions_BxT.astype(jnp.float32)[:, :, None] * inv_freq[None, None, :]
+  cos, sin = jnp.cos(ang_BxTxD2)[:, :, None, :], jnp.sin(ang_BxTxD2)[:, :, None, :]
   x1, x2 = jnp.split(x_BxTxHxD.astype(jnp.float32), 2, axis=-1)
   out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
   return out.astype(x_BxTxHxD.dtype)
@@ -108,6 +111,8 @@ class Attention(nn.Module):
     )(x_BxTxE)
     q_BxTxHxD = rope(q_BxTxHxD, cfg.rope_theta)
     k_BxTxKxD = rope(k_BxTxKxD, cfg.rope_theta)
+    # Keys (after RoPE) and values, collected only when asked for (fibax.generate's prefill).
+    self.sow("intermediates", "kv", (k_BxTxKxD, v_BxTxKxD))
 
     if isinstance(self.pattern, patterns.LearnedPattern):
       # PAPER.md §2: alpha = 0.5 + sigmoid(theta), theta initialised at 0 (alpha = 1).
