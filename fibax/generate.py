@@ -169,15 +169,15 @@ def _generate(params, prompts_BxP, lengths_B, rng, *, cfg, max_new, temperature,
   p = nn.unbox(params)
   layout = cache_layout(cfg, total)
 
-  logits_BxPxV, state = model_lib.Transformer(cfg).apply(
-    {"params": params}, prompts_BxP, mutable=["intermediates"]
+  logits_Bx1xV, state = model_lib.Transformer(cfg).apply(
+    {"params": params}, prompts_BxP, lengths_B - 1, mutable=["intermediates"]
   )
   caches = []
   for layer, (rows, distances) in enumerate(layout):
     (k_BxPxKxD, v_BxPxKxD) = state["intermediates"][f"layer_{layer}"]["attn"]["kv"][0]
     caches.append(tuple(_fill_cache(t, lengths_B, rows, distances) for t in (k_BxPxKxD, v_BxPxKxD)))
   b_B = jnp.arange(batch)
-  first_logits_BxV = logits_BxPxV[b_B, lengths_B - 1]
+  first_logits_BxV = logits_Bx1xV[:, 0]
   rng, key = jax.random.split(rng)
   first_B = _sample(first_logits_BxV, key, temperature, top_k, top_p)
   tokens_BxN = jnp.zeros((batch, total), jnp.int32).at[:, :prompt_len].set(prompts_BxP)

@@ -197,7 +197,11 @@ class Transformer(nn.Module):
   cfg: ModelConfig
 
   @nn.compact
-  def __call__(self, tokens_BxT: Int[Array, "B T"]) -> Float[Array, "B T V"]:
+  def __call__(
+    self, tokens_BxT: Int[Array, "B T"], logits_at_B: Array | None = None
+  ) -> Float[Array, "B T V"]:
+    """Logits at every position, or only at `logits_at_B[b]` of each row ([B, 1, V]: a
+    prompt's last position, without the [B, T, V] tensor)."""
     cfg, dtype = self.cfg, jnp.dtype(self.cfg.compute_dtype)
     embed = nn.Embed(
       cfg.vocab_size,
@@ -213,6 +217,8 @@ class Transformer(nn.Module):
       x_BxTxE = embed(tokens_BxT)
     for layer, pattern in enumerate(layer_patterns(cfg, tokens_BxT.shape[1])):
       x_BxTxE = Block(cfg, pattern, name=f"layer_{layer}")(x_BxTxE)
+    if logits_at_B is not None:
+      x_BxTxE = jnp.take_along_axis(x_BxTxE, logits_at_B[:, None, None], axis=1)
     x_BxTxE = RMSNorm(cfg.norm_eps, dtype, name="final_norm")(x_BxTxE)
     return jnp.einsum(
       "bte,ve->btv", x_BxTxE, embed.embedding.astype(dtype), preferred_element_type=jnp.float32
