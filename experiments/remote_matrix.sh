@@ -11,6 +11,8 @@
 #   bash experiments/remote_matrix.sh start DEADLINE_S RUN...   # tokenize, start the queue detached
 #   bash experiments/remote_matrix.sh poll SECONDS OUT_DIR      # wait for a run; pack results
 #   bash experiments/remote_matrix.sh stop                      # start no more runs
+#   bash experiments/remote_matrix.sh bench GPU OUT_DIR [DATA]  # step time: random vs real
+#                                                               # batches, scatter vs one-hot
 #
 # The corpus travels as its own xz shards (checked against MANIFEST.json when read) and is
 # tokenized there with the committed tokenizer, so every machine builds the same tokens.
@@ -88,6 +90,23 @@ case "${1:-}" in
     grep -v "^  " "$SCRATCH/matrix.log" | tail -n 4 ;;
   stop)
     cd "$SCRATCH/code" && python experiments/matrix.py stop --root "$SCRATCH/runs" ;;
+  bench)
+    # Runs from this checkout (carry .whl), so it can run during the staging calls, before
+    # `start`: real batches come from any tokenized folder there (sotu arrives first).
+    gpu=${2:?GPU index}; out=${3:?output folder}
+    data=${4:-$(ls -d "$SCRATCH"/data/gutenberg "$SCRATCH"/data/sotu-* 2>/dev/null | head -n 1 || true)}
+    [ -n "$data" ] && [ -f "$data/manifest.json" ] || die "no tokenized data under $SCRATCH/data"
+    source experiments/gpu_env.sh
+    export CUDA_VISIBLE_DEVICES=$gpu
+    mkdir -p "$out"
+    for batches in random real; do
+      for grad in scatter onehot; do
+        extra=(); [ "$batches" = real ] && extra=(--data "$data")
+        python experiments/bench_train.py --runs fib_stagger_w12 --seq-lens 1024 "${extra[@]}" \
+          --set "model.embed_backward=$grad" --out "$out/bench_train_${batches}_${grad}.json" \
+          2>&1 | grep '"ms_per_step"' || echo "$batches $grad: failed"
+      done
+    done ;;
   *)
-    die "usage: remote_matrix.sh split|sotu|receive|start|poll|stop ..." ;;
+    die "usage: remote_matrix.sh split|sotu|receive|start|poll|stop|bench ..." ;;
 esac

@@ -37,6 +37,9 @@ def test_split_then_receive_delivers_every_shard_intact(tmp_path):
   assert proc.returncode == 1 and "0 of 2 corpus shards received" in proc.stderr
   assert not (tmp_path / "s" / "runs").exists()
 
+  proc = _sh("bench", 0, tmp_path / "out", env=env)  # nothing tokenized there yet
+  assert proc.returncode == 1 and "no tokenized data" in proc.stderr
+
   proc = _sh("receive", parts[0], env=env)
   assert proc.returncode == 0 and "received 2 corpus shards" in proc.stdout, proc.stderr
   received = GutenbergSource(tmp_path / "s" / "corpus")
