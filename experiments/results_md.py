@@ -322,6 +322,23 @@ def build(runs: dict, results: Path, out: Path, plot_files: list[Path]) -> str:
   devices = sorted({e["report"].get("device", "?") for es in runs.values() for e in es})
   jax_versions = sorted({e["report"].get("jax_version", "?") for es in runs.values() for e in es})
   trained = sorted({e["run"].get("tokens") for es in runs.values() for e in es} - {None})
+  schedules = sorted(
+    {
+      (
+        e["report"]["config"]["train"]["total_steps"],
+        e["report"]["config"]["train"]["warmup_steps"],
+      )
+      for es in runs.values()
+      for e in es
+      if "config" in e["report"]
+    }
+  )
+  recipe = (
+    "; ".join(
+      f"{n:,} steps, `configs/paper.py:<run>,steps={n}`: warmup {w} steps" for n, w in schedules
+    )
+    or "steps not recorded"
+  )
   md = [
     "# Reproducing the paper's tables on GPUs",
     "",
@@ -330,10 +347,10 @@ def build(runs: dict, results: Path, out: Path, plot_files: list[Path]) -> str:
     f"cards: {', '.join(devices)}; jax {', '.join(jax_versions)}.",
     "",
     "**Scale (a shortcut, stated next to every number below).** Each run is the paper's model "
-    "and batch (PAPER.md §4: 60.9M parameters, 32 x 1024 tokens a step) trained on "
+    "and batch (the paper's §4: 60.9M parameters, 32 x 1024 tokens a step) trained on "
     + (", ".join(f"{t:,}" for t in trained) or "-")
-    + " tokens (3,052 steps, `configs/paper.py:<run>,steps=3052`: warmup 70 steps, cosine to "
-    "10% at the end) instead of 426M tokens (13,000 steps), on Project Gutenberg (181M training "
+    + f" tokens ({recipe}, cosine to 10% at the end) instead of 426M tokens (13,000 steps), "
+    "on Project Gutenberg (181M training "
     "tokens, 2,063 books; our 32,768-piece sentencepiece BPE, `experiments/tokenizers/`) "
     "instead of the paper's FineWeb-Edu mixture; one seed (42) unless a cell shows a spread. "
     "Held-out perplexity is over the first 2^20 tokens of the Gutenberg validation books (65 "
