@@ -48,6 +48,11 @@ def _runs() -> dict[str, tuple]:
     for seed in (43, 44):
       runs[f"{name}_seed{seed}"] = (*runs[name][:3], seed)
   runs["fib_learned_w12_seed43"] = ("fib", "learned", 12, 43)
+  # Beyond the paper's nine replicates: dense and learned at seeds 43 and 44 too, so that the
+  # dense-vs-sparse gap and the learned row have a spread of their own.
+  runs["fib_learned_w12_seed44"] = ("fib", "learned", 12, 44)
+  for seed in (43, 44):
+    runs[f"dense_seed{seed}"] = (*runs["dense"][:3], seed)
   return runs
 
 
