@@ -58,8 +58,10 @@ KEPT_FILES = (
 # 2.56x a stagger step in one H200 benchmark. A GPU shared by k runs divides its steps among
 # them (time-slicing gave no more steps per second than one run alone); compilation runs on
 # the host and is not slowed.
-STEP_SECONDS = {"learned": 0.26, "other": 0.105}
-FIXED_SECONDS = {"learned": 300.0, "other": 150.0}
+# The one-hot embedding gradient takes a step on real text from ~96 to ~64 ms
+# (experiments/results/embed_grad_h200).
+STEP_SECONDS = {"learned": 0.26, "other": 0.105, "other_onehot": 0.07}
+FIXED_SECONDS = {"learned": 300.0, "other": 150.0, "other_onehot": 150.0}
 
 
 def error(message: str) -> None:
@@ -79,6 +81,8 @@ def run_config(config: str, config_args: str, overrides: list[str], name: str):
 
 def estimate_seconds(cfg, shared_by: int) -> float:
   kind = "learned" if cfg.model.attention.schedule == "learned" else "other"
+  if kind == "other" and cfg.model.embed_backward == "onehot":
+    kind = "other_onehot"
   return shared_by * cfg.train.total_steps * STEP_SECONDS[kind] + FIXED_SECONDS[kind]
 
 

@@ -11,8 +11,10 @@
 #   bash experiments/remote_matrix.sh start DEADLINE_S RUN...   # tokenize, start the queue detached
 #   bash experiments/remote_matrix.sh poll SECONDS OUT_DIR      # wait for a run; pack results
 #   bash experiments/remote_matrix.sh stop                      # start no more runs
-#   bash experiments/remote_matrix.sh bench GPU OUT_DIR [DATA]  # step time: random vs real
-#                                                               # batches, scatter vs one-hot
+#   bash experiments/remote_matrix.sh bench GPU OUT_DIR [DATA]  # step time of real batches
+#                                                               # (BENCH_BATCHES="real random")
+#                                                               # per embedding gradient
+#                                                               # (BENCH_GRADS, default all 3)
 #   bash experiments/remote_matrix.sh bench-start GPU           # the same, detached: `start`
 #                                                               # keeps the queue off GPU until
 #                                                               # it ends, `poll` brings it back
@@ -26,7 +28,10 @@ cd "$(dirname "$0")/.."
 SCRATCH=${FIBAX_SCRATCH:-/root/fibax}
 STAGE=${FIBAX_STAGE:-.stage}
 TOKENIZER=experiments/tokenizers/gutenberg-32768
-RUN_ARGS=(--config-args steps=3052 --set model.attention.impl=pallas "data_dir=$SCRATCH/data/gutenberg")
+# The scaled matrix by default; the full recipe is STEPS=13000 LENGTH_MULT="1 2 4 16 64"
+# SET="model.embed_backward=onehot" (SET: more config overrides for every run).
+RUN_ARGS=(--config-args "steps=${STEPS:-3052}" --length-mult ${LENGTH_MULT:-1 2 4 16}
+  --set model.attention.impl=pallas "data_dir=$SCRATCH/data/gutenberg" ${SET:-})
 
 die() { echo "remote_matrix.sh: error: $*" >&2; exit 1; }
 
@@ -112,8 +117,8 @@ case "${1:-}" in
     source experiments/gpu_env.sh
     export CUDA_VISIBLE_DEVICES=$gpu
     mkdir -p "$out"
-    for batches in random real; do
-      for grad in scatter onehot; do
+    for batches in ${BENCH_BATCHES:-real}; do
+      for grad in ${BENCH_GRADS:-scatter scatter_f32 onehot}; do
         extra=(); [ "$batches" = real ] && extra=(--data "$data")
         python experiments/bench_train.py --runs fib_stagger_w12 --seq-lens 1024 "${extra[@]}" \
           --set "model.embed_backward=$grad" --out "$out/bench_train_${batches}_${grad}.json" \

@@ -65,10 +65,13 @@ class ModelConfig:
   rope_theta: float = 1e4
   norm_eps: float = 1e-6
   compute_dtype: str = "bfloat16"
-  # How the input embedding's gradient is formed: "scatter" (the gather's own transpose, a
-  # scatter-add over token ids) or "onehot" (one-hot(tokens)^T @ grad, a matmul accumulated
-  # in float32; the same function, no atomics on repeated tokens).
-  embed_backward: Literal["scatter", "onehot"] = "scatter"
+  # How the input embedding's gradient is formed, all the same function: "scatter" (the
+  # gather's own transpose: a scatter-add over token ids in the compute dtype), "scatter_f32"
+  # (the gather reads the float32 table, so the scatter-add runs in float32) or "onehot"
+  # (one-hot(tokens)^T @ grad, a matmul accumulated in float32, no atomics). Real text repeats
+  # ids, and a bf16 scatter-add serializes on repeated rows on a GPU (96 vs 64 ms a step:
+  # experiments/results/embed_grad_h200/).
+  embed_backward: Literal["scatter", "scatter_f32", "onehot"] = "scatter"
   attention: AttentionConfig = AttentionConfig()
 
   def __post_init__(self):
@@ -81,8 +84,10 @@ class ModelConfig:
       )
     if self.head_dim % 2:
       raise ValueError(f"head_dim={self.head_dim} must be even for RoPE")
-    if self.embed_backward not in ("scatter", "onehot"):
-      raise ValueError(f"embed_backward={self.embed_backward!r} must be 'scatter' or 'onehot'")
+    if self.embed_backward not in ("scatter", "scatter_f32", "onehot"):
+      raise ValueError(
+        f"embed_backward={self.embed_backward!r} must be 'scatter', 'scatter_f32' or 'onehot'"
+      )
     if self.attention.window >= self.seq_len:
       raise ValueError(f"window={self.attention.window} must be < seq_len={self.seq_len}")
 

@@ -213,6 +213,8 @@ class Transformer(nn.Module):
     )
     if cfg.embed_backward == "onehot":
       x_BxTxE = _lookup_onehot_grad(embed.embedding.astype(dtype), tokens_BxT)
+    elif cfg.embed_backward == "scatter_f32":  # the cast after the gather: f32 cotangents
+      x_BxTxE = jnp.take(embed.embedding, tokens_BxT, axis=0).astype(dtype)
     else:
       x_BxTxE = embed(tokens_BxT)
     for layer, pattern in enumerate(layer_patterns(cfg, tokens_BxT.shape[1])):

@@ -141,3 +141,29 @@ def test_bad_input_is_one_line_before_anything_runs(config, tmp_path, args, mess
   assert proc.returncode == 1 and message in proc.stderr, proc.stderr
   assert len(proc.stderr.strip().splitlines()) == 1
   assert not root.exists()
+
+
+def test_deadline_estimate_follows_the_step_cost():
+  """A learned run costs more than a sparse one, a one-hot embedding gradient less, and a GPU
+  shared by two runs takes twice the steps' time."""
+  import importlib.util
+
+  spec = importlib.util.spec_from_file_location("matrix", MATRIX)
+  matrix = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(matrix)
+  paper = str(MATRIX.parents[1] / "configs" / "paper.py")
+
+  def estimate(name, *overrides, shared=1):
+    return matrix.estimate_seconds(
+      matrix.run_config(paper, "steps=3052", list(overrides), name), shared
+    )
+
+  stagger = estimate("fib_stagger_w12")
+  assert (
+    estimate("fib_learned_w12")
+    > stagger
+    > estimate("fib_stagger_w12", "model.embed_backward=onehot")
+  )
+  assert estimate("fib_stagger_w12", shared=2) - stagger == pytest.approx(
+    stagger - matrix.FIXED_SECONDS["other"]
+  )
