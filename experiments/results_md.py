@@ -32,6 +32,7 @@ from reproduce import (  # noqa: E402
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_RESULTS = REPO / "experiments" / "results" / "gpu_matrix_100m"
 DEFAULT_OUT = REPO / "experiments" / "RESULTS.md"
+DEFAULT_FULL = REPO / "experiments" / "results" / "gpu_full_recipe"
 WINDOWS = (6, 8, 10, 12)
 FLAT = 0.03  # a change within +-3% at 4x counts as holding perplexity
 PAPER_SEEDS = {  # PAPER.md §6, W = 12: mean +- spread over seeds
@@ -317,7 +318,98 @@ def plot(runs, plots: Path) -> list[Path]:
   return made
 
 
-def build(runs: dict, results: Path, out: Path, plot_files: list[Path]) -> str:
+def extrapolation_md(runs: dict, dataset: str, heading: str) -> list[str]:
+  """Perplexity at every evaluated length, the paper's after / where it has one, and the
+  change from x1 at 4x and beyond."""
+  mults = sorted(
+    {r["length_mult"] for es in runs.values() for e in es for r in e["report"]["results"]}
+  )
+  changes = [m for m in (4, 16, 64) if m in mults]
+  footnote = False
+  md = [f"{heading} (perplexity; paper's FineWeb-Edu figures after /)", ""]
+  md += ["| model | " + " | ".join(f"x{m}" for m in mults) + " | "]
+  md[-1] += " | ".join(f"change at x{m}" for m in changes) + " |"
+  md += ["|---|" + "---|" * (len(mults) + len(changes))]
+  for name in sorted(runs, key=lambda n: (n != "dense", n)):
+    paper = PAPER_EXTRAPOLATION.get(name) if dataset == "validation" else None
+    cells = []
+    for m in mults:
+      s = stat(runs, name, dataset, m)
+      p = paper[{1: 0, 2: 1, 4: 2}[m]] if paper and m in (1, 2, 4) else None
+      n, n1 = tokens(runs[name][0], dataset, m), tokens(runs[name][0], dataset, 1)
+      short = s is not None and n is not None and n1 is not None and n < n1
+      cells.append(fmt(s) + ("†" if short else "") + (f" / {p}" if p is not None else ""))
+      footnote |= short
+    for m in changes:
+      c = change(runs, name, dataset, m)
+      p4 = f" / {paper[2] / paper[0] - 1:+.1%}" if paper and m == 4 else ""
+      cells.append("-" if c is None else f"{c:+.1%}{p4}")
+    md.append(f"| {name} | " + " | ".join(cells) + " |")
+  if footnote:
+    md += [
+      "",
+      "† Fewer tokens than at x1: only documents at least that long hold a window, so the "
+      "sample is not the one measured at x1 and the change includes the change of text.",
+    ]
+  return md + [""]
+
+
+def runs_table_md(runs: dict) -> list[str]:
+  md = [
+    "| run | tokens | steps | wall s | train s | s beside another run | card |",
+    "|---|---|---|---|---|---|---|",
+  ]
+  everyone = [e for es in runs.values() for e in es]
+  for name in sorted(runs):
+    for e in runs[name]:
+      r = e["run"]
+      train_s, shared = r.get("train_log_span_s"), overlap_s(e, everyone)
+      md.append(
+        f"| {e['name']} | {r.get('tokens') or 0:,} | {r.get('steps')} | {r.get('wall_s')} | "
+        f"{'-' if train_s is None else round(train_s)} | "
+        f"{'-' if shared is None else round(shared)} | {e['report'].get('device', '?')} |"
+      )
+  notes = [
+    f"- {e['name']}: {e['run']['note']}" for es in runs.values() for e in es if e["run"].get("note")
+  ]
+  return md + (["", *notes] if notes else [])
+
+
+def full_recipe_md(full: dict) -> list[str]:
+  """The runs trained on the paper's whole recipe, in their own tables."""
+  configs = [e["report"]["config"] for es in full.values() for e in es if "config" in e["report"]]
+  steps = sorted({c["train"]["total_steps"] for c in configs})
+  grads = sorted({c["model"].get("embed_backward", "scatter") for c in configs})
+  md = [
+    "## Full recipe: the paper's 426M tokens",
+    "",
+    f"Each run is `configs/paper.py:<run>` as the paper trains it ({', '.join(map(str, steps))} "
+    "steps of 32 x 1024 tokens, warmup 300), seed 42, on Gutenberg; the embedding gradient "
+    f"was formed by {' and '.join(grads)} (the same function; "
+    "`experiments/results/embed_grad_h200/`). The long validation books hold windows of "
+    "64x the training length.",
+    "",
+  ]
+  md += extrapolation_md(full, "validation", "### Gutenberg validation")
+  md += extrapolation_md(full, "sotu", "### State of the Union, out of domain")
+  sparse = [n for n in full if n != "dense" and stat(full, n)]
+  if stat(full, "dense") and sparse:
+    best = min(sparse, key=lambda n: stat(full, n)[0])
+    d, b = stat(full, "dense")[0], stat(full, best)[0]
+    paper = PAPER_PPL["fib_stagger"][12] / PAPER_DENSE_PPL - 1
+    md += [
+      f"Dense against the best sparse run at the training length: dense {d:.2f}, {best} "
+      f"{b:.2f} ({b / d - 1:+.1%}; the paper {paper:+.1%}"
+      " for fib / stagger W = 12; the 100M-token matrix above "
+      "gives the same comparison at a quarter of the tokens).",
+      "",
+    ]
+  return md + runs_table_md(full) + [""]
+
+
+def build(
+  runs: dict, results: Path, out: Path, plot_files: list[Path], full: dict | None = None
+) -> str:
   rel = lambda p: Path(os.path.relpath(Path(p).resolve(), out.resolve().parent)).as_posix()  # noqa: E731
   devices = sorted({e["report"].get("device", "?") for es in runs.values() for e in es})
   jax_versions = sorted({e["report"].get("jax_version", "?") for es in runs.values() for e in es})
@@ -377,41 +469,11 @@ def build(runs: dict, results: Path, out: Path, plot_files: list[Path]) -> str:
       md.append(f"- {s}: {fmt(stat(runs, f'{s}_w12'))} / {pm}" + (f" ± {ps}" if ps else ""))
     md.append("")
 
-  mults = sorted(
-    {r["length_mult"] for es in runs.values() for e in es for r in e["report"]["results"]}
-  )
   for dataset, title in (
     ("validation", "Gutenberg validation"),
     ("sotu", "State of the Union, out of domain"),
   ):
-    footnote = False
-    md += [
-      f"## Length extrapolation: {title} (perplexity; paper's FineWeb-Edu figures after /)",
-      "",
-    ]
-    md += ["| model | " + " | ".join(f"x{m}" for m in mults) + " | change at x4 | change at x16 |"]
-    md += ["|---|" + "---|" * (len(mults) + 2)]
-    for name in sorted(runs, key=lambda n: (n != "dense", n)):
-      paper = PAPER_EXTRAPOLATION.get(name) if dataset == "validation" else None
-      cells = []
-      for m in mults:
-        s = stat(runs, name, dataset, m)
-        p = paper[{1: 0, 2: 1, 4: 2}[m]] if paper and m in (1, 2, 4) else None
-        n, n1 = tokens(runs[name][0], dataset, m), tokens(runs[name][0], dataset, 1)
-        short = s is not None and n is not None and n1 is not None and n < n1
-        cells.append(fmt(s) + ("†" if short else "") + (f" / {p}" if p is not None else ""))
-        footnote |= short
-      c4, c16 = change(runs, name, dataset, 4), change(runs, name, dataset, 16)
-      p4 = f" / {paper[2] / paper[0] - 1:+.1%}" if paper else ""
-      cells += ["-" if c4 is None else f"{c4:+.1%}{p4}", "-" if c16 is None else f"{c16:+.1%}"]
-      md.append(f"| {name} | " + " | ".join(cells) + " |")
-    if footnote:
-      md += [
-        "",
-        "† Fewer tokens than at x1: only documents at least that long hold a window, so the "
-        "sample is not the one measured at x1 and the change includes the change of text.",
-      ]
-    md.append("")
+    md += extrapolation_md(runs, dataset, f"## Length extrapolation: {title}")
 
   md += ["## Position-resolved loss (Gutenberg validation, x1, mean NLL in nats over 8 bins)", ""]
   md += ["| model | " + " | ".join(str(i) for i in range(1, 9)) + " |", "|---|" + "---|" * 8]
@@ -430,35 +492,28 @@ def build(runs: dict, results: Path, out: Path, plot_files: list[Path]) -> str:
     "",
     not_yet_run(runs),
     "",
-    "## Runs",
+  ]
+  md += full_recipe_md(full) if full else []
+  md += [
+    "## Runs of the 100M-token matrix",
     "",
     "Wall time is from the queue's start of the run to the end of its evaluation; train "
     "time from the first to the last logged step. Runs shared a GPU with another run for "
     "the seconds shown (GPU time-slicing, no MPS), so neither is a speed figure: "
     "`experiments/bench_train.py` measures speed.",
     "",
-    "| run | tokens | steps | wall s | train s | s beside another run | card |",
-    "|---|---|---|---|---|---|---|",
   ]
-  everyone = [e for es in runs.values() for e in es]
-  for name in sorted(runs):
-    for e in runs[name]:
-      r = e["run"]
-      train_s, shared = r.get("train_log_span_s"), overlap_s(e, everyone)
-      md.append(
-        f"| {e['name']} | {r.get('tokens') or 0:,} | {r.get('steps')} | {r.get('wall_s')} | "
-        f"{'-' if train_s is None else round(train_s)} | "
-        f"{'-' if shared is None else round(shared)} | {e['report'].get('device', '?')} |"
-      )
-  notes = [
-    f"- {e['name']}: {e['run']['note']}" for es in runs.values() for e in es if e["run"].get("note")
-  ]
-  if notes:
-    md += ["", *notes]
+  md += runs_table_md(runs)
   md += ["", "## Plots", ""]
   md += [f"![{p.stem}]({rel(p)})" for p in plot_files]
   commands = sorted(
-    {e["run"]["command"] for es in runs.values() for e in es if "command" in e["run"]}
+    {
+      e["run"]["command"]
+      for group in (runs, full or {})
+      for es in group.values()
+      for e in es
+      if "command" in e["run"]
+    }
   )
   md += [
     "",
@@ -486,8 +541,9 @@ def not_yet_run(runs: dict) -> str:
   sys.path.insert(0, str(REPO))
   from configs.paper import RUNS
 
-  missing = [n for n in RUNS if n not in runs and "_seed" not in n]
-  seeds = [n for n in RUNS if n not in runs and "_seed" in n]
+  present = {e["name"] for es in runs.values() for e in es}
+  missing = [n for n in RUNS if n not in present and "_seed" not in n]
+  seeds = [n for n in RUNS if n not in present and "_seed" in n]
   parts = []
   if missing:
     parts.append(f"{len(missing)} of the matrix's runs ({', '.join(sorted(missing))})")
@@ -505,6 +561,9 @@ def main(argv=None) -> int:
   p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   p.add_argument("--results", type=Path, default=DEFAULT_RESULTS)
   p.add_argument("--out", type=Path, default=DEFAULT_OUT)
+  p.add_argument(
+    "--full", type=Path, default=DEFAULT_FULL, help="reports of full-recipe runs, if any"
+  )
   p.add_argument("--plots", type=Path, default=None, help="default: <results>/plots")
   p.add_argument("--check", action="store_true", help="compare with --out; write nothing")
   args = p.parse_args(argv)
@@ -513,12 +572,13 @@ def main(argv=None) -> int:
   runs = load_runs(args.results)
   if not runs:
     sys.exit(f"results_md.py: error: no results-cap_run.json under {args.results}")
+  full = load_runs(args.full) if args.full.is_dir() else {}
   plots = args.plots or args.results / "plots"
   names = [plots / "ppl_vs_length.png", plots / "position_bins.png"]
   if any(e["alphas"] for es in runs.values() for e in es):
     names.append(plots / "learned_alphas.png")
   if args.check:
-    text = build(runs, args.results, args.out, names)
+    text = build(runs, args.results, args.out, names, full)
     if not args.out.is_file() or args.out.read_text() != text:
       sys.exit(
         f"results_md.py: error: {args.out} is out of date; run python experiments/results_md.py"
@@ -526,7 +586,7 @@ def main(argv=None) -> int:
     print(f"{args.out} is up to date ({sum(map(len, runs.values()))} runs)")
     return 0
   made = plot(runs, plots)
-  text = build(runs, args.results, args.out, made)
+  text = build(runs, args.results, args.out, made, full)
   tmp = args.out.with_name(args.out.name + ".tmp")
   tmp.write_text(text)
   tmp.replace(args.out)

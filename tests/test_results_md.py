@@ -93,3 +93,26 @@ def test_no_reports_is_a_one_line_error(tmp_path):
   )
   assert proc.returncode == 1 and "no results-cap_run.json" in proc.stderr
   assert len(proc.stderr.strip().splitlines()) == 1 and not (tmp_path / "R.md").exists()
+
+
+def test_full_recipe_runs_get_their_own_section(tmp_path):
+  """Reports under --full come out as their own tables with every evaluated length (64x
+  too), beside the matrix, and the dense gap there is computed from them."""
+  matrix, full = tmp_path / "matrix", tmp_path / "full"
+  _write_run(matrix, "fib_stagger_w12", {1: 49.0, 4: 48.5})
+  _write_run(full, "dense", {1: 40.0, 4: 60.0})
+  _write_run(full, "fib_stagger_w12", {1: 44.0, 4: 43.0, 64: 42.0})
+  out = tmp_path / "RESULTS.md"
+  args = ["--results", matrix, "--full", full, "--out", out, "--plots", tmp_path / "plots"]
+  proc = subprocess.run(
+    [sys.executable, str(PATH), *map(str, args)], capture_output=True, text=True
+  )
+  assert proc.returncode == 0, proc.stderr
+  text = out.read_text()
+  section = text[text.index("## Full recipe") : text.index("## Runs of the 100M-token matrix")]
+  assert (
+    "| fib_stagger_w12 | 44.00 / 42.02 | 43.00 / 41.45 | 42.00 | -2.3% / -1.4% | -4.5% |" in section
+  )
+  assert "| dense | 40.00 / 33.37 | 60.00 / 100.36 | - | +50.0% / +200.7% | - |" in section
+  assert "dense 40.00, fib_stagger_w12 44.00 (+10.0%" in section
+  assert "x64" not in text[: text.index("## Full recipe")]  # the matrix tables keep their lengths
