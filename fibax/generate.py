@@ -148,6 +148,26 @@ def _decode_layer(cfg, p, x_Bx1xE, pos_B, cache, rows: int, distances):
   return x_Bx1xE, (k_cache, v_cache)
 
 
+def decode_step(p, cfg: ModelConfig, layout, token_B, pos_B, caches):
+  """The logits after token_B at positions pos_B, and the caches with its keys and values
+  written: one token a row through every layer. `p` is the unboxed params, `layout` the
+  `cache_layout`, caches a (k, v) pair a layer of [B, rows, kv heads, D]."""
+  dtype = jnp.dtype(cfg.compute_dtype)
+  embedding_VxE = p["embed"]["embedding"].astype(dtype)
+  x_Bx1xE = embedding_VxE[token_B][:, None, :]
+  new_caches = []
+  for layer, (rows, distances) in enumerate(layout):
+    x_Bx1xE, cache = _decode_layer(
+      cfg, p[f"layer_{layer}"], x_Bx1xE, pos_B, caches[layer], rows, distances
+    )
+    new_caches.append(cache)
+  x_Bx1xE = model_lib.RMSNorm(cfg.norm_eps, dtype).apply({"params": p["final_norm"]}, x_Bx1xE)
+  logits_BxV = jnp.einsum(
+    "be,ve->bv", x_Bx1xE[:, 0], embedding_VxE, preferred_element_type=jnp.float32
+  )
+  return logits_BxV, tuple(new_caches)
+
+
 @functools.partial(
   jax.jit,
   static_argnames=(
@@ -165,7 +185,6 @@ def _generate(params, prompts_BxP, lengths_B, rng, *, cfg, max_new, temperature,
               eos_id, return_logits, on_token=None):  # fmt: skip
   batch, prompt_len = prompts_BxP.shape
   total = prompt_len + max_new
-  dtype = jnp.dtype(cfg.compute_dtype)
   p = nn.unbox(params)
   layout = cache_layout(cfg, total)
 
@@ -189,21 +208,10 @@ def _generate(params, prompts_BxP, lengths_B, rng, *, cfg, max_new, temperature,
   done_B = (first_B == eos_id) | (count_B >= max_new)
   if on_token is not None:
     jax.debug.callback(on_token, first_B, jnp.ones((batch,), bool), ordered=True)
-  embedding_VxE = p["embed"]["embedding"].astype(dtype)
 
   def body(carry):
     tokens_BxN, pos_B, count_B, done_B, caches, logits_BxMxV, rng = carry
-    x_Bx1xE = embedding_VxE[tokens_BxN[b_B, pos_B]][:, None, :]
-    new_caches = []
-    for layer, (rows, distances) in enumerate(layout):
-      x_Bx1xE, cache = _decode_layer(
-        cfg, p[f"layer_{layer}"], x_Bx1xE, pos_B, caches[layer], rows, distances
-      )
-      new_caches.append(cache)
-    x_Bx1xE = model_lib.RMSNorm(cfg.norm_eps, dtype).apply({"params": p["final_norm"]}, x_Bx1xE)
-    logits_BxV = jnp.einsum(
-      "be,ve->bv", x_Bx1xE[:, 0], embedding_VxE, preferred_element_type=jnp.float32
-    )
+    logits_BxV, new_caches = decode_step(p, cfg, layout, tokens_BxN[b_B, pos_B], pos_B, caches)
     rng, key = jax.random.split(rng)
     next_B = _sample(logits_BxV, key, temperature, top_k, top_p)
     live_B = ~done_B
