@@ -9,6 +9,8 @@ is tried first; one that fails to load or whose checksums disagree is reported, 
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import os
 import time
 from collections.abc import Callable
@@ -27,6 +29,21 @@ def error_line(e: BaseException) -> str:
   """`Type: first line` of an exception, without TensorStore's pointer to its full message."""
   first = (str(e).strip().splitlines() or [""])[0].split(" See full TensorStore")[0]
   return f"{type(e).__name__}: {first}"[:300]
+
+
+@contextlib.contextmanager
+def quiet_orbax():
+  """Orbax warns through absl on every read-only open ("Given directory is read only"), and a
+  damaged array leaves asyncio logging pages of tracebacks; our CheckpointError says it all."""
+  loggers = [logging.getLogger(name) for name in ("absl", "asyncio")]
+  levels = [logger.level for logger in loggers]
+  for logger in loggers:
+    logger.setLevel(logging.CRITICAL)
+  try:
+    yield
+  finally:
+    for logger, level in zip(loggers, levels, strict=True):
+      logger.setLevel(level)
 
 
 class CheckpointError(RuntimeError):
@@ -80,6 +97,12 @@ class Checkpointer:
     """Starts saving `state` and the iterator's position at `step`; returns once the arrays are
     copied off the device (so the caller may donate them) and the write runs in background."""
     record = {"step": step, "checksums": checksums(state), **(meta or {})}
+    try:
+      self._save(step, state, data_iter, record)
+    except Exception as e:  # noqa: BLE001 (e.g. the disk is full)
+      raise self._save_failed(e) from None
+
+  def _save(self, step: int, state, data_iter, record: dict) -> None:
     self._mngr.save(
       step,
       args=ocp.args.Composite(
@@ -152,9 +175,31 @@ class Checkpointer:
     self._mngr.reload()
     return aside
 
+  def _save_failed(self, e: BaseException) -> CheckpointError:
+    good = self.steps()
+    return CheckpointError(
+      f"saving a checkpoint in {self.directory} failed ({error_line(e)}); the newest complete "
+      + (f"one is step {max(good)}" if good else "one: none")
+    )
+
+  def check(self) -> None:
+    """Raises CheckpointError if a background save has failed (cheap: call it every step)."""
+    try:
+      self._mngr.check_for_errors()
+      if not self._mngr.is_saving_in_progress():
+        self._mngr.wait_until_finished()  # returns at once; raises if the finished save failed
+    except Exception as e:  # noqa: BLE001 (whatever the writer raised, e.g. a full disk)
+      raise self._save_failed(e) from None
+
   def wait(self) -> None:
-    self._mngr.wait_until_finished()
+    """Waits for the background save; raises CheckpointError if it failed."""
+    try:
+      self._mngr.wait_until_finished()
+    except Exception as e:  # noqa: BLE001
+      raise self._save_failed(e) from None
 
   def close(self) -> None:
-    self._mngr.wait_until_finished()
-    self._mngr.close()
+    try:
+      self.wait()
+    finally:
+      self._mngr.close()

@@ -1,6 +1,7 @@
 """Evaluation reports (from `fibax.evaluate.evaluate_run`): a printed table, JSON, CSV, and
 the per-position NLL curves as .npz beside them.
 
+    check_writable("runs/fib/eval")                 # before evaluating: raises OutputError
     paths = write_report(report, "runs/fib/eval")   # results-cap_run.{json,csv} + _positions.npz
     reports = load_reports(["runs/fib/eval", "runs/dense/eval"])   # for fibax.plots
 """
@@ -11,6 +12,7 @@ import csv
 import json
 import os
 import sys
+import tempfile
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -76,6 +78,41 @@ def format_table(report: dict) -> str:
     if row["status"] != "ok":
       lines.append(f"  {row['dataset']} {row['variant']} x{row['length_mult']}: {row['status']}")
   return "\n".join(lines)
+
+
+class OutputError(OSError):
+  """An output path that cannot be written."""
+
+
+def check_writable(path: str | os.PathLike, *, is_file: bool = False) -> Path:
+  """`path` (absolute), checked to be a directory (with `is_file`: a file) that can be written
+  or created, before anything is computed for it. Creates nothing: the deepest directory that
+  exists on the way must be one and take a (temporary, unnamed) file.
+
+  Raises:
+    OutputError: naming the path and why not (a file in the way, or no write permission).
+  """
+  path = Path(path).absolute()
+  try:
+    if is_file and path.is_dir():
+      raise OutputError(f"out={str(path)!r} is a directory, not a file")
+    if is_file and path.exists() and not os.access(path, os.W_OK):
+      raise OutputError(f"out={str(path)!r} is not writable (a read-only file)")
+    existing = path.parent if is_file else path
+    while not existing.exists():
+      existing = existing.parent
+    if existing == path and not existing.is_dir():
+      raise OutputError(f"out={str(path)!r} is a file, not a directory")
+    if not existing.is_dir():
+      raise OutputError(f"out={str(path)!r} cannot be created: {existing} is not a directory")
+    with tempfile.TemporaryFile(dir=existing):
+      pass
+  except OutputError:
+    raise
+  except OSError as e:
+    reason = f"{type(e).__name__}: {e.strerror or e}"
+    raise OutputError(f"out={str(path)!r} is not writable ({reason})") from None
+  return path
 
 
 def report_stem(report: dict) -> str:

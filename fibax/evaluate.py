@@ -38,6 +38,7 @@ __all__ = [
   "DATASETS",
   "VARIANTS",
   "InsufficientMemory",
+  "NonFiniteResult",
   "Run",
   "check_eval_args",
   "compile_forward",
@@ -64,6 +65,11 @@ DATASETS = ("validation", "test", "sotu")
 # "trained": the model as trained (a learned schedule on its dynamic path); "frozen": each
 # learned alpha rounded into an integer pattern (`freeze`).
 VARIANTS = ("trained", "frozen")
+
+
+class NonFiniteResult(FloatingPointError):
+  """A NLL that is nan or inf (e.g. a diverged run's parameters)."""
+
 
 # --- freezing --------------------------------------------------------------------------------
 
@@ -233,6 +239,7 @@ def evaluate_run(
   batch_tokens: int = DEFAULT_BATCH_TOKENS,
   data_dir: str | os.PathLike | None = None,
   free_bytes: int | None = None,
+  require_finite: bool = False,
   log: Callable[[str], None] = print,
 ) -> dict:
   """Perplexity and position-resolved NLL of `run` at each length multiple and dataset.
@@ -244,6 +251,8 @@ def evaluate_run(
       N is not a multiple of the window).
     batch_tokens: tokens per forward (the batch is halved further if memory is short).
     free_bytes: memory to plan with instead of the device's free memory.
+    require_finite: raise `NonFiniteResult` at the first length whose NLL is nan or inf
+      (naming its variant, dataset and length) instead of reporting it.
 
   Returns:
     A report: {"label", "checkpoint", "step", "cap_mode", "max_tokens", "device", "config",
@@ -310,6 +319,11 @@ def evaluate_run(
           except InsufficientMemory as e:
             row["status"] = f"refused: {e}"
           else:
+            if require_finite and not np.isfinite(out["nll_per_position"]).all():
+              raise NonFiniteResult(
+                f"non-finite NLL (nll={out['nll']}) on dataset {name} at length x{mult} "
+                f"(seq_len={seq_len}), variant {variant}, of {run.label} step {run.step}"
+              )
             positions[f"{variant}/{name}/x{mult}"] = out.pop("nll_per_position")
             row.update(out)
         log(_row_line(row))

@@ -65,24 +65,47 @@ def flops_per_token(cfg: ModelConfig) -> float:
   return 3 * (2 * matmul_params + attn)
 
 
+def _step_of(line: str) -> int | None:
+  """The step of one metrics.jsonl line; None for a line cut short by a crash."""
+  try:
+    return int(json.loads(line)["step"])
+  except (ValueError, KeyError, TypeError):
+    return None
+
+
 class MetricWriter:
   """Appends one JSON object per record to `metrics.jsonl` and scalars to TensorBoard event
   files in the same directory. Only the writing process (process 0) should make one with
   `enabled=True`; the others get a writer that drops everything."""
 
-  def __init__(self, directory: str | os.PathLike, enabled: bool = True):
+  def __init__(
+    self, directory: str | os.PathLike, enabled: bool = True, resume_step: int | None = None
+  ):
+    """`resume_step`: the step training resumes from; records of later steps (written
+    before a crash, and about to be written again) are dropped from both outputs."""
     self.enabled, self._tb = enabled, None
     if not enabled:
       return
     self.directory = Path(directory)
     self.directory.mkdir(parents=True, exist_ok=True)
-    self._jsonl = open(self.directory / "metrics.jsonl", "a")  # noqa: SIM115
+    path = self.directory / "metrics.jsonl"
+    if resume_step is not None and path.exists():
+      kept = [
+        line
+        for line in path.read_text().splitlines(keepends=True)
+        if _step_of(line) is not None and _step_of(line) <= resume_step
+      ]
+      tmp = path.with_name(path.name + ".tmp")
+      tmp.write_text("".join(kept))
+      os.replace(tmp, path)
+    self._jsonl = open(path, "a")  # noqa: SIM115
     try:
       from tensorboardX import SummaryWriter
     except ImportError:
       print("fibax: tensorboardX is not installed; writing metrics.jsonl only", file=sys.stderr)
     else:
-      self._tb = SummaryWriter(str(self.directory), flush_secs=30)
+      purge = None if resume_step is None else resume_step + 1  # hides events from here on
+      self._tb = SummaryWriter(str(self.directory), flush_secs=30, purge_step=purge)
 
   def write(self, step: int, metrics: dict, prefix: str = "train") -> None:
     if not self.enabled:

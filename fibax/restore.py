@@ -11,9 +11,7 @@ or written: a damaged checkpoint is an error naming it, not a fallback to an old
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import logging
 import os
 from pathlib import Path
 from typing import Any
@@ -21,7 +19,15 @@ from typing import Any
 import orbax.checkpoint as ocp
 
 from fibax import sharding
-from fibax.checkpoint import DATA, META, STATE, CheckpointError, checksums, error_line
+from fibax.checkpoint import (
+  DATA,
+  META,
+  STATE,
+  CheckpointError,
+  checksums,
+  error_line,
+  quiet_orbax,
+)
 from fibax.config import RunConfig
 from fibax.steps import make_steps
 
@@ -67,6 +73,12 @@ def _resolve_checkpoint(path: Path, step: int | None) -> tuple[Path, int | None]
   return path, step
 
 
+def checkpoint_dir(path: str | os.PathLike) -> Path:
+  """The directory of step directories that `load_run(path)` reads (absolute), without opening
+  it. Raises CheckpointError if `path` does not exist."""
+  return _resolve_checkpoint(Path(path).absolute(), None)[0]
+
+
 def _restore(mngr: ocp.CheckpointManager, step: int, overrides: dict | None):
   """(run config, parameters) of one step: its record first (the config builds the abstract
   state), then the state, whose checksums must match the record's."""
@@ -82,21 +94,6 @@ def _restore(mngr: ocp.CheckpointManager, step: int, overrides: dict | None):
   if checksums(state) != record["checksums"]:
     raise CheckpointError("its arrays do not match the checksums in its record")
   return cfg, state.params
-
-
-@contextlib.contextmanager
-def _quiet_orbax():
-  """Orbax warns through absl on every read-only open ("Given directory is read only"), and a
-  damaged array leaves asyncio logging pages of tracebacks; the CheckpointError says it all."""
-  loggers = [logging.getLogger(name) for name in ("absl", "asyncio")]
-  levels = [logger.level for logger in loggers]
-  for logger in loggers:
-    logger.setLevel(logging.CRITICAL)
-  try:
-    yield
-  finally:
-    for logger, level in zip(loggers, levels, strict=True):
-      logger.setLevel(level)
 
 
 def load_run(
@@ -121,7 +118,7 @@ def load_run(
   ckpt_dir, step = _resolve_checkpoint(Path(path).absolute(), step)
   options = ocp.CheckpointManagerOptions(read_only=True, create=False, save_interval_steps=0)
   try:
-    with _quiet_orbax():
+    with quiet_orbax():
       mngr = ocp.CheckpointManager(ckpt_dir, options=options, item_names=(STATE, DATA, META))
     steps = sorted(mngr.all_steps())
   except Exception as e:  # noqa: BLE001 (any failure to open is reported the same way)
@@ -133,7 +130,7 @@ def load_run(
   if step not in steps:
     raise CheckpointError(f"step={step} is not in {ckpt_dir} (steps there: {steps})")
   try:
-    with _quiet_orbax():
+    with quiet_orbax():
       cfg, params = _restore(mngr, step, overrides)
   except Exception as e:  # noqa: BLE001 (any failure to load is reported the same way)
     raise CheckpointError(

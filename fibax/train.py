@@ -8,9 +8,14 @@
     summary = train(run_config, "runs/tiny")
 
 The workdir holds `checkpoints/`, `metrics.jsonl`, TensorBoard event files and
-`config.json`. Running again on the same workdir resumes exactly where the last checkpoint
-left off (parameters, optimizer state, step, RNG and data position). SIGTERM saves a
-checkpoint after the current step and returns (the CLI then exits with status 143).
+`config.json` (written when the run starts afresh). Running again on the same workdir
+resumes exactly where the last checkpoint left off (parameters, optimizer state, step, RNG
+and data position); a config that contradicts the checkpoints' (other than in how things
+run: logging, evaluation, checkpoint cadence, mesh, kernels) is refused. SIGTERM or SIGINT
+(Ctrl-C) saves a checkpoint after the current step and returns (the CLI then exits with 128 +
+the signal: 143 or 130). One training at a time holds a workdir (a lock file); a failed
+background checkpoint write stops training at once, and a state with non-finite parameters
+is never saved.
 """
 
 from __future__ import annotations
@@ -18,8 +23,10 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import fcntl
 import json
 import math
+import os
 import signal
 import sys
 import threading
@@ -28,12 +35,13 @@ from collections.abc import Callable
 from pathlib import Path
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from jax.experimental import multihost_utils
 
 from fibax import metrics as metrics_lib
 from fibax import sharding
-from fibax.checkpoint import Checkpointer, CheckpointError
+from fibax.checkpoint import Checkpointer, CheckpointError, quiet_orbax
 from fibax.config import RunConfig
 from fibax.config_loader import add_overrides_argument, apply_overrides, load_config
 from fibax.data.files import DataError
@@ -41,28 +49,60 @@ from fibax.model import learned_alphas
 from fibax.steps import Steps, make_steps
 
 PREEMPTED_EXIT_CODE = 128 + signal.SIGTERM
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+LOCK_FILE = ".lock"
+# Fields that say how a run runs, not what it computes: they may change between a run's
+# starts. Any other difference from the checkpoints' config is refused on resume.
+OPERATIONAL_FIELDS = frozenset(
+  {
+    "data_dir",
+    "model.attention.impl",
+    "model.attention.dense_impl",
+    "model.embed_backward",
+    *(
+      f"train.{name}"
+      for name in (
+        "eval_every", "checkpoint_every", "keep_checkpoints", "eval_tokens", "log_every",
+        "async_checkpoint", "mesh_data", "mesh_model", "distributed", "peak_tflops",
+        "data_workers", "progress_bar",
+      )
+    ),
+  }
+)  # fmt: skip
 
 
 class TrainingDiverged(FloatingPointError):
-  """The loss became NaN or inf; nothing after the last good checkpoint was saved."""
+  """The loss or the parameters became NaN or inf; nothing after the last good checkpoint
+  was saved."""
+
+
+class WorkdirError(RuntimeError):
+  """The workdir cannot be used: not a directory, not writable, in use by another training,
+  or holding checkpoints of a different run."""
 
 
 class _StopFlag:
-  """Set by SIGTERM (while the loop runs, in the main thread)."""
+  """Set by SIGTERM or SIGINT (while the loop runs, in the main thread)."""
 
   def __init__(self):
     self.event = threading.Event()
+    self.signum = signal.SIGTERM
+
+  def _set(self, signum, _frame):
+    self.signum = signal.Signals(signum)
+    self.event.set()
 
   @contextlib.contextmanager
   def installed(self):
     if threading.current_thread() is not threading.main_thread():
       yield self
       return
-    previous = signal.signal(signal.SIGTERM, lambda *_: self.event.set())
+    previous = {sig: signal.signal(sig, self._set) for sig in STOP_SIGNALS}
     try:
       yield self
     finally:
-      signal.signal(signal.SIGTERM, previous)
+      for sig, handler in previous.items():
+        signal.signal(sig, handler)
 
   def agreed(self) -> bool:
     """Whether any process was signalled (a collective: call it at the same step everywhere)."""
@@ -70,6 +110,57 @@ class _StopFlag:
     if jax.process_count() > 1:
       flag = multihost_utils.process_allgather(flag).max()
     return bool(flag)
+
+
+@contextlib.contextmanager
+def _workdir_lock(workdir: Path, enabled: bool):
+  """Holds an exclusive lock on `workdir` (made if missing) while the block runs."""
+  if not enabled:  # processes other than 0 share process 0's workdir
+    yield
+    return
+  if workdir.exists() and not workdir.is_dir():
+    raise WorkdirError(f"workdir {workdir} exists and is not a directory")
+  try:
+    workdir.mkdir(parents=True, exist_ok=True)
+    fd = os.open(workdir / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+  except OSError as e:
+    raise WorkdirError(f"workdir {workdir} is not writable ({e.strerror})") from None
+  try:
+    try:
+      fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+      owner = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
+      raise WorkdirError(
+        f"workdir {workdir} is in use by another training (pid {owner}); not started"
+      ) from None
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    yield
+  finally:
+    os.close(fd)  # releases the lock
+
+
+@jax.jit
+def _all_finite(tree) -> jax.Array:
+  return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]))
+
+
+def _flat(tree, prefix: str = "") -> dict:
+  if isinstance(tree, dict):
+    return {k: v for key, sub in tree.items() for k, v in _flat(sub, f"{prefix}{key}.").items()}
+  return {prefix[:-1]: tree}
+
+
+def contradictions(cfg: RunConfig, saved: dict) -> list[str]:
+  """`field: now != saved` for every field of `cfg` that differs from the config the
+  checkpoints were written with, apart from OPERATIONAL_FIELDS."""
+  now = _flat(json.loads(json.dumps(dataclasses.asdict(cfg))))
+  then = _flat(saved)
+  return [
+    f"{k}={now.get(k)!r} (checkpoints: {then.get(k)!r})"
+    for k in sorted(now.keys() | then.keys())
+    if k not in OPERATIONAL_FIELDS and now.get(k) != then.get(k)
+  ]
 
 
 def prepare_data(cfg: RunConfig, log: Callable[[str], None] = print) -> Path:
@@ -128,7 +219,7 @@ class _Logger:
     for s, m in zip(steps_done, fetched, strict=True):
       loss, grad_norm = float(m["loss"]), float(m["grad_norm"])
       if not (math.isfinite(loss) and math.isfinite(grad_norm)):
-        raise TrainingDiverged(f"loss {loss} / gradient norm {grad_norm} at step {s}")
+        raise TrainingDiverged(f"loss {loss} / gradient norm {grad_norm} at step {s} is not finite")
     loss = float(np.mean([np.float64(m["loss"]) for m in fetched]))
     record = {
       "loss": loss,
@@ -164,19 +255,30 @@ def train(cfg: RunConfig, workdir: str | Path, *, log: Callable[[str], None] = p
   """Trains `cfg` in `workdir`, resuming from its newest readable checkpoint.
 
   Returns:
-    {"step", "loss" (mean of the last logged steps), "val_loss", "preempted", "seconds"}.
+    {"step", "loss" (mean of the last logged steps), "val_loss", "preempted", "signal" (the
+    stopping signal's number, or None), "seconds"}.
 
   Raises:
-    TrainingDiverged: the loss became NaN or inf (checkpoints up to then stay intact).
-    fibax.checkpoint.CheckpointError: checkpoints exist but none can be read.
+    TrainingDiverged: the loss or the parameters became NaN or inf (checkpoints up to then
+      stay intact).
+    fibax.checkpoint.CheckpointError: checkpoints exist but none can be read, or a
+      checkpoint write failed (the newer complete ones stay).
+    WorkdirError: the workdir is not a writable directory, another training holds it, or its
+      checkpoints were written with a contradicting config.
   """
-  from fibax.data import train_iterator
-
   sharding.maybe_initialize_distributed(cfg.train.distributed)
-  start_time = time.perf_counter()
   workdir = Path(workdir)
   main = jax.process_index() == 0
-  log = log if main else (lambda _: None)
+  # Orbax logs a failed background save's traceback from its own thread; the CheckpointError
+  # raised here says it in one line.
+  with _workdir_lock(workdir, main), quiet_orbax():
+    return _train(cfg, workdir, main, log if main else (lambda _: None))
+
+
+def _train(cfg: RunConfig, workdir: Path, main: bool, log: Callable[[str], None]) -> dict:
+  from fibax.data import train_iterator
+
+  start_time = time.perf_counter()
   tc = cfg.train
   data_dir = prepare_data(cfg, log)
   mesh = sharding.make_mesh(tc.mesh_data, tc.mesh_model)
@@ -192,19 +294,32 @@ def train(cfg: RunConfig, workdir: str | Path, *, log: Callable[[str], None] = p
   ckpt = Checkpointer(
     workdir / "checkpoints", keep=tc.keep_checkpoints, async_save=tc.async_checkpoint, log=log
   )
-  restored = ckpt.restore(steps.abstract_state, data_iter)
+  try:
+    restored = ckpt.restore(steps.abstract_state, data_iter)
+  except BaseException:
+    ckpt.close()
+    raise
+  if restored is not None and "config" in restored[1]:
+    if differ := contradictions(cfg, restored[1]["config"]):
+      ckpt.close()
+      raise WorkdirError(
+        f"{workdir} holds checkpoints of another config: {'; '.join(differ)}; use another "
+        "workdir, or the checkpoints' config"
+      )
   state = steps.init(tc.seed) if restored is None else restored[0]
   step = int(state.step)
-  if main:
-    workdir.mkdir(parents=True, exist_ok=True)
-    (workdir / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2) + "\n")
+  if main and (restored is None or not (workdir / "config.json").exists()):
+    text = json.dumps(dataclasses.asdict(cfg), indent=2) + "\n"
+    tmp = workdir / "config.json.tmp"
+    tmp.write_text(text)
+    os.replace(tmp, workdir / "config.json")
   if step >= tc.total_steps:
     log(f"{workdir} is already trained to step {step} of {tc.total_steps}; nothing to do")
   log(
     f"{'resuming at' if restored else 'starting'} step {step} of {tc.total_steps} on "
     f"{mesh.devices.size} {jax.devices()[0].platform} device(s), mesh {dict(mesh.shape)}"
   )
-  writer = metrics_lib.MetricWriter(workdir, enabled=main)
+  writer = metrics_lib.MetricWriter(workdir, enabled=main, resume_step=step)
   progress = metrics_lib.Progress(tc.total_steps, step, bar=main and tc.progress_bar, log=log)
   logger = _Logger(cfg, writer, progress, mesh.devices.size)
   stop, preempted, val_loss = _StopFlag(), False, None
@@ -214,6 +329,7 @@ def train(cfg: RunConfig, workdir: str | Path, *, log: Callable[[str], None] = p
         batch = sharding.global_batch(next(data_iter), mesh)
         state, step_metrics = steps.train(state, batch)
         step += 1
+        ckpt.check()  # a background save that failed stops the run here
         logger.pending.append((step, step_metrics))
         if logger.clock is None:
           jax.block_until_ready(state)  # the first step compiles: time from its end
@@ -232,14 +348,17 @@ def train(cfg: RunConfig, workdir: str | Path, *, log: Callable[[str], None] = p
           progress.print(f"step {step}  validation loss {val_loss:.4f}")
           logger.start_clock(step)  # tokens/s counts training only
         if save:
+          if not bool(_all_finite(state.params)):  # an update that diverged at a save step
+            raise TrainingDiverged(f"the parameters after step {step} are not finite")
           ckpt.save(step, state, data_iter, {"config": dataclasses.asdict(cfg)})
     if preempted:
-      log(f"SIGTERM: saved a checkpoint at step {step} in {ckpt.directory}; stopping")
+      ckpt.wait()
+      log(f"{stop.signum.name}: saved a checkpoint at step {step} in {ckpt.directory}; stopping")
   except TrainingDiverged as e:
     ckpt.wait()
     saved = ckpt.steps()
     raise TrainingDiverged(
-      f"{e} is not finite; stopping. Nothing after the last checkpoint was saved: "
+      f"{e}; stopping. Nothing after the last checkpoint was saved: "
       + (f"step {max(saved)} in {ckpt.directory}" if saved else "no checkpoint yet")
     ) from None
   finally:
@@ -253,6 +372,7 @@ def train(cfg: RunConfig, workdir: str | Path, *, log: Callable[[str], None] = p
     "loss": logger.last_loss,
     "val_loss": val_loss,
     "preempted": preempted,
+    "signal": int(stop.signum) if preempted else None,
     "seconds": seconds,
   }
 
@@ -269,10 +389,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.error(str(e))
   try:
     summary = train(cfg, args.workdir)
-  except (TrainingDiverged, CheckpointError, DataError) as e:
+  except (TrainingDiverged, CheckpointError, DataError, WorkdirError) as e:
     print(f"fibax.train: {e}", file=sys.stderr)
     return 1
-  return PREEMPTED_EXIT_CODE if summary["preempted"] else 0
+  return 128 + summary["signal"] if summary["preempted"] else 0
 
 
 if __name__ == "__main__":

@@ -62,10 +62,17 @@ def corpus_dir(tmp_path_factory) -> Path:
   return _CACHE["corpus"]
 
 
-def saved_run(tmp_path_factory, schedule: str = "learned") -> tuple[RunConfig, Path]:
+def saved_run(
+  tmp_path_factory, schedule: str = "learned", nan_params: bool = False
+) -> tuple[RunConfig, Path]:
   """(config, workdir) of a randomly initialised micro model saved at step STEP by
-  `fibax.checkpoint.Checkpointer`, as `fibax.train` saves it."""
-  if schedule not in _CACHE:
+  `fibax.checkpoint.Checkpointer`, as `fibax.train` saves it; with `nan_params` every parameter
+  is nan (a diverged run, its checkpoint intact)."""
+  key = f"{schedule}_nan" if nan_params else schedule
+  if key not in _CACHE:
+    import jax
+    import jax.numpy as jnp
+
     from fibax import sharding
     from fibax.checkpoint import Checkpointer
     from fibax.data import train_iterator
@@ -75,15 +82,17 @@ def saved_run(tmp_path_factory, schedule: str = "learned") -> tuple[RunConfig, P
     cfg = micro_run_config(data_dir, schedule)
     steps = make_steps(cfg, sharding.make_mesh(1, 1))
     state = steps.init(cfg.train.seed)
+    if nan_params:
+      state = state.replace(params=jax.tree.map(lambda x: x * jnp.nan, state.params))
     data_iter = train_iterator(
       data_dir, SEQ_LEN, cfg.train.batch_size, cfg.train.seed, worker_count=0, vocab_size=VOCAB
     )
-    workdir = tmp_path_factory.mktemp(f"run_{schedule}")
+    workdir = tmp_path_factory.mktemp(f"run_{key}")
     ckpt = Checkpointer(workdir / "checkpoints", keep=2, async_save=False, log=lambda _: None)
     ckpt.save(STEP, state, data_iter, {"config": dataclasses.asdict(cfg)})
     ckpt.close()
-    _CACHE[schedule] = (cfg, workdir)
-  return _CACHE[schedule]
+    _CACHE[key] = (cfg, workdir)
+  return _CACHE[key]
 
 
 def largest_state_file(workdir: Path) -> Path:

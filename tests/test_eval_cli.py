@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from eval_helpers import SEQ_LEN, STEP, damage, largest_state_file, micro_model, saved_run
 
-from fibax.eval import main
+from fibax.eval import _parse, main
 from fibax.eval_report import format_table, load_reports
 from fibax.latency import latency_table
 
@@ -124,6 +124,45 @@ def test_corrupt_checkpoint_cli_prints_exactly_one_line(tmp_path_factory, tmp_pa
   assert proc.returncode == 2, proc.stderr
   assert proc.stderr.count("\n") == 1, proc.stderr
   assert proc.stderr.startswith(f"fibax.eval: error: checkpoint step {STEP} in ")
+
+
+def test_subcommands_are_argparse_subparsers_beside_the_default_evaluation(capsys):
+  assert main(["--help"]) == 0
+  help_text = capsys.readouterr().out
+  assert "{plot,latency}" in help_text and "--checkpoint" in help_text
+  for name in ("plot", "latency"):
+    assert main([name, "--help"]) == 0
+    assert capsys.readouterr().out.startswith(f"usage: python -m fibax.eval {name} ")
+
+  # No subcommand: the evaluation, as before (options in any order, lists of any length).
+  argv = ["--length-mult", "1", "2", "4", "--checkpoint", "runs/x", "--datasets", "validation"]
+  args, rest = _parse([*argv, "sotu", "--out", "o"])
+  assert args.command is None and rest == [*argv, "sotu", "--out", "o"]
+  assert args.checkpoint == "runs/x" and args.length_mult == [1, 2, 4] and args.out == "o"
+  assert args.datasets == ["validation", "sotu"]
+  latency = ["--config", "c.py", "--batch", "1", "8", "--out", "t.json"]
+  args, rest = _parse(["latency", *latency])
+  assert args.command == "latency" and rest == latency
+  assert args.config == "c.py" and args.checkpoint is None and args.batch == [1, 8]
+  assert args.out == "t.json"
+  args, rest = _parse(["plot", "a", "b", "--out", "p"])
+  assert args.command == "plot" and args.results == ["a", "b"] and args.out == "p"
+
+
+@pytest.mark.parametrize(
+  ("argv", "message"),
+  [
+    ([], "the following arguments are required: --checkpoint"),
+    (["frobnicate"], "invalid choice: 'frobnicate' (choose from 'plot', 'latency')"),
+    (["--max-tokens", "5", "plot", "a", "--out", "b"], "the subcommand comes first"),
+    (["plot", "--out", "b"], "the following arguments are required: results"),
+    (["latency", "--seq-len", "8"], "one of the arguments --checkpoint --config is required"),
+  ],
+)
+def test_usage_errors_are_one_line_with_exit_2(capsys, argv, message):
+  assert main(argv) == 2
+  line = _error_line(capsys)
+  assert line.startswith("python -m fibax.eval") and message in line, line
 
 
 def test_latency_of_static_learned_and_frozen_on_cpu():

@@ -29,6 +29,7 @@ from fibax.data import tokenizer as tok
 from fibax.data.files import (
   DataError,
   atomic_write_json,
+  exit_with_parent,
   read_json,
   remove_stale_temporaries,
   remove_tree,
@@ -65,7 +66,9 @@ def _parallel_map(fn: Callable, calls: Sequence[tuple], workers: int, log, what:
       results[i] = fn(*call)
   else:
     context = multiprocessing.get_context("spawn")
-    with concurrent.futures.ProcessPoolExecutor(workers, mp_context=context) as pool:
+    with concurrent.futures.ProcessPoolExecutor(
+      workers, mp_context=context, initializer=exit_with_parent
+    ) as pool:
       futures = {pool.submit(fn, *call): i for i, call in enumerate(calls)}
       try:
         for done, future in enumerate(concurrent.futures.as_completed(futures), start=1):

@@ -9,9 +9,12 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import multiprocessing
 import os
 import shutil
 import tempfile
+import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -23,6 +26,27 @@ os.umask(_UMASK)
 
 class DataError(ValueError):
   """Bad input or a damaged data directory; the message names the offending file."""
+
+
+_WATCHED_PID = None
+
+
+def exit_with_parent() -> None:
+  """In a worker process, exit as soon as the process that started it is gone: a parent
+  killed with SIGKILL cannot stop its workers, which would otherwise live on holding memory
+  and semaphores. Idempotent (one watcher thread a process); a no-op in a main process."""
+  global _WATCHED_PID
+  if _WATCHED_PID == os.getpid() or multiprocessing.parent_process() is None:
+    return
+  _WATCHED_PID = os.getpid()
+  parent = os.getppid()
+
+  def watch():
+    while os.getppid() == parent:
+      time.sleep(0.5)
+    os._exit(1)
+
+  threading.Thread(target=watch, daemon=True, name="fibax-exit-with-parent").start()
 
 
 def sha256_file(path: str | os.PathLike) -> str:

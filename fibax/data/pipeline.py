@@ -43,7 +43,7 @@ import grain
 import numpy as np
 from absl import flags
 
-from fibax.data.files import DataError
+from fibax.data.files import DataError, exit_with_parent
 from fibax.data.shards import SplitTokens
 
 # Records of an endless run (num_epochs=None): far more batches than any run takes.
@@ -105,6 +105,7 @@ class BatchSource(grain.sources.RandomAccessDataSource):
 
 class _ToExample(grain.transforms.Map):
   def map(self, windows_BxT1: np.ndarray) -> dict[str, np.ndarray]:
+    exit_with_parent()  # runs in grain's worker processes
     windows_BxT1 = windows_BxT1.astype(np.int32)
     return {"inputs": windows_BxT1[:, :-1], "targets": windows_BxT1[:, 1:]}
 
