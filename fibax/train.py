@@ -168,10 +168,10 @@ def prepare_data(cfg: RunConfig, log: Callable[[str], None] = print) -> Path:
   from fibax.data.build import prepare
 
   data_dir = Path(cfg.data_dir or Path("data") / cfg.data_source)
-  if not (data_dir / "manifest.json").exists():
-    if jax.process_index() == 0:
-      log(f"preparing {cfg.data_source!r} into {data_dir} (vocab {cfg.model.vocab_size})")
-      prepare(cfg.data_source, data_dir, vocab_size=cfg.model.vocab_size, log=log)
+  if jax.process_index() == 0 and not (data_dir / "manifest.json").exists():
+    log(f"preparing {cfg.data_source!r} into {data_dir} (vocab {cfg.model.vocab_size})")
+    prepare(cfg.data_source, data_dir, vocab_size=cfg.model.vocab_size, log=log)
+  if jax.process_count() > 1:  # every process, whatever it sees on its own disk
     multihost_utils.sync_global_devices("fibax_prepare_data")
   return data_dir
 
