@@ -17,15 +17,7 @@ import numpy as np
 from jaxtyping import Array, Float
 
 from fibax.patterns import LearnedPattern, Pattern
-from kernels_pallas.reference import check_qkv, fib_attention_reference
-
-# PAPER.md §3: masked logits use a large finite negative number, not -inf.
-MASK_VALUE = -1e9
-
-
-_check_heads = check_qkv
-# The oracle lives beside the kernels (same signature); re-exported here for the registry.
-reference = fib_attention_reference
+from kernels_pallas.reference import MASK_VALUE, check_qkv, fib_attention_reference
 
 
 def _shifted(x_BxTxKxD: Array, distances: tuple[int, ...]) -> Array:
@@ -46,7 +38,7 @@ def xla(
 
   K/V are not repeated over the G query heads of a group: q is viewed as [B, T, K, G, D].
   """
-  groups = _check_heads(q, k, v)
+  groups = check_qkv(q, k, v)
   bsz, seq_len, num_heads, head_dim = q.shape
   num_kv = k.shape[2]
   distances = tuple(d for d in pattern.distances if d < seq_len)
@@ -57,7 +49,7 @@ def xla(
     "btkgd,btnkd->btkgn", q_BxTxKxGxD, k_BxTxNxKxD, preferred_element_type=jnp.float32
   ) / np.sqrt(head_dim)
   valid_TxN = np.arange(seq_len)[:, None] >= np.asarray(distances)[None, :]
-  s_BxTxKxGxN = jnp.where(valid_TxN[None, :, None, None, :], s_BxTxKxGxN, -jnp.inf)
+  s_BxTxKxGxN = jnp.where(valid_TxN[None, :, None, None, :], s_BxTxKxGxN, MASK_VALUE)
   p_BxTxKxGxN = jax.nn.softmax(s_BxTxKxGxN, axis=-1)
   o_BxTxKxGxD = jnp.einsum(
     "btkgn,btnkd->btkgd",
@@ -70,7 +62,7 @@ def xla(
 
 def _dense(implementation: str | None):
   def attend(q, k, v, pattern: Pattern):
-    _check_heads(q, k, v)
+    check_qkv(q, k, v)
     if pattern.window < q.shape[1] - 1 or pattern.far:
       raise NotImplementedError(
         f"dense attention needs a dense pattern; got window={pattern.window}, far={pattern.far}"
@@ -98,7 +90,7 @@ def learned(
   rung is skipped when round(t) <= W, lo > cap, or lo is already used by the window or
   an earlier rung. The gradient reaches alpha only through frac (lo is piecewise constant).
   """
-  groups = _check_heads(q, k, v)
+  groups = check_qkv(q, k, v)
   bsz, seq_len, num_heads, head_dim = q.shape
   num_kv = k.shape[2]
   window = min(pattern.window, seq_len - 1)
@@ -158,7 +150,7 @@ def _pallas(backend: str):
 AttentionFn = Callable[[Array, Array, Array, Pattern], Array]
 
 IMPLEMENTATIONS: dict[str, AttentionFn] = {
-  "reference": reference,
+  "reference": fib_attention_reference,
   "xla": xla,
   "pallas": _pallas("gpu"),
   "pallas_interpret": _pallas("gpu_interpret"),

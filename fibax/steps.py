@@ -31,7 +31,6 @@ class TrainState(struct.PyTreeNode):
   step: jax.Array  # int32[]
   params: Any
   opt_state: Any
-  rng: jax.Array  # uint32[2], raw key data (checkpointable); step keys are fold_in(rng, step)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -39,26 +38,23 @@ class Steps:
   """Everything jitted for one run; build with `make_steps`."""
 
   model: Transformer
-  optimizer: optax.GradientTransformation
   mesh: Mesh
-  state_shardings: TrainState
   abstract_state: TrainState  # ShapeDtypeStructs carrying their shardings (for restore)
   init: Any  # (seed: int) -> TrainState
   train: Any  # (TrainState, batch) -> (TrainState, {"loss", "grad_norm", "lr"})
   eval: Any  # (params, batch with weights) -> (sum of token losses, sum of weights)
 
 
-def token_losses(params, model: Transformer, inputs_BxT, targets_BxT, rng=None):
-  rngs = None if rng is None else {"dropout": rng}
-  logits_BxTxV = model.apply({"params": params}, inputs_BxT, rngs=rngs)
+def token_losses(params, model: Transformer, inputs_BxT, targets_BxT):
+  logits_BxTxV = model.apply({"params": params}, inputs_BxT)
   return optax.softmax_cross_entropy_with_integer_labels(logits_BxTxV, targets_BxT)
 
 
-def _grads(params, model, batch, rng, accum: int, mesh: Mesh):
+def _grads(params, model, batch, accum: int, mesh: Mesh):
   """Mean loss and gradient over the batch, in `accum` sequential microbatches."""
 
   def loss_fn(p, mb):
-    return token_losses(p, model, mb["inputs"], mb["targets"], rng).mean()
+    return token_losses(p, model, mb["inputs"], mb["targets"]).mean()
 
   if accum == 1:
     return jax.value_and_grad(loss_fn)(params, batch)
@@ -98,13 +94,12 @@ def make_steps(cfg: RunConfig, mesh: Mesh) -> Steps:
     return model.init(key, jnp.zeros((1, cfg.model.seq_len), jnp.int32))["params"]
 
   def init(seed):
-    init_key, train_key = jax.random.split(jax.random.key(seed))
+    # The first of two keys, as when a second one seeded dropout: the same initial parameters
+    # for a seed as before it went (the model has no dropout).
+    init_key = jax.random.split(jax.random.key(seed))[0]
     params = nn.meta.unbox(init_params(init_key))
     return TrainState(
-      step=jnp.zeros((), jnp.int32),
-      params=params,
-      opt_state=optimizer.init(params),
-      rng=jax.random.key_data(train_key),
+      step=jnp.zeros((), jnp.int32), params=params, opt_state=optimizer.init(params)
     )
 
   boxed = jax.eval_shape(init_params, jax.random.key(0))
@@ -114,15 +109,14 @@ def make_steps(cfg: RunConfig, mesh: Mesh) -> Steps:
   opt_sh = optax.tree_map_params(
     optimizer, lambda _, s: s, abstract.opt_state, param_sh, transform_non_params=lambda _: rep
   )
-  state_sh = TrainState(step=rep, params=param_sh, opt_state=opt_sh, rng=rep)
+  state_sh = TrainState(step=rep, params=param_sh, opt_state=opt_sh)
   abstract = jax.tree.map(
     lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, state_sh
   )
   batch_sh = sharding.batch_sharding(mesh)
 
   def train_step(state: TrainState, batch):
-    rng = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
-    loss, grads = _grads(state.params, model, batch, rng, train_cfg.grad_accum, mesh)
+    loss, grads = _grads(state.params, model, batch, train_cfg.grad_accum, mesh)
     updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
     new_state = state.replace(
       step=state.step + 1, params=optax.apply_updates(state.params, updates), opt_state=opt_state
@@ -136,9 +130,7 @@ def make_steps(cfg: RunConfig, mesh: Mesh) -> Steps:
 
   return Steps(
     model=model,
-    optimizer=optimizer,
     mesh=mesh,
-    state_shardings=state_sh,
     abstract_state=abstract,
     init=jax.jit(init, static_argnums=0, out_shardings=state_sh),
     train=jax.jit(

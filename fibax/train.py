@@ -9,7 +9,7 @@
 
 The workdir holds `checkpoints/`, `metrics.jsonl`, TensorBoard event files and
 `config.json` (written when the run starts afresh). Running again on the same workdir
-resumes exactly where the last checkpoint left off (parameters, optimizer state, step, RNG
+resumes exactly where the last checkpoint left off (parameters, optimizer state, step
 and data position); a config that contradicts the checkpoints' (other than in how things
 run: logging, evaluation, checkpoint cadence, mesh, kernels) is refused. SIGTERM or SIGINT
 (Ctrl-C) saves a checkpoint after the current step and returns (the CLI then exits with 128 +

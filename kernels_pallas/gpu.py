@@ -24,10 +24,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-# A finite mask value (as JAX's Pallas flash attention): a fully masked tile then gives
-# exp(0) = 1 instead of exp(-inf + inf) = NaN, and the first real score resets the
-# accumulators through corr = exp(MASK - m) = 0. Every row attends d = 0, so one comes.
-NEG_INF = -0.7 * float(jnp.finfo(jnp.float32).max)
+from kernels_pallas.reference import MASK_VALUE
 
 
 @dataclasses.dataclass(frozen=True)
@@ -87,10 +84,10 @@ def _fwd_kernel(q_ref, k_ref, v_ref, o_ref, lse_ref, *, window, far, groups, sca
     k_QxD = _rows(k_ref, rows_i - d, cols, valid, jnp.float32)
     for g in range(groups):
       s_Q = jnp.sum(q_g[g].astype(jnp.float32) * k_QxD, axis=1) * scale
-      s_rungs[g].append(jnp.where(valid, s_Q, NEG_INF))
+      s_rungs[g].append(jnp.where(valid, s_Q, MASK_VALUE))
   carry = []
   for g in range(groups):
-    m_Q = jnp.full((block_q,), NEG_INF, jnp.float32)
+    m_Q = jnp.full((block_q,), MASK_VALUE, jnp.float32)
     for s_Q in s_rungs[g]:
       m_Q = jnp.maximum(m_Q, s_Q)
     carry.append(
@@ -103,7 +100,7 @@ def _fwd_kernel(q_ref, k_ref, v_ref, o_ref, lse_ref, *, window, far, groups, sca
     out = []
     for g in range(groups):
       s_QxC = plgpu.dot(q_g[g], k_CxD, trans_b=True) * scale
-      out.append(_online(carry[g], jnp.where(keep, s_QxC, NEG_INF), v_CxD))
+      out.append(_online(carry[g], jnp.where(keep, s_QxC, MASK_VALUE), v_CxD))
     return out
 
   kb_lo = jnp.maximum(i0 - window, 0) // block_q

@@ -12,6 +12,13 @@ from jaxtyping import Array, Float
 
 from fibax.patterns import Pattern
 
+# The one mask value of every attention path (oracle, XLA, learned, Pallas GPU and TPU, decode):
+# large, finite and negative. Finite (as the paper's §3 asks of the learned path) so that a
+# fully masked tile of an online softmax gives exp(0) = 1 instead of exp(-inf + inf) = NaN;
+# the first real score then resets the accumulators through exp(MASK_VALUE - m) = 0, and every
+# row attends d = 0, so one comes. Softmax weights and gradients of masked entries are 0.
+MASK_VALUE = -0.7 * float(np.finfo(np.float32).max)
+
 
 def check_qkv(q: Array, k: Array, v: Array) -> int:
   """Validates q [B,T,H,D], k/v [B,T,K,D]; returns G = H // K."""
@@ -40,7 +47,7 @@ def fib_attention_reference(
   s_BxHxTxT = jnp.einsum(
     "bthd,bshd->bhts", q_BxTxHxD, k_BxTxHxD, precision=jax.lax.Precision.HIGHEST
   ) / np.sqrt(head_dim)
-  s_BxHxTxT = jnp.where(jnp.asarray(pattern.mask(seq_len)), s_BxHxTxT, -jnp.inf)
+  s_BxHxTxT = jnp.where(jnp.asarray(pattern.mask(seq_len)), s_BxHxTxT, MASK_VALUE)
   p_BxHxTxT = jax.nn.softmax(s_BxHxTxT, axis=-1)
   o_BxTxHxD = jnp.einsum(
     "bhts,bshd->bthd", p_BxHxTxT, v_BxTxHxD, precision=jax.lax.Precision.HIGHEST

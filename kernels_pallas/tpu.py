@@ -23,7 +23,8 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
-MASK = -0.7 * float(jnp.finfo(jnp.float32).max)
+from kernels_pallas.reference import MASK_VALUE
+
 MAX_WINDOW = 2048  # the window tile is (Q + W) x D in VMEM; dense layers use the dense path
 
 
@@ -76,12 +77,12 @@ def _fwd_kernel(q_ref, kw_ref, vw_ref, *refs, window, far, wpad, scale, block_q)
   kw_NxD, vw_NxD = kw_ref[...], vw_ref[...]
   for g in range(groups):
     q_QxD = q_ref[g]
-    s_QxN = jnp.where(keep_QxN, _dot_t(q_QxD, kw_NxD) * scale, MASK)
+    s_QxN = jnp.where(keep_QxN, _dot_t(q_QxD, kw_NxD) * scale, MASK_VALUE)
     q32 = q_QxD.astype(jnp.float32)
     s_r = []
     for j, d in enumerate(far):
       s_Q = jnp.sum(q32 * kr_refs[j][...].astype(jnp.float32), axis=1) * scale
-      s_r.append(jnp.where(rows_q - d >= 0, s_Q, MASK))
+      s_r.append(jnp.where(rows_q - d >= 0, s_Q, MASK_VALUE))
     m_Q = jnp.max(s_QxN, axis=1)
     for s_Q in s_r:
       m_Q = jnp.maximum(m_Q, s_Q)

@@ -38,7 +38,7 @@ def test_xla_matches_reference(seed, dtype):
   t, h, kv, d, pattern = _random_case(seed)
   q, k, v = _qkv(jax.random.key(seed), 2, t, h, kv, d, dtype)
   tol = TOL[dtype]
-  ref = attention.reference(q, k, v, pattern)
+  ref = attention.IMPLEMENTATIONS["reference"](q, k, v, pattern)
   out = attention.xla(q, k, v, pattern)
   np.testing.assert_allclose(np.asarray(out, np.float32), np.asarray(ref, np.float32), **tol)
 
@@ -47,7 +47,9 @@ def test_xla_matches_reference(seed, dtype):
       fn(q, k, v, pattern).astype(jnp.float32) * jnp.cos(jnp.arange(d))[None, None, None, :]
     ).sum()
 
-  g_ref = jax.grad(lambda *a: loss(attention.reference, *a), argnums=(0, 1, 2))(q, k, v)
+  g_ref = jax.grad(lambda *a: loss(attention.IMPLEMENTATIONS["reference"], *a), argnums=(0, 1, 2))(
+    q, k, v
+  )
   g_out = jax.grad(lambda *a: loss(attention.xla, *a), argnums=(0, 1, 2))(q, k, v)
   for a, b in zip(g_out, g_ref, strict=True):
     scale = float(jnp.abs(b.astype(jnp.float32)).max()) + 1
@@ -61,7 +63,7 @@ def test_learned_at_integer_alpha_equals_integer_path(alpha):
   t, w = 80, 4
   lp = LearnedPattern.build(base="fib", window=w, seq_len=t)
   q, k, v = _qkv(jax.random.key(1), 2, t, 4, 2, 16, jnp.float32)
-  ref = attention.reference(q, k, v, lp.freeze(alpha))
+  ref = attention.IMPLEMENTATIONS["reference"](q, k, v, lp.freeze(alpha))
   out = attention.learned(q, k, v, lp, jnp.float32(alpha))
   np.testing.assert_allclose(np.asarray(out), np.asarray(ref), atol=2e-5, rtol=2e-5)
 
@@ -140,7 +142,7 @@ def test_causality(impl):
 
 def test_dense_path_needs_dense_pattern_and_matches_reference():
   q, k, v = _qkv(jax.random.key(6), 2, 33, 8, 2, 16, jnp.float32)
-  ref = attention.reference(q, k, v, Pattern.dense(33))
+  ref = attention.IMPLEMENTATIONS["reference"](q, k, v, Pattern.dense(33))
   np.testing.assert_allclose(
     np.asarray(attention.get("xla_dense")(q, k, v, Pattern.dense(33))), np.asarray(ref), atol=2e-5
   )

@@ -170,25 +170,34 @@ def test_one_epoch_is_every_window_once(sotu_dir):
   assert len(set(seen)) == len(seen) and set(seen) <= every
 
 
+def _eval_windows(data_dir, split, seq_len, **kwargs) -> np.ndarray:
+  """Every evaluation window as int32[N, seq_len + 1], from the batches (padding dropped)."""
+  rows = []
+  for b in evaluation.eval_batches(data_dir, split, seq_len, batch_size=3, **kwargs):
+    keep = b["weights"][:, 0] > 0
+    rows.append(np.concatenate([b["inputs"], b["targets"][:, -1:]], axis=1)[keep])
+  return np.concatenate(rows)
+
+
 def test_corpus_smaller_than_a_window(sotu_dir):
   with pytest.raises(DataError, match=r"manifest\.json: split 'test' has \d+ tokens"):
     _train(sotu_dir, 1 << 20, 1, seed=0, split="test")
   with pytest.raises(DataError, match=r"manifest\.json: no window of seq_len \+ 1"):
-    evaluation.eval_windows(sotu_dir, "test", 1 << 20)
+    _eval_windows(sotu_dir, "test", 1 << 20)
 
 
 def test_eval_windows_are_disjoint_in_documents_and_a_prefix(sotu_dir):
   tokens = SplitTokens(sotu_dir, "validation")
   seq_len = 1000
-  windows = evaluation.eval_windows(sotu_dir, "validation", seq_len)
+  windows = _eval_windows(sotu_dir, "validation", seq_len)
   starts = evaluation.window_starts(tokens, seq_len)
   assert windows.shape == (len(starts), seq_len + 1)
   ends = tokens.doc_bounds[np.searchsorted(tokens.doc_bounds, starts, side="right")]
   assert (starts + seq_len + 1 <= ends).all()  # never crosses into the next document
   assert (np.diff(starts) >= seq_len).all()  # targets never overlap
-  first = evaluation.eval_windows(sotu_dir, "validation", seq_len, max_tokens=5 * seq_len + 7)
+  first = _eval_windows(sotu_dir, "validation", seq_len, max_tokens=5 * seq_len + 7)
   assert (first == windows[:5]).all()
-  stream = evaluation.eval_windows(sotu_dir, "validation", seq_len, within_docs=False)
+  stream = _eval_windows(sotu_dir, "validation", seq_len, within_docs=False)
   assert len(stream) == (tokens.num_tokens - 1) // seq_len
   batches = list(evaluation.eval_batches(sotu_dir, "validation", seq_len, batch_size=4))
   assert all(b["inputs"].shape == (4, seq_len) for b in batches)
@@ -267,5 +276,5 @@ def test_gutenberg_slice_with_the_sotu_tokenizer(gutenberg_corpus, sotu_dir, tmp
   assert sum(s["docs"] for s in manifest["splits"].values()) == 3
   for split, entry in manifest["splits"].items():
     if entry["docs"]:
-      windows = evaluation.eval_windows(tmp_path / "gutenberg", split, 2048, max_tokens=8192)
+      windows = _eval_windows(tmp_path / "gutenberg", split, 2048, max_tokens=8192)
       assert windows.shape == (4, 2049)

@@ -51,23 +51,6 @@ def window_starts(
   return starts_N
 
 
-def eval_windows(
-  data_dir: str | os.PathLike,
-  split: str,
-  seq_len: int,
-  max_tokens: int | None = None,
-  within_docs: bool = True,
-  verify: bool = True,
-) -> np.ndarray:
-  """All evaluation windows of `split` as int32[N, seq_len + 1] (see the module docstring)."""
-  tokens = SplitTokens(data_dir, split, verify=verify)
-  starts_N = window_starts(tokens, seq_len, max_tokens, within_docs)
-  windows_NxL1 = np.empty((len(starts_N), seq_len + 1), np.int32)
-  for i, start in enumerate(starts_N):
-    windows_NxL1[i] = tokens.read(int(start), seq_len + 1)
-  return windows_NxL1
-
-
 def eval_batches(
   data_dir: str | os.PathLike,
   split: str,
