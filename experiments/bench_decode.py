@@ -28,14 +28,11 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root, for configs/
-
-from bench_attention import versions  # noqa: E402
-
-from fibax.config_loader import add_overrides_argument, apply_overrides, load_config  # noqa: E402
-from fibax.generate import cache_layout, decode_step, generation_config  # noqa: E402
-from fibax.latency import init_params  # noqa: E402
-from fibax.memory import MEMORY_HEADROOM, free_memory_bytes  # noqa: E402
+from experiments.bench_attention import versions
+from fibax.config_loader import add_overrides_argument, apply_overrides, load_config
+from fibax.generate import cache_layout, decode_step, generation_config
+from fibax.latency import init_params
+from fibax.memory import MEMORY_HEADROOM, free_memory_bytes
 
 
 def cache_shapes(cfg, layout, batch: int) -> tuple:

@@ -27,14 +27,11 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root, for configs/
-
-from bench_attention import versions  # noqa: E402
-
-from configs.paper import get_config  # noqa: E402
-from fibax import metrics, sharding  # noqa: E402
-from fibax.config_loader import add_overrides_argument, apply_overrides  # noqa: E402
-from fibax.steps import make_steps  # noqa: E402
+from configs.paper import get_config
+from experiments.bench_attention import versions
+from fibax import metrics, sharding
+from fibax.config_loader import add_overrides_argument, apply_overrides
+from fibax.steps import make_steps
 
 
 def matmul_peak_tflops(n: int = 8192, reps: int = 20) -> float:

@@ -38,10 +38,9 @@ import tarfile
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+from fibax.config_loader import add_overrides_argument, apply_overrides, load_config
 
-from fibax.config_loader import add_overrides_argument, apply_overrides, load_config  # noqa: E402
+REPO = Path(__file__).resolve().parents[1]
 
 STATUS = "status.json"
 STOP = "STOP"

@@ -24,10 +24,8 @@ import os
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root
-
-from fibax import eval_report  # noqa: E402
-from fibax.config_loader import add_overrides_argument, apply_overrides, load_config  # noqa: E402
+from fibax import eval_report
+from fibax.config_loader import add_overrides_argument, apply_overrides, load_config
 
 # PAPER.md §6 (FineWeb-Edu, trained at T = 1024): held-out perplexity.
 PAPER_PPL = {

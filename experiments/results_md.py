@@ -19,9 +19,7 @@ import statistics
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from reproduce import (  # noqa: E402
+from experiments.reproduce import (
   PAPER_BINS,
   PAPER_DENSE_PPL,
   PAPER_EXTRAPOLATION,
@@ -538,7 +536,6 @@ def build(
 
 def not_yet_run(runs: dict) -> str:
   """The paper's runs (configs/paper.py) with no report here, so that no claim reads as final."""
-  sys.path.insert(0, str(REPO))
   from configs.paper import RUNS
 
   present = {e["name"] for es in runs.values() for e in es}

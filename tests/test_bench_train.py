@@ -1,16 +1,8 @@
 """experiments/bench_train.py: the configs it times and the summary the issue's targets name."""
 
-import importlib.util
-import pathlib
-import sys
-
 import pytest
 
-EXPERIMENTS = pathlib.Path(__file__).resolve().parents[1] / "experiments"
-sys.path.insert(0, str(EXPERIMENTS))  # bench_train imports bench_attention beside it
-spec = importlib.util.spec_from_file_location("bench_train", EXPERIMENTS / "bench_train.py")
-bench_train = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(bench_train)
+from experiments import bench_train
 
 
 def test_run_config_keeps_tokens_per_step_and_sets_the_implementations():

@@ -7,12 +7,12 @@ import grain
 import numpy as np
 import pytest
 
+from experiments.stage import stage, unstage
 from fibax.data import evaluation, pipeline
 from fibax.data.build import prepare
 from fibax.data.files import DataError, read_json, sha256_file
 from fibax.data.shards import SplitTokens, load_manifest
 from fibax.data.sources import SotuSource
-from fibax.data.stage import stage, unstage
 from fibax.data.tokenizer import EOS_ID, load_tokenizer
 
 VOCAB = 512

@@ -3,9 +3,8 @@
     prepare(source, out_dir, vocab_size)        fibax.data.build     (also the CLI)
     train_iterator(data_dir, seq_len, batch_size, seed)   fibax.data.pipeline
     eval_batches(data_dir, split, seq_len, batch_size, ...)     fibax.data.evaluation
-    stage(data_dir, out_dir) / unstage(stage_dir, out_dir)      fibax.data.stage
 
-CLI: `python -m fibax.data prepare|stage|unstage|info ...` (see `--help`).
+CLI: `python -m fibax.data prepare|info ...` (see `--help`).
 
 Names are loaded lazily so that `prepare`'s worker processes do not import grain or JAX.
 """
@@ -22,8 +21,6 @@ _EXPORTS = {
   "load_tokenizer": "fibax.data.tokenizer",
   "train_iterator": "fibax.data.pipeline",
   "eval_batches": "fibax.data.evaluation",
-  "stage": "fibax.data.stage",
-  "unstage": "fibax.data.stage",
 }
 
 __all__ = sorted(_EXPORTS)

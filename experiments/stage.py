@@ -1,5 +1,8 @@
 """Staging a prepared data directory for a machine reached through small transfers.
 
+    python experiments/stage.py stage --data data/gutenberg --out staged/ --splits train,validation
+    python experiments/stage.py unstage --parts staged/ --out data/gutenberg
+
 `stage` packs the manifest, the tokenizer and the token shards of the chosen splits into
 parts of at most `part_bytes` (default 56 MiB, under the 60 MiB a part may have) plus
 `stage.json` (every file's size and sha256, every part's sha256). `unstage` checks each part,
@@ -148,3 +151,39 @@ def unstage(stage_dir: str | os.PathLike, out_dir: str | os.PathLike) -> Path:
     remove_tree(tmp_dir)
     raise
   return out_dir
+
+
+def main(argv: list[str] | None = None) -> int:
+  import argparse
+  import json
+  import sys
+
+  parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  commands = parser.add_subparsers(dest="command", required=True)
+  p = commands.add_parser("stage", help="pack a data directory into parts under 60 MiB")
+  p.add_argument("--data", required=True)
+  p.add_argument("--out", required=True)
+  p.add_argument("--splits", default=",".join(SPLITS), help="comma-separated")
+  p.add_argument("--part-mib", type=float, default=56.0)
+  p = commands.add_parser("unstage", help="verify staged parts and rebuild the directory")
+  p.add_argument("--parts", required=True)
+  p.add_argument("--out", required=True)
+  args = parser.parse_args(argv)
+  try:
+    if args.command == "stage":
+      splits = tuple(s for s in args.splits.split(",") if s)
+      if unknown := [s for s in splits if s not in SPLITS]:
+        raise ValueError(f"--splits: unknown split(s) {unknown}; expected some of {SPLITS}")
+      index = stage(args.data, args.out, splits, int(args.part_mib * 2**20))
+      parts = json.loads(index.read_text())["parts"]
+      print(f"staged {len(parts)} parts, {sum(p['bytes'] for p in parts):,} bytes, in {args.out}")
+    else:
+      print(f"rebuilt and verified {unstage(args.parts, args.out)}")
+  except (DataError, ValueError) as e:
+    print(f"stage.py: error: {e}", file=sys.stderr)
+    return 1
+  return 0
+
+
+if __name__ == "__main__":
+  raise SystemExit(main())
