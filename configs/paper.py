@@ -1,4 +1,4 @@
-"""The paper's recipe (PAPER.md §4) and every run of its matrix (§5), by name.
+"""The paper's recipe (the paper) and every run of its matrix (§5), by name.
 
     python -m fibax.train --config configs/paper.py:fib_stagger_w12 --workdir runs/fib_stagger_w12
 

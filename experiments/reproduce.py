@@ -9,7 +9,7 @@ numbers beside theirs.
 Each run trains in <root>/<name> (resuming, or skipped when already trained) and is
 evaluated into <root>/<name>/eval (skipped when that report exists with the same length
 multiples); `--tables-only` rebuilds the tables from existing reports. The tables
-(`tables.md`, `tables.json` in --out) follow PAPER.md §6: perplexity by schedule and window,
+(`tables.md`, `tables.json` in --out) follow the paper: perplexity by schedule and window,
 the dense baseline, length extrapolation with the change at the largest multiple, the
 8-bin position-resolved NLL of fixed against stagger, and the orderings the paper claims.
 The paper's figures are FineWeb-Edu at 60.9M parameters; ours are whatever the config
@@ -27,7 +27,7 @@ from pathlib import Path
 from fibax import eval_report
 from fibax.config_loader import add_overrides_argument, apply_overrides, load_config
 
-# PAPER.md §6 (FineWeb-Edu, trained at T = 1024): held-out perplexity.
+# the paper (FineWeb-Edu, trained at T = 1024): held-out perplexity.
 PAPER_PPL = {
   "fib_fixed": {6: 44.35, 8: 44.08, 10: 43.48, 12: 43.12},
   "fib_learned": {6: 43.86, 8: 43.70, 10: 42.99, 12: 42.85},
@@ -110,7 +110,7 @@ def _fmt(x: float | None, digits: int = 2) -> str:
 
 
 def build_tables(reports: dict[str, dict], dataset: str, scale: str) -> tuple[str, dict]:
-  """Markdown and JSON of PAPER.md §6's tables with ours beside the paper's."""
+  """Markdown and JSON of the paper's tables with ours beside the paper's."""
   rows = {name: _results(rep, dataset) for name, rep in reports.items()}
   ppl1 = {name: r[1]["ppl"] for name, r in rows.items() if 1 in r}
   mults = sorted({m for r in rows.values() for m in r})

@@ -33,7 +33,7 @@ DEFAULT_OUT = REPO / "experiments" / "RESULTS.md"
 DEFAULT_FULL = REPO / "experiments" / "results" / "gpu_full_recipe"
 WINDOWS = (6, 8, 10, 12)
 FLAT = 0.03  # a change within +-3% at 4x counts as holding perplexity
-PAPER_SEEDS = {  # PAPER.md §6, W = 12: mean +- spread over seeds
+PAPER_SEEDS = {  # the paper, W = 12: mean +- spread over seeds
   "fib_stagger": (42.08, 0.13),
   "fib_coprime": (42.18, 0.18),
   "pow2_stagger": (42.84, 0.17),
@@ -147,7 +147,7 @@ def change(runs, name, dataset, mult):
 
 
 def claims(runs) -> list[tuple[str, str, str]]:
-  """(claim, verdict, evidence) for each claim of PAPER.md §6 the runs can speak to."""
+  """(claim, verdict, evidence) for each claim of the paper the runs can speak to."""
   out = []
   p1 = {n: s[0] for n in runs if (s := stat(runs, n)) is not None}
   fib = ("fib_stagger", "fib_coprime", "fib_learned", "fib_fixed")

@@ -1,4 +1,4 @@
-"""fibax: Fibonacci-spaced sparse attention in JAX/Flax (PAPER.md).
+"""fibax: Fibonacci-spaced sparse attention in JAX/Flax (the paper; README, Method).
 
 Data flows one way: patterns (host, NumPy) -> attention ops -> model -> train / eval.
 Submodules are imported explicitly (`from fibax import patterns`) so that importing

@@ -1,7 +1,7 @@
 """Attention paths in plain JAX, chosen by a string.
 
 Shape key: B batch, T sequence, H query heads, K key/value heads, G = H // K query heads
-per key/value head, D head dim, N attended distances (|D| of PAPER.md §1), R rungs.
+per key/value head, D head dim, N attended distances (|D| of the paper), R rungs.
 
 All paths take q [B, T, H, D] and k, v [B, T, K, D] and return o [B, T, H, D] in q's dtype.
 """
@@ -83,7 +83,7 @@ def learned(
   pattern: LearnedPattern,
   alpha: Float[Array, ""],
 ) -> Float[Array, "B T H D"]:
-  """Fractional offsets with linear interpolation of K and V (PAPER.md §3).
+  """Fractional offsets with linear interpolation of K and V (the paper).
 
   For rung b: t = alpha * b, lo = floor(t), frac = t - lo, hi = lo + 1 (index clamped at
   0). Keys/values are (1 - frac) x[i - lo] + frac x[i - hi]; validity is judged at lo. A
@@ -171,3 +171,23 @@ def get(name: str) -> AttentionFn:
     raise ValueError(
       f"unknown attention impl {name=}; expected one of {sorted(IMPLEMENTATIONS)}"
     ) from None
+
+
+def attend(
+  q: Float[Array, "B T H D"],
+  k: Float[Array, "B T K D"],
+  v: Float[Array, "B T K D"],
+  pattern: Pattern | LearnedPattern,
+  impl: str,
+  dense_impl: str,
+  alpha: Float[Array, ""] | None = None,
+) -> Float[Array, "B T H D"]:
+  """The one entry point of a layer: `learned` for a LearnedPattern (with its `alpha`), the
+  dense implementation `dense_impl` for a pattern that is plain causal attention at this
+  length, the integer-offset implementation `impl` otherwise."""
+  if isinstance(pattern, LearnedPattern):
+    if alpha is None:
+      raise ValueError("a learned pattern needs its alpha")
+    return learned(q, k, v, pattern, alpha)
+  is_dense = pattern.window >= q.shape[1] - 1 and not pattern.far
+  return get(dense_impl if is_dense else impl)(q, k, v, pattern)

@@ -19,7 +19,7 @@ DENSE_IMPLS: tuple[str, ...] = get_args(DenseImpl)
 
 @dataclasses.dataclass(frozen=True)
 class AttentionConfig:
-  """How each layer attends (PAPER.md §1-2)."""
+  """How each layer attends (the paper)."""
 
   schedule: patterns.Schedule = "stagger"
   base: patterns.Base = "fib"
@@ -32,7 +32,7 @@ class AttentionConfig:
   # cudnn | xla_dense | reference.
   dense_impl: DenseImpl = "dense"
   # Set by `freeze`: per-layer alphas of a trained learned schedule, rounded into static
-  # integer patterns (PAPER.md §3 offsets, compiled like a static schedule).
+  # integer patterns (the paper's offsets, compiled like a static schedule).
   frozen_alphas: tuple[float, ...] | None = None
 
   def __post_init__(self):
@@ -52,7 +52,7 @@ class AttentionConfig:
 
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
-  """PAPER.md §4."""
+  """The paper's model."""
 
   vocab_size: int = 32_768
   d_model: int = 512
@@ -93,13 +93,13 @@ class ModelConfig:
 
 
 def mlp_hidden_for(d_model: int) -> int:
-  """PAPER.md §4: hidden = round(d * 8/3 / 2) * 2."""
+  """the paper: hidden = round(d * 8/3 / 2) * 2."""
   return round(d_model * 8 / 3 / 2) * 2
 
 
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
-  """PAPER.md §4: 13,000 steps x 32 x 1024 tokens, AdamW (0.9, 0.95), wd 0.1, lr 3e-4."""
+  """the paper: 13,000 steps x 32 x 1024 tokens, AdamW (0.9, 0.95), wd 0.1, lr 3e-4."""
 
   seed: int = 42
   batch_size: int = 32

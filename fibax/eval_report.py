@@ -49,7 +49,7 @@ def series(report: dict) -> dict[tuple[str, str], dict[int, dict]]:
 
 def format_table(report: dict) -> str:
   """Perplexity per (dataset, variant) against length multiple, the change at the largest
-  multiple against x1 (as PAPER.md §6), then the 8-bin position-resolved NLL."""
+  multiple against x1 (as the paper), then the 8-bin position-resolved NLL."""
   mults = sorted({r["length_mult"] for r in report["results"]})
   head = f"{report['label']} (step {report['step']}, cap mode {report['cap_mode']})"
   lines = [head, f"{'dataset':<12}{'variant':<9}" + "".join(f"{'x' + str(m):>10}" for m in mults)]

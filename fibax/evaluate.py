@@ -7,7 +7,7 @@ Shape key: N windows, B batch, L evaluation length (training length T x multiple
     report = evaluate_run(run, length_mults=(1, 4), datasets=("validation", "sotu"))
     print(format_table(report)); write_report(report, "runs/fib_stagger_w12/eval")
 
-PAPER.md §6: perplexity over the first 2^20 tokens of each held-out set in non-overlapping
+the paper: perplexity over the first 2^20 tokens of each held-out set in non-overlapping
 windows of T x multiple (windows from `fibax.data.evaluation`: in document order, never across
 a document boundary); position-resolved NLL per position and in 8 equal bins over the window.
 Checkpoints are read by `fibax.restore` (read-only, the trainer's format); each length is
@@ -75,7 +75,7 @@ class NonFiniteResult(FloatingPointError):
 
 
 def freeze[C: (ModelConfig, RunConfig)](params, cfg: C) -> C:
-  """The config with each learned alpha rounded into a static integer pattern (PAPER.md §3).
+  """The config with each learned alpha rounded into a static integer pattern (the paper).
 
   The model then builds `Pattern`s from `frozen_alphas` and runs them on the config's integer
   implementation like any static schedule; the thetas in `params` go unused.

@@ -18,7 +18,7 @@ The prompt runs through the model's own forward (the training kernels) once; its
 Patterns: a Fibonacci layer's rungs stop growing once the run length passes its largest rung,
 so decoding uses the pattern at the full length (prompt + new tokens), which equals the
 training pattern of every position. pow2's base grows with the length it is built at
-(PAPER.md §1): past the training length, generation builds pow2 patterns at the training
+(the paper): past the training length, generation builds pow2 patterns at the training
 length (cap_mode "train"), as the trained model saw them. Learned schedules decode frozen
 (`fibax.evaluate.freeze`): their alphas rounded into static patterns.
 """

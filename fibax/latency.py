@@ -1,7 +1,7 @@
 """Forward latency of one model under three attention variants, measured in one process:
 
   static   an integer-offset schedule (default `fixed`), compiled from its tables;
-  learned  learned alpha on its dynamic path (PAPER.md §3: the paper reports ~5x static);
+  learned  learned alpha on its dynamic path (the paper reports ~5x static);
   frozen   the learned alphas rounded into integer patterns (`fibax.evaluate.freeze`) and
            compiled like a static schedule (the target: <= 1.05x static).
 

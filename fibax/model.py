@@ -1,4 +1,4 @@
-"""The decoder-only Transformer of PAPER.md §4, in Flax linen.
+"""The decoder-only Transformer of the paper, in Flax linen.
 
 Shape key: B batch, T sequence, E d_model, H query heads, K kv heads, D head dim,
 F SwiGLU hidden, V vocabulary.
@@ -114,19 +114,18 @@ class Attention(nn.Module):
     # Keys (after RoPE) and values, collected only when asked for (fibax.generate's prefill).
     self.sow("intermediates", "kv", (k_BxTxKxD, v_BxTxKxD))
 
+    alpha = None
     if isinstance(self.pattern, patterns.LearnedPattern):
-      # PAPER.md §2: alpha = 0.5 + sigmoid(theta), theta initialised at 0 (alpha = 1).
+      # the paper: alpha = 0.5 + sigmoid(theta), theta initialised at 0 (alpha = 1).
       theta = self.param("theta", nn.with_logical_partitioning(nn.initializers.zeros, ()), ())
-      self.sow("intermediates", "alpha", 0.5 + jax.nn.sigmoid(theta))
-      o_BxTxHxD = attention.learned(
-        q_BxTxHxD, k_BxTxKxD, v_BxTxKxD, self.pattern, 0.5 + jax.nn.sigmoid(theta)
-      )
-    else:
-      is_dense = self.pattern.window >= x_BxTxE.shape[1] - 1 and not self.pattern.far
-      impl = cfg.attention.dense_impl if is_dense else cfg.attention.impl
-      o_BxTxHxD = attention.get(impl)(q_BxTxHxD, k_BxTxKxD, v_BxTxKxD, self.pattern)
+      alpha = 0.5 + jax.nn.sigmoid(theta)
+      self.sow("intermediates", "alpha", alpha)
+    o_BxTxHxD = attention.attend(
+      q_BxTxHxD, k_BxTxKxD, v_BxTxKxD, self.pattern,
+      cfg.attention.impl, cfg.attention.dense_impl, alpha,
+    )  # fmt: skip
 
-    # PAPER.md §4: residual output projections further scaled by 1/sqrt(2L).
+    # the paper: residual output projections further scaled by 1/sqrt(2L).
     out_std = std / np.sqrt(2 * cfg.num_layers)
     return nn.DenseGeneral(
       cfg.d_model,

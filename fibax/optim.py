@@ -1,4 +1,4 @@
-"""The optimizer of PAPER.md §4: AdamW (0.9, 0.95), weight decay 0.1 on matrices only,
+"""The optimizer of the paper: AdamW (0.9, 0.95), weight decay 0.1 on matrices only,
 linear warmup then cosine decay to 10% of peak, global-norm clipping at 1.0."""
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ def lr_schedule(cfg: TrainConfig) -> optax.Schedule:
 
 
 def decay_mask(params):
-  """PAPER.md §4: no weight decay on norm gains and other 1-D (or scalar) parameters."""
+  """the paper: no weight decay on norm gains and other 1-D (or scalar) parameters."""
   return jax.tree.map(lambda p: p.ndim > 1, params)
 
 

@@ -1,4 +1,4 @@
-"""Offset schedules of PAPER.md §1-2: host-side NumPy, no JAX arrays.
+"""Offset schedules of the paper: host-side NumPy, no JAX arrays.
 
 One hashable `Pattern` per layer yields the sorted distance list, the dense causal
 boolean mask used by the reference path, and the tables the kernels iterate. Nothing
@@ -26,11 +26,11 @@ CapMode = Literal["run", "train"]
 BASES: tuple[str, ...] = get_args(Base)
 SCHEDULES: tuple[str, ...] = get_args(Schedule)
 CAP_MODES: tuple[str, ...] = get_args(CapMode)
-FIB_TERMS = 15  # PAPER.md §1: K = 15 terms, 1 .. 987.
+FIB_TERMS = 15  # the paper: K = 15 terms, 1 .. 987.
 
 
 def fibonacci_base(num_terms: int = FIB_TERMS) -> tuple[int, ...]:
-  """The first `num_terms` of 1, 2, 3, 5, 8, ... (PAPER.md §1)."""
+  """The first `num_terms` of 1, 2, 3, 5, 8, ... (the paper)."""
   if num_terms < 1:
     raise ValueError(f"{num_terms=} must be >= 1")
   terms = [1, 2]
@@ -40,7 +40,7 @@ def fibonacci_base(num_terms: int = FIB_TERMS) -> tuple[int, ...]:
 
 
 def pow2_base(seq_len: int) -> tuple[int, ...]:
-  """Reach-matched powers of two 1, 2, 4, ... <= seq_len - 1 (PAPER.md §1)."""
+  """Reach-matched powers of two 1, 2, 4, ... <= seq_len - 1 (the paper)."""
   if seq_len < 2:
     raise ValueError(f"{seq_len=} must be >= 2")
   return tuple(1 << e for e in range((seq_len - 1).bit_length()) if (1 << e) <= seq_len - 1)
@@ -55,7 +55,7 @@ def base_terms(base: str, seq_len: int, num_terms: int = FIB_TERMS) -> tuple[int
 
 
 def coprime_stride(num_layers: int) -> int:
-  """The largest s <= L/2 with gcd(s, L) = 1 (PAPER.md §2; S = 7 for L = 16)."""
+  """The largest s <= L/2 with gcd(s, L) = 1 (the paper; S = 7 for L = 16)."""
   if num_layers < 2:
     raise ValueError(f"{num_layers=} must be >= 2 for the coprime schedule")
   return max(s for s in range(1, num_layers // 2 + 1) if math.gcd(s, num_layers) == 1)
@@ -72,7 +72,7 @@ def layer_slots(schedule: str, num_layers: int) -> tuple[int, ...]:
 
 
 def layer_alphas(schedule: str, num_layers: int) -> tuple[float, ...] | None:
-  """Per-layer alpha (PAPER.md §2); for `learned` the initial value; None for dense."""
+  """Per-layer alpha (the paper); for `learned` the initial value; None for dense."""
   if num_layers < 1:
     raise ValueError(f"{num_layers=} must be >= 1")
   if schedule in ("fixed", "learned"):
@@ -134,7 +134,7 @@ class Pattern:
     cap_mode: str = "run",
     num_terms: int = FIB_TERMS,
   ) -> Pattern:
-    """PAPER.md §1: D = {0..W} U {round(alpha*b) : W < round(alpha*b) <= T-1}.
+    """the paper: D = {0..W} U {round(alpha*b) : W < round(alpha*b) <= T-1}.
 
     `seq_len` is the length the model is run at; with cap_mode="train" the pattern is
     built at `train_len` instead (both the cap and the pow2 base).
@@ -181,7 +181,7 @@ class Pattern:
 
 @dataclasses.dataclass(frozen=True)
 class LearnedPattern:
-  """What the learned-alpha path (PAPER.md §3) needs besides alpha itself.
+  """What the learned-alpha path (the paper) needs besides alpha itself.
 
   The rung set depends on alpha, so no table can be fixed at trace time; `freeze`
   rounds a trained alpha into an integer `Pattern`.

@@ -69,7 +69,7 @@ def plot_position_curves(
   length_mult: int = 1,
   points: int = 64,
 ) -> Path:
-  """Position-resolved NLL over the window (PAPER.md §6) for each run/variant, averaged over
+  """Position-resolved NLL over the window (the paper) for each run/variant, averaged over
   `points` equal segments of the window."""
   caps = {r["cap_mode"] for r in reports}
   fig = Figure(figsize=(7, 4.2), layout="constrained")

@@ -1,4 +1,4 @@
-"""Plain-JAX attention paths against the float32 reference (PAPER.md §1, §3)."""
+"""Plain-JAX attention paths against the float32 reference (the paper)."""
 
 import jax
 import jax.numpy as jnp
@@ -88,7 +88,7 @@ def test_learned_gradient_matches_finite_difference():
 
 
 def test_learned_skip_rules():
-  """The learned path against a hand-built softmax over the slots PAPER.md §3 keeps.
+  """The learned path against a hand-built softmax over the slots the paper keeps.
 
   At alpha = 0.5 and W = 4 (T = 64), t = 0.5 b: rungs 1, 2, 3, 5, 8 have round(t) <= 4 and are
   skipped; 13, 21, 34, 55, 89 stay as (lo, frac) = (6, .5), (10, .5), (17, 0), (27, .5),

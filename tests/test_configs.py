@@ -8,7 +8,9 @@ import pytest
 
 from fibax.config import AttentionConfig, ModelConfig, RunConfig
 
-CONFIGS = sorted((pathlib.Path(__file__).parent.parent / "configs").glob("*.py"))
+CONFIGS = sorted(
+  (pathlib.Path(__file__).parent.parent / "configs").glob("[!_]*.py")
+)  # not __init__
 
 
 def _load(path):

@@ -1,4 +1,4 @@
-"""The Flax model of PAPER.md §4."""
+"""The Flax model of the paper."""
 
 import dataclasses
 

@@ -1,4 +1,4 @@
-"""PAPER.md §1-2 pinned: distances, schedules, cap modes, rounding."""
+"""the paper pinned: distances, schedules, cap modes, rounding."""
 
 import itertools
 import math
@@ -20,7 +20,7 @@ def test_paper_example_23_distances():
   p = P.Pattern.build(base="fib", alpha=1.0, window=12, seq_len=1024)
   assert p.distances == tuple(range(13)) + (13, 21, 34, 55, 89, 144, 233, 377, 610, 987)
   assert len(p.distances) == 23
-  # Against 512 keys per query on average for dense causal (PAPER.md §1).
+  # Against 512 keys per query on average for dense causal (the paper).
   assert P.Pattern.dense(1024).keys_per_query(1024) == pytest.approx(512.5)
 
 

@@ -30,7 +30,7 @@ CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
 
 def test_lr_schedule_of_the_paper():
-  lr = lr_schedule(TrainConfig())  # PAPER.md §4: 300 warmup steps, cosine to 10% at 13,000
+  lr = lr_schedule(TrainConfig())  # the paper: 300 warmup steps, cosine to 10% at 13,000
   assert float(lr(0)) == 0.0
   np.testing.assert_allclose(float(lr(150)), 1.5e-4, rtol=1e-6)
   np.testing.assert_allclose(float(lr(300)), 3e-4, rtol=1e-6)
