@@ -15,6 +15,10 @@
 #                                                               # (BENCH_BATCHES="real random")
 #                                                               # per embedding gradient
 #                                                               # (BENCH_GRADS, default all 3)
+#   bash experiments/remote_matrix.sh sharding OUT_DIR          # after `start`'s tokenizing, with
+#                                                               # no queue running: 300 steps
+#                                                               # on all GPUs, data x model 2,
+#                                                               # one GPU (sharding_check.py)
 #   bash experiments/remote_matrix.sh bench-start GPU           # the same, detached: `start`
 #                                                               # keeps the queue off GPU until
 #                                                               # it ends, `poll` brings it back
@@ -125,6 +129,13 @@ case "${1:-}" in
           2>&1 | grep '"ms_per_step"' || echo "$batches $grad: failed"
       done
     done ;;
+  sharding)
+    out=${2:?output folder}
+    [ -f "$SCRATCH/data/gutenberg/manifest.json" ] || die "no tokenized Gutenberg under $SCRATCH/data"
+    source experiments/gpu_env.sh
+    python experiments/sharding_check.py --devices "$(nvidia-smi -L | wc -l)" \
+      --config configs/paper.py:fib_stagger_w12,steps=300 --root "$SCRATCH/sharding" --out "$out" \
+      --set model.attention.impl=pallas "data_dir=$SCRATCH/data/gutenberg" model.embed_backward=onehot ;;
   bench-start)
     gpu=${2:?GPU index}
     [ -e "$SCRATCH/bench" ] && die "$SCRATCH/bench exists: a benchmark was already started"
@@ -134,5 +145,5 @@ case "${1:-}" in
     echo $! > "$SCRATCH/bench.pid"
     sleep 2; cat "$SCRATCH/bench/log.txt" ;;
   *)
-    die "usage: remote_matrix.sh split|sotu|receive|start|poll|stop|bench|bench-start ..." ;;
+    die "usage: remote_matrix.sh split|sotu|receive|start|poll|stop|bench|bench-start|sharding ..." ;;
 esac
