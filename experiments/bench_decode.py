@@ -31,8 +31,8 @@ import jax.numpy as jnp
 from experiments.bench_attention import versions
 from fibax.config_loader import add_overrides_argument, apply_overrides, load_config
 from fibax.generate import cache_layout, decode_step, generation_config
-from fibax.latency import init_params
 from fibax.memory import MEMORY_HEADROOM, free_memory_bytes
+from fibax.model import init_params
 
 
 def cache_shapes(cfg, layout, batch: int) -> tuple:

@@ -23,7 +23,7 @@ import numpy as np
 
 from fibax.config_loader import load_config
 from fibax.evaluate import InsufficientMemory, compile_forward, evaluate_windows, free_memory_bytes
-from fibax.latency import init_params
+from fibax.model import init_params
 
 
 def measure(spec: str, attention: dict, mults: list[int], windows: int) -> list[dict]:

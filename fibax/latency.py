@@ -18,21 +18,13 @@ import statistics
 import time
 from collections.abc import Callable, Sequence
 
-import flax.linen as nn
 import jax
-import jax.numpy as jnp
 
 from fibax.config import ModelConfig
 from fibax.evaluate import freeze
-from fibax.model import Transformer
+from fibax.model import Transformer, init_params
 
 LATENCY_VARIANTS = ("static", "learned", "frozen")
-
-
-def init_params(cfg: ModelConfig, seed: int = 0):
-  tokens_1xT = jnp.zeros((1, cfg.seq_len), jnp.int32)
-  boxed = jax.jit(Transformer(cfg).init)(jax.random.key(seed), tokens_1xT)["params"]
-  return nn.meta.unbox(boxed)
 
 
 def variant_models(

@@ -226,6 +226,23 @@ class Transformer(nn.Module):
     )
 
 
+def _init_boxed(cfg: ModelConfig, key: Array):
+  return Transformer(cfg).init(key, jnp.zeros((1, cfg.seq_len), jnp.int32))["params"]
+
+
+def abstract_params(cfg: ModelConfig):
+  """The parameters' shapes and dtypes (`ShapeDtypeStruct`s, still boxed with their logical
+  partitioning for `fibax.sharding`), without computing anything."""
+  return jax.eval_shape(functools.partial(_init_boxed, cfg), jax.random.key(0))
+
+
+def init_params(cfg: ModelConfig, key: Array | int = 0):
+  """Freshly initialised parameters (unboxed) from a key or an integer seed."""
+  if isinstance(key, int):
+    key = jax.random.key(key)
+  return nn.meta.unbox(jax.jit(_init_boxed, static_argnums=0)(cfg, key))
+
+
 def count_params(params) -> tuple[int, int]:
   """(total, non-embedding) parameter counts; the learned thetas count as non-embedding."""
   leaves = jax.tree_util.tree_leaves_with_path(nn.meta.unbox(params))

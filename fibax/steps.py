@@ -14,13 +14,13 @@ import dataclasses
 import functools
 from typing import Any
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import optax
 from flax import struct
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from fibax import model as model_lib
 from fibax import sharding
 from fibax.config import RunConfig
 from fibax.model import Transformer
@@ -90,19 +90,16 @@ def make_steps(cfg: RunConfig, mesh: Mesh) -> Steps:
       f"grad_accum={train_cfg.grad_accum}"
     )
 
-  def init_params(key):
-    return model.init(key, jnp.zeros((1, cfg.model.seq_len), jnp.int32))["params"]
-
   def init(seed):
     # The first of two keys, as when a second one seeded dropout: the same initial parameters
     # for a seed as before it went (the model has no dropout).
     init_key = jax.random.split(jax.random.key(seed))[0]
-    params = nn.meta.unbox(init_params(init_key))
+    params = model_lib.init_params(cfg.model, init_key)
     return TrainState(
       step=jnp.zeros((), jnp.int32), params=params, opt_state=optimizer.init(params)
     )
 
-  boxed = jax.eval_shape(init_params, jax.random.key(0))
+  boxed = model_lib.abstract_params(cfg.model)
   param_sh = sharding.param_shardings(boxed, mesh)
   abstract = jax.eval_shape(init, 0)
   rep = sharding.replicated(mesh)

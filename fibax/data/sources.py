@@ -393,7 +393,10 @@ def make_source(
     source = ParquetSource(path, max_docs_per_shard=max_docs_per_shard)
     return source if shards is None else _first_units(source, shards)
   if shards is not None or max_docs_per_shard is not None:
-    raise ValueError(f"shards={shards} / max_docs_per_shard={max_docs_per_shard} need a Gutenberg, parquet or hub source")
+    raise ValueError(
+      f"shards={shards} / max_docs_per_shard={max_docs_per_shard} need a Gutenberg, parquet "
+      "or hub source"
+    )
   return DirectorySource(path)
 
 
