@@ -23,6 +23,7 @@ import json
 import sys
 from pathlib import Path
 
+from fibax import cli
 from fibax.checkpoint import CheckpointError
 from fibax.eval_report import OutputError, check_writable, format_table, load_reports, write_report
 from fibax.evaluate import (
@@ -38,28 +39,22 @@ from fibax.evaluate import (
 )
 from fibax.restore import checkpoint_dir
 
-BAD_INPUT = (
+BAD_INPUT_ERRORS = (
   CheckpointError,
   ValueError,
   FileNotFoundError,
   InsufficientMemory,
   NotImplementedError,
 )
-FAILED = (OutputError, NonFiniteResult)
+FAILED_ERRORS = (OutputError, NonFiniteResult)
 SUBCOMMANDS = ("plot", "latency")
-
-
-class _Parser(argparse.ArgumentParser):
-  """Usage errors in one line too."""
-
-  def error(self, message: str):
-    self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+PROG = "python -m fibax.eval"
 
 
 def _parser() -> argparse.ArgumentParser:
   """The evaluation's options at the top level, `plot` and `latency` as subcommands."""
-  p = _Parser(
-    prog="python -m fibax.eval",
+  p = cli.Parser(
+    prog=PROG,
     description="Held-out perplexity at multiples of the training length, or a subcommand "
     "(python -m fibax.eval plot --help).",
   )
@@ -238,17 +233,11 @@ def main(argv: list[str] | None = None) -> int:
     args, command_argv = _parse(argv)
     return COMMANDS[args.command](args, command_argv)
   except SystemExit as e:  # argparse: --help, or a usage error already printed in one line
-    return e.code if isinstance(e.code, int) else 2
-  except FAILED as e:
-    print(f"fibax.eval: error: {_one_line(e)}", file=sys.stderr)
-    return 1
-  except BAD_INPUT as e:
-    print(f"fibax.eval: error: {_one_line(e)}", file=sys.stderr)
-    return 2
-
-
-def _one_line(e: BaseException) -> str:
-  return " ".join(str(e).split())  # one line, whatever the library wrote
+    return e.code if isinstance(e.code, int) else cli.BAD_INPUT
+  except FAILED_ERRORS as e:
+    return cli.fail(PROG, e, cli.FAILED)
+  except BAD_INPUT_ERRORS as e:
+    return cli.fail(PROG, e, cli.BAD_INPUT)
 
 
 if __name__ == "__main__":

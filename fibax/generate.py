@@ -297,21 +297,17 @@ def generate(
 
 def main(argv: list[str] | None = None) -> int:
   """python -m fibax.generate --checkpoint DIR --prompt TEXT [--max-new-tokens N] ..."""
-  import argparse
   import sys
   import time
 
+  from fibax import cli
   from fibax.checkpoint import CheckpointError
   from fibax.data.files import DataError
   from fibax.data.tokenizer import load_tokenizer
   from fibax.evaluate import run_data_dir
   from fibax.restore import load_run
 
-  class Parser(argparse.ArgumentParser):
-    def error(self, message: str):
-      self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
-
-  p = Parser(prog="python -m fibax.generate", description=__doc__.split("\n")[0])
+  p = cli.Parser(prog="python -m fibax.generate", description=__doc__.split("\n")[0])
   p.add_argument("--checkpoint", required=True, help="a run's workdir or checkpoint directory")
   p.add_argument("--prompt", required=True, help="text; encoded with the run's tokenizer")
   p.add_argument("--max-new-tokens", type=int, default=256)
@@ -359,8 +355,7 @@ def main(argv: list[str] | None = None) -> int:
   except SystemExit as e:
     return e.code if isinstance(e.code, int) else 2
   except (CheckpointError, DataError, ValueError, FileNotFoundError) as e:
-    print(f"fibax.generate: error: {' '.join(str(e).split())}", file=sys.stderr)
-    return 2
+    return cli.fail(p.prog, e, cli.BAD_INPUT)
   print(
     f"\n[{len(out)} tokens in {seconds:.2f} s, {len(out) / seconds:.1f} tokens/s including "
     "compilation]",

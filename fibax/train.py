@@ -20,7 +20,6 @@ is never saved.
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import dataclasses
 import fcntl
@@ -39,8 +38,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax.experimental import multihost_utils
 
+from fibax import cli, sharding
 from fibax import metrics as metrics_lib
-from fibax import sharding
 from fibax.checkpoint import Checkpointer, CheckpointError, quiet_orbax
 from fibax.config import RunConfig
 from fibax.config_loader import add_overrides_argument, apply_overrides, load_config
@@ -378,7 +377,7 @@ def _train(cfg: RunConfig, workdir: Path, main: bool, log: Callable[[str], None]
 
 
 def main(argv: list[str] | None = None) -> int:
-  parser = argparse.ArgumentParser(prog="python -m fibax.train", description=__doc__.split("\n")[0])
+  parser = cli.Parser(prog="python -m fibax.train", description=__doc__.split("\n")[0])
   parser.add_argument("--config", required=True, help="configs/<file>.py[:<run>[,key=value]]")
   parser.add_argument("--workdir", required=True, help="checkpoints, metrics and event files")
   add_overrides_argument(parser)
@@ -389,9 +388,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.error(str(e))
   try:
     summary = train(cfg, args.workdir)
-  except (TrainingDiverged, CheckpointError, DataError, WorkdirError) as e:
-    print(f"fibax.train: {e}", file=sys.stderr)
-    return 1
+  except (DataError, WorkdirError) as e:
+    return cli.fail(parser.prog, e, cli.BAD_INPUT)
+  except (TrainingDiverged, CheckpointError) as e:
+    return cli.fail(parser.prog, e, cli.FAILED)
   return 128 + summary["signal"] if summary["preempted"] else 0
 
 

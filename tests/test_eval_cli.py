@@ -21,7 +21,7 @@ REPO = Path(__file__).resolve().parents[1]
 def _error_line(capsys) -> str:
   err = capsys.readouterr().err.strip().splitlines()
   assert len(err) == 1, err
-  assert err[0].startswith("fibax.eval: error: ") or "python -m fibax.eval" in err[0]
+  assert err[0].startswith("python -m fibax.eval: error: ") or "python -m fibax.eval" in err[0]
   return err[0]
 
 
@@ -123,7 +123,7 @@ def test_corrupt_checkpoint_cli_prints_exactly_one_line(tmp_path_factory, tmp_pa
   )
   assert proc.returncode == 2, proc.stderr
   assert proc.stderr.count("\n") == 1, proc.stderr
-  assert proc.stderr.startswith(f"fibax.eval: error: checkpoint step {STEP} in ")
+  assert proc.stderr.startswith(f"python -m fibax.eval: error: checkpoint step {STEP} in ")
 
 
 def test_subcommands_are_argparse_subparsers_beside_the_default_evaluation(capsys):

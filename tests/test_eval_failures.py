@@ -24,7 +24,7 @@ def _error_line(capsys) -> str:
   captured = capsys.readouterr()
   err = captured.err.strip().splitlines()
   assert len(err) == 1, err
-  assert err[0].startswith("fibax.eval: error: "), err[0]
+  assert err[0].startswith("python -m fibax.eval: error: "), err[0]
   return err[0]
 
 
@@ -123,7 +123,7 @@ def test_unusable_checkpoint_cli_prints_exactly_one_line(tmp_path_factory, tmp_p
   _, workdir = saved_run(tmp_path_factory, "stagger")
   if case == "no_checkpoint":
     (tmp_path / "checkpoints").mkdir()
-    expected = f"fibax.eval: error: no checkpoint in {tmp_path / 'checkpoints'}"
+    expected = f"python -m fibax.eval: error: no checkpoint in {tmp_path / 'checkpoints'}"
   else:  # the record's config asks for wider arrays than the state holds
     shutil.copytree(workdir, tmp_path, dirs_exist_ok=True)
     record_path = tmp_path / "checkpoints" / str(STEP) / META / "metadata"
@@ -131,7 +131,8 @@ def test_unusable_checkpoint_cli_prints_exactly_one_line(tmp_path_factory, tmp_p
     record["config"]["model"]["d_model"] = 48
     record_path.write_text(json.dumps(record))
     expected = (
-      f"fibax.eval: error: checkpoint step {STEP} in {tmp_path / 'checkpoints'} is unreadable"
+      f"python -m fibax.eval: error: checkpoint step {STEP} in {tmp_path / 'checkpoints'} "
+      "is unreadable"
     )
   proc = _cli("--checkpoint", str(tmp_path), "--length-mult", "4")
   assert proc.returncode == 2, proc.stderr

@@ -79,8 +79,10 @@ def test_a_workdir_that_is_a_file_is_one_line(tmp_path_factory, tmp_path):
   workdir.write_text("not a directory")
   proc = _cli(["--config", _spec(tmp_path_factory), "--workdir", workdir])
   _, err = proc.communicate(timeout=300)
-  assert proc.returncode == 1
-  assert err.strip() == f"fibax.train: workdir {workdir} exists and is not a directory"
+  assert proc.returncode == 2  # bad input
+  assert err.strip() == (
+    f"python -m fibax.train: error: workdir {workdir} exists and is not a directory"
+  )
   assert workdir.read_text() == "not a directory"
 
 
@@ -114,7 +116,9 @@ def test_a_failed_checkpoint_write_stops_training_at_once(tmp_path_factory, tmp_
   )
   assert proc.returncode == 1, proc.stderr[-3000:]
   last = proc.stderr.strip().splitlines()[-1]
-  assert last.startswith(f"fibax.train: saving a checkpoint in {workdir / 'checkpoints'} failed")
+  assert last.startswith(
+    f"python -m fibax.train: error: saving a checkpoint in {workdir / 'checkpoints'} failed"
+  )
   assert last.endswith("the newest complete one is step 6"), last
   assert "Traceback" not in proc.stderr
   steps = sorted(int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit())

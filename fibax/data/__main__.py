@@ -10,14 +10,14 @@ python -m fibax.data info data/gutenberg
 
 from __future__ import annotations
 
-import argparse
 import sys
 
+from fibax import cli
 from fibax.data.files import DataError
 
 
 def main(argv: list[str] | None = None) -> int:
-  parser = argparse.ArgumentParser(prog="python -m fibax.data", description=__doc__.split("\n")[0])
+  parser = cli.Parser(prog="python -m fibax.data", description=__doc__.split("\n")[0])
   commands = parser.add_subparsers(dest="command", required=True)
 
   p = commands.add_parser("prepare", help="corpus -> tokenizer + token shards + manifest")
@@ -67,8 +67,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{split:>10}: {entry['docs']:>6,} docs {entry['tokens']:>13,} tokens")
       print(f"tokenizer: {manifest['tokenizer']['vocab_size']} pieces")
   except (DataError, ValueError) as e:
-    print(f"error: {e}", file=sys.stderr)
-    return 1
+    return cli.fail(parser.prog, e, cli.BAD_INPUT)
   return 0
 
 

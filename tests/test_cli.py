@@ -1,0 +1,31 @@
+"""Every `python -m fibax.*` command: bad input is one line, `<prog>: error: ...`, exit 2."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.parametrize(
+  ("module", "args", "message"),
+  [
+    ("fibax.train", ["--config", "configs/nope.py", "--workdir", "{tmp}/w"], "nope.py"),
+    ("fibax.train", ["--workdir", "{tmp}/w"], "the following arguments are required: --config"),
+    ("fibax.data", ["prepare", "--source", "{tmp}/nowhere", "--out", "{tmp}/d"], "unknown source"),
+    ("fibax.data", ["info", "{tmp}"], "manifest.json"),
+    ("fibax.eval", ["--checkpoint", "{tmp}/nowhere"], "does not exist"),
+    ("fibax.generate", ["--checkpoint", "{tmp}/nowhere", "--prompt", "x"], "does not exist"),
+  ],
+)
+def test_bad_input_is_one_line_with_exit_2(tmp_path, module, args, message):
+  args = [a.format(tmp=tmp_path) for a in args]
+  proc = subprocess.run(
+    [sys.executable, "-m", module, *args], cwd=REPO, capture_output=True, text=True, timeout=300
+  )
+  lines = proc.stderr.strip().splitlines()
+  assert proc.returncode == 2, proc.stderr
+  assert len(lines) == 1 and lines[0].startswith(f"python -m {module}: error: "), proc.stderr
+  assert message in lines[0]
