@@ -27,6 +27,7 @@ from pathlib import Path
 
 from experiments.bench_attention import versions
 from fibax.config_loader import add_overrides_argument
+from fibax.metrics import read_losses
 
 
 def layouts(devices: int) -> list[tuple[str, int, int]]:
@@ -51,15 +52,6 @@ def device_env(count: int) -> dict:
       flags,
     )
   return env
-
-
-def train_losses(workdir: Path) -> dict[int, float]:
-  out = {}
-  for line in (workdir / "metrics.jsonl").read_text().splitlines():
-    record = json.loads(line)
-    if record["kind"] == "train":
-      out[record["step"]] = record["loss"]
-  return out
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -92,7 +84,7 @@ def main(argv: list[str] | None = None) -> int:
     proc = subprocess.run(cmd, env=device_env(data * model), text=True, capture_output=True)
     if proc.returncode != 0:
       sys.exit(f"sharding_check.py: error: {name} failed: {proc.stderr.strip()[-2000:]}")
-    curves[name] = train_losses(args.root / name)
+    curves[name] = read_losses(args.root / name)
     report["layouts"].append({"name": name, "mesh_data": data, "mesh_model": model})
   first = next(iter(curves))
   report["losses"] = {name: {str(s): v for s, v in c.items()} for name, c in curves.items()}

@@ -83,6 +83,7 @@ class Checkpointer:
   ):
     self.directory = Path(directory).absolute()
     self.log = log
+    self._unchecked = False  # a save whose outcome check() has not yet seen
     options = ocp.CheckpointManagerOptions(
       max_to_keep=keep, create=True, enable_async_checkpointing=async_save
     )
@@ -97,6 +98,7 @@ class Checkpointer:
     """Starts saving `state` and the iterator's position at `step`; returns once the arrays are
     copied off the device (so the caller may donate them) and the write runs in background."""
     record = {"step": step, "checksums": checksums(state), **(meta or {})}
+    self._unchecked = True
     try:
       self._save(step, state, data_iter, record)
     except Exception as e:  # noqa: BLE001 (e.g. the disk is full)
@@ -183,12 +185,17 @@ class Checkpointer:
     )
 
   def check(self) -> None:
-    """Raises CheckpointError if a background save has failed (cheap: call it every step)."""
+    """Raises CheckpointError if a background save has failed (call it every step: it does
+    nothing once the last save is known to have finished)."""
+    if not self._unchecked:
+      return
     try:
       self._mngr.check_for_errors()
       if not self._mngr.is_saving_in_progress():
         self._mngr.wait_until_finished()  # returns at once; raises if the finished save failed
+        self._unchecked = False
     except Exception as e:  # noqa: BLE001 (whatever the writer raised, e.g. a full disk)
+      self._unchecked = False
       raise self._save_failed(e) from None
 
   def wait(self) -> None:

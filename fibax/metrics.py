@@ -73,6 +73,16 @@ def _step_of(line: str) -> int | None:
     return None
 
 
+def read_losses(directory: str | os.PathLike, kind: str = "train") -> dict[int, float]:
+  """step -> loss of the `kind` records in a run's metrics.jsonl (the last wins on repeats)."""
+  out = {}
+  for line in (Path(directory) / "metrics.jsonl").read_text().splitlines():
+    record = json.loads(line)
+    if record["kind"] == kind:
+      out[record["step"]] = record["loss"]
+  return out
+
+
 class MetricWriter:
   """Appends one JSON object per record to `metrics.jsonl` and scalars to TensorBoard event
   files in the same directory. Only the writing process (process 0) should make one with
@@ -93,7 +103,7 @@ class MetricWriter:
       kept = [
         line
         for line in path.read_text().splitlines(keepends=True)
-        if _step_of(line) is not None and _step_of(line) <= resume_step
+        if (step := _step_of(line)) is not None and step <= resume_step
       ]
       tmp = path.with_name(path.name + ".tmp")
       tmp.write_text("".join(kept))

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import textwrap
 from pathlib import Path
 
@@ -37,12 +36,9 @@ def write_micro_config(directory: Path) -> Path:
 
 def losses(workdir: Path) -> dict[int, float]:
   """step -> loss of the train records in metrics.jsonl (the last record wins on repeats)."""
-  out = {}
-  for line in (workdir / "metrics.jsonl").read_text().splitlines():
-    record = json.loads(line)
-    if record["kind"] == "train":
-      out[record["step"]] = record["loss"]
-  return out
+  from fibax.metrics import read_losses
+
+  return read_losses(workdir)
 
 
 _PREPARED: dict[str, Path] = {}
