@@ -17,7 +17,7 @@ of GPU memory is put back at the head of the queue and its GPU runs one process 
 on. A run is started only if its estimated wall time ends before `--deadline-s` (seconds
 after the supervisor starts); `stop` lets running runs finish and starts no more. Runs named
 in `--alone` (the slow learned runs) start only on an empty GPU and keep it to themselves,
-and `--gpu-busy GPU=PID` keeps the queue off a GPU until that process (a benchmark) ends.
+as does any run that would finish before the deadline only without company, and `--gpu-busy GPU=PID` keeps the queue off a GPU until that process (a benchmark) ends.
 
 Everything lands under --root: `<name>/` is the run's workdir (checkpoints, metrics,
 `eval/`, `log.txt`), `status.json` the queue (rewritten atomically after every change) and
@@ -83,6 +83,32 @@ def estimate_seconds(cfg, shared_by: int) -> float:
   if kind == "other" and cfg.model.embed_backward == "onehot":
     kind = "other_onehot"
   return shared_by * cfg.train.total_steps * STEP_SECONDS[kind] + FIXED_SECONDS[kind]
+
+
+def choose_run(queue, configs, alone, slots: int, busy: int, now: float, deadline):
+  """The next run for a GPU with `busy` of its `slots` taken, and how many runs share the GPU
+  while it runs: (name, shared), or (None, 1) when a run fits only on an empty GPU, or
+  (None, 0) when no queued run can finish before `deadline` (None: no deadline).
+
+  Runs in `alone` start only on an empty GPU and keep it (shared = 1). Any other run shares
+  the GPU with up to `slots` runs; on an empty GPU, a run that would finish only without
+  company also starts alone and keeps the GPU, so the last runs before a deadline still run.
+  """
+
+  def fits(name, shared):
+    return deadline is None or now + estimate_seconds(configs[name], shared) <= deadline
+
+  for name in queue:
+    if name in alone:
+      if not busy and fits(name, 1):
+        return name, 1
+    elif fits(name, slots):
+      return name, slots
+    elif not busy and fits(name, 1):
+      return name, 1
+  if any(fits(name, 1) for name in queue):
+    return None, 1
+  return None, 0
 
 
 def length_mults(cfg, args) -> list[int]:
@@ -172,24 +198,14 @@ def supervise(args) -> int:
       if stopping or not queue:
         break
       gpu = slot[0]
-      shared = slots_per_gpu[gpu]
-      busy_on_gpu = [s for s in running if s[0] == gpu]
-      if shared == 1 and busy_on_gpu:
-        continue
-      if any(running[s][1]["name"] in alone for s in busy_on_gpu):
-        continue  # a run that takes its GPU alone is on it
-      # The first run that can finish before the deadline; runs that cannot are skipped. A
-      # run in --alone starts only on a GPU with nothing else on it, and keeps it alone.
-      now = time.time()
-      fits = [
-        n
-        for n in queue
-        if status["deadline"] is None
-        or now + estimate_seconds(configs[n], 1 if n in alone else shared) <= status["deadline"]
-      ]
-      pick = next((n for n in fits if n not in alone or not busy_on_gpu), None)
-      if pick is None and fits:
-        continue  # only runs that need this GPU alone can still finish; another GPU may do
+      busy = [running[s][1] for s in running if s[0] == gpu]
+      if any(e["gpu_shared_by"] == 1 for e in busy) or len(busy) >= slots_per_gpu[gpu]:
+        continue  # a run that keeps its GPU to itself is on it, or the GPU is full
+      pick, shared = choose_run(
+        queue, configs, alone, slots_per_gpu[gpu], len(busy), time.time(), status["deadline"]
+      )
+      if pick is None and shared:
+        continue  # only runs that need an empty GPU can still finish; another GPU may do
       if pick is None:
         for n in queue:
           status["runs"][n]["state"] = "skipped: would not finish before the deadline"
@@ -197,8 +213,6 @@ def supervise(args) -> int:
         break
       queue.remove(pick)
       cfg = configs[pick]
-      if pick in alone:
-        shared = 1
       (root / pick).mkdir(parents=True, exist_ok=True)
       env = dict(os.environ, CUDA_VISIBLE_DEVICES=str(gpu), PYTHONUNBUFFERED="1")
       env["XLA_PYTHON_CLIENT_MEM_FRACTION"] = f"{0.95 / shared:.3f}"

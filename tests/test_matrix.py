@@ -167,3 +167,33 @@ def test_deadline_estimate_follows_the_step_cost():
   assert estimate("fib_stagger_w12", shared=2) - stagger == pytest.approx(
     stagger - matrix.FIXED_SECONDS["other"]
   )
+
+
+def test_a_run_that_fits_only_alone_takes_an_empty_gpu():
+  """Near the deadline, a sparse run that two to a GPU would not finish still starts on an
+  empty GPU and keeps it; on a busy GPU it waits; a learned run never shares."""
+  import importlib.util
+
+  spec = importlib.util.spec_from_file_location("matrix", MATRIX)
+  matrix = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(matrix)
+  paper = str(MATRIX.parents[1] / "configs" / "paper.py")
+  names = ["fib_learned_w6", "fib_fixed_w6", "fib_stagger_w6"]
+  configs = {n: matrix.run_config(paper, "steps=3052", [], n) for n in names}
+  one = matrix.estimate_seconds(configs["fib_fixed_w6"], 1)
+  two = matrix.estimate_seconds(configs["fib_fixed_w6"], 2)
+  learned = matrix.estimate_seconds(configs["fib_learned_w6"], 1)
+  alone = {"fib_learned_w6"}
+
+  def choose(queue, busy, left):
+    return matrix.choose_run(queue, configs, alone, 2, busy, 0.0, left)
+
+  sparse = names[1:]
+  assert choose(sparse, 0, two) == ("fib_fixed_w6", 2)  # both fit shared: share
+  assert choose(sparse, 1, two) == ("fib_fixed_w6", 2)
+  assert choose(sparse, 0, (one + two) / 2) == ("fib_fixed_w6", 1)  # only alone: keep the GPU
+  assert choose(sparse, 1, (one + two) / 2) == (None, 1)  # not beside another run
+  assert choose(sparse, 0, one - 1) == (None, 0)  # nothing can finish: skip the rest
+  assert choose(names, 0, learned) == ("fib_learned_w6", 1)
+  assert choose(names, 1, learned) == ("fib_fixed_w6", 2)  # the learned run waits
+  assert choose(names, 0, None) == ("fib_learned_w6", 1)
