@@ -15,6 +15,7 @@ import os
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import grain
 import jax
@@ -70,6 +71,43 @@ def checksums(tree) -> list[int]:
   return [int(c) for c in jax.device_get(_checksums(tree))]
 
 
+def restore_step(
+  mngr: ocp.CheckpointManager, step: int, abstract: Callable[[dict], Any], data_iter=None
+) -> tuple[Any, dict]:
+  """One step's (state, record): the record, then the state that `abstract(record)` describes
+  (a TrainState of ShapeDtypeStructs with their shardings; with opt_state None, only the step and
+  the parameters) and, given `data_iter`, the iterator's position. Training resumes with it
+  (`Checkpointer.restore`), evaluation and generation load with it (`fibax.restore.load_run`).
+
+  The arrays must match the record's checksums: all of them, or without opt_state the leading
+  ones (a TrainState's leaves are the step, the parameters, then the optimizer state).
+
+  Raises:
+    CheckpointError: the record names another step, or the checksums differ; and whatever
+      orbax raises for a step that fails to load.
+  """
+  record = mngr.restore(step, args=ocp.args.Composite(**{META: ocp.args.JsonRestore()}))[META]
+  if record.get("step") != step:
+    raise CheckpointError(f"its record says step={record.get('step')}")
+  target = abstract(record)
+  if target.opt_state is None:
+    fields = {"step": target.step, "params": target.params}
+    restore_args = ocp.checkpoint_utils.construct_restore_args(fields)
+    args = {STATE: ocp.args.PyTreeRestore(fields, restore_args, partial_restore=True)}
+  else:
+    args = {STATE: ocp.args.StandardRestore(target)}
+  if data_iter is not None:
+    args[DATA] = grain.checkpoint.CheckpointRestore(data_iter)
+  state = mngr.restore(step, args=ocp.args.Composite(**args))[STATE]
+  if target.opt_state is None:
+    state = target.replace(**state)
+  got, want = checksums(state), record["checksums"]
+  bad = [i for i, (a, b) in enumerate(zip(got, want[: len(got)], strict=True)) if a != b]
+  if bad:
+    raise CheckpointError(f"checksums differ in {len(bad)} of {len(got)} state leaves")
+  return state, record
+
+
 class Checkpointer:
   """Saves and restores (state, data iterator) under `directory`, keeping the newest `keep`."""
 
@@ -117,26 +155,6 @@ class Checkpointer:
       force=True,
     )
 
-  def _restore_step(self, step: int, abstract_state, data_iter):
-    restored = self._mngr.restore(
-      step,
-      args=ocp.args.Composite(
-        **{
-          STATE: ocp.args.StandardRestore(abstract_state),
-          DATA: grain.checkpoint.CheckpointRestore(data_iter),
-          META: ocp.args.JsonRestore(),
-        }
-      ),
-    )
-    state, meta = restored[STATE], restored[META]
-    if meta.get("step") != step:
-      raise CheckpointError(f"its record says step={meta.get('step')}")
-    got = checksums(state)
-    if got != meta["checksums"]:
-      bad = [i for i, (a, b) in enumerate(zip(got, meta["checksums"], strict=True)) if a != b]
-      raise CheckpointError(f"checksums differ in {len(bad)} of {len(got)} state leaves")
-    return state, meta
-
   def restore(self, abstract_state, data_iter) -> tuple[object, dict] | None:
     """The newest readable checkpoint as (state, meta), the iterator set to its position;
     None if there is no checkpoint. Unreadable newer steps are reported and moved aside.
@@ -147,7 +165,7 @@ class Checkpointer:
     failures = []
     for step in sorted(self.steps(), reverse=True):
       try:
-        state, meta = self._restore_step(step, abstract_state, data_iter)
+        state, meta = restore_step(self._mngr, step, lambda _: abstract_state, data_iter)
       except Exception as e:  # noqa: BLE001 (any failure to load is reported the same way)
         reason = error_line(e)
         self.log(f"checkpoint step {step} in {self.directory} is unreadable ({reason})")

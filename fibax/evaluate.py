@@ -11,7 +11,8 @@ the paper: perplexity over the first 2^20 tokens of each held-out set in non-ove
 windows of T x multiple (windows from `fibax.data.evaluation`: in document order, never across
 a document boundary); position-resolved NLL per position and in 8 equal bins over the window.
 Checkpoints are read by `fibax.restore` (read-only, the trainer's format); each length is
-checked to fit in memory by `fibax.memory` before it runs.
+checked to fit in memory by `fibax.memory` before it runs. Training's validation loss
+(`fibax.train`) runs the same loop, `window_nll`, over its first `train.eval_tokens` tokens.
 """
 
 from __future__ import annotations
@@ -25,7 +26,9 @@ from pathlib import Path
 
 import jax
 import numpy as np
+from jax.sharding import Mesh
 
+from fibax import sharding
 from fibax.config import ModelConfig, RunConfig
 from fibax.data.evaluation import window_starts
 from fibax.data.files import DataError
@@ -53,6 +56,7 @@ __all__ = [
   "resolve_dataset",
   "run_config_from_dict",
   "run_data_dir",
+  "window_nll",
 ]
 
 DEFAULT_MAX_TOKENS = 1 << 20
@@ -153,6 +157,27 @@ def position_bins(nll_L: np.ndarray, num_bins: int = NUM_BINS) -> list[float]:
   return [float(b.mean()) for b in np.array_split(nll_L, num_bins)]
 
 
+def window_nll(fn, params, windows_NxL1: np.ndarray, batch_size: int, mesh: Mesh | None = None):
+  """Mean NLL at each position over `windows_NxL1` (inputs = [:, :-1], targets = [:, 1:]),
+  float64[L]: `fn` (`fibax.steps.nll_sum_fn`, or its compiled form) on batches of `batch_size`,
+  the last padded with rows of weight 0. With `mesh` each batch is spread over it, every
+  process (each holding all the windows) passing its own rows."""
+  num_windows, seq_len = windows_NxL1.shape[0], windows_NxL1.shape[1] - 1
+  procs, proc = jax.process_count(), jax.process_index()
+  mine = slice(proc * batch_size // procs, (proc + 1) * batch_size // procs)
+  sums = []
+  for first in range(0, num_windows, batch_size):
+    rows = windows_NxL1[first : first + batch_size]
+    rows_BxL1 = np.zeros((batch_size, seq_len + 1), np.int32)
+    weights_B = np.zeros(batch_size, np.float32)
+    rows_BxL1[: len(rows)], weights_B[: len(rows)] = rows, 1.0
+    batch = {"inputs": rows_BxL1[:, :-1], "targets": rows_BxL1[:, 1:], "weights": weights_B}
+    if mesh is not None:
+      batch = sharding.global_batch({k: v[mine] for k, v in batch.items()}, mesh)
+    sums.append(fn(params, batch["inputs"], batch["targets"], batch["weights"]))
+  return np.sum([np.asarray(s, np.float64) for s in sums], axis=0) / num_windows
+
+
 def evaluate_windows(
   cfg: ModelConfig,
   params,
@@ -180,17 +205,7 @@ def evaluate_windows(
   else:
     result = compiled[key]
   fn, batch, need = result
-  sums = []
-  for first in range(0, num_windows, batch):
-    rows_BxL1 = windows_NxL1[first : first + batch]
-    weights_B = np.zeros(batch, np.float32)
-    weights_B[: len(rows_BxL1)] = 1.0
-    if len(rows_BxL1) < batch:  # padded to the compiled shape; the padding has weight 0
-      rows_BxL1 = np.concatenate(
-        [rows_BxL1, np.zeros((batch - len(rows_BxL1), seq_len + 1), np.int32)]
-      )
-    sums.append(fn(params, rows_BxL1[:, :-1], rows_BxL1[:, 1:], weights_B))
-  nll_L = np.sum([np.asarray(s, np.float64) for s in sums], axis=0) / num_windows
+  nll_L = window_nll(fn, params, windows_NxL1, batch)
   nll = float(nll_L.mean())
   return {
     "nll_per_position": nll_L,

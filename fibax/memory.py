@@ -14,8 +14,7 @@ import jax
 import jax.numpy as jnp
 
 from fibax.config import ModelConfig
-from fibax.model import Transformer
-from fibax.steps import token_losses
+from fibax.steps import nll_sum_fn
 
 # Only a fraction of the free memory is promised to one forward (allocator fragmentation).
 MEMORY_HEADROOM = 0.9
@@ -55,14 +54,6 @@ def _gib(n: float) -> str:
   return f"{n / 2**30:.2f} GiB"
 
 
-def _nll_sum_fn(model: Transformer):
-  def nll_sum(params, inputs_BxL, targets_BxL, weights_B):
-    losses_BxL = token_losses(params, model, inputs_BxL, targets_BxL)
-    return jnp.einsum("bl,b->l", losses_BxL, weights_B)
-
-  return jax.jit(nll_sum)
-
-
 def compile_forward(
   cfg: ModelConfig, params, seq_len: int, batch_size: int, free_bytes: int | None = None
 ) -> tuple[Any, int, int]:
@@ -86,7 +77,7 @@ def compile_forward(
         f"{kind} model at seq_len={seq_len} needs > {_gib(scores)} for one row's attention "
         f"scores (dense_impl={cfg.attention.dense_impl!r}) but {_gib(free)} is free; not run"
       )
-  fn = _nll_sum_fn(Transformer(cfg))
+  fn = nll_sum_fn(cfg)
 
   def build(batch: int) -> tuple[Any, int, int]:
     tokens = jax.ShapeDtypeStruct((batch, seq_len), jnp.int32)

@@ -2,8 +2,10 @@
 
 Reads the trainer's format (`fibax.checkpoint`: an orbax `CheckpointManager` with the state, the
 data iterator's position and a JSON record holding the run config and a checksum per state
-leaf). Only the record and the state are read, the checksums are checked, and nothing is moved
-or written: a damaged checkpoint is an error naming it, not a fallback to an older step.
+leaf) with `fibax.checkpoint.restore_step`, the reader that training resumes with. Only the
+record, the step and the parameters are read (no optimizer state: no optimizer is built), their
+checksums are checked, and nothing is moved or written: a damaged checkpoint is an error naming
+it, not a fallback to an older step.
 
     run = load_run("runs/fib_stagger_w12")      # newest step; or step=..., or a step's dir
     run.cfg, run.params, run.step
@@ -24,12 +26,12 @@ from fibax.checkpoint import (
   META,
   STATE,
   CheckpointError,
-  checksums,
   error_line,
   quiet_orbax,
+  restore_step,
 )
 from fibax.config import RunConfig
-from fibax.steps import make_steps
+from fibax.steps import params_state
 
 
 @dataclasses.dataclass(frozen=True)
@@ -79,21 +81,13 @@ def checkpoint_dir(path: str | os.PathLike) -> Path:
   return _resolve_checkpoint(Path(path).absolute(), None)[0]
 
 
-def _restore(mngr: ocp.CheckpointManager, step: int, overrides: dict | None):
-  """(run config, parameters) of one step: its record first (the config builds the abstract
-  state), then the state, whose checksums must match the record's."""
-  record = mngr.restore(step, args=ocp.args.Composite(**{META: ocp.args.JsonRestore()}))[META]
+def _run_config(record: dict, overrides: dict | None) -> RunConfig:
+  """The record's run config, `overrides` replacing fields of its attention config."""
   cfg = run_config_from_dict(record["config"])
   if overrides:
     attention = dataclasses.replace(cfg.model.attention, **overrides)
     cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, attention=attention))
-  abstract = make_steps(cfg, sharding.make_mesh(1, 1)).abstract_state
-  state = mngr.restore(
-    step, args=ocp.args.Composite(**{STATE: ocp.args.StandardRestore(abstract)})
-  )[STATE]
-  if checksums(state) != record["checksums"]:
-    raise CheckpointError("its arrays do not match the checksums in its record")
-  return cfg, state.params
+  return cfg
 
 
 def load_run(
@@ -129,9 +123,12 @@ def load_run(
     step = steps[-1]
   if step not in steps:
     raise CheckpointError(f"step={step} is not in {ckpt_dir} (steps there: {steps})")
+  mesh = sharding.make_mesh(1, 1)
   try:
     with quiet_orbax():
-      cfg, params = _restore(mngr, step, overrides)
+      state, record = restore_step(
+        mngr, step, lambda record: params_state(_run_config(record, overrides).model, mesh)
+      )
   except Exception as e:  # noqa: BLE001 (any failure to load is reported the same way)
     raise CheckpointError(
       f"checkpoint step {step} in {ckpt_dir} is unreadable ({error_line(e)})"
@@ -140,4 +137,4 @@ def load_run(
     mngr.close()
   if label is None:
     label = ckpt_dir.parent.name if ckpt_dir.name == "checkpoints" else ckpt_dir.name
-  return Run(cfg, params, step, ckpt_dir, label)
+  return Run(_run_config(record, overrides), state.params, step, ckpt_dir, label)

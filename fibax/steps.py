@@ -1,4 +1,5 @@
-"""The train state, its shardings, and the jitted init / train / eval steps.
+"""The train state, its shardings, the jitted init / train steps, and the jitted NLL sum that
+evaluation and training's validation loss share.
 
 Shape key: B global batch, A gradient-accumulation microbatches, T sequence, V vocabulary.
 
@@ -14,6 +15,7 @@ import dataclasses
 import functools
 from typing import Any
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import optax
@@ -22,7 +24,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from fibax import model as model_lib
 from fibax import sharding
-from fibax.config import RunConfig
+from fibax.config import ModelConfig, RunConfig
 from fibax.model import Transformer
 from fibax.optim import lr_schedule, make_optimizer
 
@@ -33,21 +35,45 @@ class TrainState(struct.PyTreeNode):
   opt_state: Any
 
 
+def params_state(cfg: ModelConfig, mesh: Mesh) -> TrainState:
+  """The step and the parameters of a train state as ShapeDtypeStructs with their shardings on
+  `mesh`, without the optimizer's state (None): what evaluation restores."""
+  boxed = model_lib.abstract_params(cfg)
+  params = jax.tree.map(
+    lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+    nn.meta.unbox(boxed),
+    sharding.param_shardings(boxed, mesh),
+  )
+  step = jax.ShapeDtypeStruct((), jnp.int32, sharding=sharding.replicated(mesh))
+  return TrainState(step=step, params=params, opt_state=None)
+
+
 @dataclasses.dataclass(frozen=True)
 class Steps:
   """Everything jitted for one run; build with `make_steps`."""
 
   model: Transformer
-  mesh: Mesh
   abstract_state: TrainState  # ShapeDtypeStructs carrying their shardings (for restore)
   init: Any  # (seed: int) -> TrainState
   train: Any  # (TrainState, batch) -> (TrainState, {"loss", "grad_norm", "lr"})
-  eval: Any  # (params, batch with weights) -> (sum of token losses, sum of weights)
 
 
 def token_losses(params, model: Transformer, inputs_BxT, targets_BxT):
   logits_BxTxV = model.apply({"params": params}, inputs_BxT)
   return optax.softmax_cross_entropy_with_integer_labels(logits_BxTxV, targets_BxT)
+
+
+@functools.cache
+def nll_sum_fn(cfg: ModelConfig):
+  """Jitted (params, inputs [B, T], targets [B, T], weights [B]) -> float32[T]: the NLL at each
+  position summed over the rows, each row weighted (0 for padding). One per model config."""
+  model = Transformer(cfg)
+
+  def nll_sum(params, inputs_BxT, targets_BxT, weights_B):
+    losses_BxT = token_losses(params, model, inputs_BxT, targets_BxT)
+    return jnp.einsum("bt,b->t", losses_BxT, weights_B)
+
+  return jax.jit(nll_sum)
 
 
 def _grads(params, model, batch, accum: int, mesh: Mesh):
@@ -121,13 +147,8 @@ def make_steps(cfg: RunConfig, mesh: Mesh) -> Steps:
     metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads), "lr": schedule(state.step)}
     return new_state, metrics
 
-  def eval_step(params, batch):
-    losses_BxT = token_losses(params, model, batch["inputs"], batch["targets"])
-    return jnp.sum(losses_BxT * batch["weights"]), jnp.sum(batch["weights"])
-
   return Steps(
     model=model,
-    mesh=mesh,
     abstract_state=abstract,
     init=jax.jit(init, static_argnums=0, out_shardings=state_sh),
     train=jax.jit(
@@ -136,5 +157,4 @@ def make_steps(cfg: RunConfig, mesh: Mesh) -> Steps:
       out_shardings=(state_sh, rep),
       donate_argnums=0,
     ),
-    eval=jax.jit(eval_step, in_shardings=(param_sh, batch_sh), out_shardings=(rep, rep)),
   )

@@ -44,8 +44,9 @@ from fibax.checkpoint import Checkpointer, CheckpointError, quiet_orbax
 from fibax.config import RunConfig
 from fibax.config_loader import add_overrides_argument, apply_overrides, load_config
 from fibax.data.files import DataError
+from fibax.evaluate import dataset_windows, window_nll
 from fibax.model import learned_alphas
-from fibax.steps import Steps, make_steps
+from fibax.steps import make_steps, nll_sum_fn
 
 PREEMPTED_EXIT_CODE = 128 + signal.SIGTERM
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
@@ -175,21 +176,18 @@ def prepare_data(cfg: RunConfig, log: Callable[[str], None] = print) -> Path:
   return data_dir
 
 
-def evaluate(steps: Steps, params, data_dir: Path, cfg: RunConfig) -> float:
-  """Mean token loss over the first `train.eval_tokens` tokens of the validation split."""
-  from fibax.data import eval_batches
-
-  procs, proc = jax.process_count(), jax.process_index()
-  total, count = 0.0, 0.0
-  batch_size = cfg.train.batch_size
-  for batch in eval_batches(
-    data_dir, "validation", cfg.model.seq_len, batch_size, max_tokens=cfg.train.eval_tokens
-  ):
-    rows = slice(proc * batch_size // procs, (proc + 1) * batch_size // procs)
-    local = {k: v[rows] for k, v in batch.items()}
-    loss_sum, weight_sum = steps.eval(params, sharding.global_batch(local, steps.mesh))
-    total, count = total + float(loss_sum), count + float(weight_sum)
-  return total / max(count, 1.0)
+def validation_windows(data_dir: Path, cfg: RunConfig) -> np.ndarray:
+  """The first `train.eval_tokens` tokens of the validation split in evaluation windows
+  (`fibax.evaluate.dataset_windows`), int32[N, seq_len + 1]."""
+  seq_len, max_tokens = cfg.model.seq_len, cfg.train.eval_tokens
+  windows_NxL1 = dataset_windows(data_dir, ("validation",), seq_len, max_tokens)
+  if not len(windows_NxL1):
+    raise DataError(
+      f"{data_dir}: no validation window of seq_len + 1 = {seq_len + 1} tokens fits in one "
+      f"document and in train.eval_tokens={max_tokens}; train.eval_tokens=0 trains without "
+      "validation"
+    )
+  return windows_NxL1
 
 
 class _Logger:
@@ -280,6 +278,7 @@ def _train(cfg: RunConfig, workdir: Path, main: bool, log: Callable[[str], None]
   start_time = time.perf_counter()
   tc = cfg.train
   data_dir = prepare_data(cfg, log)
+  windows_NxL1 = validation_windows(data_dir, cfg) if tc.eval_tokens > 0 else None
   mesh = sharding.make_mesh(tc.mesh_data, tc.mesh_model)
   steps = make_steps(cfg, mesh)
   data_iter = train_iterator(
@@ -342,7 +341,9 @@ def _train(cfg: RunConfig, workdir: Path, main: bool, log: Callable[[str], None]
         if step % tc.log_every == 0 or save or run_eval:
           logger.flush(step, state)  # before any save: a NaN state is never checkpointed
         if run_eval:
-          val_loss = evaluate(steps, state.params, data_dir, cfg)
+          # Mean token NLL, by the loop that `python -m fibax.eval` runs.
+          nll_L = window_nll(nll_sum_fn(cfg.model), state.params, windows_NxL1, tc.batch_size, mesh)
+          val_loss = float(nll_L.mean())
           writer.write(step, {"loss": val_loss, "ppl": math.exp(min(val_loss, 700.0))}, "eval")
           progress.print(f"step {step}  validation loss {val_loss:.4f}")
           logger.start_clock(step)  # tokens/s counts training only
