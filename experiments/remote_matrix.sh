@@ -19,6 +19,8 @@
 #                                                               # no queue running: 300 steps
 #                                                               # on all GPUs, data x model 2,
 #                                                               # one GPU (sharding_check.py)
+#   bash experiments/remote_matrix.sh samples GPU OUT_DIR RUN...  # finished runs of the queue:
+#                                                               # samples.py on one free GPU
 #   bash experiments/remote_matrix.sh bench-start GPU           # the same, detached: `start`
 #                                                               # keeps the queue off GPU until
 #                                                               # it ends, `poll` brings it back
@@ -111,7 +113,8 @@ case "${1:-}" in
     nvidia-smi --query-gpu=index,name,memory.used,utilization.gpu --format=csv,noheader
     grep -v "^  " "$SCRATCH/matrix.log" | tail -n 4 ;;
   stop)
-    cd "$SCRATCH/code" && python experiments/matrix.py stop --root "$SCRATCH/runs" ;;
+    cd "$SCRATCH/code" 2>/dev/null || die "no queue started"
+    PYTHONPATH="/tmp/site:$SCRATCH/code" python experiments/matrix.py stop --root "$SCRATCH/runs" ;;
   bench)
     # Runs from this checkout (carry .whl), so it can run during the staging calls, before
     # `start`: real batches come from any tokenized folder there (sotu arrives first).
@@ -136,6 +139,12 @@ case "${1:-}" in
     python experiments/sharding_check.py --devices "$(nvidia-smi -L | wc -l)" \
       --config configs/paper.py:fib_stagger_w12,steps=300 --root "$SCRATCH/sharding" --out "$out" \
       --set model.attention.impl=pallas "data_dir=$SCRATCH/data/gutenberg" model.embed_backward=onehot ;;
+  samples)
+    gpu=${2:?GPU index}; out=${3:?output folder}; shift 3
+    [ $# -gt 0 ] || die "no runs given"
+    source experiments/gpu_env.sh
+    dirs=(); for r in "$@"; do dirs+=("$SCRATCH/runs/$r"); done
+    CUDA_VISIBLE_DEVICES=$gpu python experiments/samples.py --runs "${dirs[@]}" --out "$out" ;;
   bench-start)
     gpu=${2:?GPU index}
     [ -e "$SCRATCH/bench" ] && die "$SCRATCH/bench exists: a benchmark was already started"
@@ -145,5 +154,5 @@ case "${1:-}" in
     echo $! > "$SCRATCH/bench.pid"
     sleep 2; cat "$SCRATCH/bench/log.txt" ;;
   *)
-    die "usage: remote_matrix.sh split|sotu|receive|start|poll|stop|bench|bench-start|sharding ..." ;;
+    die "usage: remote_matrix.sh split|sotu|receive|start|poll|stop|bench|bench-start|sharding|samples ..." ;;
 esac
