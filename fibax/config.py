@@ -72,6 +72,10 @@ class ModelConfig:
   # ids, and a bf16 scatter-add serializes on repeated rows on a GPU (96 vs 64 ms a step:
   # experiments/results/embed_grad_h200/).
   embed_backward: Literal["scatter", "scatter_f32", "onehot"] = "scatter"
+  # Positions per chunk of the output layer and its cross-entropy (`fibax.steps.token_losses`):
+  # 0 forms the [B, T, V] float32 logits at once; C > 0 scans over chunks of C positions and
+  # recomputes each chunk's logits in the backward, so at most [B, C, V] exist at a time.
+  loss_chunk: int = 0
   attention: AttentionConfig = AttentionConfig()
 
   def __post_init__(self):
@@ -88,6 +92,8 @@ class ModelConfig:
       raise ValueError(
         f"embed_backward={self.embed_backward!r} must be 'scatter', 'scatter_f32' or 'onehot'"
       )
+    if self.loss_chunk < 0:
+      raise ValueError(f"loss_chunk={self.loss_chunk} must be >= 0 (0: no chunks)")
     if self.attention.window >= self.seq_len:
       raise ValueError(f"window={self.attention.window} must be < seq_len={self.seq_len}")
 

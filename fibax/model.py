@@ -197,10 +197,15 @@ class Transformer(nn.Module):
 
   @nn.compact
   def __call__(
-    self, tokens_BxT: Int[Array, "B T"], logits_at_B: Array | None = None
+    self,
+    tokens_BxT: Int[Array, "B T"],
+    logits_at_B: Array | None = None,
+    output_layer: bool = True,
   ) -> Float[Array, "B T V"]:
     """Logits at every position, or only at `logits_at_B[b]` of each row ([B, 1, V]: a
-    prompt's last position, without the [B, T, V] tensor)."""
+    prompt's last position, without the [B, T, V] tensor). Without the `output_layer`: the
+    final normalized states [B, T, E] and the tied output matrix [V, E] in the compute dtype,
+    for a loss that forms the logits a chunk at a time."""
     cfg, dtype = self.cfg, jnp.dtype(self.cfg.compute_dtype)
     embed = nn.Embed(
       cfg.vocab_size,
@@ -221,9 +226,14 @@ class Transformer(nn.Module):
     if logits_at_B is not None:
       x_BxTxE = jnp.take_along_axis(x_BxTxE, logits_at_B[:, None, None], axis=1)
     x_BxTxE = RMSNorm(cfg.norm_eps, dtype, name="final_norm")(x_BxTxE)
-    return jnp.einsum(
-      "bte,ve->btv", x_BxTxE, embed.embedding.astype(dtype), preferred_element_type=jnp.float32
-    )
+    if not output_layer:
+      return x_BxTxE, embed.embedding.astype(dtype)
+    return output_logits(x_BxTxE, embed.embedding.astype(dtype))
+
+
+def output_logits(x_BxTxE: Array, embed_VxE: Array) -> Float[Array, "B T V"]:
+  """The tied output layer: float32 logits."""
+  return jnp.einsum("bte,ve->btv", x_BxTxE, embed_VxE, preferred_element_type=jnp.float32)
 
 
 def _init_boxed(cfg: ModelConfig, key: Array):

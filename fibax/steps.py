@@ -59,8 +59,36 @@ class Steps:
 
 
 def token_losses(params, model: Transformer, inputs_BxT, targets_BxT):
-  logits_BxTxV = model.apply({"params": params}, inputs_BxT)
-  return optax.softmax_cross_entropy_with_integer_labels(logits_BxTxV, targets_BxT)
+  """Cross-entropy at every position, float32[B, T]; with `model.cfg.loss_chunk` = C > 0 the
+  logits exist only [B, C, V] at a time (`chunked_losses`)."""
+  chunk = model.cfg.loss_chunk
+  if not chunk:
+    logits_BxTxV = model.apply({"params": params}, inputs_BxT)
+    return optax.softmax_cross_entropy_with_integer_labels(logits_BxTxV, targets_BxT)
+  x_BxTxE, embed_VxE = model.apply({"params": params}, inputs_BxT, output_layer=False)
+  return chunked_losses(x_BxTxE, embed_VxE, targets_BxT, chunk)
+
+
+def chunked_losses(x_BxTxE, embed_VxE, targets_BxT, chunk: int):
+  """The output layer and its cross-entropy over chunks of `chunk` positions (the last one
+  padded), in a `lax.scan` whose body is rematerialized: the backward recomputes a chunk's
+  logits instead of keeping [B, T, V] of them."""
+  bsz, seq_len, _ = x_BxTxE.shape
+  num = -(-seq_len // chunk)
+  pad = num * chunk - seq_len
+  x_BxTxE = jnp.pad(x_BxTxE, ((0, 0), (0, pad), (0, 0)))
+  targets_BxT = jnp.pad(targets_BxT, ((0, 0), (0, pad)))
+  x_NxBxCxE = x_BxTxE.reshape(bsz, num, chunk, -1).swapaxes(0, 1)
+  targets_NxBxC = targets_BxT.reshape(bsz, num, chunk).swapaxes(0, 1)
+
+  @jax.checkpoint
+  def body(_, chunk_in):
+    x_BxCxE, targets_BxC = chunk_in
+    logits_BxCxV = model_lib.output_logits(x_BxCxE, embed_VxE)
+    return None, optax.softmax_cross_entropy_with_integer_labels(logits_BxCxV, targets_BxC)
+
+  _, losses_NxBxC = jax.lax.scan(body, None, (x_NxBxCxE, targets_NxBxC))
+  return losses_NxBxC.swapaxes(0, 1).reshape(bsz, num * chunk)[:, :seq_len]
 
 
 @functools.cache

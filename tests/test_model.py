@@ -167,3 +167,44 @@ def test_embedding_backward_variants_are_the_same_function(dtype, other):
     assert 0 < err["other"] <= err["scatter"] * 1.05, err  # bf16 is not exact
   with pytest.raises(ValueError, match="embed_backward='sparse'"):
     dataclasses.replace(scatter, embed_backward="sparse")
+
+
+@pytest.mark.parametrize("chunk", [16, 20, 48, 64])
+def test_chunked_loss_is_the_same_function_and_keeps_less(chunk):
+  """model.loss_chunk: the same per-position losses and gradients as the whole [B, T, V]
+  logits, for chunks that divide T, do not (a padded last chunk) or exceed it; the compiled
+  gradient keeps less memory when chunks are small."""
+  from fibax.steps import token_losses
+
+  whole = _small("stagger")
+  chunked = dataclasses.replace(whole, loss_chunk=chunk)
+  tokens = jax.random.randint(jax.random.key(5), (3, 49), 0, whole.vocab_size)
+  inputs, targets = tokens[:, :-1], tokens[:, 1:]
+  params = M.init_params(whole, 0)
+
+  def loss(p, cfg):
+    return token_losses(p, M.Transformer(cfg), inputs, targets)
+
+  np.testing.assert_allclose(loss(params, chunked), loss(params, whole), rtol=1e-6, atol=1e-6)
+  assert loss(params, chunked).shape == (3, 48)
+
+  def mean_loss(p, cfg):
+    return loss(p, cfg).mean()
+
+  g_whole = jax.grad(mean_loss)(params, whole)
+  g_chunk = jax.grad(mean_loss)(params, chunked)
+  for a, b in zip(jax.tree.leaves(g_whole), jax.tree.leaves(g_chunk), strict=True):
+    np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=1e-5, atol=1e-6)
+  if chunk == 16:  # [B, T, V] float32 logits are not all kept at once
+
+    def temp_bytes(cfg, vocab=4096):
+      big = dataclasses.replace(cfg, vocab_size=vocab)
+      p = jax.eval_shape(lambda: M.init_params(big, 0))
+      toks = jax.ShapeDtypeStruct((8, 48), jnp.int32)
+      fn = jax.jit(jax.grad(lambda p, t: token_losses(p, M.Transformer(big), t, t).mean()))
+      return fn.lower(p, toks).compile().memory_analysis().temp_size_in_bytes
+
+    logits_bytes = 8 * 48 * 4096 * 4
+    assert temp_bytes(chunked) + logits_bytes < temp_bytes(whole)
+  with pytest.raises(ValueError, match="loss_chunk=-1"):
+    dataclasses.replace(whole, loss_chunk=-1)
