@@ -31,6 +31,7 @@ REPO = Path(__file__).resolve().parents[1]
 DEFAULT_RESULTS = REPO / "experiments" / "results" / "gpu_matrix_100m"
 DEFAULT_OUT = REPO / "experiments" / "RESULTS.md"
 DEFAULT_FULL = REPO / "experiments" / "results" / "gpu_full_recipe"
+DEFAULT_SHARDING = REPO / "experiments" / "results" / "gpu_sharding"
 WINDOWS = (6, 8, 10, 12)
 FLAT = 0.03  # a change within +-3% at 4x counts as holding perplexity
 PAPER_SEEDS = {  # the paper, W = 12: mean +- spread over seeds
@@ -373,16 +374,18 @@ def runs_table_md(runs: dict) -> list[str]:
   return md + (["", *notes] if notes else [])
 
 
-def full_recipe_md(full: dict) -> list[str]:
+def full_recipe_md(full: dict, samples: str | None = None) -> list[str]:
   """The runs trained on the paper's whole recipe, in their own tables."""
   configs = [e["report"]["config"] for es in full.values() for e in es if "config" in e["report"]]
   steps = sorted({c["train"]["total_steps"] for c in configs})
+  warmup = sorted({c["train"]["warmup_steps"] for c in configs})
   grads = sorted({c["model"].get("embed_backward", "scatter") for c in configs})
   md = [
     "## Full recipe: the paper's 426M tokens",
     "",
     f"Each run is `configs/paper.py:<run>` as the paper trains it ({', '.join(map(str, steps))} "
-    "steps of 32 x 1024 tokens, warmup 300), seed 42, on Gutenberg; the embedding gradient "
+    f"steps of 32 x 1024 tokens, warmup {', '.join(map(str, warmup))}), seed 42, on Gutenberg; "
+    "the embedding gradient "
     f"was formed by {' and '.join(grads)} (the same function; "
     "`experiments/results/embed_grad_h200/`). The long validation books hold windows of "
     "64x the training length.",
@@ -402,11 +405,49 @@ def full_recipe_md(full: dict) -> list[str]:
       "gives the same comparison at a quarter of the tokens).",
       "",
     ]
-  return md + runs_table_md(full) + [""]
+  md += runs_table_md(full) + [""]
+  if samples:
+    md += [f"Samples from these runs (held-out book prompts, and one continuation after a "
+           f"66K-token prompt): [samples.md]({samples}).", ""]  # fmt: skip
+  return md
+
+
+def sharding_md(report: dict, plot: str | None) -> list[str]:
+  """The sharding check: one config trained under three device layouts."""
+  losses = report["losses"]
+  first = report["layouts"][0]["name"]
+  md = [
+    "## Sharding: the same run on three device layouts",
+    "",
+    f"`{report['config']}` with {' '.join(report['overrides'])}, trained from scratch with the "
+    f"same global batch under each mesh on {report['versions']['device']} "
+    "(`experiments/sharding_check.py`). Sharding changes only the order of floating-point "
+    "reductions, so the loss curves should agree to within the compute dtype's noise.",
+    "",
+    f"| layout | mesh data x model | logged steps | final loss | largest loss difference from "
+    f"{first} |",
+    "|---|---|---|---|---|",
+  ]
+  for layout in report["layouts"]:
+    name = layout["name"]
+    curve = {int(k): v for k, v in losses[name].items()}
+    diff = report["summary"].get(f"max_abs_loss_diff_{name}_vs_{first}")
+    md.append(
+      f"| {name} | {layout['mesh_data']} x {layout['mesh_model']} | {len(curve)} | "
+      f"{curve[max(curve)]:.4f} | {'-' if diff is None else f'{diff:.2e}'} |"
+    )
+  md += ["", f"`{report['command']}`", ""]
+  return md + ([f"![loss_curves]({plot})", ""] if plot else [])
 
 
 def build(
-  runs: dict, results: Path, out: Path, plot_files: list[Path], full: dict | None = None
+  runs: dict,
+  results: Path,
+  out: Path,
+  plot_files: list[Path],
+  full: dict | None = None,
+  full_dir: Path | None = None,
+  sharding_dir: Path | None = None,
 ) -> str:
   rel = lambda p: Path(os.path.relpath(Path(p).resolve(), out.resolve().parent)).as_posix()  # noqa: E731
   devices = sorted({e["report"].get("device", "?") for es in runs.values() for e in es})
@@ -491,7 +532,13 @@ def build(
     not_yet_run(runs),
     "",
   ]
-  md += full_recipe_md(full) if full else []
+  samples = full_dir / "samples" / "samples.md" if full_dir else None
+  if full:
+    md += full_recipe_md(full, rel(samples) if samples and samples.is_file() else None)
+  report = sharding_dir / "sharding.json" if sharding_dir else None
+  if report and report.is_file():
+    png = sharding_dir / "loss_curves.png"
+    md += sharding_md(json.loads(report.read_text()), rel(png) if png.is_file() else None)
   md += [
     "## Runs of the 100M-token matrix",
     "",
@@ -561,6 +608,9 @@ def main(argv=None) -> int:
   p.add_argument(
     "--full", type=Path, default=DEFAULT_FULL, help="reports of full-recipe runs, if any"
   )
+  p.add_argument(
+    "--sharding", type=Path, default=DEFAULT_SHARDING, help="the sharding check's output, if any"
+  )
   p.add_argument("--plots", type=Path, default=None, help="default: <results>/plots")
   p.add_argument("--check", action="store_true", help="compare with --out; write nothing")
   args = p.parse_args(argv)
@@ -575,7 +625,7 @@ def main(argv=None) -> int:
   if any(e["alphas"] for es in runs.values() for e in es):
     names.append(plots / "learned_alphas.png")
   if args.check:
-    text = build(runs, args.results, args.out, names, full)
+    text = build(runs, args.results, args.out, names, full, args.full, args.sharding)
     if not args.out.is_file() or args.out.read_text() != text:
       sys.exit(
         f"results_md.py: error: {args.out} is out of date; run python experiments/results_md.py"
@@ -583,7 +633,7 @@ def main(argv=None) -> int:
     print(f"{args.out} is up to date ({sum(map(len, runs.values()))} runs)")
     return 0
   made = plot(runs, plots)
-  text = build(runs, args.results, args.out, made, full)
+  text = build(runs, args.results, args.out, made, full, args.full, args.sharding)
   tmp = args.out.with_name(args.out.name + ".tmp")
   tmp.write_text(text)
   tmp.replace(args.out)

@@ -116,3 +116,44 @@ def test_full_recipe_runs_get_their_own_section(tmp_path):
   assert "| dense | 40.00 / 33.37 | 60.00 / 100.36 | - | +50.0% / +200.7% | - |" in section
   assert "dense 40.00, fib_stagger_w12 44.00 (+10.0%" in section
   assert "x64" not in text[: text.index("## Full recipe")]  # the matrix tables keep their lengths
+
+
+def test_sharding_check_and_samples_are_linked_when_present(tmp_path):
+  """A sharding report gets its own table (the largest differences from the first layout),
+  and the full recipe's samples are linked; neither appears without its files."""
+  matrix, full, shard = tmp_path / "matrix", tmp_path / "full", tmp_path / "shard"
+  _write_run(matrix, "fib_stagger_w12", {1: 49.0})
+  _write_run(full, "fib_stagger_w12", {1: 44.0})
+  out = tmp_path / "RESULTS.md"
+  args = ["--results", matrix, "--full", full, "--sharding", shard, "--out", out]
+  args += ["--plots", tmp_path / "plots"]
+
+  def build():
+    proc = subprocess.run(
+      [sys.executable, str(PATH), *map(str, args)], capture_output=True, text=True
+    )
+    assert proc.returncode == 0, proc.stderr
+    return out.read_text()
+
+  text = build()
+  assert "## Sharding" not in text and "samples.md" not in text
+  shard.mkdir()
+  report = {
+    "command": "python experiments/sharding_check.py --devices 4",
+    "versions": {"device": "Test GPU"},
+    "config": "configs/paper.py:fib_stagger_w12,steps=300",
+    "overrides": ["model.attention.impl=pallas"],
+    "layouts": [
+      {"name": "data4", "mesh_data": 4, "mesh_model": 1},
+      {"name": "data2_model2", "mesh_data": 2, "mesh_model": 2},
+    ],
+    "losses": {"data4": {"10": 9.0, "20": 8.0}, "data2_model2": {"10": 9.001, "20": 7.99}},
+    "summary": {"max_abs_loss_diff_data2_model2_vs_data4": 0.01},
+  }
+  (shard / "sharding.json").write_text(json.dumps(report))
+  (full / "samples").mkdir()
+  (full / "samples" / "samples.md").write_text("# Samples\n")
+  text = build()
+  assert "| data4 | 4 x 1 | 2 | 8.0000 | - |" in text
+  assert "| data2_model2 | 2 x 2 | 2 | 7.9900 | 1.00e-02 |" in text
+  assert "[samples.md](full/samples/samples.md)" in text
