@@ -103,8 +103,18 @@ def learned(
   v_win = _shifted(v, win).astype(ct)
   win_valid_TxN = jnp.asarray(np.arange(seq_len)[:, None] >= np.asarray(win)[None, :])
 
-  # Rungs: dynamic lo per rung, gathered along T.
+  # Rungs: dynamic lo per rung. Row i - lo (and i - lo - 1) with the index clamped at 0 is
+  # row i of k edge-padded by T + 1 rows at the front, sliced from T + 1 - lo: a shift by a
+  # traced offset (a dynamic slice, whose transpose is an add into a slice) rather than a
+  # gather, whose transpose would scatter-add every clamped position onto row 0. A lo past
+  # T - 1 (a skipped rung, or one no position reaches) is clamped to T: all row 0, masked.
   pos_T = jnp.arange(seq_len)
+  edge = ((0, 0), (seq_len + 1, 0), (0, 0), (0, 0))
+  k_pad, v_pad = jnp.pad(k, edge, mode="edge"), jnp.pad(v, edge, mode="edge")
+
+  def shifted(x_pad, by):
+    return jax.lax.dynamic_slice_in_dim(x_pad, seq_len + 1 - by, seq_len, axis=1).astype(ct)
+
   k_rungs, v_rungs, valid_rungs, used_lo = [], [], [], []
   for b in pattern.terms:
     t = alpha * b
@@ -116,11 +126,10 @@ def learned(
     for prev_lo, prev_skip in used_lo:
       skip = skip | (~prev_skip & (prev_lo == lo_i))
     used_lo.append((lo_i, skip))
-    idx_lo = jnp.clip(pos_T - lo_i, 0, seq_len - 1)
-    idx_hi = jnp.clip(pos_T - lo_i - 1, 0, seq_len - 1)
+    lo_c = jnp.clip(lo_i, 0, seq_len)
     w_lo, w_hi = 1.0 - frac, frac
-    k_rungs.append(w_lo * k[:, idx_lo].astype(ct) + w_hi * k[:, idx_hi].astype(ct))
-    v_rungs.append(w_lo * v[:, idx_lo].astype(ct) + w_hi * v[:, idx_hi].astype(ct))
+    k_rungs.append(w_lo * shifted(k_pad, lo_c) + w_hi * shifted(k_pad, lo_c + 1))
+    v_rungs.append(w_lo * shifted(v_pad, lo_c) + w_hi * shifted(v_pad, lo_c + 1))
     valid_rungs.append(~skip & (pos_T >= lo_i))
 
   k_all = jnp.concatenate([k_win, jnp.stack(k_rungs, axis=2)], axis=2) if k_rungs else k_win

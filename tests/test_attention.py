@@ -102,18 +102,70 @@ def test_learned_skip_rules():
   out = np.asarray(attention.learned(q, k, v, lp, jnp.float32(0.5)))[0, :, 0]
   kept = [(6, 0.5), (10, 0.5), (17, 0.0), (27, 0.5), (44, 0.5)]
   q_np, k_np = np.asarray(q, np.float64)[0, :, 0], np.asarray(k, np.float64)[0, :, 0]
-  for i in (63, 30, 8):  # all rungs valid; those past 30 masked; only the window and lo = 6
-    slots = [{i - dd: 1.0} for dd in range(w + 1) if i - dd >= 0]
-    slots += [{i - lo: 1.0 - f, max(i - lo - 1, 0): f} for lo, f in kept if i - lo >= 0]
-    keys = [sum(wt * k_np[j] for j, wt in slot.items()) for slot in slots]
+  # All rungs valid; those past 30 masked; only the window and lo = 6; lo = 6 and lo = 10 at
+  # their first position, where row i - lo - 1 = -1 is clamped to row 0.
+  for i in (63, 30, 8, 6, 10):
+    slots = [[(i - dd, 1.0)] for dd in range(w + 1) if i - dd >= 0]
+    slots += [[(i - lo, 1.0 - f), (max(i - lo - 1, 0), f)] for lo, f in kept if i - lo >= 0]
+    keys = [sum(wt * k_np[j] for j, wt in slot) for slot in slots]
     logits = np.array([q_np[i] @ key for key in keys]) / np.sqrt(d)
     p = np.exp(logits - logits.max())
     p /= p.sum()
     expected = np.zeros(t_len)
     for p_slot, slot in zip(p, slots, strict=True):
-      for j, wt in slot.items():
+      for j, wt in slot:
         expected[j] += p_slot * wt
     np.testing.assert_allclose(out[i], expected, atol=2e-6)
+
+
+def _learned_by_gather(q, k, v, lp, alpha):
+  """The learned path written plainly: every slot's rows gathered with clamped indices."""
+  t_len, d = q.shape[1], q.shape[3]
+  groups = q.shape[2] // k.shape[2]
+  k, v = (jnp.repeat(x, groups, axis=2) for x in (k, v))
+  pos = jnp.arange(t_len)
+  slots = [(pos - dd, jnp.zeros(()), pos >= dd) for dd in range(min(lp.window, t_len - 1) + 1)]
+  used = []
+  for b in lp.terms:
+    t = alpha * b
+    lo = jnp.floor(t).astype(jnp.int32)
+    skip = (jnp.round(t) <= lp.window) | (lo > lp.cap) | (lo <= lp.window)
+    for prev, prev_skip in used:
+      skip = skip | (~prev_skip & (prev == lo))
+    used.append((lo, skip))
+    slots.append((pos - lo, t - jnp.floor(t), ~skip & (pos >= lo)))
+  keys, vals, valid = [], [], []
+  for idx, frac, ok in slots:
+    lo_rows, hi_rows = jnp.clip(idx, 0, t_len - 1), jnp.clip(idx - 1, 0, t_len - 1)
+    keys.append((1 - frac) * k[:, lo_rows] + frac * k[:, hi_rows])
+    vals.append((1 - frac) * v[:, lo_rows] + frac * v[:, hi_rows])
+    valid.append(ok)
+  s = jnp.einsum("bthd,nbthd->bthn", q, jnp.stack(keys)) / np.sqrt(d)
+  s = jnp.where(jnp.stack(valid, axis=1)[None, :, None, :], s, -1e30)
+  return jnp.einsum("bthn,nbthd->bthd", jax.nn.softmax(s, axis=-1), jnp.stack(vals))
+
+
+@pytest.mark.parametrize("alpha", [0.5, 0.93, 1.37, 2.6])
+def test_learned_matches_clamped_gathers_with_gradients(alpha):
+  """Shifted slices of the edge-padded keys are the clamped gathers the paper indexes with:
+  outputs and gradients (q, k, v, alpha), rungs past T and at their first position too."""
+  t_len, w = 70, 3
+  lp = LearnedPattern.build(base="fib", window=w, seq_len=t_len)
+  q, k, v = _qkv(jax.random.key(9), 2, t_len, 4, 2, 8, jnp.float32)
+  weights = jax.random.normal(jax.random.key(10), q.shape)
+
+  def loss(fn, q, k, v, a):
+    return (fn(q, k, v, lp, a) * weights).sum()
+
+  a = jnp.float32(alpha)
+  np.testing.assert_allclose(
+    attention.learned(q, k, v, lp, a), _learned_by_gather(q, k, v, lp, a), atol=2e-5, rtol=2e-5
+  )
+  g_new = jax.grad(lambda *x: loss(attention.learned, *x), argnums=(0, 1, 2, 3))(q, k, v, a)
+  g_old = jax.grad(lambda *x: loss(_learned_by_gather, *x), argnums=(0, 1, 2, 3))(q, k, v, a)
+  for new, old in zip(g_new, g_old, strict=True):
+    np.testing.assert_allclose(np.asarray(new), np.asarray(old), atol=1e-4, rtol=1e-4)
+  assert np.abs(np.asarray(g_new[1])[:, 0]).max() > 0  # row 0 collects the clamped slots
 
 
 @pytest.mark.parametrize(
