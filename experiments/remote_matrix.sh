@@ -13,8 +13,10 @@
 #   bash experiments/remote_matrix.sh stop                      # start no more runs
 #   bash experiments/remote_matrix.sh bench GPU OUT_DIR [DATA]  # step time of real batches
 #                                                               # (BENCH_BATCHES="real random")
-#                                                               # per embedding gradient
-#                                                               # (BENCH_GRADS, default all 3)
+#                                                               # of BENCH_RUNS (fib_stagger_w12)
+#                                                               # per override set (BENCH_SETS,
+#                                                               # ';'-separated; default: the 3
+#                                                               # embedding gradients)
 #   bash experiments/remote_matrix.sh sharding OUT_DIR          # after `start`'s tokenizing, with
 #                                                               # no queue running: 300 steps
 #                                                               # on all GPUs, data x model 2,
@@ -124,12 +126,14 @@ case "${1:-}" in
     source experiments/gpu_env.sh
     export CUDA_VISIBLE_DEVICES=$gpu
     mkdir -p "$out"
+    # BENCH_SETS: override sets separated by ';', one bench_train.py call (and JSON) each.
+    IFS=';' read -ra sets <<< "${BENCH_SETS:-model.embed_backward=scatter;model.embed_backward=scatter_f32;model.embed_backward=onehot}"
     for batches in ${BENCH_BATCHES:-real}; do
-      for grad in ${BENCH_GRADS:-scatter scatter_f32 onehot}; do
+      for i in "${!sets[@]}"; do
         extra=(); [ "$batches" = real ] && extra=(--data "$data")
-        python experiments/bench_train.py --runs fib_stagger_w12 --seq-lens 1024 "${extra[@]}" \
-          --set "model.embed_backward=$grad" --out "$out/bench_train_${batches}_${grad}.json" \
-          2>&1 | grep '"ms_per_step"' || echo "$batches $grad: failed"
+        python experiments/bench_train.py --runs ${BENCH_RUNS:-fib_stagger_w12} --seq-lens 1024 \
+          "${extra[@]}" --set ${sets[$i]} --out "$out/bench_train_${batches}_$i.json" \
+          2>&1 | grep '"ms_per_step"' || echo "$batches ${sets[$i]}: failed"
       done
     done ;;
   sharding)
