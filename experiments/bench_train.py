@@ -8,11 +8,16 @@ number of tokens per step (B = tokens / T). Dense runs use cuDNN attention, spar
 Pallas kernel. MFU is counted against a bf16 matmul peak measured in the same run (and, for
 reference, the card's vendor peak). Results are written after every measurement, so a run cut
 short keeps what it measured.
+
+With `--profile DIR`, a few more steps of each run are traced with `jax.profiler` into
+DIR/<run>_T<T>/, and the result gets `profile_top`: the device's XLA operations by time per
+step (the "XLA Ops" line of each device plane of the trace; a CPU trace has no device plane).
 """
 
 from __future__ import annotations
 
 import argparse
+import collections
 import dataclasses
 import json
 import os
@@ -87,7 +92,35 @@ def batches(cfg, mesh, data_dir: str | None, count: int = 8) -> list:
   return [sharding.global_batch(b, mesh) for b in host]
 
 
-def bench(cfg, steps_timed: int, data_dir: str | None = None) -> dict:
+def top_device_ops(planes, steps: int, top: int = 25) -> list[dict]:
+  """The device operations of a trace (`jax.profiler.ProfileData` planes) with the most time:
+  op name, ms per step and share of all device-op time, most first."""
+  totals = collections.Counter()
+  for plane in planes:
+    if not plane.name.startswith("/device:"):
+      continue
+    lines = [line for line in plane.lines if line.name == "XLA Ops"] or list(plane.lines)
+    for line in lines:
+      for event in line.events:
+        totals[event.name] += event.duration_ns
+  total = sum(totals.values())
+  return [
+    {"op": name, "ms_per_step": round(ns / 1e6 / steps, 3), "share": round(ns / total, 4)}
+    for name, ns in totals.most_common(top)
+  ]
+
+
+def profile(compiled, state, inputs, steps: int, trace_dir: Path) -> list[dict]:
+  """`steps` more steps under `jax.profiler.trace(trace_dir)`; their top device ops."""
+  with jax.profiler.trace(str(trace_dir)):
+    for i in range(steps):
+      state, m = compiled(state, inputs[i % len(inputs)])
+    jax.block_until_ready(m)
+  trace = max(trace_dir.rglob("*.xplane.pb"), key=lambda f: f.stat().st_mtime)
+  return top_device_ops(jax.profiler.ProfileData.from_file(str(trace)).planes, steps)
+
+
+def bench(cfg, steps_timed: int, data_dir: str | None = None, trace_dir: Path | None = None):
   mesh = sharding.make_mesh(data=1, model=1, devices=jax.devices()[:1])
   steps = make_steps(cfg, mesh)
   state = steps.init(cfg.train.seed)
@@ -108,6 +141,7 @@ def bench(cfg, steps_timed: int, data_dir: str | None = None) -> dict:
     jax.block_until_ready(m)
     times.append((time.perf_counter() - t0) / steps_timed)
   step_s = statistics.median(times)
+  top = None if trace_dir is None else profile(compiled, state, inputs, steps_timed, trace_dir)
   return {
     "compile_s": round(compile_s, 1),
     "ms_per_step": round(step_s * 1e3, 2),
@@ -115,6 +149,7 @@ def bench(cfg, steps_timed: int, data_dir: str | None = None) -> dict:
     "tokens_per_s": round(shape[0] * shape[1] / step_s),
     "loss_after": float(m["loss"]),
     "temp_bytes": None if memory is None else int(memory.temp_size_in_bytes),
+    **({} if top is None else {"profile_top": top}),
   }
 
 
@@ -146,6 +181,7 @@ def main(argv=None):
   p.add_argument(
     "--data", default=None, help="a prepared data directory: time real batches, not random ones"
   )
+  p.add_argument("--profile", type=Path, default=None, help="trace a few steps of each run here")
   add_overrides_argument(p, "config overrides for every run")
   p.add_argument("--out", default=None)
   args = p.parse_args(argv)
@@ -188,7 +224,7 @@ def main(argv=None):
       "run": run,
       "seq_len": seq_len,
       "batch": cfg.train.batch_size,
-      **bench(cfg, args.steps, args.data),
+      **bench(cfg, args.steps, args.data, args.profile and args.profile / f"{run}_T{seq_len}"),
     }
     r["model_tflops_per_token"] = flops / 1e12
     r["mfu"] = round(r["tokens_per_s"] * flops / (peak * 1e12), 4)

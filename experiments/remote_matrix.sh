@@ -16,7 +16,9 @@
 #                                                               # of BENCH_RUNS (fib_stagger_w12)
 #                                                               # per override set (BENCH_SETS,
 #                                                               # ';'-separated; default: the 3
-#                                                               # embedding gradients)
+#                                                               # embedding gradients);
+#                                                               # BENCH_PROFILE=1: top device ops
+#                                                               # in each JSON (traces stay there)
 #   bash experiments/remote_matrix.sh sharding OUT_DIR          # after `start`'s tokenizing, with
 #                                                               # no queue running: 300 steps
 #                                                               # on all GPUs, data x model 2,
@@ -132,7 +134,8 @@ case "${1:-}" in
       for i in "${!sets[@]}"; do
         extra=(); [ "$batches" = real ] && extra=(--data "$data")
         python experiments/bench_train.py --runs ${BENCH_RUNS:-fib_stagger_w12} --seq-lens 1024 \
-          "${extra[@]}" --set ${sets[$i]} --out "$out/bench_train_${batches}_$i.json" \
+          "${extra[@]}" ${BENCH_PROFILE:+--profile "$SCRATCH/trace/$i"} --set ${sets[$i]} \
+          --out "$out/bench_train_${batches}_$i.json" \
           2>&1 | grep '"ms_per_step"' || echo "$batches ${sets[$i]}: failed"
       done
     done ;;

@@ -26,3 +26,37 @@ def test_summary_names_the_targets():
     "mfu_sparse_T8192": 0.3,
     "step_speedup_fib_stagger_w12_vs_dense_T1024": 1.2,
   }
+
+
+def test_top_device_ops_sums_the_xla_ops_of_device_planes():
+  from types import SimpleNamespace as NS
+
+  def line(name, *events):
+    return NS(name=name, events=[NS(name=n, duration_ns=d) for n, d in events])
+
+  planes = [
+    NS(name="/host:CPU", lines=[line("python", ("fusion.1", 9e9))]),  # host time: not counted
+    NS(
+      name="/device:GPU:0",
+      lines=[
+        line("XLA Ops", ("fusion.1", 3e6), ("fib_attention_fwd", 5e6), ("fusion.1", 2e6)),
+        line("XLA Modules", ("jit_train", 1e7)),  # the module span: not an op
+      ],
+    ),
+  ]
+  top = bench_train.top_device_ops(planes, steps=2)
+  assert top == [
+    {"op": "fib_attention_fwd", "ms_per_step": 2.5, "share": 0.5},
+    {"op": "fusion.1", "ms_per_step": 2.5, "share": 0.5},
+  ] or top == [
+    {"op": "fusion.1", "ms_per_step": 2.5, "share": 0.5},
+    {"op": "fib_attention_fwd", "ms_per_step": 2.5, "share": 0.5},
+  ]
+
+
+def test_profile_traces_steps_and_writes_the_trace(tmp_path):
+  from eval_helpers import micro_run_config
+
+  result = bench_train.bench(micro_run_config(tmp_path, "stagger"), 1, None, tmp_path / "trace")
+  assert list((tmp_path / "trace").rglob("*.xplane.pb"))  # the trace is kept for a viewer
+  assert result["profile_top"] == [] and result["ms_per_step"] > 0  # CPU: no device plane
