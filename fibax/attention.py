@@ -76,38 +76,16 @@ def _dense(implementation: str | None):
   return attend
 
 
-def learned(
-  q: Float[Array, "B T H D"],
-  k: Float[Array, "B T K D"],
-  v: Float[Array, "B T K D"],
-  pattern: LearnedPattern,
-  alpha: Float[Array, ""],
-) -> Float[Array, "B T H D"]:
-  """Fractional offsets with linear interpolation of K and V (the paper).
+def _learned_rungs(k, v, pattern: LearnedPattern, alpha, ct):
+  """Each rung's interpolated keys and values [B, T, R, K, D] (in `ct`) and validity [T, R].
 
-  For rung b: t = alpha * b, lo = floor(t), frac = t - lo, hi = lo + 1 (index clamped at
-  0). Keys/values are (1 - frac) x[i - lo] + frac x[i - hi]; validity is judged at lo. A
-  rung is skipped when round(t) <= W, lo > cap, or lo is already used by the window or
-  an earlier rung. The gradient reaches alpha only through frac (lo is piecewise constant).
+  Row i - lo (and i - lo - 1) with the index clamped at 0 is row i of k edge-padded by T + 1
+  rows at the front, sliced from T + 1 - lo: a shift by a traced offset (a dynamic slice,
+  whose transpose is an add into a slice) rather than a gather, whose transpose would
+  scatter-add every clamped position onto row 0. A lo past T - 1 (a skipped rung, or one no
+  position reaches) is clamped to T: all row 0, masked.
   """
-  groups = check_qkv(q, k, v)
-  bsz, seq_len, num_heads, head_dim = q.shape
-  num_kv = k.shape[2]
-  window = min(pattern.window, seq_len - 1)
-  ct = jnp.promote_types(q.dtype, jnp.float32)  # float32 softmax, float64 under x64
-  alpha = jnp.asarray(alpha, ct)
-
-  # Window part: static distances 0..W.
-  win = tuple(range(window + 1))
-  k_win = _shifted(k, win).astype(ct)
-  v_win = _shifted(v, win).astype(ct)
-  win_valid_TxN = jnp.asarray(np.arange(seq_len)[:, None] >= np.asarray(win)[None, :])
-
-  # Rungs: dynamic lo per rung. Row i - lo (and i - lo - 1) with the index clamped at 0 is
-  # row i of k edge-padded by T + 1 rows at the front, sliced from T + 1 - lo: a shift by a
-  # traced offset (a dynamic slice, whose transpose is an add into a slice) rather than a
-  # gather, whose transpose would scatter-add every clamped position onto row 0. A lo past
-  # T - 1 (a skipped rung, or one no position reaches) is clamped to T: all row 0, masked.
+  seq_len = k.shape[1]
   pos_T = jnp.arange(seq_len)
   edge = ((0, 0), (seq_len + 1, 0), (0, 0), (0, 0))
   k_pad, v_pad = jnp.pad(k, edge, mode="edge"), jnp.pad(v, edge, mode="edge")
@@ -131,18 +109,66 @@ def learned(
     k_rungs.append(w_lo * shifted(k_pad, lo_c) + w_hi * shifted(k_pad, lo_c + 1))
     v_rungs.append(w_lo * shifted(v_pad, lo_c) + w_hi * shifted(v_pad, lo_c + 1))
     valid_rungs.append(~skip & (pos_T >= lo_i))
+  return jnp.stack(k_rungs, axis=2), jnp.stack(v_rungs, axis=2), jnp.stack(valid_rungs, axis=1)
 
-  k_all = jnp.concatenate([k_win, jnp.stack(k_rungs, axis=2)], axis=2) if k_rungs else k_win
-  v_all = jnp.concatenate([v_win, jnp.stack(v_rungs, axis=2)], axis=2) if v_rungs else v_win
-  valid_TxN = win_valid_TxN
-  if valid_rungs:
-    valid_TxN = jnp.concatenate([win_valid_TxN, jnp.stack(valid_rungs, axis=1)], axis=1)
 
+def learned(
+  q: Float[Array, "B T H D"],
+  k: Float[Array, "B T K D"],
+  v: Float[Array, "B T K D"],
+  pattern: LearnedPattern,
+  alpha: Float[Array, ""],
+  window_backend: str | None = None,
+) -> Float[Array, "B T H D"]:
+  """Fractional offsets with linear interpolation of K and V (the paper).
+
+  For rung b: t = alpha * b, lo = floor(t), frac = t - lo, hi = lo + 1 (index clamped at
+  0). Keys/values are (1 - frac) x[i - lo] + frac x[i - hi]; validity is judged at lo. A
+  rung is skipped when round(t) <= W, lo > cap, or lo is already used by the window or
+  an earlier rung. The gradient reaches alpha only through frac (lo is piecewise constant).
+
+  The rungs are gathered in plain JAX in float32. The window 0..W is too, or, given a Pallas
+  `window_backend` ("gpu", "tpu" or their "_interpret" modes), it runs through the
+  integer-offset kernel (`kernels_pallas.fib_attention_lse`, its P.V in the input dtype as
+  for static layers), whose softmax is merged with the rungs' by their log-sum-exps.
+  """
+  groups = check_qkv(q, k, v)
+  bsz, seq_len, num_heads, head_dim = q.shape
+  num_kv = k.shape[2]
+  window = min(pattern.window, seq_len - 1)
+  ct = jnp.promote_types(q.dtype, jnp.float32)  # float32 softmax, float64 under x64
+  alpha = jnp.asarray(alpha, ct)
   q_BxTxKxGxD = q.astype(ct).reshape(bsz, seq_len, num_kv, groups, head_dim)
-  s_BxTxKxGxN = jnp.einsum("btkgd,btnkd->btkgn", q_BxTxKxGxD, k_all) / np.sqrt(head_dim)
-  s_BxTxKxGxN = jnp.where(valid_TxN[None, :, None, None, :], s_BxTxKxGxN, MASK_VALUE)
-  p_BxTxKxGxN = jax.nn.softmax(s_BxTxKxGxN, axis=-1)
-  o_BxTxKxGxD = jnp.einsum("btkgn,btnkd->btkgd", p_BxTxKxGxN, v_all)
+  if pattern.terms:
+    k_rungs, v_rungs, valid_TxR = _learned_rungs(k, v, pattern, alpha, ct)
+
+  if window_backend is None:  # one softmax over the window's static slices and the rungs
+    win = tuple(range(window + 1))
+    k_all, v_all = _shifted(k, win).astype(ct), _shifted(v, win).astype(ct)
+    valid_TxN = jnp.asarray(np.arange(seq_len)[:, None] >= np.asarray(win)[None, :])
+    if pattern.terms:
+      k_all = jnp.concatenate([k_all, k_rungs], axis=2)
+      v_all = jnp.concatenate([v_all, v_rungs], axis=2)
+      valid_TxN = jnp.concatenate([valid_TxN, valid_TxR], axis=1)
+    s_BxTxKxGxN = jnp.einsum("btkgd,btnkd->btkgn", q_BxTxKxGxD, k_all) / np.sqrt(head_dim)
+    s_BxTxKxGxN = jnp.where(valid_TxN[None, :, None, None, :], s_BxTxKxGxN, MASK_VALUE)
+    p_BxTxKxGxN = jax.nn.softmax(s_BxTxKxGxN, axis=-1)
+    o_BxTxKxGxD = jnp.einsum("btkgn,btnkd->btkgd", p_BxTxKxGxN, v_all)
+    return o_BxTxKxGxD.reshape(bsz, seq_len, num_heads, head_dim).astype(q.dtype)
+
+  from kernels_pallas import fib_attention_lse
+
+  o_w, lse_w_BxHxT = fib_attention_lse(q, k, v, Pattern(window), backend=window_backend)
+  if not pattern.terms:
+    return o_w
+  lse_w = lse_w_BxHxT.astype(ct).transpose(0, 2, 1).reshape(bsz, seq_len, num_kv, groups)
+  s_BxTxKxGxR = jnp.einsum("btkgd,btrkd->btkgr", q_BxTxKxGxD, k_rungs) / np.sqrt(head_dim)
+  s_BxTxKxGxR = jnp.where(valid_TxR[None, :, None, None, :], s_BxTxKxGxR, MASK_VALUE)
+  m = jnp.maximum(lse_w, s_BxTxKxGxR.max(axis=-1))
+  lse = m + jnp.log(jnp.exp(lse_w - m) + jnp.exp(s_BxTxKxGxR - m[..., None]).sum(axis=-1))
+  p_BxTxKxGxR = jnp.exp(s_BxTxKxGxR - lse[..., None])
+  o_BxTxKxGxD = o_w.astype(ct).reshape(q_BxTxKxGxD.shape) * jnp.exp(lse_w - lse)[..., None]
+  o_BxTxKxGxD = o_BxTxKxGxD + jnp.einsum("btkgr,btrkd->btkgd", p_BxTxKxGxR, v_rungs)
   return o_BxTxKxGxD.reshape(bsz, seq_len, num_heads, head_dim).astype(q.dtype)
 
 
@@ -158,13 +184,18 @@ def _pallas(backend: str):
 
 AttentionFn = Callable[[Array, Array, Array, Pattern], Array]
 
+# The kernel backend of each Pallas impl; a learned layer runs its window through it.
+PALLAS_BACKENDS = {
+  "pallas": "gpu",
+  "pallas_interpret": "gpu_interpret",
+  "pallas_tpu": "tpu",
+  "pallas_tpu_interpret": "tpu_interpret",
+}
+
 IMPLEMENTATIONS: dict[str, AttentionFn] = {
   "reference": fib_attention_reference,
   "xla": xla,
-  "pallas": _pallas("gpu"),
-  "pallas_interpret": _pallas("gpu_interpret"),
-  "pallas_tpu": _pallas("tpu"),
-  "pallas_tpu_interpret": _pallas("tpu_interpret"),
+  **{name: _pallas(backend) for name, backend in PALLAS_BACKENDS.items()},
   "dense": _dense(None),
   "cudnn": _dense("cudnn"),
   "xla_dense": _dense("xla"),
@@ -191,12 +222,13 @@ def attend(
   dense_impl: str,
   alpha: Float[Array, ""] | None = None,
 ) -> Float[Array, "B T H D"]:
-  """The one entry point of a layer: `learned` for a LearnedPattern (with its `alpha`), the
-  dense implementation `dense_impl` for a pattern that is plain causal attention at this
-  length, the integer-offset implementation `impl` otherwise."""
+  """The one entry point of a layer: `learned` for a LearnedPattern (with its `alpha`; its
+  window through `impl`'s kernel when `impl` is a Pallas one), the dense implementation
+  `dense_impl` for a pattern that is plain causal attention at this length, the integer-offset
+  implementation `impl` otherwise."""
   if isinstance(pattern, LearnedPattern):
     if alpha is None:
       raise ValueError("a learned pattern needs its alpha")
-    return learned(q, k, v, pattern, alpha)
+    return learned(q, k, v, pattern, alpha, PALLAS_BACKENDS.get(impl))
   is_dense = pattern.window >= q.shape[1] - 1 and not pattern.far
   return get(dense_impl if is_dense else impl)(q, k, v, pattern)

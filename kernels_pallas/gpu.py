@@ -280,8 +280,9 @@ def forward(q, k, v, *, window, far, blocks: GpuBlocks, interpret: bool):
 
 
 @functools.partial(jax.jit, static_argnames=("window", "far", "blocks", "interpret"))
-def backward(q, k, v, o, lse, do, *, window, far, blocks: GpuBlocks, interpret: bool):
-  """Gradients (dq, dk, dv); T a multiple of block_q_bwd."""
+def backward(q, k, v, o, lse, do, *, window, far, blocks: GpuBlocks, interpret: bool, dlse=None):
+  """Gradients (dq, dk, dv); T a multiple of block_q_bwd. `dlse` [B, H, T]: a cotangent of
+  the forward's lse as well (it is subtracted from delta)."""
   bsz, seq_len, num_heads, head_dim = q.shape
   num_kv = k.shape[2]
   groups = num_heads // num_kv
@@ -289,6 +290,8 @@ def backward(q, k, v, o, lse, do, *, window, far, blocks: GpuBlocks, interpret: 
   scale = head_dim**-0.5
   # delta_i = sum_d o_i * do_i (FlashAttention-2 Algorithm 2, line 4), one XLA fusion.
   delta = jnp.einsum("bthd,bthd->bht", o.astype(jnp.float32), do.astype(jnp.float32))
+  if dlse is not None:
+    delta = delta - dlse
   params = _params(blocks.num_warps_bwd, blocks.num_stages, interpret)
   statics = dict(window=window, far=far, groups=groups, scale=scale, block_q=bq)
   q_blk = pl.BlockSpec((None, bq, groups, head_dim), lambda i, b, h: (b, i, h, 0))

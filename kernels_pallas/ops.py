@@ -90,10 +90,13 @@ def _fwd(q, k, v, pattern, backend, blocks):
   return o, (q, k, v, o, lse)
 
 
-def _bwd(pattern, backend, blocks, res, do):
+def _bwd(pattern, backend, blocks, res, do, dlse_BxHxT=None):
   q, k, v, o, lse = res
   seq_len = q.shape[1]
   module, padded, statics = _plan(seq_len, pattern, backend, blocks)
+  if dlse_BxHxT is not None:  # to the kernels' lse layout: [B, H, T_pad] (GPU), [..., 1] (TPU)
+    dlse = jnp.pad(dlse_BxHxT, ((0, 0), (0, 0), (0, padded - seq_len)))
+    statics["dlse"] = dlse.reshape(lse.shape)
   dq, dk, dv = module.backward(
     *(_pad(x, padded) for x in (q, k, v, o)), lse, _pad(do, padded), **statics
   )
@@ -101,6 +104,26 @@ def _bwd(pattern, backend, blocks, res, do):
 
 
 _attend.defvjp(_fwd, _bwd)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
+def _attend_lse(q, k, v, pattern: Pattern, backend: str, blocks):
+  return _fwd_lse(q, k, v, pattern, backend, blocks)[0]
+
+
+def _fwd_lse(q, k, v, pattern, backend, blocks):
+  o, res = _fwd(q, k, v, pattern, backend, blocks)
+  lse = res[4]
+  lse_BxHxT = lse.reshape(lse.shape[:3])[:, :, : q.shape[1]]
+  return (o, lse_BxHxT), res
+
+
+def _bwd_lse(pattern, backend, blocks, res, cotangents):
+  do, dlse_BxHxT = cotangents
+  return _bwd(pattern, backend, blocks, res, do, dlse_BxHxT)
+
+
+_attend_lse.defvjp(_fwd_lse, _bwd_lse)
 
 
 def fib_attention(
@@ -123,6 +146,28 @@ def fib_attention(
   Returns:
     o [B, T, H, D] in q's dtype.
   """
+  _check(q, k, v, pattern, backend)
+  return _attend(q, k.astype(q.dtype), v.astype(q.dtype), pattern, backend, blocks)
+
+
+def fib_attention_lse(
+  q: Float[Array, "B T H D"],
+  k: Float[Array, "B T K D"],
+  v: Float[Array, "B T K D"],
+  pattern: Pattern,
+  *,
+  backend: Backend = "gpu",
+  blocks=None,
+) -> tuple[Float[Array, "B T H D"], Float[Array, "B H T"]]:
+  """`fib_attention` and the log-sum-exp of each query's scores (float32 [B, H, T]), both
+  differentiable: a caller can merge this softmax with scores of its own (the learned path
+  adds its fractional rungs so). The lse cotangent enters the kernels' backward through
+  delta: d lse / d s_j = p_j, so ds_j = p_j (dp_j - (delta - dlse))."""
+  _check(q, k, v, pattern, backend)
+  return _attend_lse(q, k.astype(q.dtype), v.astype(q.dtype), pattern, backend, blocks)
+
+
+def _check(q, k, v, pattern, backend):
   check_qkv(q, k, v)
   if backend not in BACKENDS:
     raise ValueError(f"unknown {backend=}; expected one of {BACKENDS}")
@@ -130,4 +175,3 @@ def fib_attention(
     raise ValueError(f"pattern must be a fibax.patterns.Pattern, got {type(pattern).__name__}")
   if q.dtype not in (jnp.float32, jnp.bfloat16, jnp.float16):
     raise ValueError(f"unsupported dtype {q.dtype}; expected float32, bfloat16 or float16")
-  return _attend(q, k.astype(q.dtype), v.astype(q.dtype), pattern, backend, blocks)

@@ -227,13 +227,15 @@ def forward(q, k, v, *, window, far, blocks: TpuBlocks, interpret):
 
 
 @functools.partial(jax.jit, static_argnames=("window", "far", "blocks", "interpret"))
-def backward(q, k, v, o, lse, do, *, window, far, blocks: TpuBlocks, interpret):
+def backward(q, k, v, o, lse, do, *, window, far, blocks: TpuBlocks, interpret, dlse=None):
   bsz, seq_len, num_heads, head_dim = q.shape
   num_kv = k.shape[2]
   groups, bq = num_heads // num_kv, blocks.block_q
   wpad, pad = _geometry(window, far)
   scale = head_dim**-0.5
   delta = jnp.einsum("bthd,bthd->bht", o.astype(jnp.float32), do.astype(jnp.float32))[..., None]
+  if dlse is not None:  # [B, H, T, 1]: a cotangent of the forward's lse as well
+    delta = delta - dlse
   statics = dict(window=window, far=far, wpad=wpad, scale=scale, block_q=bq)
   params = pltpu.CompilerParams(dimension_semantics=("parallel", "parallel", "parallel"))
   grid = (bsz, num_kv, seq_len // bq)

@@ -17,8 +17,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from fibax.patterns import Pattern
-from kernels_pallas import fib_attention, fib_attention_reference
+from fibax import attention
+from fibax.patterns import LearnedPattern, Pattern
+from kernels_pallas import fib_attention, fib_attention_lse, fib_attention_reference
 
 NUM_CASES = 50
 CI_CASES = 6
@@ -109,6 +110,101 @@ class KernelTest:
     for name, g, r in zip("qkv", grads, r_grads, strict=True):
       assert g.shape == r.shape and g.dtype == case["dtype"]
       assert _rel_err(g, r) < tol * 2, (name, case)
+
+
+def _reference_lse(q, k, pattern):
+  """log-sum-exp of each query's masked float32 scores [B, H, T] (the oracle's softmax)."""
+  groups = q.shape[2] // k.shape[2]
+  k = jnp.repeat(k.astype(jnp.float32), groups, axis=2)
+  s = jnp.einsum("bthd,bshd->bhts", q.astype(jnp.float32), k) / np.sqrt(q.shape[3])
+  s = jnp.where(jnp.asarray(pattern.mask(q.shape[1])), s, -jnp.inf)
+  return jax.nn.logsumexp(s, axis=-1)
+
+
+class LearnedWindowTest:
+  """`fib_attention_lse` (o and lse, each with a cotangent) against the oracle, and the
+  learned path with its window through the kernel against the learned path in plain JAX:
+  outputs and the gradients of q, k, v and alpha."""
+
+  BACKEND = "gpu"
+
+  def check_lse(self, seed):
+    case = random_case(seed, (16, 32))
+    q, k, v, w = _inputs(case, seed)
+    pattern = case["pattern"]
+    w_lse = jax.random.normal(jax.random.key(seed + 100), (q.shape[0], q.shape[2], q.shape[1]))
+
+    def loss(o, lse):
+      return (o.astype(jnp.float32) * w).sum() + (lse * w_lse).sum()
+
+    def kernel(q, k, v):
+      return loss(*fib_attention_lse(q, k, v, pattern, backend=self.BACKEND))
+
+    def oracle(q, k, v):
+      q, k, v = (x.astype(jnp.float32) for x in (q, k, v))
+      return loss(fib_attention_reference(q, k, v, pattern), _reference_lse(q, k, pattern))
+
+    o, lse = fib_attention_lse(q, k, v, pattern, backend=self.BACKEND)
+    assert lse.shape == (q.shape[0], q.shape[2], q.shape[1]) and lse.dtype == jnp.float32
+    tol = TOL[case["dtype"]] * (5 if self.BACKEND == "gpu" else 1)
+    assert _rel_err(lse, _reference_lse(q, k, pattern)) < tol, case
+    grads = jax.grad(kernel, argnums=(0, 1, 2))(q, k, v)
+    for name, g, r in zip("qkv", grads, jax.grad(oracle, argnums=(0, 1, 2))(q, k, v), strict=True):
+      assert _rel_err(g, r) < tol * 2, (name, case)
+
+  def check_learned(self, seed):
+    rng = np.random.default_rng(seed)
+    seq_len, window = int(rng.integers(20, 140)), int(rng.integers(0, 14))
+    lp = LearnedPattern.build(base="fib", window=window, seq_len=seq_len)
+    alpha = jnp.float32(rng.uniform(0.4, 1.6))
+    case = dict(batch=2, seq_len=seq_len, num_heads=4, num_kv=2, head_dim=16, dtype=jnp.float32)
+    q, k, v, w = _inputs(case, seed)
+
+    def loss(q, k, v, a, backend):
+      return (attention.learned(q, k, v, lp, a, backend) * w).sum()
+
+    grad = jax.value_and_grad(loss, argnums=(0, 1, 2, 3))
+    got, g_got = jax.jit(grad, static_argnums=4)(q, k, v, alpha, self.BACKEND)
+    want, g_want = grad(q, k, v, alpha, None)
+    tol = 1e-3 if self.BACKEND == "gpu" else 2e-4  # TF32 dots on a GPU
+    assert abs(float(got) - float(want)) < tol * (abs(float(want)) + 1), (seq_len, window, alpha)
+    for name, g, r in zip(("q", "k", "v", "alpha"), g_got, g_want, strict=True):
+      assert _rel_err(g, r) < tol * 2, (name, seq_len, window, float(alpha))
+
+
+@pytest.mark.gpu
+class TestGpuLearnedWindow(LearnedWindowTest):
+  @pytest.mark.parametrize("seed", range(8))
+  def test_lse(self, seed):
+    self.check_lse(seed)
+
+  @pytest.mark.parametrize("seed", range(8))
+  def test_learned(self, seed):
+    self.check_learned(seed)
+
+
+class TestGpuInterpretLearnedWindow(LearnedWindowTest):
+  BACKEND = "gpu_interpret"
+
+  @pytest.mark.parametrize("seed", range(3))
+  def test_lse(self, seed):
+    self.check_lse(seed)
+
+  @pytest.mark.parametrize("seed", range(2))
+  def test_learned(self, seed):
+    self.check_learned(seed)
+
+
+class TestTpuInterpretLearnedWindow(LearnedWindowTest):
+  BACKEND = "tpu_interpret"
+
+  @pytest.mark.parametrize("seed", range(2))
+  def test_lse(self, seed):
+    self.check_lse(seed)
+
+  @pytest.mark.parametrize("seed", range(2))
+  def test_learned(self, seed):
+    self.check_learned(seed)
 
 
 def _gpu_seeds():

@@ -111,12 +111,14 @@ def test_learned_alphas_start_at_one_and_bf16_compute():
   assert M.Transformer(cfg).apply({"params": params}, tokens).dtype == jnp.float32
 
 
+@pytest.mark.parametrize("schedule", ["stagger", "learned"])
 @pytest.mark.parametrize(
   "impl", [pytest.param("pallas", marks=pytest.mark.gpu), "pallas_interpret"]
 )
-def test_pallas_model_step_matches_xla(impl):
-  """Loss and every parameter gradient of a training step: pallas == xla."""
-  cfg = dataclasses.replace(_small("stagger", impl="xla"), num_layers=2, seq_len=40)
+def test_pallas_model_step_matches_xla(impl, schedule):
+  """Loss and every parameter gradient of a training step (the learned alphas too): pallas ==
+  xla. A learned layer runs its window through the kernel under a Pallas impl."""
+  cfg = dataclasses.replace(_small(schedule, impl="xla"), num_layers=2, seq_len=40)
   tokens = jax.random.randint(jax.random.key(1), (2, 41), 0, 97)
   params = M.Transformer(cfg).init(jax.random.key(0), tokens[:, :-1])["params"]
 
