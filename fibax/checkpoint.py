@@ -4,7 +4,8 @@ position and a JSON record with a checksum of every state leaf.
 Saves are asynchronous (orbax copies the arrays to host memory, then writes in a background
 thread) and atomic (a step directory appears only once complete). On restore the newest step
 is tried first; one that fails to load or whose checksums disagree is reported, moved into
-`<dir>_corrupt/`, and the next older step is tried.
+`<dir>_corrupt/`, and the next older step is tried. The directory is an `etils.epath` path: local
+or gs:// (orbax writes both).
 """
 
 from __future__ import annotations
@@ -21,7 +22,10 @@ import grain
 import jax
 import jax.numpy as jnp
 import orbax.checkpoint as ocp
+from etils import epath
 from jax.experimental import multihost_utils
+
+from fibax.data.files import is_local
 
 STATE, DATA, META = "state", "data", "meta"
 
@@ -45,6 +49,11 @@ def quiet_orbax():
   finally:
     for logger, level in zip(loggers, levels, strict=True):
       logger.setLevel(level)
+
+
+def absolute(path: str | os.PathLike) -> epath.Path:
+  """`path` as an absolute epath.Path (a URI such as gs://bucket/run is left as it is)."""
+  return epath.Path(Path(path).absolute() if is_local(path) else path)
 
 
 class CheckpointError(RuntimeError):
@@ -119,7 +128,7 @@ class Checkpointer:
     async_save: bool = True,
     log: Callable[[str], None] = print,
   ):
-    self.directory = Path(directory).absolute()
+    self.directory = absolute(directory)
     self.log = log
     self._unchecked = False  # a save whose outcome check() has not yet seen
     options = ocp.CheckpointManagerOptions(
@@ -160,7 +169,8 @@ class Checkpointer:
     None if there is no checkpoint. Unreadable newer steps are reported and moved aside.
 
     Raises:
-      CheckpointError: checkpoints exist but none of them can be read.
+      CheckpointError: checkpoints exist but none of them can be read, or unreadable ones
+        cannot be moved aside.
     """
     failures = []
     for step in sorted(self.steps(), reverse=True):
@@ -172,7 +182,13 @@ class Checkpointer:
         failures.append((step, reason))
         continue
       if failures:
-        moved = [self._move_aside(s) for s, _ in failures]
+        try:
+          moved = [self._move_aside(s) for s, _ in failures]
+        except OSError as e:  # e.g. gs:// through gcsfs: epath renames into existing folders only
+          raise CheckpointError(
+            f"could not move unreadable step(s) {[s for s, _ in failures]} out of "
+            f"{self.directory} ({error_line(e)}); move them away, then resume"
+          ) from None
         self.log(
           f"resuming from step {step} instead; moved unreadable step(s) "
           f"{[s for s, _ in failures]} to {moved[0].parent}"
@@ -186,11 +202,11 @@ class Checkpointer:
       )
     return None
 
-  def _move_aside(self, step: int) -> Path:
+  def _move_aside(self, step: int) -> epath.Path:
     aside = self.directory.parent / f"{self.directory.name}_corrupt" / f"{step}-{int(time.time())}"
     if jax.process_index() == 0:
       aside.parent.mkdir(parents=True, exist_ok=True)
-      os.replace(self.directory / str(step), aside)
+      (self.directory / str(step)).rename(aside)
     multihost_utils.sync_global_devices(f"fibax_move_aside_{step}")
     self._mngr.reload()
     return aside

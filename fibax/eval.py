@@ -133,7 +133,7 @@ def _run_eval(args: argparse.Namespace, argv: list[str]) -> int:
   ckpt_dir = checkpoint_dir(args.checkpoint)
   workdir = ckpt_dir.parent if ckpt_dir.name == "checkpoints" else ckpt_dir
   try:
-    out = check_writable(Path(args.out) if args.out else workdir / "eval")
+    out = check_writable(args.out or workdir / "eval")
   except OutputError as e:
     if args.out:
       raise

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
+from fibax.data.files import is_local
 from fibax.evaluate import NUM_BINS
 
 CSV_FIELDS = (
@@ -90,8 +91,11 @@ def check_writable(path: str | os.PathLike, *, is_file: bool = False) -> Path:
   exists on the way must be one and take a (temporary, unnamed) file.
 
   Raises:
-    OutputError: naming the path and why not (a file in the way, or no write permission).
+    OutputError: naming the path and why not (a file in the way, no write permission, or not
+      a local path: reports are written to this machine only).
   """
+  if not is_local(path):
+    raise OutputError(f"out={os.fspath(path)!r} is not a local path; reports are written locally")
   path = Path(path).absolute()
   try:
     if is_file and path.is_dir():

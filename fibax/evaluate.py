@@ -22,10 +22,10 @@ import math
 import os
 import time
 from collections.abc import Callable, Sequence
-from pathlib import Path
 
 import jax
 import numpy as np
+from etils import epath
 from jax.sharding import Mesh
 
 from fibax import sharding
@@ -99,9 +99,10 @@ def freeze[C: (ModelConfig, RunConfig)](params, cfg: C) -> C:
 # --- data ------------------------------------------------------------------------------------
 
 
-def run_data_dir(cfg: RunConfig, data_dir: str | os.PathLike | None = None) -> Path:
-  """The run's prepared data directory (as `fibax.train` finds it), checked to exist."""
-  path = Path(data_dir or cfg.data_dir or Path("data") / cfg.data_source)
+def run_data_dir(cfg: RunConfig, data_dir: str | os.PathLike | None = None) -> epath.Path:
+  """The run's prepared data directory (as `fibax.train` finds it: local or gs://), checked to
+  exist."""
+  path = epath.Path(data_dir or cfg.data_dir or f"data/{cfg.data_source}")
   if not (path / MANIFEST).is_file():
     raise FileNotFoundError(
       f"data_dir={str(path)!r} has no {MANIFEST}: pass the run's prepared data directory "
@@ -111,8 +112,8 @@ def run_data_dir(cfg: RunConfig, data_dir: str | os.PathLike | None = None) -> P
 
 
 def resolve_dataset(
-  name: str, data_dir: Path, log: Callable[[str], None] = print
-) -> tuple[Path, tuple[str, ...]]:
+  name: str, data_dir: epath.Path, log: Callable[[str], None] = print
+) -> tuple[epath.Path, tuple[str, ...]]:
   """(prepared directory, splits in order) of a held-out dataset (see `DATASETS`)."""
   if name not in DATASETS:
     raise ValueError(f"unknown dataset={name!r}; expected one of {DATASETS}")
@@ -131,7 +132,7 @@ def resolve_dataset(
 
 
 def dataset_windows(
-  data_dir: Path, splits: Sequence[str], seq_len: int, max_tokens: int, verify: bool = True
+  data_dir: epath.Path, splits: Sequence[str], seq_len: int, max_tokens: int, verify: bool = True
 ) -> np.ndarray:
   """The first `max_tokens // seq_len` evaluation windows over `splits` in order, as
   int32[N, seq_len + 1] (N may be 0: no window fits in one document)."""

@@ -7,11 +7,13 @@ import math
 import os
 import sys
 import time
-from pathlib import Path
+
+from etils import epath
 
 from fibax import model as model_lib
 from fibax import patterns
 from fibax.config import ModelConfig
+from fibax.data.files import is_local, replace_text
 
 # Dense bf16 matmul peaks in TFLOP/s per device (vendor figures, no sparsity), matched as
 # substrings of `jax.Device.device_kind`, most specific first. Measured peaks run lower (about
@@ -32,6 +34,11 @@ PEAK_TFLOPS: tuple[tuple[str, float], ...] = (
   ("TPU v6 lite", 918.0),
   ("TPU v6e", 918.0),
 )
+
+
+# A metrics.jsonl that is not local (gs://) is rewritten whole when a record arrives this long
+# after the last upload (and on every flush).
+REWRITE_SECONDS = 30.0
 
 
 def peak_tflops(device_kind: str) -> float | None:
@@ -76,17 +83,44 @@ def _step_of(line: str) -> int | None:
 def read_losses(directory: str | os.PathLike, kind: str = "train") -> dict[int, float]:
   """step -> loss of the `kind` records in a run's metrics.jsonl (the last wins on repeats)."""
   out = {}
-  for line in (Path(directory) / "metrics.jsonl").read_text().splitlines():
+  for line in (epath.Path(directory) / "metrics.jsonl").read_text().splitlines():
     record = json.loads(line)
     if record["kind"] == kind:
       out[record["step"]] = record["loss"]
   return out
 
 
+class _RewrittenFile:
+  """A text file on an object store (gs://), which cannot append: the text so far, uploaded whole
+  by a write REWRITE_SECONDS after the last upload, by `flush` and by `close` (each upload
+  replaces the object at once; GCS takes about one write a second to an object)."""
+
+  def __init__(self, path: epath.Path):
+    self.path = path
+    self.parts = [path.read_text()] if path.exists() else []
+    self.uploaded, self.pending = time.monotonic(), False
+
+  def write(self, text: str) -> None:
+    self.parts.append(text)
+    self.pending = True
+    if time.monotonic() - self.uploaded >= REWRITE_SECONDS:
+      self.flush()
+
+  def flush(self) -> None:
+    if self.pending:
+      self.path.write_text("".join(self.parts))
+      self.uploaded, self.pending = time.monotonic(), False
+
+  def close(self) -> None:
+    self.flush()
+
+
 class MetricWriter:
   """Appends one JSON object per record to `metrics.jsonl` and scalars to TensorBoard event
-  files in the same directory. Only the writing process (process 0) should make one with
-  `enabled=True`; the others get a writer that drops everything."""
+  files in the same directory (an `etils.epath` path: local, or gs:// where metrics.jsonl is
+  rewritten whole every REWRITE_SECONDS as records arrive and on `flush`). Only the writing
+  process (process 0) should make one with `enabled=True`; the others get a writer that drops
+  everything."""
 
   def __init__(
     self, directory: str | os.PathLike, enabled: bool = True, resume_step: int | None = None
@@ -96,7 +130,7 @@ class MetricWriter:
     self.enabled, self._tb = enabled, None
     if not enabled:
       return
-    self.directory = Path(directory)
+    self.directory = epath.Path(directory)
     self.directory.mkdir(parents=True, exist_ok=True)
     path = self.directory / "metrics.jsonl"
     if resume_step is not None and path.exists():
@@ -105,24 +139,27 @@ class MetricWriter:
         for line in path.read_text().splitlines(keepends=True)
         if (step := _step_of(line)) is not None and step <= resume_step
       ]
-      tmp = path.with_name(path.name + ".tmp")
-      tmp.write_text("".join(kept))
-      os.replace(tmp, path)
-    self._jsonl = open(path, "a")  # noqa: SIM115
+      replace_text(path, "".join(kept))
+    if is_local(path):
+      self._jsonl = open(path, "a", buffering=1)  # noqa: SIM115 (line buffered: each record)
+    else:
+      self._jsonl = _RewrittenFile(path)
     try:
       from tensorboardX import SummaryWriter
     except ImportError:
       print("fibax: tensorboardX is not installed; writing metrics.jsonl only", file=sys.stderr)
     else:
       purge = None if resume_step is None else resume_step + 1  # hides events from here on
-      self._tb = SummaryWriter(str(self.directory), flush_secs=30, purge_step=purge)
+      try:
+        self._tb = SummaryWriter(str(self.directory), flush_secs=30, purge_step=purge)
+      except ImportError as e:  # gs:// needs google-cloud-storage, s3:// boto3
+        print(f"fibax: no TensorBoard events in {self.directory} ({e})", file=sys.stderr)
 
   def write(self, step: int, metrics: dict, prefix: str = "train") -> None:
     if not self.enabled:
       return
     record = {"step": step, "time": time.time(), "kind": prefix, **metrics}
     self._jsonl.write(json.dumps(record) + "\n")
-    self._jsonl.flush()
     if self._tb is not None:
       for name, value in metrics.items():
         if isinstance(value, int | float) and math.isfinite(value):
@@ -130,6 +167,13 @@ class MetricWriter:
         elif isinstance(value, list | tuple):  # per-layer values, e.g. the learned alphas
           for i, v in enumerate(value):
             self._tb.add_scalar(f"{prefix}/{name}/layer_{i}", v, step)
+
+  def flush(self) -> None:
+    """Writes out every record so far (on gs://, records wait up to 30 s otherwise)."""
+    if self.enabled:
+      self._jsonl.flush()
+      if self._tb is not None:
+        self._tb.flush()
 
   def close(self) -> None:
     if self.enabled:

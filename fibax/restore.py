@@ -9,16 +9,18 @@ it, not a fallback to an older step.
 
     run = load_run("runs/fib_stagger_w12")      # newest step; or step=..., or a step's dir
     run.cfg, run.params, run.step
+
+The path is an `etils.epath` path: local or gs://.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import os
-from pathlib import Path
 from typing import Any
 
 import orbax.checkpoint as ocp
+from etils import epath
 
 from fibax import sharding
 from fibax.checkpoint import (
@@ -26,6 +28,7 @@ from fibax.checkpoint import (
   META,
   STATE,
   CheckpointError,
+  absolute,
   error_line,
   quiet_orbax,
   restore_step,
@@ -41,7 +44,7 @@ class Run:
   cfg: RunConfig
   params: Any
   step: int
-  checkpoint_dir: Path
+  checkpoint_dir: epath.Path
   label: str
 
 
@@ -64,7 +67,7 @@ def run_config_from_dict(record: dict) -> RunConfig:
   return build(RunConfig, record)
 
 
-def _resolve_checkpoint(path: Path, step: int | None) -> tuple[Path, int | None]:
+def _resolve_checkpoint(path: epath.Path, step: int | None) -> tuple[epath.Path, int | None]:
   """(directory of step directories, step): a workdir, its checkpoints/ or one step's dir."""
   if not path.exists():
     raise CheckpointError(f"checkpoint={str(path)!r} does not exist")
@@ -75,10 +78,10 @@ def _resolve_checkpoint(path: Path, step: int | None) -> tuple[Path, int | None]
   return path, step
 
 
-def checkpoint_dir(path: str | os.PathLike) -> Path:
+def checkpoint_dir(path: str | os.PathLike) -> epath.Path:
   """The directory of step directories that `load_run(path)` reads (absolute), without opening
   it. Raises CheckpointError if `path` does not exist."""
-  return _resolve_checkpoint(Path(path).absolute(), None)[0]
+  return _resolve_checkpoint(absolute(path), None)[0]
 
 
 def _run_config(record: dict, overrides: dict | None) -> RunConfig:
@@ -109,7 +112,7 @@ def load_run(
     CheckpointError: no such directory, no checkpoint in it, or one that fails to load or
       whose checksums disagree with its record.
   """
-  ckpt_dir, step = _resolve_checkpoint(Path(path).absolute(), step)
+  ckpt_dir, step = _resolve_checkpoint(absolute(path), step)
   options = ocp.CheckpointManagerOptions(read_only=True, create=False, save_interval_steps=0)
   try:
     with quiet_orbax():

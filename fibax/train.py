@@ -8,14 +8,15 @@
     summary = train(run_config, "runs/tiny")
 
 The workdir holds `checkpoints/`, `metrics.jsonl`, TensorBoard event files and
-`config.json` (written when the run starts afresh). Running again on the same workdir
-resumes exactly where the last checkpoint left off (parameters, optimizer state, step
-and data position); a config that contradicts the checkpoints' (other than in how things
-run: logging, evaluation, checkpoint cadence, mesh, kernels) is refused. SIGTERM or SIGINT
+`config.json` (written when the run starts afresh). The workdir and the data directory are
+`etils.epath` paths: local, or gs:// (read and written through epath and orbax). Running again
+on the same workdir resumes exactly where the last checkpoint left off (parameters, optimizer
+state, step and data position); a config that contradicts the checkpoints' (other than in how
+things run: logging, evaluation, checkpoint cadence, mesh, kernels) is refused. SIGTERM or SIGINT
 (Ctrl-C) saves a checkpoint after the current step and returns (the CLI then exits with 128 +
-the signal: 143 or 130). One training at a time holds a workdir (a lock file); a failed
-background checkpoint write stops training at once, and a state with non-finite parameters
-is never saved.
+the signal: 143 or 130). One training at a time holds a local workdir (a lock file; gs:// has no
+locks, so nothing stops a second training there); a failed background checkpoint write stops
+training at once, and a state with non-finite parameters is never saved.
 """
 
 from __future__ import annotations
@@ -31,11 +32,11 @@ import sys
 import threading
 import time
 from collections.abc import Callable
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from etils import epath
 from jax.experimental import multihost_utils
 
 from fibax import cli, sharding
@@ -43,7 +44,7 @@ from fibax import metrics as metrics_lib
 from fibax.checkpoint import Checkpointer, CheckpointError, quiet_orbax
 from fibax.config import RunConfig
 from fibax.config_loader import add_overrides_argument, apply_overrides, load_config
-from fibax.data.files import DataError
+from fibax.data.files import DataError, is_local, replace_text
 from fibax.evaluate import dataset_windows, window_nll
 from fibax.model import learned_alphas
 from fibax.steps import make_steps, nll_sum_fn
@@ -113,8 +114,9 @@ class _StopFlag:
 
 
 @contextlib.contextmanager
-def _workdir_lock(workdir: Path, enabled: bool):
-  """Holds an exclusive lock on `workdir` (made if missing) while the block runs."""
+def _workdir_lock(workdir: epath.Path, enabled: bool):
+  """Holds an exclusive lock on `workdir` (made if missing) while the block runs; one that is
+  not local (gs://) is not locked: an object store has no file locks."""
   if not enabled:  # processes other than 0 share process 0's workdir
     yield
     return
@@ -122,9 +124,14 @@ def _workdir_lock(workdir: Path, enabled: bool):
     raise WorkdirError(f"workdir {workdir} exists and is not a directory")
   try:
     workdir.mkdir(parents=True, exist_ok=True)
-    fd = os.open(workdir / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+    fd = None
+    if is_local(workdir):
+      fd = os.open(workdir / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
   except OSError as e:
     raise WorkdirError(f"workdir {workdir} is not writable ({e.strerror})") from None
+  if fd is None:
+    yield
+    return
   try:
     try:
       fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -163,11 +170,12 @@ def contradictions(cfg: RunConfig, saved: dict) -> list[str]:
   ]
 
 
-def prepare_data(cfg: RunConfig, log: Callable[[str], None] = print) -> Path:
-  """The run's data directory, prepared (tokenizer with the model's vocabulary) if missing."""
+def prepare_data(cfg: RunConfig, log: Callable[[str], None] = print) -> epath.Path:
+  """The run's data directory, prepared (tokenizer with the model's vocabulary) if missing
+  (into a local directory only: one on gs:// must be prepared already)."""
   from fibax.data.build import prepare
 
-  data_dir = Path(cfg.data_dir or Path("data") / cfg.data_source)
+  data_dir = epath.Path(cfg.data_dir or f"data/{cfg.data_source}")
   if jax.process_index() == 0 and not (data_dir / "manifest.json").exists():
     log(f"preparing {cfg.data_source!r} into {data_dir} (vocab {cfg.model.vocab_size})")
     prepare(cfg.data_source, data_dir, vocab_size=cfg.model.vocab_size, log=log)
@@ -176,7 +184,7 @@ def prepare_data(cfg: RunConfig, log: Callable[[str], None] = print) -> Path:
   return data_dir
 
 
-def validation_windows(data_dir: Path, cfg: RunConfig) -> np.ndarray:
+def validation_windows(data_dir: epath.Path, cfg: RunConfig) -> np.ndarray:
   """The first `train.eval_tokens` tokens of the validation split in evaluation windows
   (`fibax.evaluate.dataset_windows`), int32[N, seq_len + 1]."""
   seq_len, max_tokens = cfg.model.seq_len, cfg.train.eval_tokens
@@ -248,7 +256,9 @@ class _Logger:
     self.progress.update(step, f"loss {loss:.3f}")
 
 
-def train(cfg: RunConfig, workdir: str | Path, *, log: Callable[[str], None] = print) -> dict:
+def train(
+  cfg: RunConfig, workdir: str | os.PathLike, *, log: Callable[[str], None] = print
+) -> dict:
   """Trains `cfg` in `workdir`, resuming from its newest readable checkpoint.
 
   Returns:
@@ -264,7 +274,7 @@ def train(cfg: RunConfig, workdir: str | Path, *, log: Callable[[str], None] = p
       checkpoints were written with a contradicting config.
   """
   sharding.maybe_initialize_distributed(cfg.train.distributed)
-  workdir = Path(workdir)
+  workdir = epath.Path(workdir)
   main = jax.process_index() == 0
   # Orbax logs a failed background save's traceback from its own thread; the CheckpointError
   # raised here says it in one line.
@@ -272,7 +282,7 @@ def train(cfg: RunConfig, workdir: str | Path, *, log: Callable[[str], None] = p
     return _train(cfg, workdir, main, log if main else (lambda _: None))
 
 
-def _train(cfg: RunConfig, workdir: Path, main: bool, log: Callable[[str], None]) -> dict:
+def _train(cfg: RunConfig, workdir: epath.Path, main: bool, log: Callable[[str], None]) -> dict:
   from fibax.data import train_iterator
 
   start_time = time.perf_counter()
@@ -307,10 +317,7 @@ def _train(cfg: RunConfig, workdir: Path, main: bool, log: Callable[[str], None]
   state = steps.init(tc.seed) if restored is None else restored[0]
   step = int(state.step)
   if main and (restored is None or not (workdir / "config.json").exists()):
-    text = json.dumps(dataclasses.asdict(cfg), indent=2) + "\n"
-    tmp = workdir / "config.json.tmp"
-    tmp.write_text(text)
-    os.replace(tmp, workdir / "config.json")
+    replace_text(workdir / "config.json", json.dumps(dataclasses.asdict(cfg), indent=2) + "\n")
   if step >= tc.total_steps:
     log(f"{workdir} is already trained to step {step} of {tc.total_steps}; nothing to do")
   log(
@@ -350,6 +357,7 @@ def _train(cfg: RunConfig, workdir: Path, main: bool, log: Callable[[str], None]
         if save:
           if not bool(_all_finite(state.params)):  # an update that diverged at a save step
             raise TrainingDiverged(f"the parameters after step {step} are not finite")
+          writer.flush()  # records up to a checkpoint outlive a crash (gs:// holds them back)
           ckpt.save(step, state, data_iter, {"config": dataclasses.asdict(cfg)})
     if preempted:
       ckpt.wait()

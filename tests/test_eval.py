@@ -8,6 +8,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from etils import epath
 from eval_helpers import SEQ_LEN, STEP, corpus_dir, micro_model, saved_run
 
 from fibax import patterns, sharding
@@ -20,6 +21,7 @@ from fibax.evaluate import (
   freeze,
   load_run,
   resolve_dataset,
+  run_data_dir,
 )
 from fibax.model import Transformer, layer_patterns
 from fibax.steps import make_steps
@@ -100,6 +102,18 @@ def test_windows_are_non_overlapping_in_order_and_deterministic(tmp_path_factory
   doc_len = int(tokens.doc_bounds[1] - tokens.doc_bounds[0])
   per_doc = min((doc_len - 1) // seq_len, len(first))
   np.testing.assert_array_equal(first[1:per_doc, 0], first[: per_doc - 1, -1])
+
+
+@pytest.mark.parametrize("as_path", [str, epath.Path])
+def test_checkpoint_and_data_paths_as_strings_or_epath_paths(tmp_path_factory, run, as_path):
+  cfg, workdir = saved_run(tmp_path_factory, "stagger")
+  again = load_run(as_path(str(workdir)))
+  assert (again.step, again.label, again.checkpoint_dir) == (STEP, run.label, run.checkpoint_dir)
+  jax.tree.map(np.testing.assert_array_equal, again.params, run.params)
+  data_dir = run_data_dir(cfg, as_path(str(corpus_dir(tmp_path_factory))))
+  assert isinstance(data_dir, epath.Path)
+  windows = dataset_windows(data_dir, ("validation",), SEQ_LEN, max_tokens=5 * SEQ_LEN)
+  np.testing.assert_array_equal(windows, _independent_windows(data_dir, SEQ_LEN, 5))
 
 
 def test_length_mult_sets_the_window_length(run):

@@ -32,7 +32,9 @@ def _never(*args, **kwargs):
   raise AssertionError("loaded or computed despite an output that cannot be written")
 
 
-@pytest.mark.parametrize("where", ["file", "under_file", "read_only_dir", "default_is_file"])
+@pytest.mark.parametrize(
+  "where", ["file", "under_file", "read_only_dir", "default_is_file", "not_local"]
+)
 def test_unwritable_output_fails_before_anything_is_computed(
   tmp_path_factory, tmp_path, capsys, monkeypatch, where
 ):
@@ -44,6 +46,8 @@ def test_unwritable_output_fails_before_anything_is_computed(
     out = blocker
   elif where == "under_file":
     out = blocker / "eval"
+  elif where == "not_local":
+    out = "gs://bucket/eval"  # reports are written to local directories only
   elif where == "read_only_dir":
     (tmp_path / "ro").mkdir(mode=0o555)
     out = tmp_path / "ro" / "eval"

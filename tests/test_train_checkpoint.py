@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 
 import pytest
+from etils import epath
 from train_helpers import config_file, damage, largest_data_file, losses, reference_run, sotu_dir
 
 from fibax.checkpoint import CheckpointError
@@ -83,6 +84,28 @@ def test_damaged_latest_checkpoint_falls_back_to_the_previous(tmp_path_factory, 
   redone = losses(workdir)
   assert sorted(redone) == list(range(19, 25))
   assert all(redone[s] == reference[s] for s in redone)
+
+
+def test_an_unreadable_step_that_cannot_be_moved_aside_is_one_error(
+  tmp_path_factory, tmp_path, monkeypatch
+):
+  """As on gs:// through gcsfs, where a folder with no object in it does not exist and epath
+  renames only into an existing folder."""
+  cfg, ref_dir, _ = reference_run(tmp_path_factory)
+  workdir = tmp_path / "run"
+  shutil.copytree(ref_dir / "checkpoints", workdir / "checkpoints")
+  damage(_largest_state_file(workdir / "checkpoints" / "24"), "truncate")
+
+  def refused(self, target):
+    raise FileNotFoundError(f"folder {target.parent} does not exist")
+
+  monkeypatch.setattr(type(epath.Path(workdir)), "rename", refused)
+  with pytest.raises(
+    CheckpointError,
+    match=r"could not move unreadable step\(s\) \[24\] out of .*checkpoints \(FileNotFoundError",
+  ):
+    train(cfg, workdir, log=lambda _: None)
+  assert sorted(int(p.name) for p in (workdir / "checkpoints").iterdir()) == [12, 18, 24]
 
 
 def test_no_readable_checkpoint_is_an_error(tmp_path_factory, tmp_path):

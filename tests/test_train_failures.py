@@ -15,9 +15,13 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import pytest
+from etils import epath
 from train_helpers import config_file, losses, micro_config, sotu_dir
 
 import fibax.train as train_lib
+from fibax import metrics as metrics_lib
+from fibax.data import files as files_lib
+from fibax.data import shards as shards_lib
 from fibax.train import TrainingDiverged, WorkdirError, train
 
 REPO = Path(__file__).resolve().parents[1]
@@ -152,17 +156,27 @@ def test_parameters_that_diverge_at_a_save_step_are_not_saved(
   assert not (workdir / "checkpoints" / "6").exists()
 
 
-def test_steps_redone_after_a_crash_are_recorded_once(tmp_path_factory, tmp_path):
+@pytest.mark.parametrize("kind", ["pathlib", "str", "epath", "not_local"])
+def test_steps_redone_after_a_crash_are_recorded_once(
+  tmp_path_factory, tmp_path, monkeypatch, kind
+):
+  """The workdir as a pathlib.Path, a string or an etils.epath.Path; `not_local` runs the code
+  of a gs:// workdir and data directory (no lock, config.json and metrics.jsonl written whole,
+  shards read into memory) on this local one."""
   cfg = micro_config(tmp_path_factory, total_steps=12)
   workdir = tmp_path / "run"
-  train(cfg, workdir, log=lambda _: None)
+  if kind == "not_local":
+    for module in (train_lib, metrics_lib, files_lib, shards_lib):
+      monkeypatch.setattr(module, "is_local", lambda _: False)
+  given = {"pathlib": workdir, "str": str(workdir)}.get(kind, epath.Path(workdir))
+  train(cfg, given, log=lambda _: None)
   first = losses(workdir)
   # As if the process died after logging step 12 but before its checkpoint was complete.
   import shutil
 
   shutil.rmtree(workdir / "checkpoints" / "12")
   logs = []
-  train(cfg, workdir, log=logs.append)
+  train(cfg, given, log=logs.append)
   assert any("resuming at step 6" in line for line in logs)
   steps = [
     json.loads(line)["step"]
@@ -171,6 +185,12 @@ def test_steps_redone_after_a_crash_are_recorded_once(tmp_path_factory, tmp_path
   ]
   assert steps == list(range(1, 13))  # each step once, in order
   assert losses(workdir) == first  # and the redone steps equal the first ones
+  assert json.loads((workdir / "config.json").read_text()) == json.loads(
+    json.dumps(dataclasses.asdict(cfg))
+  )
+  names = {p.name for p in workdir.iterdir() if not p.name.startswith("events.out.tfevents")}
+  lock = set() if kind == "not_local" else {".lock"}
+  assert names == {"checkpoints", "config.json", "metrics.jsonl", *lock}
 
 
 def test_config_json_is_kept_and_a_contradicting_config_is_refused(tmp_path_factory, tmp_path):

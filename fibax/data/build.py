@@ -30,6 +30,7 @@ from fibax.data.files import (
   DataError,
   atomic_write_json,
   exit_with_parent,
+  is_local,
   read_json,
   remove_stale_temporaries,
   remove_tree,
@@ -202,7 +203,15 @@ def prepare(
 
   Returns:
     The manifest (also written to out_dir/manifest.json).
+
+  Raises:
+    DataError: `out_dir` is not a local path (gs://): prepare locally, then copy the directory.
   """
+  if not is_local(out_dir):
+    raise DataError(
+      f"cannot prepare data into {os.fspath(out_dir)!r}: not a local path (prepare it into a "
+      "local directory, then copy that there)"
+    )
   if isinstance(source, str):
     source = make_source(source, shards=shards, max_docs_per_shard=max_docs_per_shard)
   if (vocab_size is None) == (tokenizer_from is None):

@@ -2,6 +2,8 @@
 
 Every file the pipeline writes goes through `atomic_write_*` (a temporary name in the same
 directory, then `os.replace`), so an interrupted run never leaves a file that looks complete.
+Reading takes `etils.epath` paths: a prepared directory may be local or a URI such as gs://
+(`is_local`); preparing one writes local directories only.
 """
 
 from __future__ import annotations
@@ -18,6 +20,8 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+
+from etils import epath
 
 _CHUNK = 1 << 22
 _UMASK = os.umask(0)
@@ -49,9 +53,27 @@ def exit_with_parent() -> None:
   threading.Thread(target=watch, daemon=True, name="fibax-exit-with-parent").start()
 
 
+def is_local(path: str | os.PathLike) -> bool:
+  """Whether `path` is on this machine's file system: it has no URI scheme (gs://, s3://)."""
+  return "://" not in os.fspath(path)
+
+
+def replace_text(path: epath.Path, text: str) -> None:
+  """Replaces the file at `path` with `text` at once. Locally through `<name>.tmp` and a rename;
+  elsewhere in one write: an object store (gs://) shows an object only once its upload is
+  complete (readers see the old text or the new, never a part), and its rename is a copy then a
+  delete, not atomic."""
+  if is_local(path):
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+  else:
+    path.write_text(text)
+
+
 def sha256_file(path: str | os.PathLike) -> str:
   digest = hashlib.sha256()
-  with open(path, "rb") as f:
+  with epath.Path(path).open("rb") as f:
     while chunk := f.read(_CHUNK):
       digest.update(chunk)
   return digest.hexdigest()
@@ -87,7 +109,7 @@ def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:
 
 
 def read_json(path: str | os.PathLike) -> Any:
-  path = Path(path)
+  path = epath.Path(path)
   if not path.is_file():
     raise DataError(f"missing file {path}")
   try:
@@ -97,7 +119,7 @@ def read_json(path: str | os.PathLike) -> Any:
 
 
 def verify_sha256(path: str | os.PathLike, expected: str) -> None:
-  path = Path(path)
+  path = epath.Path(path)
   if not path.is_file():
     raise DataError(f"missing file {path}")
   actual = sha256_file(path)

@@ -6,21 +6,25 @@ shard with its token count and sha256, the token counts per split and the tokeni
 Writing: `write_item` is run by worker processes. Files are written under temporary names and
 renamed; the item's marker is written last, so an item without a marker is redone and a
 re-run skips items whose marker matches. Reading: `SplitTokens` presents one split as a single
-stream of tokens through memory maps, after checking the tokenizer and every shard.
+stream of tokens through memory maps (or, for a directory that is not local such as gs://, each
+shard's bytes read whole through `etils.epath`), after checking the tokenizer and every shard.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import io
 import os
 from pathlib import Path
 
 import numpy as np
+from etils import epath
 
 from fibax.data.files import (
   DataError,
   atomic_path,
   atomic_write_json,
+  is_local,
   read_json,
   sha256_file,
   verify_sha256,
@@ -136,7 +140,7 @@ def write_item(
 
 
 def load_manifest(data_dir: str | os.PathLike) -> dict:
-  path = Path(data_dir) / MANIFEST
+  path = epath.Path(data_dir) / MANIFEST
   manifest = read_json(path)
   if manifest.get("format") != FORMAT:
     raise DataError(f"{path} is not a {FORMAT} manifest (format={manifest.get('format')!r})")
@@ -148,13 +152,14 @@ class SplitTokens:
 
   Opening checks that tokenizer.model matches the manifest, that every shard exists with the
   recorded size and (with `verify`) its sha256. `read` works across shard boundaries. The
-  object pickles without its memory maps, so grain worker processes reopen them.
+  object pickles without its shards' tokens, so grain worker processes reopen them: memory maps
+  of a local directory; for one that is not local (gs://), every shard read whole into memory.
   """
 
   def __init__(self, data_dir: str | os.PathLike, split: str, verify: bool = True):
     if split not in SPLITS:
       raise ValueError(f"unknown split={split!r}; expected one of {SPLITS}")
-    self.data_dir = Path(data_dir)
+    self.data_dir = epath.Path(data_dir)
     self.split = split
     manifest = load_manifest(self.data_dir)
     self.manifest_path = self.data_dir / MANIFEST
@@ -175,16 +180,14 @@ class SplitTokens:
       path = self.data_dir / shard["file"]
       if not path.is_file():
         raise DataError(f"missing shard {path} (listed in {self.manifest_path})")
-      if path.stat().st_size != shard["tokens"] * TOKEN_DTYPE().itemsize:
-        raise DataError(
-          f"{path} has {path.stat().st_size} bytes, expected {shard['tokens']} tokens"
-        )
+      if (size := path.stat().length) != shard["tokens"] * TOKEN_DTYPE().itemsize:
+        raise DataError(f"{path} has {size} bytes, expected {shard['tokens']} tokens")
       if verify:
         verify_sha256(path, shard["sha256"])
       docs_path = self.data_dir / shard["docs_file"]
       if not docs_path.is_file():
         raise DataError(f"missing file {docs_path} (listed in {self.manifest_path})")
-      docs_N1 = np.load(docs_path)
+      docs_N1 = np.load(io.BytesIO(docs_path.read_bytes()))
       if docs_N1[0] != 0 or docs_N1[-1] != shard["tokens"]:
         raise DataError(f"{docs_path} does not match {path}")
       doc_bounds.append(docs_N1[1:] + offset)
@@ -193,30 +196,32 @@ class SplitTokens:
     self.num_tokens = int(self.starts[-1])
     self.doc_bounds = np.concatenate(doc_bounds)
     self.fingerprint = f"{split}:{self.num_tokens}:{self.tokenizer_sha256[:16]}"
-    self._maps: list[np.memmap] | None = None
+    self._tokens: list[np.ndarray] | None = None
 
   def __getstate__(self):
-    return {**self.__dict__, "_maps": None}
+    return {**self.__dict__, "_tokens": None}
 
-  def _memmaps(self) -> list[np.memmap]:
-    if self._maps is None:
-      self._maps = [
-        np.memmap(self.data_dir / s["file"], TOKEN_DTYPE, mode="r") for s in self.shards
-      ]
-    return self._maps
+  def _shard_tokens(self) -> list[np.ndarray]:
+    if self._tokens is None:
+      paths = [self.data_dir / s["file"] for s in self.shards]
+      if is_local(self.data_dir):
+        self._tokens = [np.memmap(p, TOKEN_DTYPE, mode="r") for p in paths]
+      else:  # no memory maps of an object store: the bytes, read once
+        self._tokens = [np.frombuffer(p.read_bytes(), TOKEN_DTYPE) for p in paths]
+    return self._tokens
 
   def read(self, start: int, length: int) -> np.ndarray:
     """Tokens [start, start + length) of the split as uint16[length]."""
     if start < 0 or start + length > self.num_tokens:
       raise IndexError(f"tokens [{start}, {start + length}) outside [0, {self.num_tokens})")
-    maps = self._memmaps()
+    arrays = self._shard_tokens()
     i = int(np.searchsorted(self.starts, start, side="right")) - 1
     local = start - int(self.starts[i])
-    if local + length <= len(maps[i]):
-      return np.array(maps[i][local : local + length])
+    if local + length <= len(arrays[i]):
+      return np.array(arrays[i][local : local + length])
     pieces = []
     while length > 0:
-      piece = maps[i][local : local + length]
+      piece = arrays[i][local : local + length]
       pieces.append(piece)
       length -= len(piece)
       i, local = i + 1, 0

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 import sentencepiece as spm
+from etils import epath
 
 from fibax.data.files import (
   DataError,
@@ -27,7 +28,6 @@ from fibax.data.files import (
   atomic_write_json,
   read_json,
   sha256_bytes,
-  sha256_file,
 )
 from fibax.data.sources import Document
 from fibax.data.splits import unit_interval
@@ -114,14 +114,15 @@ def train_tokenizer(
 
 def load_tokenizer(data_dir: str | os.PathLike, expected_sha256: str | None = None):
   """Loads `data_dir/tokenizer.model`, checking its sha256 against tokenizer.json and, when
-  given, `expected_sha256` (the shard manifest's)."""
-  data_dir = Path(data_dir)
+  given, `expected_sha256` (the shard manifest's). `data_dir` may be local or gs://."""
+  data_dir = epath.Path(data_dir)
   path = data_dir / MODEL_FILE
   if not path.is_file():
     raise DataError(f"missing file {path}")
-  actual = sha256_file(path)
+  model = path.read_bytes()
+  actual = sha256_bytes(model)
   recorded = read_json(data_dir / INFO_FILE)["sha256"]
   for what, expected in (("tokenizer.json", recorded), ("the shard manifest", expected_sha256)):
     if expected is not None and actual != expected:
       raise DataError(f"{path} (sha256 {actual[:12]}) does not match {what} ({expected[:12]})")
-  return spm.SentencePieceProcessor(model_file=str(path))
+  return spm.SentencePieceProcessor(model_proto=model)
