@@ -17,7 +17,8 @@ of GPU memory is put back at the head of the queue and its GPU runs one process 
 on. A run is started only if its estimated wall time ends before `--deadline-s` (seconds
 after the supervisor starts); `stop` lets running runs finish and starts no more. Runs named
 in `--alone` (the slow learned runs) start only on an empty GPU and keep it to themselves,
-as does any run that would finish before the deadline only without company, and `--gpu-busy GPU=PID` keeps the queue off a GPU until that process (a benchmark) ends.
+as does any run that would finish before the deadline only without company, and
+`--gpu-busy GPU=PID` keeps the queue off a GPU until that process (a benchmark) ends.
 
 Everything lands under --root: `<name>/` is the run's workdir (checkpoints, metrics,
 `eval/`, `log.txt`), `status.json` the queue (rewritten atomically after every change) and
