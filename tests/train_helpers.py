@@ -86,13 +86,20 @@ def reference_run(tmp_path_factory):
   return _RUNS["reference"]
 
 
-def largest_data_file(state_dir: Path) -> Path:
-  """The largest OCDBT data file (`.../d/<hash>`) of a saved state: it holds array bytes that
-  every restore reads. Metadata files such as `_sharding` can be larger in a micro model and a
-  restore with a target sharding does not read them, so damaging one may go unnoticed."""
+def data_files(state_dir: Path) -> list[Path]:
+  """The OCDBT data files (`.../d/<hash>`) of a saved state, which hold its arrays' bytes.
+  Metadata files such as `_sharding` can be larger in a micro model and a restore with a target
+  sharding does not read them, so damaging one may go unnoticed."""
   files = [p for p in state_dir.rglob("*") if p.is_file() and p.parent.name == "d"]
   assert files, f"no OCDBT data files under {state_dir}"
-  return max(files, key=lambda p: p.stat().st_size)
+  return files
+
+
+def largest_data_file(state_dir: Path) -> Path:
+  """The largest OCDBT data file of a state saved synchronously (one that every restore reads).
+  An asynchronous save may leave a process's data files beside the merged ones, which a restore
+  need not read: damage all of `data_files` there."""
+  return max(data_files(state_dir), key=lambda p: p.stat().st_size)
 
 
 def damage(path: Path, how: str) -> None:
