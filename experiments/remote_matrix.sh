@@ -25,6 +25,12 @@
 #                                                               # one GPU (sharding_check.py)
 #   bash experiments/remote_matrix.sh samples GPU OUT_DIR RUN...  # finished runs of the queue:
 #                                                               # samples.py on one free GPU
+#   bash experiments/remote_matrix.sh when "RUN..." CMD...      # detached: once the named runs
+#                                                               # of the queue have ended, run
+#                                                               # CMD (from the queue's copy of
+#                                                               # the code; write results under
+#                                                               # $SCRATCH/extra, which `poll`
+#                                                               # packs as extra.tar.gz)
 #   bash experiments/remote_matrix.sh bench-start GPU           # the same, detached: `start`
 #                                                               # keeps the queue off GPU until
 #                                                               # it ends, `poll` brings it back
@@ -110,6 +116,10 @@ case "${1:-}" in
     if [ -f "$SCRATCH/data/gutenberg/manifest.json" ]; then
       cp "$SCRATCH/data/gutenberg/manifest.json" "$out/gutenberg_manifest.json"
     fi
+    if [ -d "$SCRATCH/extra" ]; then
+      tar -czf "$out/extra.tar.gz" -C "$SCRATCH" extra
+      tail -n 3 "$SCRATCH"/extra/when-*.log 2>/dev/null || true
+    fi
     if [ -d "$SCRATCH/bench" ]; then
       tar -czf "$out/bench.tar.gz" -C "$SCRATCH" bench
       tail -n 5 "$SCRATCH/bench/log.txt"
@@ -152,6 +162,22 @@ case "${1:-}" in
     source experiments/gpu_env.sh
     dirs=(); for r in "$@"; do dirs+=("$SCRATCH/runs/$r"); done
     CUDA_VISIBLE_DEVICES=$gpu python experiments/samples.py --runs "${dirs[@]}" --out "$out" ;;
+  when)
+    runs=${2:?runs to wait for}; shift 2
+    [ $# -gt 0 ] || die "no command given"
+    [ -f "$SCRATCH/runs/status.json" ] || die "no queue started"
+    mkdir -p "$SCRATCH/extra"
+    log="$SCRATCH/extra/when-$(find "$SCRATCH/extra" -name 'when-*.log' | wc -l).log"
+    cd "$SCRATCH/code"
+    export PYTHONPATH="/tmp/site:$SCRATCH/code" FIBAX_SCRATCH="$SCRATCH"
+    setsid nohup bash -c '
+      until python3 -c "import json, sys
+runs = json.load(open(sys.argv[1]))[\"runs\"]
+sys.exit(any(runs[n][\"state\"] in (\"queued\", \"running\") for n in sys.argv[2:] if n in runs))
+" "$0" $1; do sleep 5; done
+      shift; echo "started $(date +%s): $*"; "$@"; echo "ended $(date +%s) with exit code $?"
+    ' "$SCRATCH/runs/status.json" "$runs" "$@" > "$log" 2>&1 < /dev/null &
+    echo "waiting for $runs, then: $* (log $log)" ;;
   bench-start)
     gpu=${2:?GPU index}
     [ -e "$SCRATCH/bench" ] && die "$SCRATCH/bench exists: a benchmark was already started"
@@ -161,5 +187,5 @@ case "${1:-}" in
     echo $! > "$SCRATCH/bench.pid"
     sleep 2; cat "$SCRATCH/bench/log.txt" ;;
   *)
-    die "usage: remote_matrix.sh split|sotu|receive|start|poll|stop|bench|bench-start|sharding|samples ..." ;;
+    die "usage: remote_matrix.sh split|sotu|receive|start|poll|stop|bench|bench-start|sharding|samples|when ..." ;;
 esac

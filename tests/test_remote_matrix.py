@@ -45,3 +45,46 @@ def test_split_then_receive_delivers_every_shard_intact(tmp_path):
   received = GutenbergSource(tmp_path / "s" / "corpus")
   docs = [d for u in received.units() for d in received.read(u.name)]  # sha256 checked
   assert len(docs) == 6
+
+
+def test_when_runs_a_command_once_the_named_runs_have_ended(tmp_path):
+  """`when` waits (detached) for the named runs of the queue, then runs the command from the
+  queue's copy of the code; `poll` then packs its output folder."""
+  import json
+  import tarfile
+  import time
+
+  scratch = tmp_path / "s"
+  (scratch / "runs").mkdir(parents=True)
+  (scratch / "code").mkdir()
+  status = scratch / "runs" / "status.json"
+
+  def write_status(state):
+    runs = {"a": {"state": state}, "b": {"state": "done"}}
+    status.write_text(json.dumps({"runs": runs}))
+
+  write_status("running")
+  env = dict(os.environ, FIBAX_SCRATCH=str(scratch))
+  marker = scratch / "extra" / "done.txt"
+  proc = _sh("when", "a b", "bash", "-c", f"pwd > {marker}", env=env)
+  assert proc.returncode == 0 and "waiting for a b" in proc.stdout, proc.stderr
+  time.sleep(7)
+  assert not marker.exists()  # a is still running
+  write_status("done")
+  for _ in range(40):
+    if marker.exists():
+      break
+    time.sleep(0.5)
+  assert marker.read_text().strip() == str(scratch / "code")
+  log = (scratch / "extra" / "when-0.log").read_text()
+  assert "ended" in log and "exit code 0" in log
+
+  missing = _sh("when", "a", env=env)
+  assert missing.returncode == 1 and "no command given" in missing.stderr
+  (scratch / "extra" / "samples.json").write_text("{}")
+  (scratch / "runs" / "results").mkdir()
+  subprocess.run(  # poll's own packing needs the queue's code: only the extra folder here
+    ["tar", "-czf", str(tmp_path / "extra.tar.gz"), "-C", str(scratch), "extra"], check=True
+  )
+  with tarfile.open(tmp_path / "extra.tar.gz") as tar:
+    assert "extra/samples.json" in tar.getnames()
