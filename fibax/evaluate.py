@@ -30,9 +30,8 @@ from jax.sharding import Mesh
 
 from fibax import sharding
 from fibax.config import ModelConfig, RunConfig
-from fibax.data.evaluation import window_starts
-from fibax.data.files import DataError
-from fibax.data.shards import MANIFEST, SplitTokens, load_manifest
+from fibax.data.evaluation import dataset_windows
+from fibax.data.shards import MANIFEST, load_manifest
 from fibax.memory import InsufficientMemory, compile_forward, free_memory_bytes
 from fibax.model import learned_alphas
 from fibax.restore import Run, load_run, run_config_from_dict
@@ -45,7 +44,6 @@ __all__ = [
   "Run",
   "check_eval_args",
   "compile_forward",
-  "dataset_windows",
   "evaluate_checkpoint",
   "evaluate_run",
   "evaluate_windows",
@@ -129,25 +127,6 @@ def resolve_dataset(
     log(f"preparing sotu with the tokenizer of {data_dir} into {sotu_dir}")
     prepare("sotu", sotu_dir, tokenizer_from=data_dir, log=log)
   return sotu_dir, ("validation", "test", "train")
-
-
-def dataset_windows(
-  data_dir: epath.Path, splits: Sequence[str], seq_len: int, max_tokens: int, verify: bool = True
-) -> np.ndarray:
-  """The first `max_tokens // seq_len` evaluation windows over `splits` in order, as
-  int32[N, seq_len + 1] (N may be 0: no window fits in one document)."""
-  windows, left = [], max_tokens
-  for split in splits:
-    if left < seq_len:
-      break
-    tokens = SplitTokens(data_dir, split, verify=verify)
-    try:
-      starts_N = window_starts(tokens, seq_len, left)
-    except DataError:  # no window of this length fits in one document of this split
-      continue
-    windows += [tokens.read(int(s), seq_len + 1).astype(np.int32) for s in starts_N]
-    left -= len(starts_N) * seq_len
-  return np.stack(windows) if windows else np.zeros((0, seq_len + 1), np.int32)
 
 
 # --- evaluation ------------------------------------------------------------------------------

@@ -44,8 +44,9 @@ from fibax import metrics as metrics_lib
 from fibax.checkpoint import Checkpointer, CheckpointError, quiet_orbax
 from fibax.config import RunConfig
 from fibax.config_loader import add_overrides_argument, apply_overrides, load_config
+from fibax.data.evaluation import dataset_windows
 from fibax.data.files import DataError, is_local, replace_text
-from fibax.evaluate import dataset_windows, window_nll
+from fibax.evaluate import window_nll
 from fibax.model import learned_alphas
 from fibax.steps import make_steps, nll_sum_fn
 
@@ -186,7 +187,7 @@ def prepare_data(cfg: RunConfig, log: Callable[[str], None] = print) -> epath.Pa
 
 def validation_windows(data_dir: epath.Path, cfg: RunConfig) -> np.ndarray:
   """The first `train.eval_tokens` tokens of the validation split in evaluation windows
-  (`fibax.evaluate.dataset_windows`), int32[N, seq_len + 1]."""
+  (`fibax.data.evaluation.dataset_windows`), int32[N, seq_len + 1]."""
   seq_len, max_tokens = cfg.model.seq_len, cfg.train.eval_tokens
   windows_NxL1 = dataset_windows(data_dir, ("validation",), seq_len, max_tokens)
   if not len(windows_NxL1):

@@ -208,41 +208,31 @@ def test_a_data_dir_that_is_not_local_is_read_whole_with_the_same_tokens(
     SplitTokens(as_path(str(data)), "train")
 
 
-def _eval_windows(data_dir, split, seq_len, **kwargs) -> np.ndarray:
-  """Every evaluation window as int32[N, seq_len + 1], from the batches (padding dropped)."""
-  rows = []
-  for b in evaluation.eval_batches(data_dir, split, seq_len, batch_size=3, **kwargs):
-    keep = b["weights"][:, 0] > 0
-    rows.append(np.concatenate([b["inputs"], b["targets"][:, -1:]], axis=1)[keep])
-  return np.concatenate(rows)
-
-
 def test_corpus_smaller_than_a_window(sotu_dir):
   with pytest.raises(DataError, match=r"manifest\.json: split 'test' has \d+ tokens"):
     _train(sotu_dir, 1 << 20, 1, seed=0, split="test")
   with pytest.raises(DataError, match=r"manifest\.json: no window of seq_len \+ 1"):
-    _eval_windows(sotu_dir, "test", 1 << 20)
+    evaluation.window_starts(SplitTokens(sotu_dir, "test"), 1 << 20)
+  assert evaluation.dataset_windows(sotu_dir, ("test",), 1 << 20, 1 << 21).shape == (0, 2**20 + 1)
 
 
 def test_eval_windows_are_disjoint_in_documents_and_a_prefix(sotu_dir):
   tokens = SplitTokens(sotu_dir, "validation")
   seq_len = 1000
-  windows = _eval_windows(sotu_dir, "validation", seq_len)
+  windows = evaluation.dataset_windows(sotu_dir, ("validation",), seq_len, 1 << 30)
   starts = evaluation.window_starts(tokens, seq_len)
-  assert windows.shape == (len(starts), seq_len + 1)
+  assert windows.shape == (len(starts), seq_len + 1) and windows.dtype == np.int32
   ends = tokens.doc_bounds[np.searchsorted(tokens.doc_bounds, starts, side="right")]
   assert (starts + seq_len + 1 <= ends).all()  # never crosses into the next document
   assert (np.diff(starts) >= seq_len).all()  # targets never overlap
-  first = _eval_windows(sotu_dir, "validation", seq_len, max_tokens=5 * seq_len + 7)
+  for window, start in zip(windows, starts, strict=True):
+    assert (window == tokens.read(int(start), seq_len + 1)).all()
+  first = evaluation.dataset_windows(sotu_dir, ("validation",), seq_len, 5 * seq_len + 7)
   assert (first == windows[:5]).all()
-  stream = _eval_windows(sotu_dir, "validation", seq_len, within_docs=False)
-  assert len(stream) == (tokens.num_tokens - 1) // seq_len
-  batches = list(evaluation.eval_batches(sotu_dir, "validation", seq_len, batch_size=4))
-  assert all(b["inputs"].shape == (4, seq_len) for b in batches)
-  weights = np.concatenate([b["weights"][:, 0] for b in batches])
-  assert weights.sum() == len(windows) and weights[-1] == (len(windows) % 4 == 0)
-  inputs = np.concatenate([b["inputs"] for b in batches])[: len(windows)]
-  assert (inputs == windows[:, :-1]).all()
+  # Over two splits: the first split's windows, then the next split's, up to max_tokens.
+  both = evaluation.dataset_windows(sotu_dir, ("validation", "test"), 100, 1 << 30)
+  alone = evaluation.dataset_windows(sotu_dir, ("validation",), 100, 1 << 30)
+  assert len(both) > len(alone) and (both[: len(alone)] == alone).all()
 
 
 def test_stage_round_trip_and_bad_part(sotu_dir, tmp_path):
@@ -314,5 +304,5 @@ def test_gutenberg_slice_with_the_sotu_tokenizer(gutenberg_corpus, sotu_dir, tmp
   assert sum(s["docs"] for s in manifest["splits"].values()) == 3
   for split, entry in manifest["splits"].items():
     if entry["docs"]:
-      windows = _eval_windows(tmp_path / "gutenberg", split, 2048, max_tokens=8192)
+      windows = evaluation.dataset_windows(tmp_path / "gutenberg", (split,), 2048, 8192)
       assert windows.shape == (4, 2049)

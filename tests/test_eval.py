@@ -12,11 +12,11 @@ from etils import epath
 from eval_helpers import SEQ_LEN, STEP, corpus_dir, micro_model, saved_run
 
 from fibax import patterns, sharding
+from fibax.data.evaluation import dataset_windows
 from fibax.data.shards import SplitTokens
 from fibax.evaluate import (
   InsufficientMemory,
   compile_forward,
-  dataset_windows,
   evaluate_run,
   freeze,
   load_run,

@@ -2,7 +2,7 @@
 
     prepare(source, out_dir, vocab_size)        fibax.data.build     (also the CLI)
     train_iterator(data_dir, seq_len, batch_size, seed)   fibax.data.pipeline
-    eval_batches(data_dir, split, seq_len, batch_size, ...)     fibax.data.evaluation
+    dataset_windows(data_dir, splits, seq_len, max_tokens)     fibax.data.evaluation
 
 CLI: `python -m fibax.data prepare|info ...` (see `--help`).
 
@@ -20,7 +20,7 @@ _EXPORTS = {
   "SplitTokens": "fibax.data.shards",
   "load_tokenizer": "fibax.data.tokenizer",
   "train_iterator": "fibax.data.pipeline",
-  "eval_batches": "fibax.data.evaluation",
+  "dataset_windows": "fibax.data.evaluation",
 }
 
 __all__ = sorted(_EXPORTS)
