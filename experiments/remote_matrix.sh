@@ -18,11 +18,16 @@
 #                                                               # ';'-separated; default: the 3
 #                                                               # embedding gradients);
 #                                                               # BENCH_PROFILE=1: top device ops
-#                                                               # in each JSON (traces stay there)
+#                                                               # in each JSON (traces stay there);
+#                                                               # refuses a GPU that runs another
+#                                                               # process (FREE_WAIT_S: wait first)
 #   bash experiments/remote_matrix.sh sharding OUT_DIR          # after `start`'s tokenizing, with
 #                                                               # no queue running: 300 steps
 #                                                               # on all GPUs, data x model 2,
-#                                                               # one GPU (sharding_check.py)
+#                                                               # one GPU (sharding_check.py);
+#                                                               # every GPU free (FREE_WAIT_S as
+#                                                               # for bench), a layout killed after
+#                                                               # SHARDING_TIMEOUT_S (600)
 #   bash experiments/remote_matrix.sh samples GPU OUT_DIR RUN...  # finished runs of the queue:
 #                                                               # samples.py on one free GPU
 #   bash experiments/remote_matrix.sh when "RUN..." CMD...      # detached: once the named runs
@@ -31,6 +36,7 @@
 #                                                               # the code; write results under
 #                                                               # $SCRATCH/extra, which `poll`
 #                                                               # packs as extra.tar.gz)
+#   bash experiments/remote_matrix.sh wait-free "GPU..." SECONDS # until those GPUs run no process
 #   bash experiments/remote_matrix.sh bench-start GPU           # the same, detached: `start`
 #                                                               # keeps the queue off GPU until
 #                                                               # it ends, `poll` brings it back
@@ -50,6 +56,26 @@ RUN_ARGS=(--config-args "steps=${STEPS:-3052}" --length-mult ${LENGTH_MULT:-1 2 
   --set model.attention.impl=pallas "data_dir=$SCRATCH/data/gutenberg" ${SET:-})
 
 die() { echo "remote_matrix.sh: error: $*" >&2; exit 1; }
+
+# Indices of the GPUs that run a compute process now.
+busy_gpus() {
+  local apps; apps=$(nvidia-smi --query-compute-apps=gpu_uuid --format=csv,noheader | sort -u)
+  [ -n "$apps" ] || return 0
+  nvidia-smi --query-gpu=index,uuid --format=csv,noheader | while IFS=', ' read -r i uuid; do
+    if grep -qxF "$uuid" <<< "$apps"; then echo "$i"; fi
+  done
+}
+
+# Wait up to WAIT_S seconds until none of GPUS (space-separated indices) runs a process: a
+# timing or a multi-GPU run beside another process measures the other process too (or, short
+# of memory on one GPU, waits forever in a collective).
+wait_free() {
+  local gpus=$1 wait_s=$2 what=$3 busy end=$((SECONDS + $2))
+  while busy=$(busy_gpus | grep -xF -f <(tr ' ' '\n' <<< "$gpus") | tr '\n' ' ' || true); [ -n "$busy" ]; do
+    [ "$SECONDS" -lt "$end" ] || die "$what: GPU ${busy}still runs another process after ${wait_s} s"
+    sleep 5
+  done
+}
 
 case "${1:-}" in
   split)
@@ -135,6 +161,7 @@ case "${1:-}" in
     gpu=${2:?GPU index}; out=${3:?output folder}
     data=${4:-$(ls -d "$SCRATCH"/data/gutenberg "$SCRATCH"/data/sotu-* 2>/dev/null | head -n 1 || true)}
     [ -n "$data" ] && [ -f "$data/manifest.json" ] || die "no tokenized data under $SCRATCH/data"
+    wait_free "$gpu" "${FREE_WAIT_S:-0}" bench
     source experiments/gpu_env.sh
     export CUDA_VISIBLE_DEVICES=$gpu
     mkdir -p "$out"
@@ -152,8 +179,10 @@ case "${1:-}" in
   sharding)
     out=${2:?output folder}
     [ -f "$SCRATCH/data/gutenberg/manifest.json" ] || die "no tokenized Gutenberg under $SCRATCH/data"
+    gpus=$(nvidia-smi -L | wc -l)
+    wait_free "$(seq -s ' ' 0 $((gpus - 1)))" "${FREE_WAIT_S:-0}" sharding
     source experiments/gpu_env.sh
-    python experiments/sharding_check.py --devices "$(nvidia-smi -L | wc -l)" \
+    python experiments/sharding_check.py --devices "$gpus" --timeout-s "${SHARDING_TIMEOUT_S:-600}" \
       --config configs/paper.py:fib_stagger_w12,steps=300 --root "$SCRATCH/sharding" --out "$out" \
       --set model.attention.impl=pallas "data_dir=$SCRATCH/data/gutenberg" model.embed_backward=onehot ;;
   samples)
@@ -165,7 +194,8 @@ case "${1:-}" in
   when)
     runs=${2:?runs to wait for}; shift 2
     [ $# -gt 0 ] || die "no command given"
-    [ -f "$SCRATCH/runs/status.json" ] || die "no queue started"
+    # The queue writes status.json after tokenizing; until then a follow-up just waits.
+    [ -d "$SCRATCH/code" ] || die "no queue started"
     mkdir -p "$SCRATCH/extra"
     log="$SCRATCH/extra/when-$(find "$SCRATCH/extra" -name 'when-*.log' | wc -l).log"
     cd "$SCRATCH/code"
@@ -178,6 +208,9 @@ sys.exit(any(runs[n][\"state\"] in (\"queued\", \"running\") for n in sys.argv[2
       shift; echo "started $(date +%s): $*"; "$@"; echo "ended $(date +%s) with exit code $?"
     ' "$SCRATCH/runs/status.json" "$runs" "$@" > "$log" 2>&1 < /dev/null &
     echo "waiting for $runs, then: $* (log $log)" ;;
+  wait-free)
+    wait_free "${2:?GPU indices}" "${3:?seconds}" wait-free
+    echo "GPU $2: no other process" ;;
   bench-start)
     gpu=${2:?GPU index}
     [ -e "$SCRATCH/bench" ] && die "$SCRATCH/bench exists: a benchmark was already started"
@@ -187,5 +220,5 @@ sys.exit(any(runs[n][\"state\"] in (\"queued\", \"running\") for n in sys.argv[2
     echo $! > "$SCRATCH/bench.pid"
     sleep 2; cat "$SCRATCH/bench/log.txt" ;;
   *)
-    die "usage: remote_matrix.sh split|sotu|receive|start|poll|stop|bench|bench-start|sharding|samples|when ..." ;;
+    die "usage: remote_matrix.sh split|sotu|receive|start|poll|stop|bench|bench-start|sharding|samples|when|wait-free ..." ;;
 esac

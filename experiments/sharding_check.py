@@ -60,10 +60,18 @@ def main(argv: list[str] | None = None) -> int:
   p.add_argument("--config", required=True, help="configs/<file>.py[:<run>[,key=value]]")
   p.add_argument("--root", type=Path, required=True, help="one workdir per layout under it")
   p.add_argument("--out", type=Path, required=True, help="sharding.json and loss_curves.png")
+  p.add_argument(
+    "--timeout-s",
+    type=float,
+    default=0,
+    help="kill a layout that runs longer (a collective that waits forever); 0: no limit",
+  )
   add_overrides_argument(p, "config overrides for every layout")
   args = p.parse_args(argv)
   if args.devices < 1:
     sys.exit(f"sharding_check.py: error: --devices={args.devices} must be >= 1")
+  if args.timeout_s < 0:
+    sys.exit(f"sharding_check.py: error: --timeout-s={args.timeout_s} must be >= 0")
   if args.root.exists():
     sys.exit(f"sharding_check.py: error: --root {args.root} exists; the layouts train afresh")
   report = {
@@ -81,7 +89,16 @@ def main(argv: list[str] | None = None) -> int:
       "--set", f"train.mesh_data={data}", f"train.mesh_model={model}", *args.overrides,
     ]  # fmt: skip
     print(f"{name}: mesh data={data} model={model}", flush=True)
-    proc = subprocess.run(cmd, env=device_env(data * model), text=True, capture_output=True)
+    try:
+      proc = subprocess.run(
+        cmd,
+        env=device_env(data * model),
+        text=True,
+        capture_output=True,
+        timeout=args.timeout_s or None,
+      )
+    except subprocess.TimeoutExpired:
+      sys.exit(f"sharding_check.py: error: {name} ran past --timeout-s={args.timeout_s:g}")
     if proc.returncode != 0:
       sys.exit(f"sharding_check.py: error: {name} failed: {proc.stderr.strip()[-2000:]}")
     curves[name] = read_losses(args.root / name)

@@ -63,11 +63,14 @@ def test_when_runs_a_command_once_the_named_runs_have_ended(tmp_path):
     runs = {"a": {"state": state}, "b": {"state": "done"}}
     status.write_text(json.dumps({"runs": runs}))
 
-  write_status("running")
   env = dict(os.environ, FIBAX_SCRATCH=str(scratch))
   marker = scratch / "extra" / "done.txt"
+  # Issued while the queue still tokenizes (no status.json yet): it waits for the file.
   proc = _sh("when", "a b", "bash", "-c", f"pwd > {marker}", env=env)
   assert proc.returncode == 0 and "waiting for a b" in proc.stdout, proc.stderr
+  time.sleep(6)
+  assert not marker.exists()
+  write_status("running")
   time.sleep(7)
   assert not marker.exists()  # a is still running
   write_status("done")
@@ -88,3 +91,49 @@ def test_when_runs_a_command_once_the_named_runs_have_ended(tmp_path):
   )
   with tarfile.open(tmp_path / "extra.tar.gz") as tar:
     assert "extra/samples.json" in tar.getnames()
+
+
+def _fake_nvidia_smi(tmp_path, busy_uuids):
+  """An nvidia-smi on PATH with GPUs 0 (GPU-a) and 1 (GPU-b); `busy` lists the GPUs that run a
+  compute process, one uuid a line (the file is read on every call)."""
+  bin_dir = tmp_path / "bin"
+  bin_dir.mkdir()
+  busy = tmp_path / "busy"
+  busy.write_text("".join(u + "\n" for u in busy_uuids))
+  (bin_dir / "nvidia-smi").write_text(
+    "#!/bin/sh\n"
+    'case "$*" in\n'
+    f"  *query-compute-apps*) cat {busy} ;;\n"
+    '  *query-gpu=index,uuid*) printf "0, GPU-a\\n1, GPU-b\\n" ;;\n'
+    '  -L) printf "GPU 0: fake\\nGPU 1: fake\\n" ;;\n'
+    "esac\n"
+  )
+  (bin_dir / "nvidia-smi").chmod(0o755)
+  env = dict(os.environ, PATH=f"{bin_dir}:{os.environ['PATH']}", FIBAX_SCRATCH=str(tmp_path / "s"))
+  return busy, env
+
+
+def test_timings_and_multi_gpu_checks_refuse_a_gpu_that_another_process_uses(tmp_path):
+  """A benchmark beside another process times both, and a sharded run short of memory on one
+  GPU can wait forever in a collective: both refuse a busy GPU, naming it, or wait for it."""
+  import threading
+
+  busy, env = _fake_nvidia_smi(tmp_path, ["GPU-b", "GPU-b"])
+  (tmp_path / "s" / "data" / "gutenberg").mkdir(parents=True)
+  (tmp_path / "s" / "data" / "gutenberg" / "manifest.json").write_text("{}")
+  proc = _sh("sharding", tmp_path / "out", env=env)
+  assert proc.returncode == 1, proc.stderr
+  assert "sharding: GPU 1 still runs another process after 0 s" in proc.stderr
+  proc = _sh("bench", 1, tmp_path / "out", env=env)
+  assert proc.returncode == 1 and "bench: GPU 1 still runs another process" in proc.stderr
+  assert not (tmp_path / "out").exists()
+
+  proc = _sh("wait-free", "0", 0, env=env)  # GPU 0 is free
+  assert proc.returncode == 0 and "GPU 0: no other process" in proc.stdout, proc.stderr
+  import time
+
+  threading.Timer(3, busy.write_text, args=("",)).start()  # GPU 1's process ends after 3 s
+  start = time.monotonic()
+  proc = _sh("wait-free", "0 1", 30, env=env)
+  assert proc.returncode == 0 and "GPU 0 1: no other process" in proc.stdout, proc.stderr
+  assert time.monotonic() - start >= 3

@@ -47,3 +47,21 @@ def test_three_layouts_train_the_same_run(tmp_path_factory, tmp_path):
     cwd=REPO, capture_output=True, text=True,
   )  # fmt: skip
   assert proc.returncode == 1 and "exists; the layouts train afresh" in proc.stderr
+
+
+def test_a_layout_that_hangs_is_killed_and_named(tmp_path_factory, tmp_path):
+  """A layout stuck in a collective (one device short of memory) must not hold the machine."""
+  spec = f"{config_file(tmp_path_factory)}:{sotu_dir(tmp_path_factory)}"
+  base = [sys.executable, str(REPO / "experiments" / "sharding_check.py"), "--devices", "4",
+          "--config", spec, "--out", str(tmp_path / "out")]  # fmt: skip
+  proc = subprocess.run(
+    [*base, "--root", str(tmp_path / "runs"), "--timeout-s", "0.5"],
+    cwd=REPO, capture_output=True, text=True,
+  )  # fmt: skip
+  assert proc.returncode == 1 and "data4 ran past --timeout-s=0.5" in proc.stderr, proc.stderr
+  assert not (tmp_path / "out").exists()
+  proc = subprocess.run(
+    [*base, "--root", str(tmp_path / "runs2"), "--timeout-s", "-1"],
+    cwd=REPO, capture_output=True, text=True,
+  )  # fmt: skip
+  assert proc.returncode == 1 and "--timeout-s=-1.0 must be >= 0" in proc.stderr, proc.stderr
