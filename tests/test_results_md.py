@@ -157,3 +157,21 @@ def test_sharding_check_and_samples_are_linked_when_present(tmp_path):
   assert "| data4 | 4 x 1 | 2 | 8.0000 | - |" in text
   assert "| data2_model2 | 2 x 2 | 2 | 7.9900 | 1.00e-02 |" in text
   assert "[samples.md](full/samples/samples.md)" in text
+
+
+def test_the_token_count_difference_is_read_from_the_full_recipe_runs():
+  """The 'tokens per run' caveat states what the full recipe measured, not a fixed sentence."""
+
+  def runs(dense, stagger):
+    entry = lambda p: {"report": {"results": [  # noqa: E731
+      {"dataset": "validation", "length_mult": 1, "variant": "trained", "status": "ok", "ppl": p}
+    ]}}  # fmt: skip
+    return {"dense": [entry(dense)], "fib_stagger_w12": [entry(stagger)]}
+
+  text = "\n".join(results_md.differences_md(runs(40.0, 42.0), runs(30.0, 36.0)))
+  assert "It does: fib / stagger W = 12 trails dense by +5.0% at 100M tokens and by +20.0%" in text
+  text = "\n".join(results_md.differences_md(runs(40.0, 42.0), runs(30.0, 30.3)))
+  assert (
+    "It does not: fib / stagger W = 12 trails dense by +5.0% at 100M tokens and by +1.0%" in text
+  )
+  assert "the full-recipe runs will say" in "\n".join(results_md.differences_md(runs(40, 42), None))
