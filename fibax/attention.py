@@ -172,12 +172,14 @@ def learned(
   return o_BxTxKxGxD.reshape(bsz, seq_len, num_heads, head_dim).astype(q.dtype)
 
 
-def _pallas(backend: str):
+def _pallas(backend: str, kernel: str | None = None):
   def attend(q, k, v, pattern: Pattern):
     # Imported lazily: kernels_pallas pulls in Pallas lowering modules.
     from kernels_pallas import fib_attention
+    from kernels_pallas.gpu import GpuBlocks
 
-    return fib_attention(q, k, v, pattern, backend=backend)
+    blocks = GpuBlocks(kernel=kernel) if kernel else None
+    return fib_attention(q, k, v, pattern, backend=backend, blocks=blocks)
 
   return attend
 
@@ -188,6 +190,8 @@ AttentionFn = Callable[[Array, Array, Array, Pattern], Array]
 PALLAS_BACKENDS = {
   "pallas": "gpu",
   "pallas_interpret": "gpu_interpret",
+  "pallas_packed": "gpu",
+  "pallas_packed_interpret": "gpu_interpret",
   "pallas_tpu": "tpu",
   "pallas_tpu_interpret": "tpu_interpret",
 }
@@ -195,7 +199,10 @@ PALLAS_BACKENDS = {
 IMPLEMENTATIONS: dict[str, AttentionFn] = {
   "reference": fib_attention_reference,
   "xla": xla,
-  **{name: _pallas(backend) for name, backend in PALLAS_BACKENDS.items()},
+  **{
+    name: _pallas(backend, "packed" if "packed" in name else None)
+    for name, backend in PALLAS_BACKENDS.items()
+  },
   "dense": _dense(None),
   "cudnn": _dense("cudnn"),
   "xla_dense": _dense("xla"),

@@ -10,8 +10,9 @@ from fibax import patterns
 # Names in fibax.attention.IMPLEMENTATIONS (a test keeps them in step), listed here so that a
 # config is checked without importing JAX.
 Impl = Literal[
-  "reference", "xla", "pallas", "pallas_interpret", "pallas_tpu", "pallas_tpu_interpret"
-]
+  "reference", "xla", "pallas", "pallas_interpret", "pallas_packed", "pallas_packed_interpret",
+  "pallas_tpu", "pallas_tpu_interpret",
+]  # fmt: skip
 DenseImpl = Literal["dense", "cudnn", "xla_dense", "reference"]
 IMPLS: tuple[str, ...] = get_args(Impl)
 DENSE_IMPLS: tuple[str, ...] = get_args(DenseImpl)

@@ -11,6 +11,11 @@ the transpose of the same table, so dK/dV need no atomics. Online softmax in flo
 (FlashAttention-2 §3.1); the log-sum-exp is saved for the backward.
 
 All G query heads of a kv head run in one program, so each K/V row is loaded once for G.
+
+Two kernel sets (`GpuBlocks.kernel`): "rowwise" (above: rungs unrolled per layer, one key per
+query as a row-wise dot product) and "packed" (below: the G heads packed into the rows of
+tensor-core tiles, the rungs a loop over an int32 table passed to the kernel, so every layer
+shares one compiled kernel).
 """
 
 from __future__ import annotations
@@ -39,6 +44,17 @@ class GpuBlocks:
   num_stages: int = 2
   block_q_bwd: int = 16
   num_warps_bwd: int = 4
+  # "rowwise": the rungs unrolled per layer as row-wise dot products (CUDA cores).
+  # "packed": the G heads of a kv head packed into the rows of tensor-core tiles, the rungs a
+  # loop over an int32 table that is a kernel input, so layers share one compiled kernel.
+  kernel: str = "rowwise"
+
+  def __post_init__(self):
+    if self.kernel not in KERNELS:
+      raise ValueError(f"unknown GPU kernel={self.kernel!r}; expected one of {KERNELS}")
+
+
+KERNELS = ("rowwise", "packed")
 
 
 def _rows(ref, rows, cols, valid, dtype=None):
@@ -249,6 +265,10 @@ def _params(num_warps, num_stages, interpret):
 @functools.partial(jax.jit, static_argnames=("window", "far", "blocks", "interpret"))
 def forward(q, k, v, *, window, far, blocks: GpuBlocks, interpret: bool):
   """q [B,T,H,D], k/v [B,T,K,D] with T a multiple of block_q -> (o, lse [B,H,T])."""
+  if blocks.kernel == "packed":
+    return _forward_packed(
+      q, k, v, rung_table(far), window=window, blocks=blocks, interpret=interpret
+    )
   bsz, seq_len, num_heads, head_dim = q.shape
   num_kv = k.shape[2]
   groups = num_heads // num_kv
@@ -283,6 +303,11 @@ def forward(q, k, v, *, window, far, blocks: GpuBlocks, interpret: bool):
 def backward(q, k, v, o, lse, do, *, window, far, blocks: GpuBlocks, interpret: bool, dlse=None):
   """Gradients (dq, dk, dv); T a multiple of block_q_bwd. `dlse` [B, H, T]: a cotangent of
   the forward's lse as well (it is subtracted from delta)."""
+  if blocks.kernel == "packed":
+    return _backward_packed(
+      q, k, v, o, lse, do, rung_table(far), window=window, blocks=blocks, interpret=interpret,
+      dlse=dlse,
+    )  # fmt: skip
   bsz, seq_len, num_heads, head_dim = q.shape
   num_kv = k.shape[2]
   groups = num_heads // num_kv
@@ -321,4 +346,236 @@ def backward(q, k, v, o, lse, do, *, window, far, blocks: GpuBlocks, interpret: 
     interpret=interpret,
     name="fib_attention_dkv",
   )(q, k, v, do, lse, delta)
+  return dq, dk, dv
+
+
+# ----------------------------------------------------------------------------------------------
+# Packed kernels. M = Q * G packed rows: row m is query row m // G of head m % G, the order of
+# a [Q, G, D] block in memory, so the packed load is one contiguous tile. Every score tile is a
+# tensor-core matmul of the M packed rows against a tile of keys: the window's tile of
+# pow2(Q + W) rows (a band mask), then one Q-row tile per rung (a diagonal mask: query row r
+# reads key row r of the tile), in a loop whose distances come from an int32 table.
+
+
+def rung_table(far: tuple[int, ...]) -> jax.Array:
+  """int32 [1 + R rounded up to 16]: the rung count, then the rung distances (zero padding,
+  never read). Its length depends only on R // 16, so layers share one compiled kernel."""
+  size = -(-(len(far) + 1) // 16) * 16
+  return jnp.asarray([len(far), *far] + [0] * (size - 1 - len(far)), jnp.int32)
+
+
+def _pow2_at_least(n: int) -> int:
+  return max(16, 1 << (n - 1).bit_length())
+
+
+def _packed(block_q: int, groups: int):
+  """(query row of each packed row, head of each packed row), both int32 [Q * G]."""
+  m = jnp.arange(block_q * groups)
+  return m // groups, m % groups
+
+
+def _fwd_packed_kernel(
+  table_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, *, window, groups, scale, block_q
+):
+  # table [S] int32; q_ref/o_ref [Q, G, D]; k_ref/v_ref [T, D]; lse_ref [G, Q]
+  i0 = pl.program_id(0) * block_q
+  cols = jnp.arange(k_ref.shape[1])
+  r_M, g_M = _packed(block_q, groups)
+  q_MxD = plgpu.load(q_ref.at[r_M[:, None], g_M[:, None], cols[None, :]])
+  rows_M = i0 + r_M
+
+  # The window: key rows [i0 + Q - CW, i0 + Q), a band 0 <= i - j <= W.
+  cw = _pow2_at_least(block_q + window)
+  kw_C = i0 + block_q - cw + jnp.arange(cw)
+  k_CxD = _rows(k_ref, kw_C, cols, kw_C >= 0)
+  v_CxD = _rows(v_ref, kw_C, cols, kw_C >= 0)
+  rel = rows_M[:, None] - kw_C[None, :]
+  keep = (rel >= 0) & (rel <= window) & (kw_C >= 0)[None, :]
+  s_MxC = jnp.where(keep, plgpu.dot(q_MxD, k_CxD, trans_b=True) * scale, MASK_VALUE)
+  m_M = jnp.max(s_MxC, axis=1)
+  p_MxC = jnp.exp(s_MxC - m_M[:, None])
+  carry = (plgpu.dot(p_MxC.astype(v_CxD.dtype), v_CxD), m_M, jnp.sum(p_MxC, axis=1))
+
+  # The rungs: key rows i0 + r - d of the tile, query row r reads row r only.
+  c_Q = jnp.arange(block_q)
+  diag = r_M[:, None] == c_Q[None, :]
+
+  def rung(j, carry):
+    kr_Q = i0 + c_Q - table_ref[1 + j]
+    valid = kr_Q >= 0
+    k_QxD = _rows(k_ref, kr_Q, cols, valid)
+    v_QxD = _rows(v_ref, kr_Q, cols, valid)
+    s_MxQ = plgpu.dot(q_MxD, k_QxD, trans_b=True) * scale
+    return _online(carry, jnp.where(diag & valid[None, :], s_MxQ, MASK_VALUE), v_QxD)
+
+  acc, m_M, l_M = lax.fori_loop(0, table_ref[0], rung, carry)
+  o = (acc / l_M[:, None]).astype(o_ref.dtype)
+  plgpu.store(o_ref.at[r_M[:, None], g_M[:, None], cols[None, :]], o)
+  plgpu.store(lse_ref.at[g_M, r_M], m_M + jnp.log(l_M))
+
+
+def _dq_packed_kernel(
+  table_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dq_ref, *, window, groups, scale,
+  block_q,
+):  # fmt: skip
+  # q/do/dq [Q, G, D]; k/v [T, D]; lse/delta [G, Q]
+  i0 = pl.program_id(0) * block_q
+  cols = jnp.arange(k_ref.shape[1])
+  r_M, g_M = _packed(block_q, groups)
+  tile = (r_M[:, None], g_M[:, None], cols[None, :])
+  q_MxD = plgpu.load(q_ref.at[tile])
+  do_MxD = plgpu.load(do_ref.at[tile])
+  lse_M = plgpu.load(lse_ref.at[g_M, r_M])
+  delta_M = plgpu.load(delta_ref.at[g_M, r_M])
+  rows_M = i0 + r_M
+
+  def grad(dq, k_CxD, v_CxD, keep):
+    s = plgpu.dot(q_MxD, k_CxD, trans_b=True) * scale
+    p = jnp.where(keep, jnp.exp(s - lse_M[:, None]), 0.0)
+    dp = plgpu.dot(do_MxD, v_CxD, trans_b=True)
+    ds = p * (dp - delta_M[:, None])
+    return dq + plgpu.dot(ds.astype(k_CxD.dtype), k_CxD)
+
+  cw = _pow2_at_least(block_q + window)
+  kw_C = i0 + block_q - cw + jnp.arange(cw)
+  rel = rows_M[:, None] - kw_C[None, :]
+  keep = (rel >= 0) & (rel <= window) & (kw_C >= 0)[None, :]
+  dq = jnp.zeros(q_MxD.shape, jnp.float32)
+  dq = grad(dq, _rows(k_ref, kw_C, cols, kw_C >= 0), _rows(v_ref, kw_C, cols, kw_C >= 0), keep)
+
+  c_Q = jnp.arange(block_q)
+  diag = r_M[:, None] == c_Q[None, :]
+
+  def rung(j, dq):
+    kr_Q = i0 + c_Q - table_ref[1 + j]
+    valid = kr_Q >= 0
+    k_QxD = _rows(k_ref, kr_Q, cols, valid)
+    v_QxD = _rows(v_ref, kr_Q, cols, valid)
+    return grad(dq, k_QxD, v_QxD, diag & valid[None, :])
+
+  dq = lax.fori_loop(0, table_ref[0], rung, dq)
+  plgpu.store(dq_ref.at[tile], (dq * scale).astype(dq_ref.dtype))
+
+
+def _dkv_packed_kernel(
+  table_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dk_ref, dv_ref, *, window, groups,
+  scale, block_q, seq_len,
+):  # fmt: skip
+  # q/do [T, G, D]; k/v/dk/dv [C, D]; lse/delta [G, T]. Key block [j0, j0 + C); the queries
+  # that read it are a contiguous run of rows for the window and for each rung, packed with
+  # their G heads, so the contraction over packed rows sums the heads' gradients.
+  j0 = pl.program_id(0) * block_q
+  cols = jnp.arange(k_ref.shape[1])
+  k_CxD = k_ref[...]
+  v_CxD = v_ref[...]
+  c_C = jnp.arange(block_q)
+
+  def grad(carry, first_row, rows, keep_fn):
+    """Adds the gradients of the `rows` x G packed queries starting at query row first_row."""
+    dk, dv = carry
+    r_M, g_M = _packed(rows, groups)
+    qr_M = first_row + r_M
+    valid = qr_M < seq_len
+    qr_c = jnp.minimum(qr_M, seq_len - 1)
+    at = (qr_c[:, None], g_M[:, None], cols[None, :])
+    q_MxD = plgpu.load(q_ref.at[at], mask=valid[:, None], other=0.0)
+    do_MxD = plgpu.load(do_ref.at[at], mask=valid[:, None], other=0.0)
+    lse_M = plgpu.load(lse_ref.at[g_M, qr_c], mask=valid, other=0.0)
+    delta_M = plgpu.load(delta_ref.at[g_M, qr_c], mask=valid, other=0.0)
+    keep = keep_fn(r_M, qr_M) & valid[:, None]
+    s = plgpu.dot(q_MxD, k_CxD, trans_b=True) * scale
+    p = jnp.where(keep, jnp.exp(s - lse_M[:, None]), 0.0)
+    dv = dv + plgpu.dot(p.astype(do_MxD.dtype), do_MxD, trans_a=True)
+    dp = plgpu.dot(do_MxD, v_CxD, trans_b=True)
+    ds = p * (dp - delta_M[:, None])
+    dk = dk + plgpu.dot(ds.astype(q_MxD.dtype), q_MxD, trans_a=True)
+    return dk, dv
+
+  def band(r_M, qr_M):
+    rel = qr_M[:, None] - (j0 + c_C)[None, :]
+    return (rel >= 0) & (rel <= window)
+
+  zeros = jnp.zeros((block_q, k_ref.shape[1]), jnp.float32)
+  carry = grad((zeros, zeros), j0, _pow2_at_least(block_q + window), band)
+
+  def diagonal(r_M, qr_M):
+    return r_M[:, None] == c_C[None, :]
+
+  def rung(j, carry):
+    return grad(carry, j0 + table_ref[1 + j], block_q, diagonal)
+
+  dk, dv = lax.fori_loop(0, table_ref[0], rung, carry)
+  dk_ref[...] = (dk * scale).astype(dk_ref.dtype)
+  dv_ref[...] = dv.astype(dv_ref.dtype)
+
+
+def _packed_specs(seq_len, groups, head_dim, bq, table):
+  table_spec = pl.BlockSpec(table.shape, lambda i, b, h: (0,))
+  q_blk = pl.BlockSpec((None, bq, groups, head_dim), lambda i, b, h: (b, i, h, 0))
+  kv_all = pl.BlockSpec((None, seq_len, None, head_dim), lambda i, b, h: (b, 0, h, 0))
+  return table_spec, q_blk, kv_all
+
+
+@functools.partial(jax.jit, static_argnames=("window", "blocks", "interpret"))
+def _forward_packed(q, k, v, table, *, window, blocks: GpuBlocks, interpret: bool):
+  bsz, seq_len, num_heads, head_dim = q.shape
+  num_kv = k.shape[2]
+  groups = num_heads // num_kv
+  bq = blocks.block_q
+  table_spec, q_blk, kv_all = _packed_specs(seq_len, groups, head_dim, bq, table)
+  kernel = functools.partial(
+    _fwd_packed_kernel, window=window, groups=groups, scale=head_dim**-0.5, block_q=bq
+  )
+  return pl.pallas_call(
+    kernel,
+    grid=(seq_len // bq, bsz, num_kv),
+    in_specs=[table_spec, q_blk, kv_all, kv_all],
+    out_specs=[q_blk, pl.BlockSpec((None, groups, bq), lambda i, b, h: (b, h, i))],
+    out_shape=[
+      jax.ShapeDtypeStruct(q.shape, q.dtype),
+      jax.ShapeDtypeStruct((bsz, num_heads, seq_len), jnp.float32),
+    ],
+    compiler_params=_params(blocks.num_warps, blocks.num_stages, interpret),
+    interpret=interpret,
+    name="fib_attention_packed_fwd",
+  )(table, q, k, v)
+
+
+@functools.partial(jax.jit, static_argnames=("window", "blocks", "interpret"))
+def _backward_packed(q, k, v, o, lse, do, table, *, window, blocks, interpret, dlse=None):
+  bsz, seq_len, num_heads, head_dim = q.shape
+  num_kv = k.shape[2]
+  groups = num_heads // num_kv
+  bq = blocks.block_q_bwd
+  delta = jnp.einsum("bthd,bthd->bht", o.astype(jnp.float32), do.astype(jnp.float32))
+  if dlse is not None:
+    delta = delta - dlse
+  params = _params(blocks.num_warps_bwd, blocks.num_stages, interpret)
+  statics = dict(window=window, groups=groups, scale=head_dim**-0.5, block_q=bq)
+  table_spec, q_blk, kv_all = _packed_specs(seq_len, groups, head_dim, bq, table)
+  q_all = pl.BlockSpec((None, seq_len, groups, head_dim), lambda i, b, h: (b, 0, h, 0))
+  kv_blk = pl.BlockSpec((None, bq, None, head_dim), lambda i, b, h: (b, i, h, 0))
+  stat_blk = pl.BlockSpec((None, groups, bq), lambda i, b, h: (b, h, i))
+  stat_all = pl.BlockSpec((None, groups, seq_len), lambda i, b, h: (b, h, 0))
+  grid = (seq_len // bq, bsz, num_kv)
+  dq = pl.pallas_call(
+    functools.partial(_dq_packed_kernel, **statics),
+    grid=grid,
+    in_specs=[table_spec, q_blk, kv_all, kv_all, q_blk, stat_blk, stat_blk],
+    out_specs=q_blk,
+    out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype),
+    compiler_params=params,
+    interpret=interpret,
+    name="fib_attention_packed_dq",
+  )(table, q, k, v, do, lse, delta)
+  dk, dv = pl.pallas_call(
+    functools.partial(_dkv_packed_kernel, **statics, seq_len=seq_len),
+    grid=grid,
+    in_specs=[table_spec, q_all, kv_blk, kv_blk, q_all, stat_all, stat_all],
+    out_specs=[kv_blk, kv_blk],
+    out_shape=[jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)],
+    compiler_params=params,
+    interpret=interpret,
+    name="fib_attention_packed_dkv",
+  )(table, q, k, v, do, lse, delta)
   return dq, dk, dv

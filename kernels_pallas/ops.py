@@ -10,6 +10,7 @@ are never attended (they lie after every real query).
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from typing import Literal
 
@@ -40,13 +41,7 @@ def _blocks_for(backend: str, seq_len: int, blocks):
     b = blocks or gpu.GpuBlocks()
     # Triton tiles need power-of-two sides >= 16; shrink blocks for short sequences.
     cap = max(16, 1 << max(seq_len - 1, 1).bit_length())
-    b = gpu.GpuBlocks(
-      block_q=min(b.block_q, cap),
-      num_warps=b.num_warps,
-      num_stages=b.num_stages,
-      block_q_bwd=min(b.block_q_bwd, cap),
-      num_warps_bwd=b.num_warps_bwd,
-    )
+    b = dataclasses.replace(b, block_q=min(b.block_q, cap), block_q_bwd=min(b.block_q_bwd, cap))
     return b, max(b.block_q, b.block_q_bwd)
   from kernels_pallas import tpu
 

@@ -169,8 +169,12 @@ def test_learned_matches_clamped_gathers_with_gradients(alpha):
 
 
 @pytest.mark.parametrize(
-  "impl", ["reference", "xla", "learned", "xla_dense", "pallas_interpret", "pallas_tpu_interpret"]
-)
+  "impl",
+  [
+    "reference", "xla", "learned", "xla_dense", "pallas_interpret", "pallas_packed_interpret",
+    "pallas_tpu_interpret",
+  ],
+)  # fmt: skip
 def test_causality(impl):
   """d out[t] / d inputs[s] is exactly zero for every s > t."""
   t, t0 = 48, 20

@@ -23,3 +23,21 @@ def test_forward_backward_takes_the_cotangent_as_an_argument():
   np.testing.assert_allclose(grad(q, k, k, w2)[0], -2 * grad(q, k, k, w1)[0], rtol=1e-5)
   row = bench_attention.bench_one("xla", fn, q, k, k, w1)
   assert row["fwd_ms"] > 0 and row["fwdbwd_ms"] > 0 and row["fwd_bytes"] > 0
+
+
+def test_summary_gives_both_kernels_their_ratios_at_their_worst_alpha():
+  rows = [
+    {"impl": "cudnn_window", "seq_len": 1024, "alpha": None, "fwdbwd_ms": 1.0},
+    {"impl": "cudnn_dense", "seq_len": 1024, "alpha": None, "fwdbwd_ms": 2.0},
+  ]
+  for impl, times in (("pallas", (1.5, 1.2)), ("pallas_packed", (0.8, 0.9))):
+    rows += [
+      {"impl": impl, "seq_len": 1024, "alpha": a, "fwdbwd_ms": t, "fwd_ms": t / 4,
+       "hbm_floor_ms": 0.1}
+      for a, t in zip((0.5, 1.5), times, strict=True)
+    ]  # fmt: skip
+  s = bench_attention.summarize(rows)
+  assert s["fwdbwd_ratio_vs_cudnn_window_T1024"] == 1.5
+  assert s["packed_fwdbwd_ratio_vs_cudnn_window_T1024"] == 0.9
+  assert s["packed_fwdbwd_speedup_vs_cudnn_dense_T1024"] == round(2.0 / 0.9, 3)
+  assert s["packed_fwd_ratio_vs_hbm_floor_T1024"] == round(0.9 / 4 / 0.1, 3)

@@ -20,6 +20,7 @@ import pytest
 from fibax import attention
 from fibax.patterns import LearnedPattern, Pattern
 from kernels_pallas import fib_attention, fib_attention_lse, fib_attention_reference
+from kernels_pallas.gpu import GpuBlocks
 
 NUM_CASES = 50
 CI_CASES = 6
@@ -85,6 +86,7 @@ def _seeds():
 class KernelTest:
   BACKEND = "gpu"
   HEAD_DIMS = (16, 32, 64, 128)
+  BLOCKS = None  # the op's default kernel and blocks
 
   def check(self, seed):
     case = random_case(seed, self.HEAD_DIMS)
@@ -95,7 +97,9 @@ class KernelTest:
       o = fn(q, k, v)
       return (o.astype(jnp.float32) * w).sum(), o
 
-    kernel = lambda q, k, v: fib_attention(q, k, v, pattern, backend=self.BACKEND)
+    kernel = lambda q, k, v: fib_attention(
+      q, k, v, pattern, backend=self.BACKEND, blocks=self.BLOCKS
+    )
     ref = lambda q, k, v: fib_attention_reference(
       q.astype(jnp.float32), k.astype(jnp.float32), v.astype(jnp.float32), pattern
     )
@@ -233,6 +237,25 @@ class TestGpuKernel(KernelTest):
 class TestGpuInterpret(KernelTest):
   BACKEND = "gpu_interpret"
   HEAD_DIMS = (16, 32, 64)
+
+  @pytest.mark.parametrize("seed", _seeds())
+  def test_matches_reference(self, seed):
+    self.check(seed)
+
+
+@pytest.mark.gpu
+class TestGpuPackedKernel(KernelTest):
+  BLOCKS = GpuBlocks(kernel="packed")
+
+  @pytest.mark.parametrize("seed", _gpu_seeds())
+  def test_matches_reference(self, seed):
+    self.check(seed)
+
+
+class TestGpuPackedInterpret(KernelTest):
+  BACKEND = "gpu_interpret"
+  HEAD_DIMS = (16, 32, 64)
+  BLOCKS = GpuBlocks(kernel="packed")
 
   @pytest.mark.parametrize("seed", _seeds())
   def test_matches_reference(self, seed):

@@ -1,0 +1,61 @@
+"""The GPU kernels lower to Triton on a CPU-only machine, for an abstract H100.
+
+Interpret mode runs a kernel's jaxpr, not its Triton lowering: an operation that Pallas cannot
+lower to Triton passes every interpret test and fails only on a GPU. Lowering for an abstract
+device catches that here (Triton's own compilation to PTX still needs the GPU).
+
+It also counts the distinct Triton kernels of a layer stack: the packed kernels read their
+rung distances from a table that is a kernel input, so layers with different rungs share one
+compiled kernel each (forward, dq, dkv), where the row-wise kernels unroll every layer's
+rungs into kernels of its own.
+"""
+
+import re
+
+import jax
+import jax.numpy as jnp
+import pytest
+from jax._src.mesh import AbstractDevice, AbstractMesh
+
+from fibax.patterns import Pattern
+from kernels_pallas import fib_attention
+from kernels_pallas.gpu import GpuBlocks
+
+H100 = AbstractDevice(device_kind="NVIDIA H100 80GB HBM3", num_cores=132, platform="gpu")
+# Four layers' rungs (Fibonacci scaled by four alphas), three to six of them below T = 256.
+LAYERS = [
+  Pattern(12, (13, 21, 34)),
+  Pattern(12, (16, 26, 42, 68)),
+  Pattern(12, (20, 31, 51, 83, 135)),
+  Pattern(12, (14, 22, 37, 59, 96, 155)),
+]
+
+
+def _triton_kernels(kernel: str, patterns, dtype=jnp.bfloat16) -> list[str]:
+  """The serialized Triton module of every kernel launch in the lowered train step."""
+  q = jnp.zeros((2, 256, 8, 64), dtype)
+  k = jnp.zeros((2, 256, 2, 64), dtype)
+
+  def loss(q, k, v):
+    x = q
+    for p in patterns:
+      x = fib_attention(x, k, v, p, backend="gpu", blocks=GpuBlocks(kernel=kernel))
+    return x.astype(jnp.float32).sum()
+
+  step = jax.jit(jax.grad(loss, argnums=(0, 1, 2)))
+  with jax.sharding.use_abstract_mesh(AbstractMesh((1,), ("x",), abstract_device=H100)):
+    text = step.trace(q, k, k).lower(lowering_platforms=("cuda",)).as_text()
+  return re.findall(r'ir = "(.*?)", ', text, re.S)
+
+
+@pytest.mark.parametrize("kernel", ["rowwise", "packed"])
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float32])
+def test_forward_and_backward_lower_to_triton(kernel, dtype):
+  kernels = _triton_kernels(kernel, LAYERS[-1:], dtype)
+  assert len(set(kernels)) == 3  # forward, dq, dkv
+
+
+def test_packed_layers_share_their_kernels():
+  assert len({len(p.far) for p in LAYERS}) > 1 and len(set(LAYERS)) == 4
+  assert len(set(_triton_kernels("rowwise", LAYERS))) == 3 * len(LAYERS)
+  assert len(set(_triton_kernels("packed", LAYERS))) == 3
