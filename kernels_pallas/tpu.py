@@ -181,12 +181,13 @@ def _geometry(window, far):
 def _kv_specs(bq, wpad, front, far, head_dim):
   """Element-offset K/V blocks of query block i: the window rows [i0 - Wp, i0 + Q) and, per
   rung d, rows [i0 - d, i0 - d + Q); offsets shifted by the `front` zero rows."""
+  e_d = pl.Element(head_dim)
   win = pl.BlockSpec(
-    (None, None, pl.Element(bq + wpad), head_dim), lambda b, h, i: (b, h, i * bq - wpad + front, 0)
+    (None, None, pl.Element(bq + wpad), e_d), lambda b, h, i: (b, h, i * bq - wpad + front, 0)
   )
   rungs = [
     pl.BlockSpec(
-      (None, None, pl.Element(bq), head_dim), lambda b, h, i, d=d: (b, h, i * bq - d + front, 0)
+      (None, None, pl.Element(bq), e_d), lambda b, h, i, d=d: (b, h, i * bq - d + front, 0)
     )
     for d in far
   ]
@@ -263,18 +264,25 @@ def backward(q, k, v, o, lse, do, *, window, far, blocks: TpuBlocks, interpret, 
   lseb = jnp.pad(lse, ((0, 0), (0, 0), (0, pad), (0, 0)))
   deltab = jnp.pad(delta, ((0, 0), (0, 0), (0, pad), (0, 0)))
   kv_spec = pl.BlockSpec((None, None, bq, head_dim), lambda b, h, i: (b, h, i, 0))
+  # Element offsets in every dimension (Mosaic takes all of a block's dims as elements or
+  # none): the G heads of kv head h start at element h * G.
+  e_g, e_d, e_1 = pl.Element(groups), pl.Element(head_dim), pl.Element(1)
   qwin = pl.BlockSpec(
-    (None, groups, pl.Element(bq + wpad), head_dim), lambda b, h, i: (b, h, i * bq, 0)
+    (None, e_g, pl.Element(bq + wpad), e_d), lambda b, h, i: (b, h * groups, i * bq, 0)
   )
-  swin = pl.BlockSpec((None, groups, pl.Element(bq + wpad), 1), lambda b, h, i: (b, h, i * bq, 0))
+  swin = pl.BlockSpec(
+    (None, e_g, pl.Element(bq + wpad), e_1), lambda b, h, i: (b, h * groups, i * bq, 0)
+  )
   q_r = [
     pl.BlockSpec(
-      (None, groups, pl.Element(bq), head_dim), lambda b, h, i, d=d: (b, h, i * bq + d, 0)
+      (None, e_g, pl.Element(bq), e_d), lambda b, h, i, d=d: (b, h * groups, i * bq + d, 0)
     )
     for d in far
   ]
   s_r = [
-    pl.BlockSpec((None, groups, pl.Element(bq), 1), lambda b, h, i, d=d: (b, h, i * bq + d, 0))
+    pl.BlockSpec(
+      (None, e_g, pl.Element(bq), e_1), lambda b, h, i, d=d: (b, h * groups, i * bq + d, 0)
+    )
     for d in far
   ]
   nr = len(far)

@@ -1,8 +1,11 @@
-"""The GPU kernels lower to Triton on a CPU-only machine, for an abstract H100.
+"""The kernels lower for real hardware on a CPU-only machine: to Triton for an abstract H100,
+to Mosaic for a TPU.
 
-Interpret mode runs a kernel's jaxpr, not its Triton lowering: an operation that Pallas cannot
-lower to Triton passes every interpret test and fails only on a GPU. Lowering for an abstract
-device catches that here (Triton's own compilation to PTX still needs the GPU).
+Interpret mode runs a kernel's jaxpr, not its lowering: an operation or a block shape that
+Pallas cannot lower passes every interpret test and fails only on the accelerator (the TPU
+kernels' element-offset blocks did, until every dimension of such a block became an element
+dimension). Lowering here catches that; the compilers' own passes (Triton to PTX, Mosaic to
+TPU code) still need the hardware.
 
 It also counts the distinct Triton kernels of a layer stack: the packed kernels read their
 rung distances from a table that is a kernel input, so layers with different rungs share one
@@ -31,20 +34,27 @@ LAYERS = [
 ]
 
 
-def _triton_kernels(kernel: str, patterns, dtype=jnp.bfloat16) -> list[str]:
-  """The serialized Triton module of every kernel launch in the lowered train step."""
+def _lowered_step(backend: str, patterns, dtype=jnp.bfloat16, blocks=None) -> str:
+  """StableHLO text of a layer stack's forward and backward, lowered for `backend`."""
   q = jnp.zeros((2, 256, 8, 64), dtype)
   k = jnp.zeros((2, 256, 2, 64), dtype)
 
   def loss(q, k, v):
     x = q
     for p in patterns:
-      x = fib_attention(x, k, v, p, backend="gpu", blocks=GpuBlocks(kernel=kernel))
+      x = fib_attention(x, k, v, p, backend=backend, blocks=blocks)
     return x.astype(jnp.float32).sum()
 
   step = jax.jit(jax.grad(loss, argnums=(0, 1, 2)))
+  if backend == "tpu":
+    return step.trace(q, k, k).lower(lowering_platforms=("tpu",)).as_text()
   with jax.sharding.use_abstract_mesh(AbstractMesh((1,), ("x",), abstract_device=H100)):
-    text = step.trace(q, k, k).lower(lowering_platforms=("cuda",)).as_text()
+    return step.trace(q, k, k).lower(lowering_platforms=("cuda",)).as_text()
+
+
+def _triton_kernels(kernel: str, patterns, dtype=jnp.bfloat16) -> list[str]:
+  """The serialized Triton module of every kernel launch in the lowered step."""
+  text = _lowered_step("gpu", patterns, dtype, GpuBlocks(kernel=kernel))
   return re.findall(r'ir = "(.*?)", ', text, re.S)
 
 
@@ -59,3 +69,9 @@ def test_packed_layers_share_their_kernels():
   assert len({len(p.far) for p in LAYERS}) > 1 and len(set(LAYERS)) == 4
   assert len(set(_triton_kernels("rowwise", LAYERS))) == 3 * len(LAYERS)
   assert len(set(_triton_kernels("packed", LAYERS))) == 3
+
+
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float32])
+def test_tpu_forward_and_backward_lower_to_mosaic(dtype):
+  text = _lowered_step("tpu", LAYERS[-1:], dtype)
+  assert text.count("tpu_custom_call") == 3  # forward, dq, dkv
