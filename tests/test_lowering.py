@@ -75,3 +75,37 @@ def test_packed_layers_share_their_kernels():
 def test_tpu_forward_and_backward_lower_to_mosaic(dtype):
   text = _lowered_step("tpu", LAYERS[-1:], dtype)
   assert text.count("tpu_custom_call") == 3  # forward, dq, dkv
+
+
+@pytest.mark.parametrize("schedule", ["stagger", "learned"])
+@pytest.mark.parametrize("impl", ["pallas", "pallas_packed", "pallas_tpu"])
+def test_the_model_train_step_lowers_with_each_kernel(impl, schedule):
+  """The whole step (a learned layer's window through the kernel too), for its hardware."""
+
+  from fibax import model as M
+  from fibax.config import AttentionConfig, ModelConfig
+
+  cfg = ModelConfig(
+    vocab_size=97, d_model=32, num_layers=3, num_heads=4, num_kv_heads=2, head_dim=64,
+    mlp_hidden=64, seq_len=256, compute_dtype="bfloat16",
+    attention=AttentionConfig(schedule=schedule, window=4, impl=impl, dense_impl="xla_dense"),
+  )  # fmt: skip
+  tokens = jnp.zeros((2, 257), jnp.int32)
+  net = M.Transformer(cfg)
+  params = jax.eval_shape(lambda: net.init(jax.random.key(0), tokens[:, :-1])["params"])
+
+  def loss(params):
+    logits = net.apply({"params": params}, tokens[:, :-1])
+    return -jnp.mean(jnp.take_along_axis(jax.nn.log_softmax(logits), tokens[:, 1:, None], -1))
+
+  step = jax.jit(jax.value_and_grad(loss))
+  if impl == "pallas_tpu":
+    text = step.trace(params).lower(lowering_platforms=("tpu",)).as_text()
+    assert text.count("tpu_custom_call") >= 3
+    return
+  with jax.sharding.use_abstract_mesh(AbstractMesh((1,), ("x",), abstract_device=H100)):
+    text = step.trace(params).lower(lowering_platforms=("cuda",)).as_text()
+  kernels = set(re.findall(r'ir = "(.*?)", ', text, re.S))
+  # Three layers: the row-wise kernels are per layer, the packed ones shared.
+  expected = 3 if impl == "pallas_packed" or schedule == "learned" else 9
+  assert len(kernels) == expected
