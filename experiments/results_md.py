@@ -388,20 +388,34 @@ def extrapolation_md(runs: dict, dataset: str, heading: str) -> list[str]:
   return md + [""]
 
 
+# Settings that change how a run computes, not what it computes (rounding only): a column of
+# the runs table whenever the runs of one table differ in them.
+HOW = {
+  "embedding gradient": lambda c: c["model"].get("embed_backward", "scatter"),
+  "attention impl": lambda c: c["model"]["attention"].get("impl"),
+  "dense impl": lambda c: c["model"]["attention"].get("dense_impl"),
+}
+
+
 def runs_table_md(runs: dict) -> list[str]:
-  md = [
-    "| run | tokens | steps | wall s | train s | s beside another run | card |",
-    "|---|---|---|---|---|---|---|",
-  ]
   everyone = [e for es in runs.values() for e in es]
+  configs = [e["report"].get("config") for e in everyone]
+  varying = [k for k, get in HOW.items() if len({get(c) for c in configs if c is not None}) > 1]
+  md = [
+    "| run | tokens | steps | wall s | train s | s beside another run | "
+    + "".join(f"{k} | " for k in varying)
+    + "card |",
+    "|---|---|---|---|---|---|" + "---|" * len(varying) + "---|",
+  ]
   for name in sorted(runs):
     for e in runs[name]:
-      r = e["run"]
+      r, c = e["run"], e["report"].get("config")
       train_s, shared = r.get("train_log_span_s"), overlap_s(e, everyone)
+      how = "".join(f"{'-' if c is None else HOW[k](c)} | " for k in varying)
       md.append(
         f"| {e['name']} | {r.get('tokens') or 0:,} | {r.get('steps')} | {r.get('wall_s')} | "
         f"{'-' if train_s is None else round(train_s)} | "
-        f"{'-' if shared is None else round(shared)} | {e['report'].get('device', '?')} |"
+        f"{'-' if shared is None else round(shared)} | {how}{e['report'].get('device', '?')} |"
       )
   notes = [
     f"- {e['name']}: {e['run']['note']}" for es in runs.values() for e in es if e["run"].get("note")

@@ -175,3 +175,20 @@ def test_the_token_count_difference_is_read_from_the_full_recipe_runs():
     "It does not: fib / stagger W = 12 trails dense by +5.0% at 100M tokens and by +1.0%" in text
   )
   assert "the full-recipe runs will say" in "\n".join(results_md.differences_md(runs(40, 42), None))
+
+
+def test_runs_that_computed_differently_say_so_in_the_runs_table():
+  """Replicates trained with another embedding gradient (the same function, other rounding)
+  than the seed they repeat show it beside their numbers; uniform settings add no column."""
+
+  def entry(name, embed):
+    config = {"model": {"embed_backward": embed, "attention": {"impl": "pallas"}}}
+    run = {"tokens": 100, "steps": 1, "wall_s": 1.0}
+    return {"name": name, "run": run, "report": {"config": config, "device": "Test GPU"}}
+
+  mixed = {"a": [entry("a", "scatter"), entry("a_seed43", "onehot")]}
+  table = results_md.runs_table_md(mixed)
+  assert table[0].endswith("| embedding gradient | card |")
+  assert "| scatter | Test GPU |" in table[2] and "| onehot | Test GPU |" in table[3]
+  same = results_md.runs_table_md({"a": [entry("a", "onehot"), entry("a_seed43", "onehot")]})
+  assert "embedding gradient" not in same[0] and "onehot" not in "\n".join(same)
