@@ -390,17 +390,27 @@ def extrapolation_md(runs: dict, dataset: str, heading: str) -> list[str]:
 
 # Settings that change how a run computes, not what it computes (rounding only): a column of
 # the runs table whenever the runs of one table differ in them.
+def _learned_window(config: dict) -> str:
+  a = config["model"]["attention"]
+  if a.get("schedule") != "learned" or not str(a.get("impl")).startswith("pallas"):
+    return "-"
+  return a.get("learned_window", "jax")  # before the knob, learned windows were plain JAX
+
+
 HOW = {
   "embedding gradient": lambda c: c["model"].get("embed_backward", "scatter"),
   "attention impl": lambda c: c["model"]["attention"].get("impl"),
   "dense impl": lambda c: c["model"]["attention"].get("dense_impl"),
+  "learned window": _learned_window,
 }
 
 
 def runs_table_md(runs: dict) -> list[str]:
   everyone = [e for es in runs.values() for e in es]
   configs = [e["report"].get("config") for e in everyone]
-  varying = [k for k, get in HOW.items() if len({get(c) for c in configs if c is not None}) > 1]
+  varying = [
+    k for k, get in HOW.items() if len({get(c) for c in configs if c is not None} - {"-"}) > 1
+  ]
   md = [
     "| run | tokens | steps | wall s | train s | s beside another run | "
     + "".join(f"{k} | " for k in varying)

@@ -228,14 +228,17 @@ def attend(
   impl: str,
   dense_impl: str,
   alpha: Float[Array, ""] | None = None,
+  learned_window: str = "kernel",
 ) -> Float[Array, "B T H D"]:
   """The one entry point of a layer: `learned` for a LearnedPattern (with its `alpha`; its
-  window through `impl`'s kernel when `impl` is a Pallas one), the dense implementation
+  window through `impl`'s kernel when `impl` is a Pallas one and `learned_window` is
+  "kernel"), the dense implementation
   `dense_impl` for a pattern that is plain causal attention at this length, the integer-offset
   implementation `impl` otherwise."""
   if isinstance(pattern, LearnedPattern):
     if alpha is None:
       raise ValueError("a learned pattern needs its alpha")
-    return learned(q, k, v, pattern, alpha, PALLAS_BACKENDS.get(impl))
+    backend = PALLAS_BACKENDS.get(impl) if learned_window == "kernel" else None
+    return learned(q, k, v, pattern, alpha, backend)
   is_dense = pattern.window >= q.shape[1] - 1 and not pattern.far
   return get(dense_impl if is_dense else impl)(q, k, v, pattern)

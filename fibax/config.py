@@ -32,6 +32,11 @@ class AttentionConfig:
   # Implementation of dense layers: dense (cuDNN on a GPU for 16-bit inputs, else XLA) |
   # cudnn | xla_dense | reference.
   dense_impl: DenseImpl = "dense"
+  # A learned layer's window 0..W: "kernel" (through `impl`'s Pallas kernel when `impl` is a
+  # Pallas one, merged with the rungs by log-sum-exp) | "jax" (one plain-JAX softmax over the
+  # window and the rungs, as every learned run before the kernel window did). The same
+  # function; the rounding differs.
+  learned_window: Literal["kernel", "jax"] = "kernel"
   # Set by `freeze`: per-layer alphas of a trained learned schedule, rounded into static
   # integer patterns (the paper's offsets, compiled like a static schedule).
   frozen_alphas: tuple[float, ...] | None = None
@@ -49,6 +54,8 @@ class AttentionConfig:
       raise ValueError(f"unknown dense_impl={self.dense_impl!r}; expected one of {DENSE_IMPLS}")
     if self.window < 0:
       raise ValueError(f"window={self.window} must be >= 0")
+    if self.learned_window not in ("kernel", "jax"):
+      raise ValueError(f"unknown learned_window={self.learned_window!r}; expected kernel or jax")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -122,7 +122,7 @@ class Attention(nn.Module):
       self.sow("intermediates", "alpha", alpha)
     o_BxTxHxD = attention.attend(
       q_BxTxHxD, k_BxTxKxD, v_BxTxKxD, self.pattern,
-      cfg.attention.impl, cfg.attention.dense_impl, alpha,
+      cfg.attention.impl, cfg.attention.dense_impl, alpha, cfg.attention.learned_window,
     )  # fmt: skip
 
     # the paper: residual output projections further scaled by 1/sqrt(2L).

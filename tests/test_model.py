@@ -217,3 +217,34 @@ def test_chunked_loss_is_the_same_function_and_keeps_less(chunk):
     assert temp_bytes(chunked) + logits_bytes < temp_bytes(whole)
   with pytest.raises(ValueError, match="loss_chunk=-1"):
     dataclasses.replace(whole, loss_chunk=-1)
+
+
+def test_learned_window_jax_is_the_plain_jax_computation_under_a_pallas_impl():
+  """`learned_window="jax"` keeps a learned run's window out of the kernel, so a Pallas-impl
+  learned run computes exactly what the runs made before the kernel window computed (the xla
+  impl's learned path); "kernel" differs from it by rounding only."""
+  cfg = dataclasses.replace(_small("learned", impl="xla"), num_layers=2, seq_len=40)
+  tokens = jax.random.randint(jax.random.key(1), (2, 41), 0, 97)
+  params = M.Transformer(cfg).init(jax.random.key(0), tokens[:, :-1])["params"]
+
+  def loss(params, cfg):
+    logits = M.Transformer(cfg).apply({"params": params}, tokens[:, :-1])
+    return -jnp.mean(jnp.take_along_axis(jax.nn.log_softmax(logits), tokens[:, 1:, None], -1))
+
+  def with_window(learned_window):
+    att = dataclasses.replace(cfg.attention, impl="pallas_interpret", learned_window=learned_window)
+    return dataclasses.replace(cfg, attention=att)
+
+  step = jax.jit(jax.value_and_grad(loss), static_argnums=1)
+  l_x, g_x = step(params, cfg)
+  l_j, g_j = step(params, with_window("jax"))
+  l_k, g_k = step(params, with_window("kernel"))
+  assert float(l_j) == float(l_x)
+  for a, b in zip(jax.tree_util.tree_leaves(g_j), jax.tree_util.tree_leaves(g_x), strict=True):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  assert any(
+    not np.array_equal(np.asarray(a), np.asarray(b))
+    for a, b in zip(jax.tree_util.tree_leaves(g_k), jax.tree_util.tree_leaves(g_x), strict=True)
+  )
+  with pytest.raises(ValueError, match="learned_window='pallas'"):
+    dataclasses.replace(cfg.attention, learned_window="pallas")

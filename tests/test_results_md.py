@@ -192,3 +192,24 @@ def test_runs_that_computed_differently_say_so_in_the_runs_table():
   assert "| scatter | Test GPU |" in table[2] and "| onehot | Test GPU |" in table[3]
   same = results_md.runs_table_md({"a": [entry("a", "onehot"), entry("a_seed43", "onehot")]})
   assert "embedding gradient" not in same[0] and "onehot" not in "\n".join(same)
+
+
+def test_learned_runs_show_which_window_path_they_took():
+  def entry(name, schedule, **attention):
+    config = {"model": {"attention": {"schedule": schedule, "impl": "pallas", **attention}}}
+    run = {"tokens": 100, "steps": 1, "wall_s": 1.0}
+    return {"name": name, "run": run, "report": {"config": config, "device": "GPU"}}
+
+  runs = {
+    "fib_learned_w12": [
+      entry("fib_learned_w12", "learned"),  # before the knob: the plain-JAX window
+      entry("fib_learned_w12_seed43", "learned", learned_window="kernel"),
+    ],
+    "fib_fixed_w12": [entry("fib_fixed_w12", "fixed", learned_window="kernel")],
+  }
+  table = results_md.runs_table_md(runs)
+  assert "| learned window | card |" in table[0]
+  rows = {line.split(" | ")[0][2:]: line for line in table[2:]}
+  assert "| jax | GPU |" in rows["fib_learned_w12"]
+  assert "| kernel | GPU |" in rows["fib_learned_w12_seed43"]
+  assert "| - | GPU |" in rows["fib_fixed_w12"]
