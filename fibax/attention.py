@@ -76,6 +76,26 @@ def _dense(implementation: str | None):
   return attend
 
 
+def learned_table(pattern: LearnedPattern, alpha, ct=jnp.float32):
+  """Each rung's run-time floor lo (int32 [R]), weight frac = alpha * b - lo ([R] in `ct`,
+  differentiable in alpha) and whether it is kept ([R] bool): a rung is skipped when
+  round(t) <= W, lo > cap, or lo is already used by the window or an earlier kept rung."""
+  alpha = jnp.asarray(alpha, ct)
+  los, fracs, keeps = [], [], []
+  for b in pattern.terms:
+    t = alpha * b
+    lo = jnp.floor(t)
+    lo_i = lo.astype(jnp.int32)
+    # jnp.round is half-to-even, like Python's round in the paper's code.
+    skip = (jnp.round(t) <= pattern.window) | (lo_i > pattern.cap) | (lo_i <= pattern.window)
+    for prev_lo, prev_keep in zip(los, keeps, strict=True):
+      skip = skip | (prev_keep & (prev_lo == lo_i))
+    los.append(lo_i)
+    fracs.append(t - lo)
+    keeps.append(~skip)
+  return jnp.stack(los), jnp.stack(fracs), jnp.stack(keeps)
+
+
 def _learned_rungs(k, v, pattern: LearnedPattern, alpha, ct):
   """Each rung's interpolated keys and values [B, T, R, K, D] (in `ct`) and validity [T, R].
 
@@ -93,22 +113,14 @@ def _learned_rungs(k, v, pattern: LearnedPattern, alpha, ct):
   def shifted(x_pad, by):
     return jax.lax.dynamic_slice_in_dim(x_pad, seq_len + 1 - by, seq_len, axis=1).astype(ct)
 
-  k_rungs, v_rungs, valid_rungs, used_lo = [], [], [], []
-  for b in pattern.terms:
-    t = alpha * b
-    lo = jnp.floor(t)
-    frac = t - lo
-    lo_i = lo.astype(jnp.int32)
-    # jnp.round is half-to-even, like Python's round in the paper's code.
-    skip = (jnp.round(t) <= pattern.window) | (lo_i > pattern.cap) | (lo_i <= pattern.window)
-    for prev_lo, prev_skip in used_lo:
-      skip = skip | (~prev_skip & (prev_lo == lo_i))
-    used_lo.append((lo_i, skip))
-    lo_c = jnp.clip(lo_i, 0, seq_len)
-    w_lo, w_hi = 1.0 - frac, frac
+  lo_R, frac_R, keep_R = learned_table(pattern, alpha, ct)
+  k_rungs, v_rungs, valid_rungs = [], [], []
+  for r in range(len(pattern.terms)):
+    lo_c = jnp.clip(lo_R[r], 0, seq_len)
+    w_lo, w_hi = 1.0 - frac_R[r], frac_R[r]
     k_rungs.append(w_lo * shifted(k_pad, lo_c) + w_hi * shifted(k_pad, lo_c + 1))
     v_rungs.append(w_lo * shifted(v_pad, lo_c) + w_hi * shifted(v_pad, lo_c + 1))
-    valid_rungs.append(~skip & (pos_T >= lo_i))
+    valid_rungs.append(keep_R[r] & (pos_T >= lo_R[r]))
   return jnp.stack(k_rungs, axis=2), jnp.stack(v_rungs, axis=2), jnp.stack(valid_rungs, axis=1)
 
 
@@ -119,6 +131,7 @@ def learned(
   pattern: LearnedPattern,
   alpha: Float[Array, ""],
   window_backend: str | None = None,
+  rungs_in_kernel: bool = False,
 ) -> Float[Array, "B T H D"]:
   """Fractional offsets with linear interpolation of K and V (the paper).
 
@@ -130,12 +143,19 @@ def learned(
   The rungs are gathered in plain JAX in float32. The window 0..W is too, or, given a Pallas
   `window_backend` ("gpu", "tpu" or their "_interpret" modes), it runs through the
   integer-offset kernel (`kernels_pallas.fib_attention_lse`, its P.V in the input dtype as
-  for static layers), whose softmax is merged with the rungs' by their log-sum-exps.
+  for static layers), whose softmax is merged with the rungs' by their log-sum-exps. With
+  `rungs_in_kernel` (a GPU `window_backend`), the rungs run in the packed kernels too
+  (`kernels_pallas.fib_attention_learned`, from `learned_table`'s run-time floors and weights).
   """
   groups = check_qkv(q, k, v)
   bsz, seq_len, num_heads, head_dim = q.shape
   num_kv = k.shape[2]
   window = min(pattern.window, seq_len - 1)
+  if rungs_in_kernel and pattern.terms:
+    from kernels_pallas import fib_attention_learned
+
+    lo_R, frac_R, keep_R = learned_table(pattern, alpha)
+    return fib_attention_learned(q, k, v, window, lo_R, frac_R, keep_R, backend=window_backend)
   ct = jnp.promote_types(q.dtype, jnp.float32)  # float32 softmax, float64 under x64
   alpha = jnp.asarray(alpha, ct)
   q_BxTxKxGxD = q.astype(ct).reshape(bsz, seq_len, num_kv, groups, head_dim)
@@ -239,6 +259,7 @@ def attend(
     if alpha is None:
       raise ValueError("a learned pattern needs its alpha")
     backend = PALLAS_BACKENDS.get(impl) if learned_window == "kernel" else None
-    return learned(q, k, v, pattern, alpha, backend)
+    in_kernel = backend is not None and impl.startswith("pallas_packed")
+    return learned(q, k, v, pattern, alpha, backend, rungs_in_kernel=in_kernel)
   is_dense = pattern.window >= q.shape[1] - 1 and not pattern.far
   return get(dense_impl if is_dense else impl)(q, k, v, pattern)

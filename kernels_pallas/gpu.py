@@ -579,3 +579,273 @@ def _backward_packed(q, k, v, o, lse, do, table, *, window, blocks, interpret, d
     name="fib_attention_packed_dkv",
   )(table, q, k, v, do, lse, delta)
   return dq, dk, dv
+
+
+# ----------------------------------------------------------------------------------------------
+# Learned rungs in the packed kernels. Rung r of a learned layer has a run-time floor lo_r and
+# weight f_r: query i reads the key (1 - f) k[i - lo] + f k[max(i - lo - 1, 0)] (and the same
+# value blend), valid where i >= lo and the rung is kept. Scores and values are linear in the
+# blend, so each rung is two tensor-core matmuls on the two integer-offset tiles, mixed by f;
+# the dq kernel also returns each program's d f_r, which reaches alpha through f = alpha b - lo.
+
+
+def _learned_rung_scalars(lo_ref, frac_ref, keep_ref, j):
+  return lo_ref[j], frac_ref[j], keep_ref[j] != 0
+
+
+def _learned_fwd_kernel(
+  lo_ref, frac_ref, keep_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, *, window, groups, scale,
+  block_q, num_rungs,
+):  # fmt: skip
+  i0 = pl.program_id(0) * block_q
+  cols = jnp.arange(k_ref.shape[1])
+  r_M, g_M = _packed(block_q, groups)
+  q_MxD = plgpu.load(q_ref.at[r_M[:, None], g_M[:, None], cols[None, :]])
+  rows_M = i0 + r_M
+  cw = _pow2_at_least(block_q + window)
+  kw_C = i0 + block_q - cw + jnp.arange(cw)
+  k_CxD = _rows(k_ref, kw_C, cols, kw_C >= 0)
+  v_CxD = _rows(v_ref, kw_C, cols, kw_C >= 0)
+  rel = rows_M[:, None] - kw_C[None, :]
+  keep = (rel >= 0) & (rel <= window) & (kw_C >= 0)[None, :]
+  s_MxC = jnp.where(keep, plgpu.dot(q_MxD, k_CxD, trans_b=True) * scale, MASK_VALUE)
+  m_M = jnp.max(s_MxC, axis=1)
+  p_MxC = jnp.exp(s_MxC - m_M[:, None])
+  carry = (plgpu.dot(p_MxC.astype(v_CxD.dtype), v_CxD), m_M, jnp.sum(p_MxC, axis=1))
+  c_Q = jnp.arange(block_q)
+  diag = r_M[:, None] == c_Q[None, :]
+
+  def rung(j, carry):
+    acc, m, l = carry
+    lo, f, kept = _learned_rung_scalars(lo_ref, frac_ref, keep_ref, j)
+    ka_Q = i0 + c_Q - lo
+    kb_Q = jnp.maximum(ka_Q - 1, 0)
+    valid = ka_Q >= 0
+    k_a, k_b = _rows(k_ref, ka_Q, cols, valid), _rows(k_ref, kb_Q, cols, valid)
+    v_a, v_b = _rows(v_ref, ka_Q, cols, valid), _rows(v_ref, kb_Q, cols, valid)
+    s = (1 - f) * plgpu.dot(q_MxD, k_a, trans_b=True) + f * plgpu.dot(q_MxD, k_b, trans_b=True)
+    s = jnp.where(diag & valid[None, :] & kept, s * scale, MASK_VALUE)
+    m_new = jnp.maximum(m, jnp.max(s, axis=1))
+    corr = jnp.exp(m - m_new)
+    p = jnp.exp(s - m_new[:, None])
+    pv = p.astype(v_a.dtype)
+    acc = acc * corr[:, None] + (1 - f) * plgpu.dot(pv, v_a) + f * plgpu.dot(pv, v_b)
+    return acc, m_new, l * corr + jnp.sum(p, axis=1)
+
+  acc, m_M, l_M = lax.fori_loop(0, num_rungs, rung, carry)
+  plgpu.store(
+    o_ref.at[r_M[:, None], g_M[:, None], cols[None, :]], (acc / l_M[:, None]).astype(o_ref.dtype)
+  )
+  plgpu.store(lse_ref.at[g_M, r_M], m_M + jnp.log(l_M))
+
+
+def _learned_dq_kernel(
+  lo_ref, frac_ref, keep_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dq_ref,
+  dfrac_ref, *, window, groups, scale, block_q, num_rungs,
+):  # fmt: skip
+  # dfrac_ref [R_pad]: this program's d loss / d f_r.
+  i0 = pl.program_id(0) * block_q
+  cols = jnp.arange(k_ref.shape[1])
+  r_M, g_M = _packed(block_q, groups)
+  tile = (r_M[:, None], g_M[:, None], cols[None, :])
+  q_MxD = plgpu.load(q_ref.at[tile])
+  do_MxD = plgpu.load(do_ref.at[tile])
+  lse_M = plgpu.load(lse_ref.at[g_M, r_M])
+  delta_M = plgpu.load(delta_ref.at[g_M, r_M])
+  rows_M = i0 + r_M
+  cw = _pow2_at_least(block_q + window)
+  kw_C = i0 + block_q - cw + jnp.arange(cw)
+  k_CxD = _rows(k_ref, kw_C, cols, kw_C >= 0)
+  v_CxD = _rows(v_ref, kw_C, cols, kw_C >= 0)
+  rel = rows_M[:, None] - kw_C[None, :]
+  keep = (rel >= 0) & (rel <= window) & (kw_C >= 0)[None, :]
+  p = jnp.where(keep, jnp.exp(plgpu.dot(q_MxD, k_CxD, trans_b=True) * scale - lse_M[:, None]), 0.0)
+  ds = p * (plgpu.dot(do_MxD, v_CxD, trans_b=True) - delta_M[:, None])
+  dq = plgpu.dot(ds.astype(k_CxD.dtype), k_CxD)
+  c_Q = jnp.arange(block_q)
+  diag = r_M[:, None] == c_Q[None, :]
+  slots = jnp.arange(dfrac_ref.shape[0])
+
+  def rung(j, carry):
+    dq, dfrac = carry
+    lo, f, kept = _learned_rung_scalars(lo_ref, frac_ref, keep_ref, j)
+    ka_Q = i0 + c_Q - lo
+    kb_Q = jnp.maximum(ka_Q - 1, 0)
+    valid = ka_Q >= 0
+    k_a, k_b = _rows(k_ref, ka_Q, cols, valid), _rows(k_ref, kb_Q, cols, valid)
+    v_a, v_b = _rows(v_ref, ka_Q, cols, valid), _rows(v_ref, kb_Q, cols, valid)
+    s_a = plgpu.dot(q_MxD, k_a, trans_b=True) * scale
+    s_b = plgpu.dot(q_MxD, k_b, trans_b=True) * scale
+    keep = diag & valid[None, :] & kept
+    p = jnp.where(keep, jnp.exp((1 - f) * s_a + f * s_b - lse_M[:, None]), 0.0)
+    dp_a = plgpu.dot(do_MxD, v_a, trans_b=True)
+    dp_b = plgpu.dot(do_MxD, v_b, trans_b=True)
+    ds = p * ((1 - f) * dp_a + f * dp_b - delta_M[:, None])
+    dsk = ds.astype(k_a.dtype)
+    dq = dq + (1 - f) * plgpu.dot(dsk, k_a) + f * plgpu.dot(dsk, k_b)
+    d_f = jnp.sum(ds * (s_b - s_a) + p * (dp_b - dp_a))
+    return dq, dfrac + jnp.where(slots == j, d_f, 0.0)
+
+  dq, dfrac = lax.fori_loop(0, num_rungs, rung, (dq, jnp.zeros(dfrac_ref.shape, jnp.float32)))
+  plgpu.store(dq_ref.at[tile], (dq * scale).astype(dq_ref.dtype))
+  dfrac_ref[...] = dfrac
+
+
+def _learned_dkv_kernel(
+  lo_ref, frac_ref, keep_ref, q_ref, k_ref, v_ref, kall_ref, vall_ref, do_ref, lse_ref,
+  delta_ref, dk_ref, dv_ref, *, window, groups, scale, block_q, seq_len, num_rungs,
+):  # fmt: skip
+  # Key block [j0, j0 + C). Rung r reaches row j from query j + lo (weight 1 - f, its other
+  # key the row before, j - 1) and from query j + lo + 1 (weight f, its other key the row
+  # after); query lo also reads row 0 with weight f (the clamp), which lands on row 0.
+  j0 = pl.program_id(0) * block_q
+  cols = jnp.arange(k_ref.shape[1])
+  k_CxD, v_CxD = k_ref[...], v_ref[...]
+  c_C = jnp.arange(block_q)
+  before = jnp.maximum(j0 + c_C - 1, 0)
+  after = jnp.minimum(j0 + c_C + 1, seq_len - 1)
+  every = c_C >= 0
+  k_before, v_before = _rows(kall_ref, before, cols, every), _rows(vall_ref, before, cols, every)
+  k_after, v_after = _rows(kall_ref, after, cols, every), _rows(vall_ref, after, cols, every)
+
+  def queries(first_row, rows):
+    r_M, g_M = _packed(rows, groups)
+    qr_M = first_row + r_M
+    valid = qr_M < seq_len
+    qr_c = jnp.minimum(qr_M, seq_len - 1)
+    at = (qr_c[:, None], g_M[:, None], cols[None, :])
+    return (
+      r_M,
+      qr_M,
+      valid,
+      plgpu.load(q_ref.at[at], mask=valid[:, None], other=0.0),
+      plgpu.load(do_ref.at[at], mask=valid[:, None], other=0.0),
+      plgpu.load(lse_ref.at[g_M, qr_c], mask=valid, other=0.0),
+      plgpu.load(delta_ref.at[g_M, qr_c], mask=valid, other=0.0),
+    )
+
+  # The window: the integer band, as in the packed dkv kernel.
+  r_M, qr_M, valid, q_w, do_w, lse_w, delta_w = queries(j0, _pow2_at_least(block_q + window))
+  rel = qr_M[:, None] - (j0 + c_C)[None, :]
+  keep = (rel >= 0) & (rel <= window) & valid[:, None]
+  p = jnp.where(keep, jnp.exp(plgpu.dot(q_w, k_CxD, trans_b=True) * scale - lse_w[:, None]), 0.0)
+  dv = plgpu.dot(p.astype(do_w.dtype), do_w, trans_a=True)
+  ds = p * (plgpu.dot(do_w, v_CxD, trans_b=True) - delta_w[:, None])
+  dk = plgpu.dot(ds.astype(q_w.dtype), q_w, trans_a=True)
+
+  def tile(carry, first_row, f, kept, k_a, v_a, k_b, v_b, w_C):
+    """Queries first_row + c (x G heads) whose rung key is (1 - f) k_a[c] + f k_b[c]; adds
+    their gradients, weighted by w_C, to this block's rows."""
+    dk, dv = carry
+    r_M, _, valid, q_M, do_M, lse_M, delta_M = queries(first_row, block_q)
+    keep = (r_M[:, None] == c_C[None, :]) & valid[:, None] & kept
+    s_a = plgpu.dot(q_M, k_a, trans_b=True) * scale
+    s_b = plgpu.dot(q_M, k_b, trans_b=True) * scale
+    p = jnp.where(keep, jnp.exp((1 - f) * s_a + f * s_b - lse_M[:, None]), 0.0)
+    dp = (1 - f) * plgpu.dot(do_M, v_a, trans_b=True) + f * plgpu.dot(do_M, v_b, trans_b=True)
+    ds = p * (dp - delta_M[:, None])
+    dv = dv + plgpu.dot((p * w_C[None, :]).astype(do_M.dtype), do_M, trans_a=True)
+    dk = dk + plgpu.dot((ds * w_C[None, :]).astype(q_M.dtype), q_M, trans_a=True)
+    return dk, dv
+
+  def rung(j, carry):
+    lo, f, kept = _learned_rung_scalars(lo_ref, frac_ref, keep_ref, j)
+    w_a = (1 - f) + jnp.where(j0 + c_C == 0, f, 0.0)  # the clamp of query lo onto row 0
+    carry = tile(carry, j0 + lo, f, kept, k_CxD, v_CxD, k_before, v_before, w_a)
+    w_b = jnp.full((block_q,), f, jnp.float32)
+    return tile(carry, j0 + lo + 1, f, kept, k_after, v_after, k_CxD, v_CxD, w_b)
+
+  dk, dv = lax.fori_loop(0, num_rungs, rung, (dk, dv))
+  dk_ref[...] = (dk * scale).astype(dk_ref.dtype)
+  dv_ref[...] = dv.astype(dv_ref.dtype)
+
+
+def _learned_tables(lo, frac, keep):
+  size = -(-lo.shape[0] // 16) * 16
+  pad = (0, size - lo.shape[0])
+  return (
+    jnp.pad(lo.astype(jnp.int32), pad),
+    jnp.pad(frac.astype(jnp.float32), pad),
+    jnp.pad(keep.astype(jnp.int32), pad),
+  )
+
+
+@functools.partial(jax.jit, static_argnames=("window", "blocks", "interpret"))
+def learned_forward(q, k, v, lo, frac, keep, *, window, blocks: GpuBlocks, interpret: bool):
+  """A learned layer's attention: the window 0..W and rungs r with run-time (lo_r, f_r,
+  keep_r) [R]; q [B,T,H,D], k/v [B,T,K,D], T a multiple of block_q -> (o, lse [B,H,T])."""
+  bsz, seq_len, num_heads, head_dim = q.shape
+  num_kv = k.shape[2]
+  groups = num_heads // num_kv
+  bq = blocks.block_q
+  tables = _learned_tables(lo, frac, keep)
+  table_spec = pl.BlockSpec(tables[0].shape, lambda i, b, h: (0,))
+  _, q_blk, kv_all = _packed_specs(seq_len, groups, head_dim, bq, tables[0])
+  kernel = functools.partial(
+    _learned_fwd_kernel, window=window, groups=groups, scale=head_dim**-0.5, block_q=bq,
+    num_rungs=lo.shape[0],
+  )  # fmt: skip
+  return pl.pallas_call(
+    kernel,
+    grid=(seq_len // bq, bsz, num_kv),
+    in_specs=[table_spec] * 3 + [q_blk, kv_all, kv_all],
+    out_specs=[q_blk, pl.BlockSpec((None, groups, bq), lambda i, b, h: (b, h, i))],
+    out_shape=[
+      jax.ShapeDtypeStruct(q.shape, q.dtype),
+      jax.ShapeDtypeStruct((bsz, num_heads, seq_len), jnp.float32),
+    ],
+    compiler_params=_params(blocks.num_warps, blocks.num_stages, interpret),
+    interpret=interpret,
+    name="fib_attention_learned_fwd",
+  )(*tables, q, k, v)
+
+
+@functools.partial(jax.jit, static_argnames=("window", "blocks", "interpret"))
+def learned_backward(q, k, v, o, lse, do, lo, frac, keep, *, window, blocks, interpret):
+  """(dq, dk, dv, dfrac [R]) of `learned_forward`."""
+  bsz, seq_len, num_heads, head_dim = q.shape
+  num_kv = k.shape[2]
+  groups = num_heads // num_kv
+  bq = blocks.block_q_bwd
+  num_q_blocks = seq_len // bq
+  delta = jnp.einsum("bthd,bthd->bht", o.astype(jnp.float32), do.astype(jnp.float32))
+  params = _params(blocks.num_warps_bwd, blocks.num_stages, interpret)
+  statics = dict(
+    window=window, groups=groups, scale=head_dim**-0.5, block_q=bq, num_rungs=lo.shape[0]
+  )
+  tables = _learned_tables(lo, frac, keep)
+  table_spec = pl.BlockSpec(tables[0].shape, lambda i, b, h: (0,))
+  _, q_blk, kv_all = _packed_specs(seq_len, groups, head_dim, bq, tables[0])
+  q_all = pl.BlockSpec((None, seq_len, groups, head_dim), lambda i, b, h: (b, 0, h, 0))
+  kv_blk = pl.BlockSpec((None, bq, None, head_dim), lambda i, b, h: (b, i, h, 0))
+  stat_blk = pl.BlockSpec((None, groups, bq), lambda i, b, h: (b, h, i))
+  stat_all = pl.BlockSpec((None, groups, seq_len), lambda i, b, h: (b, h, 0))
+  rungs_pad = tables[0].shape[0]
+  grid = (num_q_blocks, bsz, num_kv)
+  dq, dfrac = pl.pallas_call(
+    functools.partial(_learned_dq_kernel, **statics),
+    grid=grid,
+    in_specs=[table_spec] * 3 + [q_blk, kv_all, kv_all, q_blk, stat_blk, stat_blk],
+    out_specs=[
+      q_blk,
+      pl.BlockSpec((None, None, None, rungs_pad), lambda i, b, h: (b, h, i, 0)),
+    ],
+    out_shape=[
+      jax.ShapeDtypeStruct(q.shape, q.dtype),
+      jax.ShapeDtypeStruct((bsz, num_kv, num_q_blocks, rungs_pad), jnp.float32),
+    ],
+    compiler_params=params,
+    interpret=interpret,
+    name="fib_attention_learned_dq",
+  )(*tables, q, k, v, do, lse, delta)
+  dk, dv = pl.pallas_call(
+    functools.partial(_learned_dkv_kernel, **statics, seq_len=seq_len),
+    grid=grid,
+    in_specs=[table_spec] * 3 + [q_all, kv_blk, kv_blk, kv_all, kv_all, q_all, stat_all, stat_all],
+    out_specs=[kv_blk, kv_blk],
+    out_shape=[jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)],
+    compiler_params=params,
+    interpret=interpret,
+    name="fib_attention_learned_dkv",
+  )(*tables, q, k, v, k, v, do, lse, delta)
+  return dq, dk, dv, dfrac.sum(axis=(0, 1, 2))[: lo.shape[0]]

@@ -16,7 +16,7 @@ from typing import Literal
 
 import jax
 import jax.numpy as jnp
-from jaxtyping import Array, Float
+from jaxtyping import Array, Bool, Float, Int
 
 from fibax.patterns import Pattern
 from kernels_pallas import gpu
@@ -160,6 +160,66 @@ def fib_attention_lse(
   delta: d lse / d s_j = p_j, so ds_j = p_j (dp_j - (delta - dlse))."""
   _check(q, k, v, pattern, backend)
   return _attend_lse(q, k.astype(q.dtype), v.astype(q.dtype), pattern, backend, blocks)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7, 8))
+def _attend_learned(q, k, v, lo, frac, keep, window: int, backend: str, blocks):
+  return _fwd_learned(q, k, v, lo, frac, keep, window, backend, blocks)[0]
+
+
+def _learned_plan(seq_len, window, backend, blocks):
+  blocks, multiple = _blocks_for(backend, seq_len, blocks)
+  statics = dict(window=min(window, seq_len - 1), blocks=blocks)
+  return _pad_len(seq_len, multiple), statics | dict(interpret=backend == "gpu_interpret")
+
+
+def _fwd_learned(q, k, v, lo, frac, keep, window, backend, blocks):
+  seq_len = q.shape[1]
+  padded, statics = _learned_plan(seq_len, window, backend, blocks)
+  o, lse = gpu.learned_forward(
+    _pad(q, padded), _pad(k, padded), _pad(v, padded), lo, frac, keep, **statics
+  )
+  return o[:, :seq_len], (q, k, v, o, lse, lo, frac, keep)
+
+
+def _bwd_learned(window, backend, blocks, res, do):
+  q, k, v, o, lse, lo, frac, keep = res
+  seq_len = q.shape[1]
+  padded, statics = _learned_plan(seq_len, window, backend, blocks)
+  dq, dk, dv, dfrac = gpu.learned_backward(
+    *(_pad(x, padded) for x in (q, k, v, o)), lse, _pad(do, padded), lo, frac, keep, **statics
+  )
+  return dq[:, :seq_len], dk[:, :seq_len], dv[:, :seq_len], None, dfrac.astype(frac.dtype), None
+
+
+_attend_learned.defvjp(_fwd_learned, _bwd_learned)
+
+
+def fib_attention_learned(
+  q: Float[Array, "B T H D"],
+  k: Float[Array, "B T K D"],
+  v: Float[Array, "B T K D"],
+  window: int,
+  lo: Int[Array, " R"],
+  frac: Float[Array, " R"],
+  keep: Bool[Array, " R"],
+  *,
+  backend: Literal["gpu", "gpu_interpret"] = "gpu",
+  blocks=None,
+) -> Float[Array, "B T H D"]:
+  """A learned layer's attention in the packed GPU kernels: the window 0..W, then rung r at
+  the run-time floor lo[r] with weight frac[r]: query i reads (1 - frac) x[i - lo] +
+  frac x[max(i - lo - 1, 0)] of the keys and values, where i >= lo and keep[r]
+  (`fibax.attention.learned` computes the same in plain JAX). Differentiable in q, k, v and
+  frac (the path from frac to alpha is the caller's)."""
+  check_qkv(q, k, v)
+  if backend not in ("gpu", "gpu_interpret"):
+    raise ValueError(f"learned rungs run in the GPU kernels only; got {backend=}")
+  if not (lo.shape == frac.shape == keep.shape and lo.ndim == 1):
+    raise ValueError(f"lo, frac and keep must be [R]; got {lo.shape}, {frac.shape}, {keep.shape}")
+  blocks = dataclasses.replace(blocks or gpu.GpuBlocks(), kernel="packed")
+  k, v = k.astype(q.dtype), v.astype(q.dtype)
+  return _attend_learned(q, k, v, lo, frac, keep, int(window), backend, blocks)
 
 
 def _check(q, k, v, pattern, backend):

@@ -211,6 +211,74 @@ class TestTpuInterpretLearnedWindow(LearnedWindowTest):
     self.check_learned(seed)
 
 
+class LearnedRungsTest:
+  """`fib_attention_learned` (the window and the learned rungs in the packed kernels) against
+  the learned path in plain JAX in float32: outputs and the gradients of q, k, v and alpha, on
+  random lengths (ragged), windows, GQA groups, head dims, dtypes and alphas (rungs skipped,
+  clamped at row 0, beyond T)."""
+
+  BACKEND = "gpu"
+
+  def check(self, seed):
+    rng = np.random.default_rng(seed)
+    seq_len, window = int(rng.integers(2, 200)), int(rng.integers(0, 16))
+    window = min(window, seq_len - 1)
+    lp = LearnedPattern.build(base="fib", window=window, seq_len=seq_len)
+    alpha = jnp.float32(rng.uniform(0.5, 1.5))
+    num_kv, groups = int(rng.choice([1, 2])), int(rng.choice([1, 2, 4]))
+    dtype = [jnp.float32, jnp.bfloat16][int(rng.integers(0, 2))]
+    case = dict(
+      batch=int(rng.integers(1, 3)), seq_len=seq_len, num_heads=num_kv * groups, num_kv=num_kv,
+      head_dim=int(rng.choice([16, 32, 64])), dtype=dtype,
+    )  # fmt: skip
+    q, k, v, w = _inputs(case, seed)
+
+    def loss(q, k, v, a, in_kernel):
+      backend = self.BACKEND if in_kernel else None
+      o = attention.learned(q, k, v, lp, a, backend, rungs_in_kernel=in_kernel)
+      return (o.astype(jnp.float32) * w).sum()
+
+    grad = jax.value_and_grad(loss, argnums=(0, 1, 2, 3))
+    got, g_got = jax.jit(grad, static_argnums=4)(q, k, v, alpha, True)
+    f32 = (x.astype(jnp.float32) for x in (q, k, v))
+    want, g_want = grad(*f32, alpha, False)
+    tol = TOL[dtype] * (5 if self.BACKEND == "gpu" and dtype == jnp.float32 else 1)
+    assert abs(float(got) - float(want)) < tol * (abs(float(want)) + 1), (case, float(alpha))
+    for name, g, r in zip(("q", "k", "v", "alpha"), g_got, g_want, strict=True):
+      assert _rel_err(g, r) < tol * 2, (name, case, float(alpha))
+
+
+@pytest.mark.gpu
+class TestGpuLearnedRungs(LearnedRungsTest):
+  @pytest.mark.parametrize("seed", range(NUM_CASES))
+  def test_matches_plain_jax(self, seed):
+    self.check(seed)
+
+
+class TestGpuInterpretLearnedRungs(LearnedRungsTest):
+  BACKEND = "gpu_interpret"
+
+  @pytest.mark.parametrize("seed", _seeds())
+  def test_matches_plain_jax(self, seed):
+    self.check(seed)
+
+
+def test_learned_rungs_reach_the_clamp_the_skips_and_beyond_t():
+  """The random cases of LearnedRungsTest include a rung clamped at row 0 (lo < T, kept),
+  skipped rungs, and a rung whose floor is past T - 1."""
+  seen = set()
+  for seed in range(CI_CASES):
+    rng = np.random.default_rng(seed)
+    seq_len, window = int(rng.integers(2, 200)), int(rng.integers(0, 16))
+    window = min(window, seq_len - 1)
+    lp = LearnedPattern.build(base="fib", window=window, seq_len=seq_len)
+    lo, _, keep = (np.asarray(x) for x in attention.learned_table(lp, rng.uniform(0.5, 1.5)))
+    seen |= {"kept" for lo_r, k_r in zip(lo, keep, strict=True) if k_r and lo_r < seq_len}
+    seen |= {"skipped"} if (~keep).any() else set()
+    seen |= {"beyond"} if (lo >= seq_len).any() else set()
+  assert seen == {"kept", "skipped", "beyond"}
+
+
 def _gpu_seeds():
   """FIBAX_KERNEL_SHARD=i/n runs every n-th seed, so n processes can share the compiles."""
   i, n = (int(x) for x in os.environ.get("FIBAX_KERNEL_SHARD", "0/1").split("/"))

@@ -19,12 +19,14 @@ import jax
 import jax.numpy as jnp
 import pytest
 from jax._src.mesh import AbstractDevice, AbstractMesh
+from jax.sharding import AxisType
 
 from fibax.patterns import Pattern
 from kernels_pallas import fib_attention
 from kernels_pallas.gpu import GpuBlocks
 
 H100 = AbstractDevice(device_kind="NVIDIA H100 80GB HBM3", num_cores=132, platform="gpu")
+ONE_H100 = AbstractMesh((1,), ("x",), axis_types=(AxisType.Auto,), abstract_device=H100)
 # Four layers' rungs (Fibonacci scaled by four alphas), three to six of them below T = 256.
 LAYERS = [
   Pattern(12, (13, 21, 34)),
@@ -48,7 +50,7 @@ def _lowered_step(backend: str, patterns, dtype=jnp.bfloat16, blocks=None) -> st
   step = jax.jit(jax.grad(loss, argnums=(0, 1, 2)))
   if backend == "tpu":
     return step.trace(q, k, k).lower(lowering_platforms=("tpu",)).as_text()
-  with jax.sharding.use_abstract_mesh(AbstractMesh((1,), ("x",), abstract_device=H100)):
+  with jax.sharding.use_abstract_mesh(ONE_H100):
     return step.trace(q, k, k).lower(lowering_platforms=("cuda",)).as_text()
 
 
@@ -103,7 +105,7 @@ def test_the_model_train_step_lowers_with_each_kernel(impl, schedule):
     text = step.trace(params).lower(lowering_platforms=("tpu",)).as_text()
     assert text.count("tpu_custom_call") >= 3
     return
-  with jax.sharding.use_abstract_mesh(AbstractMesh((1,), ("x",), abstract_device=H100)):
+  with jax.sharding.use_abstract_mesh(ONE_H100):
     text = step.trace(params).lower(lowering_platforms=("cuda",)).as_text()
   kernels = set(re.findall(r'ir = "(.*?)", ', text, re.S))
   # Three layers: the row-wise kernels are per layer, the packed ones shared.
