@@ -354,7 +354,15 @@ def backward(q, k, v, o, lse, do, *, window, far, blocks: GpuBlocks, interpret: 
 # a [Q, G, D] block in memory, so the packed load is one contiguous tile. Every score tile is a
 # tensor-core matmul of the M packed rows against a tile of keys: the window's tile of
 # pow2(Q + W) rows (a band mask), then one Q-row tile per rung (a diagonal mask: query row r
-# reads key row r of the tile), in a loop whose distances come from an int32 table.
+# reads key row r of the tile), in a loop whose distances come from a table that is a kernel
+# input. The key-major dkv kernel packs the queries that read a key block the same way, so its
+# contraction over the packed rows sums the G heads' gradients.
+#
+# Learned layers use the same kernels with run-time rungs: rung r has a floor lo_r and a weight
+# f_r, and query i reads the key (1 - f) k[i - lo] + f k[max(i - lo - 1, 0)] (and the same blend
+# of values), valid where i >= lo and the rung is kept. Scores and values are linear in the
+# blend, so a rung is two integer-offset tiles mixed by f; the dq kernel also returns each
+# program's d loss / d f_r, which reaches alpha through f = alpha b - lo.
 
 
 def rung_table(far: tuple[int, ...]) -> jax.Array:
@@ -364,185 +372,289 @@ def rung_table(far: tuple[int, ...]) -> jax.Array:
   return jnp.asarray([len(far), *far] + [0] * (size - 1 - len(far)), jnp.int32)
 
 
+def _learned_tables(lo, frac, keep):
+  """The learned rungs' floors, weights and kept flags, padded to a multiple of 16."""
+  pad = (0, -(-lo.shape[0] // 16) * 16 - lo.shape[0])
+  return (
+    jnp.pad(lo.astype(jnp.int32), pad),
+    jnp.pad(frac.astype(jnp.float32), pad),
+    jnp.pad(keep.astype(jnp.int32), pad),
+  )
+
+
 def _pow2_at_least(n: int) -> int:
   return max(16, 1 << (n - 1).bit_length())
 
 
-def _packed(block_q: int, groups: int):
-  """(query row of each packed row, head of each packed row), both int32 [Q * G]."""
-  m = jnp.arange(block_q * groups)
+def _packed(rows: int, groups: int):
+  """(query row of each packed row, head of each packed row), both int32 [rows * G]."""
+  m = jnp.arange(rows * groups)
   return m // groups, m % groups
 
 
-def _fwd_packed_kernel(
-  table_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, *, window, groups, scale, block_q
-):
-  # table [S] int32; q_ref/o_ref [Q, G, D]; k_ref/v_ref [T, D]; lse_ref [G, Q]
-  i0 = pl.program_id(0) * block_q
-  cols = jnp.arange(k_ref.shape[1])
-  r_M, g_M = _packed(block_q, groups)
-  q_MxD = plgpu.load(q_ref.at[r_M[:, None], g_M[:, None], cols[None, :]])
-  rows_M = i0 + r_M
+def _load_packed(first, rows, groups, cols, tiles, stats, seq_len=None):
+  """Query rows first .. first + rows, x G heads, packed: tiles [rows * G, D] from refs
+  [., G, D] and stats [rows * G] from refs [G, .]; zero past `seq_len` when given. Returns
+  (query row within the tile, absolute row, valid, tiles, stats)."""
+  r_M, g_M = _packed(rows, groups)
+  rows_M = first + r_M
+  valid = None if seq_len is None else rows_M < seq_len
+  at = rows_M if seq_len is None else jnp.minimum(rows_M, seq_len - 1)
+  other = None if valid is None else 0.0
+  row_mask = None if valid is None else valid[:, None]
+  tiles = [
+    plgpu.load(t.at[at[:, None], g_M[:, None], cols[None, :]], mask=row_mask, other=other)
+    for t in tiles
+  ]
+  stats = [plgpu.load(s.at[g_M, at], mask=valid, other=other) for s in stats]
+  return r_M, rows_M, valid, tiles, stats
 
-  # The window: key rows [i0 + Q - CW, i0 + Q), a band 0 <= i - j <= W.
+
+def _window_keys(k_ref, v_ref, i0, rows_M, cols, window, block_q):
+  """The window's key tile: rows [i0 + Q - CW, i0 + Q), CW = pow2(Q + W), and its band mask
+  0 <= i - j <= W against the packed query rows."""
   cw = _pow2_at_least(block_q + window)
   kw_C = i0 + block_q - cw + jnp.arange(cw)
-  k_CxD = _rows(k_ref, kw_C, cols, kw_C >= 0)
-  v_CxD = _rows(v_ref, kw_C, cols, kw_C >= 0)
   rel = rows_M[:, None] - kw_C[None, :]
   keep = (rel >= 0) & (rel <= window) & (kw_C >= 0)[None, :]
+  return _rows(k_ref, kw_C, cols, kw_C >= 0), _rows(v_ref, kw_C, cols, kw_C >= 0), keep
+
+
+def _rung_keys(k_ref, v_ref, i0, lo, cols, block_q, learned):
+  """Key and value tiles of a rung at distance `lo` for query rows i0 + c and, for a learned
+  rung, the tiles one row further back (clamped at row 0): (valid, [k_a, v_a, k_b, v_b])."""
+  ka = i0 + jnp.arange(block_q) - lo
+  valid = ka >= 0
+  rows = [ka, jnp.maximum(ka - 1, 0)] if learned else [ka]
+  tiles = [_rows(ref, r, cols, valid) for r in rows for ref in (k_ref, v_ref)]
+  return valid, tiles + [None, None] * (not learned)
+
+
+def _fwd_window(q_MxD, k_CxD, v_CxD, keep, scale):
+  """The online softmax's carry after the window tile (every query attends d = 0)."""
   s_MxC = jnp.where(keep, plgpu.dot(q_MxD, k_CxD, trans_b=True) * scale, MASK_VALUE)
   m_M = jnp.max(s_MxC, axis=1)
   p_MxC = jnp.exp(s_MxC - m_M[:, None])
-  carry = (plgpu.dot(p_MxC.astype(v_CxD.dtype), v_CxD), m_M, jnp.sum(p_MxC, axis=1))
+  return plgpu.dot(p_MxC.astype(v_CxD.dtype), v_CxD), m_M, jnp.sum(p_MxC, axis=1)
 
-  # The rungs: key rows i0 + r - d of the tile, query row r reads row r only.
-  c_Q = jnp.arange(block_q)
-  diag = r_M[:, None] == c_Q[None, :]
+
+def _dq_window(q_MxD, do_MxD, lse_M, delta_M, k_CxD, v_CxD, keep, scale):
+  """(dq / scale) of the window tile."""
+  p = jnp.where(keep, jnp.exp(plgpu.dot(q_MxD, k_CxD, trans_b=True) * scale - lse_M[:, None]), 0)
+  ds = p * (plgpu.dot(do_MxD, v_CxD, trans_b=True) - delta_M[:, None])
+  return plgpu.dot(ds.astype(k_CxD.dtype), k_CxD)
+
+
+def _dkv_tile(dk, dv, q_M, do_M, lse_M, delta_M, k_CxD, v_CxD, keep, scale, w_C=None):
+  """Adds the packed queries' gradients to a key block's (dk / scale, dv); w_C weighs each
+  key row (a learned rung's share of it)."""
+  p = jnp.where(keep, jnp.exp(plgpu.dot(q_M, k_CxD, trans_b=True) * scale - lse_M[:, None]), 0)
+  ds = p * (plgpu.dot(do_M, v_CxD, trans_b=True) - delta_M[:, None])
+  if w_C is not None:
+    p, ds = p * w_C[None, :], ds * w_C[None, :]
+  dv = dv + plgpu.dot(p.astype(do_M.dtype), do_M, trans_a=True)
+  dk = dk + plgpu.dot(ds.astype(q_M.dtype), q_M, trans_a=True)
+  return dk, dv
+
+
+def _fwd_packed_kernel(*refs, window, groups, scale, block_q, num_rungs=None):
+  # tables: [S] int32 (static: count, then distances) or lo/frac/keep (learned);
+  # q_ref/o_ref [Q, G, D]; k_ref/v_ref [T, D]; lse_ref [G, Q]
+  learned = num_rungs is not None
+  tables, (q_ref, k_ref, v_ref, o_ref, lse_ref) = refs[:-5], refs[-5:]
+  i0 = pl.program_id(0) * block_q
+  cols = jnp.arange(k_ref.shape[1])
+  r_M, _, _, (q_MxD,), _ = _load_packed(0, block_q, groups, cols, [q_ref], [])
+  rows_M = i0 + r_M
+  carry = _fwd_window(q_MxD, *_window_keys(k_ref, v_ref, i0, rows_M, cols, window, block_q), scale)
+  diag = r_M[:, None] == jnp.arange(block_q)[None, :]
 
   def rung(j, carry):
-    kr_Q = i0 + c_Q - table_ref[1 + j]
-    valid = kr_Q >= 0
-    k_QxD = _rows(k_ref, kr_Q, cols, valid)
-    v_QxD = _rows(v_ref, kr_Q, cols, valid)
-    s_MxQ = plgpu.dot(q_MxD, k_QxD, trans_b=True) * scale
-    return _online(carry, jnp.where(diag & valid[None, :], s_MxQ, MASK_VALUE), v_QxD)
+    acc, m, l = carry
+    if learned:
+      lo, f, kept = tables[0][j], tables[1][j], tables[2][j] != 0
+    else:
+      lo, f, kept = tables[0][1 + j], 0.0, True
+    valid, (k_a, v_a, k_b, v_b) = _rung_keys(k_ref, v_ref, i0, lo, cols, block_q, learned)
+    s = plgpu.dot(q_MxD, k_a, trans_b=True)
+    if learned:
+      s = (1 - f) * s + f * plgpu.dot(q_MxD, k_b, trans_b=True)
+    s = jnp.where(diag & valid[None, :] & kept, s * scale, MASK_VALUE)
+    m_new = jnp.maximum(m, jnp.max(s, axis=1))
+    corr = jnp.exp(m - m_new)
+    p = jnp.exp(s - m_new[:, None])
+    pv = p.astype(v_a.dtype)
+    pv_D = plgpu.dot(pv, v_a)
+    if learned:
+      pv_D = (1 - f) * pv_D + f * plgpu.dot(pv, v_b)
+    return acc * corr[:, None] + pv_D, m_new, l * corr + jnp.sum(p, axis=1)
 
-  acc, m_M, l_M = lax.fori_loop(0, table_ref[0], rung, carry)
+  count = num_rungs if learned else tables[0][0]
+  acc, m_M, l_M = lax.fori_loop(0, count, rung, carry)
+  r_M, g_M = _packed(block_q, groups)
   o = (acc / l_M[:, None]).astype(o_ref.dtype)
   plgpu.store(o_ref.at[r_M[:, None], g_M[:, None], cols[None, :]], o)
   plgpu.store(lse_ref.at[g_M, r_M], m_M + jnp.log(l_M))
 
 
-def _dq_packed_kernel(
-  table_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dq_ref, *, window, groups, scale,
-  block_q,
-):  # fmt: skip
-  # q/do/dq [Q, G, D]; k/v [T, D]; lse/delta [G, Q]
+def _dq_packed_kernel(*refs, window, groups, scale, block_q, num_rungs=None):
+  # q/do/dq [Q, G, D]; k/v [T, D]; lse/delta [G, Q]; learned: dfrac [R_pad], this program's
+  # d loss / d f_r.
+  learned = num_rungs is not None
+  tables = refs[: 3 if learned else 1]
+  q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref = refs[len(tables) : len(tables) + 6]
+  outs = refs[len(tables) + 6 :]
   i0 = pl.program_id(0) * block_q
   cols = jnp.arange(k_ref.shape[1])
-  r_M, g_M = _packed(block_q, groups)
-  tile = (r_M[:, None], g_M[:, None], cols[None, :])
-  q_MxD = plgpu.load(q_ref.at[tile])
-  do_MxD = plgpu.load(do_ref.at[tile])
-  lse_M = plgpu.load(lse_ref.at[g_M, r_M])
-  delta_M = plgpu.load(delta_ref.at[g_M, r_M])
+  r_M, _, _, (q_MxD, do_MxD), (lse_M, delta_M) = _load_packed(
+    0, block_q, groups, cols, [q_ref, do_ref], [lse_ref, delta_ref]
+  )
   rows_M = i0 + r_M
-
-  def grad(dq, k_CxD, v_CxD, keep):
-    s = plgpu.dot(q_MxD, k_CxD, trans_b=True) * scale
-    p = jnp.where(keep, jnp.exp(s - lse_M[:, None]), 0.0)
-    dp = plgpu.dot(do_MxD, v_CxD, trans_b=True)
-    ds = p * (dp - delta_M[:, None])
-    return dq + plgpu.dot(ds.astype(k_CxD.dtype), k_CxD)
-
-  cw = _pow2_at_least(block_q + window)
-  kw_C = i0 + block_q - cw + jnp.arange(cw)
-  rel = rows_M[:, None] - kw_C[None, :]
-  keep = (rel >= 0) & (rel <= window) & (kw_C >= 0)[None, :]
-  dq = jnp.zeros(q_MxD.shape, jnp.float32)
-  dq = grad(dq, _rows(k_ref, kw_C, cols, kw_C >= 0), _rows(v_ref, kw_C, cols, kw_C >= 0), keep)
-
-  c_Q = jnp.arange(block_q)
-  diag = r_M[:, None] == c_Q[None, :]
-
-  def rung(j, dq):
-    kr_Q = i0 + c_Q - table_ref[1 + j]
-    valid = kr_Q >= 0
-    k_QxD = _rows(k_ref, kr_Q, cols, valid)
-    v_QxD = _rows(v_ref, kr_Q, cols, valid)
-    return grad(dq, k_QxD, v_QxD, diag & valid[None, :])
-
-  dq = lax.fori_loop(0, table_ref[0], rung, dq)
-  plgpu.store(dq_ref.at[tile], (dq * scale).astype(dq_ref.dtype))
-
-
-def _dkv_packed_kernel(
-  table_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dk_ref, dv_ref, *, window, groups,
-  scale, block_q, seq_len,
-):  # fmt: skip
-  # q/do [T, G, D]; k/v/dk/dv [C, D]; lse/delta [G, T]. Key block [j0, j0 + C); the queries
-  # that read it are a contiguous run of rows for the window and for each rung, packed with
-  # their G heads, so the contraction over packed rows sums the heads' gradients.
-  j0 = pl.program_id(0) * block_q
-  cols = jnp.arange(k_ref.shape[1])
-  k_CxD = k_ref[...]
-  v_CxD = v_ref[...]
-  c_C = jnp.arange(block_q)
-
-  def grad(carry, first_row, rows, keep_fn):
-    """Adds the gradients of the `rows` x G packed queries starting at query row first_row."""
-    dk, dv = carry
-    r_M, g_M = _packed(rows, groups)
-    qr_M = first_row + r_M
-    valid = qr_M < seq_len
-    qr_c = jnp.minimum(qr_M, seq_len - 1)
-    at = (qr_c[:, None], g_M[:, None], cols[None, :])
-    q_MxD = plgpu.load(q_ref.at[at], mask=valid[:, None], other=0.0)
-    do_MxD = plgpu.load(do_ref.at[at], mask=valid[:, None], other=0.0)
-    lse_M = plgpu.load(lse_ref.at[g_M, qr_c], mask=valid, other=0.0)
-    delta_M = plgpu.load(delta_ref.at[g_M, qr_c], mask=valid, other=0.0)
-    keep = keep_fn(r_M, qr_M) & valid[:, None]
-    s = plgpu.dot(q_MxD, k_CxD, trans_b=True) * scale
-    p = jnp.where(keep, jnp.exp(s - lse_M[:, None]), 0.0)
-    dv = dv + plgpu.dot(p.astype(do_MxD.dtype), do_MxD, trans_a=True)
-    dp = plgpu.dot(do_MxD, v_CxD, trans_b=True)
-    ds = p * (dp - delta_M[:, None])
-    dk = dk + plgpu.dot(ds.astype(q_MxD.dtype), q_MxD, trans_a=True)
-    return dk, dv
-
-  def band(r_M, qr_M):
-    rel = qr_M[:, None] - (j0 + c_C)[None, :]
-    return (rel >= 0) & (rel <= window)
-
-  zeros = jnp.zeros((block_q, k_ref.shape[1]), jnp.float32)
-  carry = grad((zeros, zeros), j0, _pow2_at_least(block_q + window), band)
-
-  def diagonal(r_M, qr_M):
-    return r_M[:, None] == c_C[None, :]
+  k_CxD, v_CxD, keep = _window_keys(k_ref, v_ref, i0, rows_M, cols, window, block_q)
+  dq = _dq_window(q_MxD, do_MxD, lse_M, delta_M, k_CxD, v_CxD, keep, scale)
+  diag = r_M[:, None] == jnp.arange(block_q)[None, :]
+  slots = jnp.arange(outs[-1].shape[0]) if learned else None
 
   def rung(j, carry):
-    return grad(carry, j0 + table_ref[1 + j], block_q, diagonal)
+    dq, dfrac = carry
+    if learned:
+      lo, f, kept = tables[0][j], tables[1][j], tables[2][j] != 0
+    else:
+      lo, f, kept = tables[0][1 + j], 0.0, True
+    valid, (k_a, v_a, k_b, v_b) = _rung_keys(k_ref, v_ref, i0, lo, cols, block_q, learned)
+    keep = diag & valid[None, :] & kept
+    s_a = plgpu.dot(q_MxD, k_a, trans_b=True) * scale
+    dp_a = plgpu.dot(do_MxD, v_a, trans_b=True)
+    if not learned:
+      p = jnp.where(keep, jnp.exp(s_a - lse_M[:, None]), 0.0)
+      ds = p * (dp_a - delta_M[:, None])
+      return dq + plgpu.dot(ds.astype(k_a.dtype), k_a), dfrac
+    s_b = plgpu.dot(q_MxD, k_b, trans_b=True) * scale
+    dp_b = plgpu.dot(do_MxD, v_b, trans_b=True)
+    p = jnp.where(keep, jnp.exp((1 - f) * s_a + f * s_b - lse_M[:, None]), 0.0)
+    ds = p * ((1 - f) * dp_a + f * dp_b - delta_M[:, None])
+    dsk = ds.astype(k_a.dtype)
+    dq = dq + (1 - f) * plgpu.dot(dsk, k_a) + f * plgpu.dot(dsk, k_b)
+    d_f = jnp.sum(ds * (s_b - s_a) + p * (dp_b - dp_a))
+    return dq, dfrac + jnp.where(slots == j, d_f, 0.0)
 
-  dk, dv = lax.fori_loop(0, table_ref[0], rung, carry)
+  dfrac = jnp.zeros(outs[-1].shape, jnp.float32) if learned else jnp.float32(0)
+  count = num_rungs if learned else tables[0][0]
+  dq, dfrac = lax.fori_loop(0, count, rung, (dq, dfrac))
+  r_M, g_M = _packed(block_q, groups)
+  plgpu.store(
+    outs[0].at[r_M[:, None], g_M[:, None], cols[None, :]], (dq * scale).astype(outs[0].dtype)
+  )
+  if learned:
+    outs[1][...] = dfrac
+
+
+def _dkv_packed_kernel(*refs, window, groups, scale, block_q, seq_len, num_rungs=None):
+  # q/do [T, G, D]; k/v/dk/dv [C, D] (learned: also k/v [T, D], for the neighbour rows);
+  # lse/delta [G, T]. Key block [j0, j0 + C). A static rung d reaches row j from query j + d.
+  # A learned rung reaches row j from query j + lo (weight 1 - f, its other key the row
+  # before) and from query j + lo + 1 (weight f, its other key the row after); query lo also
+  # reads row 0 with weight f (the clamp), which lands on row 0.
+  learned = num_rungs is not None
+  tables = refs[: 3 if learned else 1]
+  rest = refs[len(tables) :]
+  if learned:
+    q_ref, k_ref, v_ref, kall_ref, vall_ref, do_ref, lse_ref, delta_ref, dk_ref, dv_ref = rest
+  else:
+    q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dk_ref, dv_ref = rest
+  j0 = pl.program_id(0) * block_q
+  cols = jnp.arange(k_ref.shape[1])
+  k_CxD, v_CxD = k_ref[...], v_ref[...]
+  c_C = jnp.arange(block_q)
+
+  def queries(first, rows):
+    return _load_packed(
+      first, rows, groups, cols, [q_ref, do_ref], [lse_ref, delta_ref], seq_len=seq_len
+    )
+
+  r_M, qr_M, valid, (q_w, do_w), (lse_w, delta_w) = queries(j0, _pow2_at_least(block_q + window))
+  rel = qr_M[:, None] - (j0 + c_C)[None, :]
+  keep = (rel >= 0) & (rel <= window) & valid[:, None]
+  zeros = jnp.zeros((block_q, k_ref.shape[1]), jnp.float32)
+  dk, dv = _dkv_tile(zeros, zeros, q_w, do_w, lse_w, delta_w, k_CxD, v_CxD, keep, scale)
+
+  def diagonal(first, carry, k_a, v_a, k_b=None, v_b=None, f=0.0, kept=True, w_C=None):
+    r_M, _, valid, (q_M, do_M), (lse_M, delta_M) = queries(first, block_q)
+    keep = (r_M[:, None] == c_C[None, :]) & valid[:, None] & kept
+    if k_b is None:
+      return _dkv_tile(*carry, q_M, do_M, lse_M, delta_M, k_a, v_a, keep, scale)
+    # A learned rung's blended key: the tile's scores and values are linear in it.
+    s = (1 - f) * plgpu.dot(q_M, k_a, trans_b=True) + f * plgpu.dot(q_M, k_b, trans_b=True)
+    p = jnp.where(keep, jnp.exp(s * scale - lse_M[:, None]), 0.0)
+    dp = (1 - f) * plgpu.dot(do_M, v_a, trans_b=True) + f * plgpu.dot(do_M, v_b, trans_b=True)
+    ds = p * (dp - delta_M[:, None])
+    dk, dv = carry
+    dv = dv + plgpu.dot((p * w_C[None, :]).astype(do_M.dtype), do_M, trans_a=True)
+    dk = dk + plgpu.dot((ds * w_C[None, :]).astype(q_M.dtype), q_M, trans_a=True)
+    return dk, dv
+
+  if learned:
+    every = c_C >= 0
+    before = jnp.maximum(j0 + c_C - 1, 0)
+    after = jnp.minimum(j0 + c_C + 1, seq_len - 1)
+    k_before, v_before = _rows(kall_ref, before, cols, every), _rows(vall_ref, before, cols, every)
+    k_after, v_after = _rows(kall_ref, after, cols, every), _rows(vall_ref, after, cols, every)
+
+  def rung(j, carry):
+    if not learned:
+      return diagonal(j0 + tables[0][1 + j], carry, k_CxD, v_CxD)
+    lo, f, kept = tables[0][j], tables[1][j], tables[2][j] != 0
+    w_a = (1 - f) + jnp.where(j0 + c_C == 0, f, 0.0)  # the clamp of query lo onto row 0
+    carry = diagonal(j0 + lo, carry, k_CxD, v_CxD, k_before, v_before, f, kept, w_a)
+    w_b = jnp.full((block_q,), f, jnp.float32)
+    return diagonal(j0 + lo + 1, carry, k_after, v_after, k_CxD, v_CxD, f, kept, w_b)
+
+  count = num_rungs if learned else tables[0][0]
+  dk, dv = lax.fori_loop(0, count, rung, (dk, dv))
   dk_ref[...] = (dk * scale).astype(dk_ref.dtype)
   dv_ref[...] = dv.astype(dv_ref.dtype)
 
 
-def _packed_specs(seq_len, groups, head_dim, bq, table):
-  table_spec = pl.BlockSpec(table.shape, lambda i, b, h: (0,))
-  q_blk = pl.BlockSpec((None, bq, groups, head_dim), lambda i, b, h: (b, i, h, 0))
-  kv_all = pl.BlockSpec((None, seq_len, None, head_dim), lambda i, b, h: (b, 0, h, 0))
-  return table_spec, q_blk, kv_all
+def _packed_specs(seq_len, groups, head_dim, bq, tables):
+  """BlockSpecs of the packed kernels, by name."""
+  return dict(
+    table=[pl.BlockSpec(t.shape, lambda i, b, h: (0,)) for t in tables],
+    q_blk=pl.BlockSpec((None, bq, groups, head_dim), lambda i, b, h: (b, i, h, 0)),
+    q_all=pl.BlockSpec((None, seq_len, groups, head_dim), lambda i, b, h: (b, 0, h, 0)),
+    kv_blk=pl.BlockSpec((None, bq, None, head_dim), lambda i, b, h: (b, i, h, 0)),
+    kv_all=pl.BlockSpec((None, seq_len, None, head_dim), lambda i, b, h: (b, 0, h, 0)),
+    stat_blk=pl.BlockSpec((None, groups, bq), lambda i, b, h: (b, h, i)),
+    stat_all=pl.BlockSpec((None, groups, seq_len), lambda i, b, h: (b, h, 0)),
+  )
 
 
-@functools.partial(jax.jit, static_argnames=("window", "blocks", "interpret"))
-def _forward_packed(q, k, v, table, *, window, blocks: GpuBlocks, interpret: bool):
+def _packed_forward(q, k, v, tables, *, window, blocks, interpret, num_rungs=None):
   bsz, seq_len, num_heads, head_dim = q.shape
   num_kv = k.shape[2]
   groups = num_heads // num_kv
   bq = blocks.block_q
-  table_spec, q_blk, kv_all = _packed_specs(seq_len, groups, head_dim, bq, table)
+  sp = _packed_specs(seq_len, groups, head_dim, bq, tables)
   kernel = functools.partial(
-    _fwd_packed_kernel, window=window, groups=groups, scale=head_dim**-0.5, block_q=bq
-  )
+    _fwd_packed_kernel, window=window, groups=groups, scale=head_dim**-0.5, block_q=bq,
+    num_rungs=num_rungs,
+  )  # fmt: skip
   return pl.pallas_call(
     kernel,
     grid=(seq_len // bq, bsz, num_kv),
-    in_specs=[table_spec, q_blk, kv_all, kv_all],
-    out_specs=[q_blk, pl.BlockSpec((None, groups, bq), lambda i, b, h: (b, h, i))],
+    in_specs=[*sp["table"], sp["q_blk"], sp["kv_all"], sp["kv_all"]],
+    out_specs=[sp["q_blk"], sp["stat_blk"]],
     out_shape=[
       jax.ShapeDtypeStruct(q.shape, q.dtype),
       jax.ShapeDtypeStruct((bsz, num_heads, seq_len), jnp.float32),
     ],
     compiler_params=_params(blocks.num_warps, blocks.num_stages, interpret),
     interpret=interpret,
-    name="fib_attention_packed_fwd",
-  )(table, q, k, v)
+    name="fib_attention_learned_fwd" if num_rungs is not None else "fib_attention_packed_fwd",
+  )(*tables, q, k, v)
 
 
-@functools.partial(jax.jit, static_argnames=("window", "blocks", "interpret"))
-def _backward_packed(q, k, v, o, lse, do, table, *, window, blocks, interpret, dlse=None):
+def _packed_backward(q, k, v, o, lse, do, tables, *, window, blocks, interpret, dlse, num_rungs):
+  learned = num_rungs is not None
   bsz, seq_len, num_heads, head_dim = q.shape
   num_kv = k.shape[2]
   groups = num_heads // num_kv
@@ -551,301 +663,72 @@ def _backward_packed(q, k, v, o, lse, do, table, *, window, blocks, interpret, d
   if dlse is not None:
     delta = delta - dlse
   params = _params(blocks.num_warps_bwd, blocks.num_stages, interpret)
-  statics = dict(window=window, groups=groups, scale=head_dim**-0.5, block_q=bq)
-  table_spec, q_blk, kv_all = _packed_specs(seq_len, groups, head_dim, bq, table)
-  q_all = pl.BlockSpec((None, seq_len, groups, head_dim), lambda i, b, h: (b, 0, h, 0))
-  kv_blk = pl.BlockSpec((None, bq, None, head_dim), lambda i, b, h: (b, i, h, 0))
-  stat_blk = pl.BlockSpec((None, groups, bq), lambda i, b, h: (b, h, i))
-  stat_all = pl.BlockSpec((None, groups, seq_len), lambda i, b, h: (b, h, 0))
+  statics = dict(
+    window=window, groups=groups, scale=head_dim**-0.5, block_q=bq, num_rungs=num_rungs
+  )
+  sp = _packed_specs(seq_len, groups, head_dim, bq, tables)
   grid = (seq_len // bq, bsz, num_kv)
-  dq = pl.pallas_call(
+  kind = "learned" if learned else "packed"
+  # Learned: each program's d loss / d f_r, summed over programs below.
+  rungs_pad = tables[0].shape[0]
+  dfrac_spec = pl.BlockSpec((None, None, None, rungs_pad), lambda i, b, h: (b, h, i, 0))
+  dfrac_shape = jax.ShapeDtypeStruct((bsz, num_kv, seq_len // bq, rungs_pad), jnp.float32)
+  dq_out = pl.pallas_call(
     functools.partial(_dq_packed_kernel, **statics),
     grid=grid,
-    in_specs=[table_spec, q_blk, kv_all, kv_all, q_blk, stat_blk, stat_blk],
-    out_specs=q_blk,
-    out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype),
+    in_specs=[*sp["table"], sp["q_blk"], sp["kv_all"], sp["kv_all"], sp["q_blk"]]
+    + [sp["stat_blk"], sp["stat_blk"]],
+    out_specs=[sp["q_blk"], *([dfrac_spec] if learned else [])],
+    out_shape=[jax.ShapeDtypeStruct(q.shape, q.dtype), *([dfrac_shape] if learned else [])],
     compiler_params=params,
     interpret=interpret,
-    name="fib_attention_packed_dq",
-  )(table, q, k, v, do, lse, delta)
+    name=f"fib_attention_{kind}_dq",
+  )(*tables, q, k, v, do, lse, delta)
+  # Learned: K and V also whole, for the rows next to the block (a rung's other end).
+  kv_specs = [sp["kv_blk"], sp["kv_blk"], *([sp["kv_all"], sp["kv_all"]] if learned else [])]
   dk, dv = pl.pallas_call(
     functools.partial(_dkv_packed_kernel, **statics, seq_len=seq_len),
     grid=grid,
-    in_specs=[table_spec, q_all, kv_blk, kv_blk, q_all, stat_all, stat_all],
-    out_specs=[kv_blk, kv_blk],
+    in_specs=[*sp["table"], sp["q_all"], *kv_specs, sp["q_all"], sp["stat_all"], sp["stat_all"]],
+    out_specs=[sp["kv_blk"], sp["kv_blk"]],
     out_shape=[jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)],
     compiler_params=params,
     interpret=interpret,
-    name="fib_attention_packed_dkv",
-  )(table, q, k, v, do, lse, delta)
-  return dq, dk, dv
+    name=f"fib_attention_{kind}_dkv",
+  )(*tables, q, k, v, *((k, v) if learned else ()), do, lse, delta)
+  if learned:
+    return dq_out[0], dk, dv, dq_out[1].sum(axis=(0, 1, 2))[:num_rungs]
+  return dq_out[0], dk, dv
 
 
-# ----------------------------------------------------------------------------------------------
-# Learned rungs in the packed kernels. Rung r of a learned layer has a run-time floor lo_r and
-# weight f_r: query i reads the key (1 - f) k[i - lo] + f k[max(i - lo - 1, 0)] (and the same
-# value blend), valid where i >= lo and the rung is kept. Scores and values are linear in the
-# blend, so each rung is two tensor-core matmuls on the two integer-offset tiles, mixed by f;
-# the dq kernel also returns each program's d f_r, which reaches alpha through f = alpha b - lo.
+@functools.partial(jax.jit, static_argnames=("window", "blocks", "interpret"))
+def _forward_packed(q, k, v, table, *, window, blocks: GpuBlocks, interpret: bool):
+  return _packed_forward(q, k, v, (table,), window=window, blocks=blocks, interpret=interpret)
 
 
-def _learned_rung_scalars(lo_ref, frac_ref, keep_ref, j):
-  return lo_ref[j], frac_ref[j], keep_ref[j] != 0
-
-
-def _learned_fwd_kernel(
-  lo_ref, frac_ref, keep_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, *, window, groups, scale,
-  block_q, num_rungs,
-):  # fmt: skip
-  i0 = pl.program_id(0) * block_q
-  cols = jnp.arange(k_ref.shape[1])
-  r_M, g_M = _packed(block_q, groups)
-  q_MxD = plgpu.load(q_ref.at[r_M[:, None], g_M[:, None], cols[None, :]])
-  rows_M = i0 + r_M
-  cw = _pow2_at_least(block_q + window)
-  kw_C = i0 + block_q - cw + jnp.arange(cw)
-  k_CxD = _rows(k_ref, kw_C, cols, kw_C >= 0)
-  v_CxD = _rows(v_ref, kw_C, cols, kw_C >= 0)
-  rel = rows_M[:, None] - kw_C[None, :]
-  keep = (rel >= 0) & (rel <= window) & (kw_C >= 0)[None, :]
-  s_MxC = jnp.where(keep, plgpu.dot(q_MxD, k_CxD, trans_b=True) * scale, MASK_VALUE)
-  m_M = jnp.max(s_MxC, axis=1)
-  p_MxC = jnp.exp(s_MxC - m_M[:, None])
-  carry = (plgpu.dot(p_MxC.astype(v_CxD.dtype), v_CxD), m_M, jnp.sum(p_MxC, axis=1))
-  c_Q = jnp.arange(block_q)
-  diag = r_M[:, None] == c_Q[None, :]
-
-  def rung(j, carry):
-    acc, m, l = carry
-    lo, f, kept = _learned_rung_scalars(lo_ref, frac_ref, keep_ref, j)
-    ka_Q = i0 + c_Q - lo
-    kb_Q = jnp.maximum(ka_Q - 1, 0)
-    valid = ka_Q >= 0
-    k_a, k_b = _rows(k_ref, ka_Q, cols, valid), _rows(k_ref, kb_Q, cols, valid)
-    v_a, v_b = _rows(v_ref, ka_Q, cols, valid), _rows(v_ref, kb_Q, cols, valid)
-    s = (1 - f) * plgpu.dot(q_MxD, k_a, trans_b=True) + f * plgpu.dot(q_MxD, k_b, trans_b=True)
-    s = jnp.where(diag & valid[None, :] & kept, s * scale, MASK_VALUE)
-    m_new = jnp.maximum(m, jnp.max(s, axis=1))
-    corr = jnp.exp(m - m_new)
-    p = jnp.exp(s - m_new[:, None])
-    pv = p.astype(v_a.dtype)
-    acc = acc * corr[:, None] + (1 - f) * plgpu.dot(pv, v_a) + f * plgpu.dot(pv, v_b)
-    return acc, m_new, l * corr + jnp.sum(p, axis=1)
-
-  acc, m_M, l_M = lax.fori_loop(0, num_rungs, rung, carry)
-  plgpu.store(
-    o_ref.at[r_M[:, None], g_M[:, None], cols[None, :]], (acc / l_M[:, None]).astype(o_ref.dtype)
-  )
-  plgpu.store(lse_ref.at[g_M, r_M], m_M + jnp.log(l_M))
-
-
-def _learned_dq_kernel(
-  lo_ref, frac_ref, keep_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dq_ref,
-  dfrac_ref, *, window, groups, scale, block_q, num_rungs,
-):  # fmt: skip
-  # dfrac_ref [R_pad]: this program's d loss / d f_r.
-  i0 = pl.program_id(0) * block_q
-  cols = jnp.arange(k_ref.shape[1])
-  r_M, g_M = _packed(block_q, groups)
-  tile = (r_M[:, None], g_M[:, None], cols[None, :])
-  q_MxD = plgpu.load(q_ref.at[tile])
-  do_MxD = plgpu.load(do_ref.at[tile])
-  lse_M = plgpu.load(lse_ref.at[g_M, r_M])
-  delta_M = plgpu.load(delta_ref.at[g_M, r_M])
-  rows_M = i0 + r_M
-  cw = _pow2_at_least(block_q + window)
-  kw_C = i0 + block_q - cw + jnp.arange(cw)
-  k_CxD = _rows(k_ref, kw_C, cols, kw_C >= 0)
-  v_CxD = _rows(v_ref, kw_C, cols, kw_C >= 0)
-  rel = rows_M[:, None] - kw_C[None, :]
-  keep = (rel >= 0) & (rel <= window) & (kw_C >= 0)[None, :]
-  p = jnp.where(keep, jnp.exp(plgpu.dot(q_MxD, k_CxD, trans_b=True) * scale - lse_M[:, None]), 0.0)
-  ds = p * (plgpu.dot(do_MxD, v_CxD, trans_b=True) - delta_M[:, None])
-  dq = plgpu.dot(ds.astype(k_CxD.dtype), k_CxD)
-  c_Q = jnp.arange(block_q)
-  diag = r_M[:, None] == c_Q[None, :]
-  slots = jnp.arange(dfrac_ref.shape[0])
-
-  def rung(j, carry):
-    dq, dfrac = carry
-    lo, f, kept = _learned_rung_scalars(lo_ref, frac_ref, keep_ref, j)
-    ka_Q = i0 + c_Q - lo
-    kb_Q = jnp.maximum(ka_Q - 1, 0)
-    valid = ka_Q >= 0
-    k_a, k_b = _rows(k_ref, ka_Q, cols, valid), _rows(k_ref, kb_Q, cols, valid)
-    v_a, v_b = _rows(v_ref, ka_Q, cols, valid), _rows(v_ref, kb_Q, cols, valid)
-    s_a = plgpu.dot(q_MxD, k_a, trans_b=True) * scale
-    s_b = plgpu.dot(q_MxD, k_b, trans_b=True) * scale
-    keep = diag & valid[None, :] & kept
-    p = jnp.where(keep, jnp.exp((1 - f) * s_a + f * s_b - lse_M[:, None]), 0.0)
-    dp_a = plgpu.dot(do_MxD, v_a, trans_b=True)
-    dp_b = plgpu.dot(do_MxD, v_b, trans_b=True)
-    ds = p * ((1 - f) * dp_a + f * dp_b - delta_M[:, None])
-    dsk = ds.astype(k_a.dtype)
-    dq = dq + (1 - f) * plgpu.dot(dsk, k_a) + f * plgpu.dot(dsk, k_b)
-    d_f = jnp.sum(ds * (s_b - s_a) + p * (dp_b - dp_a))
-    return dq, dfrac + jnp.where(slots == j, d_f, 0.0)
-
-  dq, dfrac = lax.fori_loop(0, num_rungs, rung, (dq, jnp.zeros(dfrac_ref.shape, jnp.float32)))
-  plgpu.store(dq_ref.at[tile], (dq * scale).astype(dq_ref.dtype))
-  dfrac_ref[...] = dfrac
-
-
-def _learned_dkv_kernel(
-  lo_ref, frac_ref, keep_ref, q_ref, k_ref, v_ref, kall_ref, vall_ref, do_ref, lse_ref,
-  delta_ref, dk_ref, dv_ref, *, window, groups, scale, block_q, seq_len, num_rungs,
-):  # fmt: skip
-  # Key block [j0, j0 + C). Rung r reaches row j from query j + lo (weight 1 - f, its other
-  # key the row before, j - 1) and from query j + lo + 1 (weight f, its other key the row
-  # after); query lo also reads row 0 with weight f (the clamp), which lands on row 0.
-  j0 = pl.program_id(0) * block_q
-  cols = jnp.arange(k_ref.shape[1])
-  k_CxD, v_CxD = k_ref[...], v_ref[...]
-  c_C = jnp.arange(block_q)
-  before = jnp.maximum(j0 + c_C - 1, 0)
-  after = jnp.minimum(j0 + c_C + 1, seq_len - 1)
-  every = c_C >= 0
-  k_before, v_before = _rows(kall_ref, before, cols, every), _rows(vall_ref, before, cols, every)
-  k_after, v_after = _rows(kall_ref, after, cols, every), _rows(vall_ref, after, cols, every)
-
-  def queries(first_row, rows):
-    r_M, g_M = _packed(rows, groups)
-    qr_M = first_row + r_M
-    valid = qr_M < seq_len
-    qr_c = jnp.minimum(qr_M, seq_len - 1)
-    at = (qr_c[:, None], g_M[:, None], cols[None, :])
-    return (
-      r_M,
-      qr_M,
-      valid,
-      plgpu.load(q_ref.at[at], mask=valid[:, None], other=0.0),
-      plgpu.load(do_ref.at[at], mask=valid[:, None], other=0.0),
-      plgpu.load(lse_ref.at[g_M, qr_c], mask=valid, other=0.0),
-      plgpu.load(delta_ref.at[g_M, qr_c], mask=valid, other=0.0),
-    )
-
-  # The window: the integer band, as in the packed dkv kernel.
-  r_M, qr_M, valid, q_w, do_w, lse_w, delta_w = queries(j0, _pow2_at_least(block_q + window))
-  rel = qr_M[:, None] - (j0 + c_C)[None, :]
-  keep = (rel >= 0) & (rel <= window) & valid[:, None]
-  p = jnp.where(keep, jnp.exp(plgpu.dot(q_w, k_CxD, trans_b=True) * scale - lse_w[:, None]), 0.0)
-  dv = plgpu.dot(p.astype(do_w.dtype), do_w, trans_a=True)
-  ds = p * (plgpu.dot(do_w, v_CxD, trans_b=True) - delta_w[:, None])
-  dk = plgpu.dot(ds.astype(q_w.dtype), q_w, trans_a=True)
-
-  def tile(carry, first_row, f, kept, k_a, v_a, k_b, v_b, w_C):
-    """Queries first_row + c (x G heads) whose rung key is (1 - f) k_a[c] + f k_b[c]; adds
-    their gradients, weighted by w_C, to this block's rows."""
-    dk, dv = carry
-    r_M, _, valid, q_M, do_M, lse_M, delta_M = queries(first_row, block_q)
-    keep = (r_M[:, None] == c_C[None, :]) & valid[:, None] & kept
-    s_a = plgpu.dot(q_M, k_a, trans_b=True) * scale
-    s_b = plgpu.dot(q_M, k_b, trans_b=True) * scale
-    p = jnp.where(keep, jnp.exp((1 - f) * s_a + f * s_b - lse_M[:, None]), 0.0)
-    dp = (1 - f) * plgpu.dot(do_M, v_a, trans_b=True) + f * plgpu.dot(do_M, v_b, trans_b=True)
-    ds = p * (dp - delta_M[:, None])
-    dv = dv + plgpu.dot((p * w_C[None, :]).astype(do_M.dtype), do_M, trans_a=True)
-    dk = dk + plgpu.dot((ds * w_C[None, :]).astype(q_M.dtype), q_M, trans_a=True)
-    return dk, dv
-
-  def rung(j, carry):
-    lo, f, kept = _learned_rung_scalars(lo_ref, frac_ref, keep_ref, j)
-    w_a = (1 - f) + jnp.where(j0 + c_C == 0, f, 0.0)  # the clamp of query lo onto row 0
-    carry = tile(carry, j0 + lo, f, kept, k_CxD, v_CxD, k_before, v_before, w_a)
-    w_b = jnp.full((block_q,), f, jnp.float32)
-    return tile(carry, j0 + lo + 1, f, kept, k_after, v_after, k_CxD, v_CxD, w_b)
-
-  dk, dv = lax.fori_loop(0, num_rungs, rung, (dk, dv))
-  dk_ref[...] = (dk * scale).astype(dk_ref.dtype)
-  dv_ref[...] = dv.astype(dv_ref.dtype)
-
-
-def _learned_tables(lo, frac, keep):
-  size = -(-lo.shape[0] // 16) * 16
-  pad = (0, size - lo.shape[0])
-  return (
-    jnp.pad(lo.astype(jnp.int32), pad),
-    jnp.pad(frac.astype(jnp.float32), pad),
-    jnp.pad(keep.astype(jnp.int32), pad),
-  )
+@functools.partial(jax.jit, static_argnames=("window", "blocks", "interpret"))
+def _backward_packed(q, k, v, o, lse, do, table, *, window, blocks, interpret, dlse=None):
+  return _packed_backward(
+    q, k, v, o, lse, do, (table,), window=window, blocks=blocks, interpret=interpret, dlse=dlse,
+    num_rungs=None,
+  )  # fmt: skip
 
 
 @functools.partial(jax.jit, static_argnames=("window", "blocks", "interpret"))
 def learned_forward(q, k, v, lo, frac, keep, *, window, blocks: GpuBlocks, interpret: bool):
   """A learned layer's attention: the window 0..W and rungs r with run-time (lo_r, f_r,
   keep_r) [R]; q [B,T,H,D], k/v [B,T,K,D], T a multiple of block_q -> (o, lse [B,H,T])."""
-  bsz, seq_len, num_heads, head_dim = q.shape
-  num_kv = k.shape[2]
-  groups = num_heads // num_kv
-  bq = blocks.block_q
   tables = _learned_tables(lo, frac, keep)
-  table_spec = pl.BlockSpec(tables[0].shape, lambda i, b, h: (0,))
-  _, q_blk, kv_all = _packed_specs(seq_len, groups, head_dim, bq, tables[0])
-  kernel = functools.partial(
-    _learned_fwd_kernel, window=window, groups=groups, scale=head_dim**-0.5, block_q=bq,
-    num_rungs=lo.shape[0],
-  )  # fmt: skip
-  return pl.pallas_call(
-    kernel,
-    grid=(seq_len // bq, bsz, num_kv),
-    in_specs=[table_spec] * 3 + [q_blk, kv_all, kv_all],
-    out_specs=[q_blk, pl.BlockSpec((None, groups, bq), lambda i, b, h: (b, h, i))],
-    out_shape=[
-      jax.ShapeDtypeStruct(q.shape, q.dtype),
-      jax.ShapeDtypeStruct((bsz, num_heads, seq_len), jnp.float32),
-    ],
-    compiler_params=_params(blocks.num_warps, blocks.num_stages, interpret),
-    interpret=interpret,
-    name="fib_attention_learned_fwd",
-  )(*tables, q, k, v)
+  return _packed_forward(
+    q, k, v, tables, window=window, blocks=blocks, interpret=interpret, num_rungs=lo.shape[0]
+  )
 
 
 @functools.partial(jax.jit, static_argnames=("window", "blocks", "interpret"))
 def learned_backward(q, k, v, o, lse, do, lo, frac, keep, *, window, blocks, interpret):
   """(dq, dk, dv, dfrac [R]) of `learned_forward`."""
-  bsz, seq_len, num_heads, head_dim = q.shape
-  num_kv = k.shape[2]
-  groups = num_heads // num_kv
-  bq = blocks.block_q_bwd
-  num_q_blocks = seq_len // bq
-  delta = jnp.einsum("bthd,bthd->bht", o.astype(jnp.float32), do.astype(jnp.float32))
-  params = _params(blocks.num_warps_bwd, blocks.num_stages, interpret)
-  statics = dict(
-    window=window, groups=groups, scale=head_dim**-0.5, block_q=bq, num_rungs=lo.shape[0]
-  )
   tables = _learned_tables(lo, frac, keep)
-  table_spec = pl.BlockSpec(tables[0].shape, lambda i, b, h: (0,))
-  _, q_blk, kv_all = _packed_specs(seq_len, groups, head_dim, bq, tables[0])
-  q_all = pl.BlockSpec((None, seq_len, groups, head_dim), lambda i, b, h: (b, 0, h, 0))
-  kv_blk = pl.BlockSpec((None, bq, None, head_dim), lambda i, b, h: (b, i, h, 0))
-  stat_blk = pl.BlockSpec((None, groups, bq), lambda i, b, h: (b, h, i))
-  stat_all = pl.BlockSpec((None, groups, seq_len), lambda i, b, h: (b, h, 0))
-  rungs_pad = tables[0].shape[0]
-  grid = (num_q_blocks, bsz, num_kv)
-  dq, dfrac = pl.pallas_call(
-    functools.partial(_learned_dq_kernel, **statics),
-    grid=grid,
-    in_specs=[table_spec] * 3 + [q_blk, kv_all, kv_all, q_blk, stat_blk, stat_blk],
-    out_specs=[
-      q_blk,
-      pl.BlockSpec((None, None, None, rungs_pad), lambda i, b, h: (b, h, i, 0)),
-    ],
-    out_shape=[
-      jax.ShapeDtypeStruct(q.shape, q.dtype),
-      jax.ShapeDtypeStruct((bsz, num_kv, num_q_blocks, rungs_pad), jnp.float32),
-    ],
-    compiler_params=params,
-    interpret=interpret,
-    name="fib_attention_learned_dq",
-  )(*tables, q, k, v, do, lse, delta)
-  dk, dv = pl.pallas_call(
-    functools.partial(_learned_dkv_kernel, **statics, seq_len=seq_len),
-    grid=grid,
-    in_specs=[table_spec] * 3 + [q_all, kv_blk, kv_blk, kv_all, kv_all, q_all, stat_all, stat_all],
-    out_specs=[kv_blk, kv_blk],
-    out_shape=[jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)],
-    compiler_params=params,
-    interpret=interpret,
-    name="fib_attention_learned_dkv",
-  )(*tables, q, k, v, k, v, do, lse, delta)
-  return dq, dk, dv, dfrac.sum(axis=(0, 1, 2))[: lo.shape[0]]
+  return _packed_backward(
+    q, k, v, o, lse, do, tables, window=window, blocks=blocks, interpret=interpret, dlse=None,
+    num_rungs=lo.shape[0],
+  )  # fmt: skip
