@@ -215,8 +215,10 @@ def fib_attention_learned(
   check_qkv(q, k, v)
   if backend not in ("gpu", "gpu_interpret"):
     raise ValueError(f"learned rungs run in the GPU kernels only; got {backend=}")
-  if not (lo.shape == frac.shape == keep.shape and lo.ndim == 1):
-    raise ValueError(f"lo, frac and keep must be [R]; got {lo.shape}, {frac.shape}, {keep.shape}")
+  if not (lo.shape == frac.shape == keep.shape and lo.ndim == 1 and lo.shape[0] >= 1):
+    raise ValueError(
+      f"lo, frac and keep must be [R] with R >= 1; got {lo.shape}, {frac.shape}, {keep.shape}"
+    )
   blocks = dataclasses.replace(blocks or gpu.GpuBlocks(), kernel="packed")
   k, v = k.astype(q.dtype), v.astype(q.dtype)
   return _attend_learned(q, k, v, lo, frac, keep, int(window), backend, blocks)

@@ -19,7 +19,12 @@ import pytest
 
 from fibax import attention
 from fibax.patterns import LearnedPattern, Pattern
-from kernels_pallas import fib_attention, fib_attention_lse, fib_attention_reference
+from kernels_pallas import (
+  fib_attention,
+  fib_attention_learned,
+  fib_attention_lse,
+  fib_attention_reference,
+)
 from kernels_pallas.gpu import GpuBlocks
 
 NUM_CASES = 50
@@ -347,6 +352,17 @@ def test_cases_cover_the_required_shapes():
   assert {c["num_heads"] // c["num_kv"] for c in cases} == {1, 2, 4}
   assert {c["head_dim"] for c in cases} >= {64, 128}
   assert {c["dtype"] for c in cases} == {jnp.float32, jnp.bfloat16}
+
+
+def test_bad_learned_arguments():
+  q = jnp.zeros((1, 8, 4, 16))
+  lo, frac, keep = jnp.array([3, 5]), jnp.array([0.5, 0.25]), jnp.array([True, True])
+  with pytest.raises(ValueError, match="GPU kernels only; got backend='tpu'"):
+    fib_attention_learned(q, q, q, 2, lo, frac, keep, backend="tpu")
+  with pytest.raises(ValueError, match=r"must be \[R\] with R >= 1; got \(2,\), \(1,\)"):
+    fib_attention_learned(q, q, q, 2, lo, frac[:1], keep, backend="gpu_interpret")
+  with pytest.raises(ValueError, match=r"got \(0,\)"):
+    fib_attention_learned(q, q, q, 2, lo[:0], frac[:0], keep[:0], backend="gpu_interpret")
 
 
 def test_bad_arguments():
