@@ -373,8 +373,9 @@ def rung_table(far: tuple[int, ...]) -> jax.Array:
 
 
 def _learned_tables(lo, frac, keep):
-  """The learned rungs' floors, weights and kept flags, padded to a multiple of 16."""
-  pad = (0, -(-lo.shape[0] // 16) * 16 - lo.shape[0])
+  """The learned rungs' floors, weights and kept flags, padded to a power of two >= 16 (the
+  dq kernel's per-rung gradient is a vector of that length)."""
+  pad = (0, _pow2_at_least(lo.shape[0]) - lo.shape[0])
   return (
     jnp.pad(lo.astype(jnp.int32), pad),
     jnp.pad(frac.astype(jnp.float32), pad),
@@ -572,11 +573,17 @@ def _dkv_packed_kernel(*refs, window, groups, scale, block_q, seq_len, num_rungs
       first, rows, groups, cols, [q_ref, do_ref], [lse_ref, delta_ref], seq_len=seq_len
     )
 
-  r_M, qr_M, valid, (q_w, do_w), (lse_w, delta_w) = queries(j0, _pow2_at_least(block_q + window))
-  rel = qr_M[:, None] - (j0 + c_C)[None, :]
-  keep = (rel >= 0) & (rel <= window) & valid[:, None]
+  # The window: query rows j0 .. j0 + C - 1 + W, Q rows (x G heads) at a time, so the packed
+  # tile stays Q * G rows (a pow2(Q + W) * G-row tile overflows shared memory at large W).
+  def window_chunk(n, carry):
+    _, qr_M, valid, (q_w, do_w), (lse_w, delta_w) = queries(j0 + n * block_q, block_q)
+    rel = qr_M[:, None] - (j0 + c_C)[None, :]
+    keep = (rel >= 0) & (rel <= window) & valid[:, None]
+    return _dkv_tile(*carry, q_w, do_w, lse_w, delta_w, k_CxD, v_CxD, keep, scale)
+
   zeros = jnp.zeros((block_q, k_ref.shape[1]), jnp.float32)
-  dk, dv = _dkv_tile(zeros, zeros, q_w, do_w, lse_w, delta_w, k_CxD, v_CxD, keep, scale)
+  chunks = -(-(block_q + window) // block_q)
+  dk, dv = lax.fori_loop(0, chunks, window_chunk, (zeros, zeros))
 
   def diagonal(first, carry, k_a, v_a, k_b=None, v_b=None, f=0.0, kept=True, w_C=None):
     r_M, _, valid, (q_M, do_M), (lse_M, delta_M) = queries(first, block_q)

@@ -141,7 +141,7 @@ def fib_attention(
   Returns:
     o [B, T, H, D] in q's dtype.
   """
-  _check(q, k, v, pattern, backend)
+  _check(q, k, v, pattern, backend, blocks)
   return _attend(q, k.astype(q.dtype), v.astype(q.dtype), pattern, backend, blocks)
 
 
@@ -158,7 +158,7 @@ def fib_attention_lse(
   differentiable: a caller can merge this softmax with scores of its own (the learned path
   adds its fractional rungs so). The lse cotangent enters the kernels' backward through
   delta: d lse / d s_j = p_j, so ds_j = p_j (dp_j - (delta - dlse))."""
-  _check(q, k, v, pattern, backend)
+  _check(q, k, v, pattern, backend, blocks)
   return _attend_lse(q, k.astype(q.dtype), v.astype(q.dtype), pattern, backend, blocks)
 
 
@@ -220,14 +220,30 @@ def fib_attention_learned(
       f"lo, frac and keep must be [R] with R >= 1; got {lo.shape}, {frac.shape}, {keep.shape}"
     )
   blocks = dataclasses.replace(blocks or gpu.GpuBlocks(), kernel="packed")
+  _check_triton_shapes(q, k, backend, packed=True)
   k, v = k.astype(q.dtype), v.astype(q.dtype)
   return _attend_learned(q, k, v, lo, frac, keep, int(window), backend, blocks)
 
 
-def _check(q, k, v, pattern, backend):
+def _check_triton_shapes(q, k, backend, packed: bool):
+  """Triton tiles have power-of-two sides >= 16: the head dim, and the packed kernels' Q * G
+  rows. The interpreters take any shape; a GPU would fail deep in compilation."""
+  if backend != "gpu":
+    return
+  head_dim, groups = q.shape[3], q.shape[2] // k.shape[2]
+  if head_dim < 16 or head_dim & (head_dim - 1):
+    raise ValueError(f"the GPU kernels need a power-of-two head dim >= 16; got {head_dim=}")
+  if packed and groups & (groups - 1):
+    raise ValueError(
+      f"the packed GPU kernels need a power-of-two number of query heads per kv head; got {groups=}"
+    )
+
+
+def _check(q, k, v, pattern, backend, blocks=None):
   check_qkv(q, k, v)
   if backend not in BACKENDS:
     raise ValueError(f"unknown {backend=}; expected one of {BACKENDS}")
+  _check_triton_shapes(q, k, backend, packed=getattr(blocks, "kernel", None) == "packed")
   if not isinstance(pattern, Pattern):
     raise ValueError(f"pattern must be a fibax.patterns.Pattern, got {type(pattern).__name__}")
   if q.dtype not in (jnp.float32, jnp.bfloat16, jnp.float16):

@@ -365,6 +365,20 @@ def test_bad_learned_arguments():
     fib_attention_learned(q, q, q, 2, lo[:0], frac[:0], keep[:0], backend="gpu_interpret")
 
 
+def test_shapes_triton_cannot_tile_are_refused_before_compiling():
+  q, k = jnp.zeros((1, 8, 6, 48)), jnp.zeros((1, 8, 2, 48))
+  with pytest.raises(ValueError, match="power-of-two head dim >= 16; got head_dim=48"):
+    fib_attention(q, k, k, Pattern(2), backend="gpu")
+  q, k = jnp.zeros((1, 8, 6, 64)), jnp.zeros((1, 8, 2, 64))
+  with pytest.raises(ValueError, match="per kv head; got groups=3"):
+    fib_attention(q, k, k, Pattern(2), backend="gpu", blocks=GpuBlocks(kernel="packed"))
+  with pytest.raises(ValueError, match="per kv head; got groups=3"):
+    table = (jnp.array([3]), jnp.array([0.5]), jnp.array([True]))
+    fib_attention_learned(q, k, k, 2, *table, backend="gpu")
+  # The interpreter takes them (the model tests use head dim 8).
+  fib_attention(q, k, k, Pattern(2), backend="gpu_interpret", blocks=GpuBlocks(kernel="packed"))
+
+
 def test_bad_arguments():
   q = jnp.zeros((1, 8, 4, 16))
   k = jnp.zeros((1, 8, 3, 16))

@@ -111,3 +111,23 @@ def test_the_model_train_step_lowers_with_each_kernel(impl, schedule):
   # Three layers: the row-wise kernels are per layer, the packed ones shared.
   expected = 3 if impl == "pallas_packed" or schedule == "learned" else 9
   assert len(kernels) == expected
+
+
+def test_learned_kernels_lower_with_any_rung_count():
+  """The dq kernel's per-rung gradient vector is a power of two long, whatever R."""
+  from kernels_pallas import fib_attention_learned
+
+  q = jnp.zeros((1, 256, 8, 64), jnp.bfloat16)
+  k = jnp.zeros((1, 256, 2, 64), jnp.bfloat16)
+  for rungs in (1, 15, 40):
+    lo = jnp.arange(rungs, dtype=jnp.int32) + 20
+    table = (lo, jnp.full((rungs,), 0.5), jnp.ones((rungs,), bool))
+
+    def loss(q, k, v, frac, lo=lo, table=table):
+      o = fib_attention_learned(q, k, v, 12, lo, frac, table[2], backend="gpu")
+      return o.astype(jnp.float32).sum()
+
+    step = jax.jit(jax.grad(loss, argnums=(0, 1, 2, 3)))
+    with jax.sharding.use_abstract_mesh(ONE_H100):
+      text = step.trace(q, k, k, table[1]).lower(lowering_platforms=("cuda",)).as_text()
+    assert len(set(re.findall(r'ir = "(.*?)", ', text, re.S))) == 3, rungs
