@@ -131,3 +131,19 @@ def test_learned_kernels_lower_with_any_rung_count():
     with jax.sharding.use_abstract_mesh(ONE_H100):
       text = step.trace(q, k, k, table[1]).lower(lowering_platforms=("cuda",)).as_text()
     assert len(set(re.findall(r'ir = "(.*?)", ', text, re.S))) == 3, rungs
+
+
+def test_tpu_layers_with_as_many_rungs_share_their_kernels():
+  """The TPU kernels read the rung distances from a table prefetched into SMEM: layers with
+  the same rung count and front padding (the largest rung rounded up to a power of two)
+  compile one kernel each for the forward, dq and dkv."""
+  same_count = [
+    Pattern(12, (13, 21, 34, 55)),
+    Pattern(12, (14, 22, 37, 59)),
+    Pattern(12, (16, 26, 42, 68)),
+    Pattern(12, (20, 31, 51, 83)),
+  ]  # largest rungs 55, 59 -> 64 rows of padding; 68, 83 -> 128
+  text = _lowered_step("tpu", same_count)
+  kernels = re.findall(r"tpu_custom_call.*?backend_config = \"(.*?)\"", text, re.S)
+  # At most the 3 kernels of each padding (12 when each layer compiled its own).
+  assert len(kernels) == 3 * len(same_count) and len(set(kernels)) <= 6
