@@ -431,6 +431,14 @@ def _rung_keys(k_ref, v_ref, i0, lo, cols, block_q, learned):
   return valid, tiles + [None, None] * (not learned)
 
 
+def _rung_scalars(tables, j, learned):
+  """(distance or floor lo, weight f, kept) of rung j: from (lo, f, keep) tables for a
+  learned layer, else from the static table (count, then distances) with f = 0."""
+  if learned:
+    return tables[0][j], tables[1][j], tables[2][j] != 0
+  return tables[0][1 + j], 0.0, True
+
+
 def _fwd_window(q_MxD, k_CxD, v_CxD, keep, scale):
   """The online softmax's carry after the window tile (every query attends d = 0)."""
   s_MxC = jnp.where(keep, plgpu.dot(q_MxD, k_CxD, trans_b=True) * scale, MASK_VALUE)
@@ -439,18 +447,27 @@ def _fwd_window(q_MxD, k_CxD, v_CxD, keep, scale):
   return plgpu.dot(p_MxC.astype(v_CxD.dtype), v_CxD), m_M, jnp.sum(p_MxC, axis=1)
 
 
-def _dq_window(q_MxD, do_MxD, lse_M, delta_M, k_CxD, v_CxD, keep, scale):
-  """(dq / scale) of the window tile."""
+def _dq_tile(q_MxD, do_MxD, lse_M, delta_M, k_CxD, v_CxD, keep, scale):
+  """(dq / scale) of one integer-offset key tile (the window, or a static rung)."""
   p = jnp.where(keep, jnp.exp(plgpu.dot(q_MxD, k_CxD, trans_b=True) * scale - lse_M[:, None]), 0)
   ds = p * (plgpu.dot(do_MxD, v_CxD, trans_b=True) - delta_M[:, None])
   return plgpu.dot(ds.astype(k_CxD.dtype), k_CxD)
 
 
-def _dkv_tile(dk, dv, q_M, do_M, lse_M, delta_M, k_CxD, v_CxD, keep, scale, w_C=None):
-  """Adds the packed queries' gradients to a key block's (dk / scale, dv); w_C weighs each
-  key row (a learned rung's share of it)."""
-  p = jnp.where(keep, jnp.exp(plgpu.dot(q_M, k_CxD, trans_b=True) * scale - lse_M[:, None]), 0)
-  ds = p * (plgpu.dot(do_M, v_CxD, trans_b=True) - delta_M[:, None])
+def _dkv_tile(
+  dk, dv, q_M, do_M, lse_M, delta_M, k_CxD, v_CxD, keep, scale, blend=None, w_C=None
+):  # fmt: skip
+  """Adds the packed queries' gradients to a key block's (dk / scale, dv). With blend =
+  (k_b, v_b, f) the queries' key is the learned blend (1 - f) k + f k_b (scores and values
+  are linear in it), and w_C weighs each key row (this block's share of the blend)."""
+  s = plgpu.dot(q_M, k_CxD, trans_b=True)
+  dp = plgpu.dot(do_M, v_CxD, trans_b=True)
+  if blend is not None:
+    k_b, v_b, f = blend
+    s = (1 - f) * s + f * plgpu.dot(q_M, k_b, trans_b=True)
+    dp = (1 - f) * dp + f * plgpu.dot(do_M, v_b, trans_b=True)
+  p = jnp.where(keep, jnp.exp(s * scale - lse_M[:, None]), 0)
+  ds = p * (dp - delta_M[:, None])
   if w_C is not None:
     p, ds = p * w_C[None, :], ds * w_C[None, :]
   dv = dv + plgpu.dot(p.astype(do_M.dtype), do_M, trans_a=True)
@@ -472,10 +489,7 @@ def _fwd_packed_kernel(*refs, window, groups, scale, block_q, num_rungs=None):
 
   def rung(j, carry):
     acc, m, l = carry
-    if learned:
-      lo, f, kept = tables[0][j], tables[1][j], tables[2][j] != 0
-    else:
-      lo, f, kept = tables[0][1 + j], 0.0, True
+    lo, f, kept = _rung_scalars(tables, j, learned)
     valid, (k_a, v_a, k_b, v_b) = _rung_keys(k_ref, v_ref, i0, lo, cols, block_q, learned)
     s = plgpu.dot(q_MxD, k_a, trans_b=True)
     if learned:
@@ -512,24 +526,19 @@ def _dq_packed_kernel(*refs, window, groups, scale, block_q, num_rungs=None):
   )
   rows_M = i0 + r_M
   k_CxD, v_CxD, keep = _window_keys(k_ref, v_ref, i0, rows_M, cols, window, block_q)
-  dq = _dq_window(q_MxD, do_MxD, lse_M, delta_M, k_CxD, v_CxD, keep, scale)
+  dq = _dq_tile(q_MxD, do_MxD, lse_M, delta_M, k_CxD, v_CxD, keep, scale)
   diag = r_M[:, None] == jnp.arange(block_q)[None, :]
   slots = jnp.arange(outs[-1].shape[0]) if learned else None
 
   def rung(j, carry):
     dq, dfrac = carry
-    if learned:
-      lo, f, kept = tables[0][j], tables[1][j], tables[2][j] != 0
-    else:
-      lo, f, kept = tables[0][1 + j], 0.0, True
+    lo, f, kept = _rung_scalars(tables, j, learned)
     valid, (k_a, v_a, k_b, v_b) = _rung_keys(k_ref, v_ref, i0, lo, cols, block_q, learned)
     keep = diag & valid[None, :] & kept
+    if not learned:
+      return dq + _dq_tile(q_MxD, do_MxD, lse_M, delta_M, k_a, v_a, keep, scale), dfrac
     s_a = plgpu.dot(q_MxD, k_a, trans_b=True) * scale
     dp_a = plgpu.dot(do_MxD, v_a, trans_b=True)
-    if not learned:
-      p = jnp.where(keep, jnp.exp(s_a - lse_M[:, None]), 0.0)
-      ds = p * (dp_a - delta_M[:, None])
-      return dq + plgpu.dot(ds.astype(k_a.dtype), k_a), dfrac
     s_b = plgpu.dot(q_MxD, k_b, trans_b=True) * scale
     dp_b = plgpu.dot(do_MxD, v_b, trans_b=True)
     p = jnp.where(keep, jnp.exp((1 - f) * s_a + f * s_b - lse_M[:, None]), 0.0)
@@ -588,17 +597,8 @@ def _dkv_packed_kernel(*refs, window, groups, scale, block_q, seq_len, num_rungs
   def diagonal(first, carry, k_a, v_a, k_b=None, v_b=None, f=0.0, kept=True, w_C=None):
     r_M, _, valid, (q_M, do_M), (lse_M, delta_M) = queries(first, block_q)
     keep = (r_M[:, None] == c_C[None, :]) & valid[:, None] & kept
-    if k_b is None:
-      return _dkv_tile(*carry, q_M, do_M, lse_M, delta_M, k_a, v_a, keep, scale)
-    # A learned rung's blended key: the tile's scores and values are linear in it.
-    s = (1 - f) * plgpu.dot(q_M, k_a, trans_b=True) + f * plgpu.dot(q_M, k_b, trans_b=True)
-    p = jnp.where(keep, jnp.exp(s * scale - lse_M[:, None]), 0.0)
-    dp = (1 - f) * plgpu.dot(do_M, v_a, trans_b=True) + f * plgpu.dot(do_M, v_b, trans_b=True)
-    ds = p * (dp - delta_M[:, None])
-    dk, dv = carry
-    dv = dv + plgpu.dot((p * w_C[None, :]).astype(do_M.dtype), do_M, trans_a=True)
-    dk = dk + plgpu.dot((ds * w_C[None, :]).astype(q_M.dtype), q_M, trans_a=True)
-    return dk, dv
+    blend = None if k_b is None else (k_b, v_b, f)
+    return _dkv_tile(*carry, q_M, do_M, lse_M, delta_M, k_a, v_a, keep, scale, blend, w_C)
 
   if learned:
     every = c_C >= 0
@@ -608,9 +608,9 @@ def _dkv_packed_kernel(*refs, window, groups, scale, block_q, seq_len, num_rungs
     k_after, v_after = _rows(kall_ref, after, cols, every), _rows(vall_ref, after, cols, every)
 
   def rung(j, carry):
+    lo, f, kept = _rung_scalars(tables, j, learned)
     if not learned:
-      return diagonal(j0 + tables[0][1 + j], carry, k_CxD, v_CxD)
-    lo, f, kept = tables[0][j], tables[1][j], tables[2][j] != 0
+      return diagonal(j0 + lo, carry, k_CxD, v_CxD)
     w_a = (1 - f) + jnp.where(j0 + c_C == 0, f, 0.0)  # the clamp of query lo onto row 0
     carry = diagonal(j0 + lo, carry, k_CxD, v_CxD, k_before, v_before, f, kept, w_a)
     w_b = jnp.full((block_q,), f, jnp.float32)
