@@ -1,0 +1,90 @@
+#!/usr/bin/env bash
+# The speed measurements of the GPU kernels and the train step, on one GPU of a remote machine
+# reached through a runner that copies this checkout there (carry .whl) and runs one command
+# a call. The suite runs detached, so it outlives one call; each step writes its own JSON and
+# log, and a step that fails or runs out of time leaves the others' results.
+#
+#   bash experiments/speed_suite.sh start GPU          # detached, results under $SCRATCH/speed
+#   bash experiments/speed_suite.sh poll SECONDS OUT   # wait up to SECONDS; pack results to OUT
+#   bash experiments/speed_suite.sh stop               # kill the suite
+#
+# Steps, most important first (SPEED_STEPS picks some, e.g. "attention train"):
+#   attention    bench_attention.py: row-wise and packed Pallas kernels beside cuDNN dense,
+#                cuDNN sliding window and XLA, T = 1K..64K (all in one process)
+#   attention4   the packed kernel alone with 4 warps (wgmma instead of mma.sync)
+#   train        bench_train.py, T = 1,024 and 8,192: dense, fib_stagger_w12, fib_learned_w12
+#                with impl=pallas_packed, then with impl=pallas; a jax.profiler summary of
+#                the top device operations of each (traces stay on the machine)
+#   tests        the packed and learned-rung kernels against the float32 reference for real
+#                (pytest -m gpu), junit XML
+set -euo pipefail
+cd "$(dirname "$0")/.."
+SCRATCH=${FIBAX_SCRATCH:-/root/fibax}
+DIR=$SCRATCH/speed
+
+die() { echo "speed_suite.sh: error: $*" >&2; exit 1; }
+
+# One step: its command under a time limit, output to DIR/<name>.log, a line in DIR/log.txt.
+step() {
+  local name=$1 limit=$2; shift 2
+  echo "$(date +%s) start $name: $*" >> "$DIR/log.txt"
+  local rc=0
+  timeout "$limit" "$@" > "$DIR/$name.log" 2>&1 || rc=$?
+  echo "$(date +%s) end $name: exit $rc$([ "$rc" = 124 ] && echo " (over ${limit} s)")" >> "$DIR/log.txt"
+}
+
+suite() {
+  local steps=${SPEED_STEPS:-attention attention4 train tests}
+  local common=(--set model.embed_backward=onehot)
+  for s in $steps; do
+    case "$s" in
+      attention)
+        step attention 420 python experiments/bench_attention.py --out "$DIR/bench_attention.json" ;;
+      attention4)
+        step attention4 300 python experiments/bench_attention.py --impls pallas_packed \
+          cudnn_window --num-warps 4 --out "$DIR/bench_attention_packed_warps4.json" ;;
+      train)
+        for impl in pallas_packed pallas; do
+          step "train_$impl" 600 python experiments/bench_train.py \
+            --runs dense fib_stagger_w12 fib_learned_w12 --seq-lens 1024 8192 --impl "$impl" \
+            --profile "$SCRATCH/trace/$impl" "${common[@]}" --out "$DIR/bench_train_$impl.json"
+        done ;;
+      tests)
+        step tests 900 env FIBAX_GPU_TESTS=1 python -m pytest -m gpu tests/test_kernels.py \
+          -k "Packed or LearnedRungs" -v -p no:cacheprovider --junitxml "$DIR/gpu_tests.xml" ;;
+      *) echo "$(date +%s) unknown step $s" >> "$DIR/log.txt" ;;
+    esac
+  done
+  echo "$(date +%s) done" >> "$DIR/log.txt"
+}
+
+case "${1:-}" in
+  start)
+    gpu=${2:?GPU index}
+    [ -e "$DIR" ] && die "$DIR exists: the suite was already started"
+    source experiments/gpu_env.sh
+    mkdir -p "$DIR"
+    nvidia-smi --query-gpu=index,name,driver_version --format=csv,noheader > "$DIR/card.txt" || true
+    git rev-parse HEAD > "$DIR/commit.txt" 2>/dev/null || true
+    export CUDA_VISIBLE_DEVICES=$gpu SPEED_STEPS=${SPEED_STEPS:-}
+    setsid nohup bash "$0" _suite > "$DIR/suite.log" 2>&1 < /dev/null &
+    echo $! > "$SCRATCH/speed.pid"
+    sleep 2; cat "$DIR/log.txt" ;;
+  _suite)
+    suite ;;
+  poll)
+    wait_s=${2:?seconds}; out=${3:?output folder}
+    [ -d "$DIR" ] || die "no suite started"
+    end=$((SECONDS + wait_s))
+    until grep -q " done$" "$DIR/log.txt" 2>/dev/null || [ "$SECONDS" -ge "$end" ]; do sleep 5; done
+    mkdir -p "$out"
+    tar -czf "$out/speed.tar.gz" -C "$SCRATCH" speed
+    cat "$DIR/log.txt"
+    nvidia-smi --query-gpu=index,memory.used,utilization.gpu --format=csv,noheader || true ;;
+  stop)
+    [ -f "$SCRATCH/speed.pid" ] || die "no suite started"
+    kill -- -"$(cat "$SCRATCH/speed.pid")" 2>/dev/null || true
+    echo "$(date +%s) stopped" >> "$DIR/log.txt" ;;
+  *)
+    die "usage: speed_suite.sh start GPU | poll SECONDS OUT | stop" ;;
+esac
