@@ -137,3 +137,36 @@ def test_timings_and_multi_gpu_checks_refuse_a_gpu_that_another_process_uses(tmp
   proc = _sh("wait-free", "0 1", 30, env=env)
   assert proc.returncode == 0 and "GPU 0 1: no other process" in proc.stdout, proc.stderr
   assert time.monotonic() - start >= 3
+
+
+def test_speed_suite_runs_its_steps_detached_and_packs_what_they_wrote(tmp_path):
+  """speed_suite.sh: the named steps run in order in a detached process (an unknown one is
+  logged and skipped), `poll` waits for the end and packs the results, and a second `start`
+  refuses rather than mixing two suites' files."""
+  import tarfile
+
+  suite = SCRIPT.with_name("speed_suite.sh")
+  env = dict(os.environ, FIBAX_SCRATCH=str(tmp_path / "s"), SPEED_STEPS="bogus tests")
+
+  def sh(*args):
+    return subprocess.run(
+      ["bash", str(suite), *map(str, args)], capture_output=True, text=True, env=env, timeout=300
+    )
+
+  proc = sh("start", 0)
+  assert proc.returncode == 0, proc.stderr
+  proc = sh("poll", 240, tmp_path / "out")
+  assert proc.returncode == 0, proc.stderr
+  log = (tmp_path / "s" / "speed" / "log.txt").read_text().splitlines()
+  assert [line.split(" ", 1)[1].split(":")[0] for line in log] == [
+    "unknown step bogus",
+    "start tests",
+    "end tests",
+    "done",
+  ]
+  assert "end tests: exit 0" in log[2]  # no GPU here: the GPU tests skip, and pytest says so
+  with tarfile.open(tmp_path / "out" / "speed.tar.gz") as tar:
+    names = tar.getnames()
+  assert {"speed/log.txt", "speed/tests.log", "speed/gpu_tests.xml"} <= set(names)
+  again = sh("start", 0)
+  assert again.returncode == 1 and "was already started" in again.stderr
