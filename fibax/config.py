@@ -58,6 +58,9 @@ class AttentionConfig:
       raise ValueError(f"unknown learned_window={self.learned_window!r}; expected kernel or jax")
 
 
+REMAT = ("none", "block", "dots")
+
+
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
   """The paper's model."""
@@ -84,6 +87,12 @@ class ModelConfig:
   # 0 forms the [B, T, V] float32 logits at once; C > 0 scans over chunks of C positions and
   # recomputes each chunk's logits in the backward, so at most [B, C, V] exist at a time.
   loss_chunk: int = 0
+  # What the backward recomputes instead of keeping from the forward (`nn.remat` on each
+  # block): "none" keeps every activation; "block" keeps only each block's input and recomputes
+  # the block; "dots" keeps the matmul outputs (projections, MLP) and recomputes the rest
+  # (norms, RoPE, attention, activations). The same function and gradients; less memory for
+  # more compute.
+  remat: Literal["none", "block", "dots"] = "none"
   attention: AttentionConfig = AttentionConfig()
 
   def __post_init__(self):
@@ -100,6 +109,8 @@ class ModelConfig:
       raise ValueError(
         f"embed_backward={self.embed_backward!r} must be 'scatter', 'scatter_f32' or 'onehot'"
       )
+    if self.remat not in REMAT:
+      raise ValueError(f"remat={self.remat!r} must be one of {', '.join(REMAT)}")
     if self.loss_chunk < 0:
       raise ValueError(f"loss_chunk={self.loss_chunk} must be >= 0 (0: no chunks)")
     if self.attention.window >= self.seq_len:

@@ -168,6 +168,20 @@ class Block(nn.Module):
     return x_BxTxE + SwiGLU(cfg, name="mlp")(RMSNorm(cfg.norm_eps, dtype, name="mlp_norm")(x_BxTxE))
 
 
+_REMAT_POLICIES = {
+  "block": jax.checkpoint_policies.nothing_saveable,
+  "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
+def _remat_block(remat: str):
+  """Block, or Block under `nn.remat` with the policy of `ModelConfig.remat` (the same
+  parameter names either way, so checkpoints do not depend on it)."""
+  if remat == "none":
+    return Block
+  return nn.remat(Block, policy=_REMAT_POLICIES[remat])
+
+
 @jax.custom_vjp
 def _lookup_onehot_grad(table_VxE: Array, tokens_BxT: Array) -> Array:
   """table[tokens], whose gradient is one-hot(tokens)^T @ g (a float32-accumulated matmul)
@@ -221,8 +235,9 @@ class Transformer(nn.Module):
       x_BxTxE = jnp.take(embed.embedding, tokens_BxT, axis=0).astype(dtype)
     else:
       x_BxTxE = embed(tokens_BxT)
+    block = _remat_block(cfg.remat)
     for layer, pattern in enumerate(layer_patterns(cfg, tokens_BxT.shape[1])):
-      x_BxTxE = Block(cfg, pattern, name=f"layer_{layer}")(x_BxTxE)
+      x_BxTxE = block(cfg, pattern, name=f"layer_{layer}")(x_BxTxE)
     if logits_at_B is not None:
       x_BxTxE = jnp.take_along_axis(x_BxTxE, logits_at_B[:, None, None], axis=1)
     x_BxTxE = RMSNorm(cfg.norm_eps, dtype, name="final_norm")(x_BxTxE)

@@ -248,3 +248,37 @@ def test_learned_window_jax_is_the_plain_jax_computation_under_a_pallas_impl():
   )
   with pytest.raises(ValueError, match="learned_window='pallas'"):
     dataclasses.replace(cfg.attention, learned_window="pallas")
+
+
+@pytest.mark.parametrize("remat", ["block", "dots"])
+@pytest.mark.parametrize("schedule", ["stagger", "learned"])
+def test_remat_is_the_same_function_with_the_same_parameters_and_keeps_less(remat, schedule):
+  """model.remat: the same parameter tree, loss and gradients (alpha's too) as keeping every
+  activation; the compiled gradient of a deeper, wider model keeps less memory."""
+  from fibax.steps import token_losses
+
+  keep = _small(schedule)
+  recompute = dataclasses.replace(keep, remat=remat)
+  tokens = jax.random.randint(jax.random.key(6), (2, 49), 0, keep.vocab_size)
+  params = M.init_params(keep, 0)
+  assert jax.tree.structure(M.init_params(recompute, 0)) == jax.tree.structure(params)
+
+  def loss(p, cfg):
+    return token_losses(p, M.Transformer(cfg), tokens[:, :-1], tokens[:, 1:]).mean()
+
+  np.testing.assert_allclose(loss(params, recompute), loss(params, keep), rtol=1e-6)
+  g_keep = jax.grad(loss)(params, keep)
+  g_re = jax.grad(loss)(params, recompute)
+  for a, b in zip(jax.tree.leaves(g_keep), jax.tree.leaves(g_re), strict=True):
+    np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=1e-5, atol=1e-7)
+
+  def temp_bytes(cfg):
+    big = dataclasses.replace(cfg, num_layers=6, d_model=128, mlp_hidden=M_hidden(128))
+    p = jax.eval_shape(lambda: M.init_params(big, 0))
+    toks = jax.ShapeDtypeStruct((8, 48), jnp.int32)
+    fn = jax.jit(jax.grad(lambda p, t: token_losses(p, M.Transformer(big), t, t).mean()))
+    return fn.lower(p, toks).compile().memory_analysis().temp_size_in_bytes
+
+  assert temp_bytes(recompute) < temp_bytes(keep)
+  with pytest.raises(ValueError, match="remat='all'"):
+    dataclasses.replace(keep, remat="all")
