@@ -9,6 +9,8 @@
 # There, one call each, in order:
 #   bash experiments/remote_matrix.sh receive .stage/part-N...  # copy parts into $SCRATCH
 #   bash experiments/remote_matrix.sh start DEADLINE_S RUN...   # tokenize, start the queue detached
+#                                                               # (SHARDING_FIRST=1: the sharding
+#                                                               # check between the two)
 #   bash experiments/remote_matrix.sh poll SECONDS OUT_DIR      # wait for a run; pack results
 #   bash experiments/remote_matrix.sh stop                      # start no more runs
 #   bash experiments/remote_matrix.sh bench GPU OUT_DIR [DATA]  # step time of real batches
@@ -130,11 +132,19 @@ case "${1:-}" in
     # compile the same programs (the seed is data), so the second one skips compiling. The
     # same executables either way; timings (bench, bench_train) do not use it.
     export JAX_COMPILATION_CACHE_DIR=${JAX_COMPILATION_CACHE_DIR:-$SCRATCH/jax_cache}
+    # SHARDING_FIRST=1: the sharding check (every GPU, blocking) runs between tokenizing and
+    # the queue, its report under $SCRATCH/extra/sharding (packed by `poll`). The queue's
+    # deadline counts from this call, so tokenizing and the check come out of it.
+    first=":"
+    [ "${SHARDING_FIRST:-0}" = 1 ] && first="bash experiments/remote_matrix.sh sharding $SCRATCH/extra/sharding > $SCRATCH/sharding.log 2>&1 || echo 'sharding check failed (sharding.log)'"
+    t0=$(date +%s)
     setsid nohup bash -c "
       set -e
       python -m fibax.data prepare --source gutenberg --out $SCRATCH/data/gutenberg --tokenizer-from $TOKENIZER
+      $first
+      left=\$(( $deadline - (\$(date +%s) - $t0) ))
       python experiments/matrix.py run --root $SCRATCH/runs --gpus $(seq -s ' ' 0 $((gpus - 1))) \
-        --slots-per-gpu ${SLOTS_PER_GPU:-2} --deadline-s $deadline ${extra[*]} ${RUN_ARGS[*]} --runs $*
+        --slots-per-gpu ${SLOTS_PER_GPU:-2} --deadline-s \$left ${extra[*]} ${RUN_ARGS[*]} --runs $*
     " > "$SCRATCH/matrix.log" 2>&1 < /dev/null &
     sleep 5; cat "$SCRATCH/matrix.log" ;;
   poll)
@@ -146,6 +156,7 @@ case "${1:-}" in
     if [ -f "$SCRATCH/data/gutenberg/manifest.json" ]; then
       cp "$SCRATCH/data/gutenberg/manifest.json" "$out/gutenberg_manifest.json"
     fi
+    if [ -f "$SCRATCH/sharding.log" ]; then tail -n 2 "$SCRATCH/sharding.log"; fi
     if [ -d "$SCRATCH/extra" ]; then
       tar -czf "$out/extra.tar.gz" -C "$SCRATCH" extra
       tail -n 3 "$SCRATCH"/extra/when-*.log 2>/dev/null || true

@@ -170,3 +170,47 @@ def test_speed_suite_runs_its_steps_detached_and_packs_what_they_wrote(tmp_path)
   assert {"speed/log.txt", "speed/tests.log", "speed/gpu_tests.xml"} <= set(names)
   again = sh("start", 0)
   assert again.returncode == 1 and "was already started" in again.stderr
+
+
+def test_start_with_sharding_first_runs_the_check_then_the_queue_within_the_deadline(tmp_path):
+  """SHARDING_FIRST=1: tokenize, the sharding check on every GPU, then the queue, whose
+  deadline is what is left of the one given to `start` (tokenizing and the check come out of
+  it), with one compilation cache for its runs. `python` is a stand-in that logs its calls."""
+  import json
+  import time
+
+  _, env = _fake_nvidia_smi(tmp_path, [])
+  scratch = tmp_path / "s"
+  corpus = make_fixture_gutenberg(scratch / "corpus")
+  assert corpus.is_dir()
+  calls = tmp_path / "calls.jsonl"
+  fake = tmp_path / "bin" / "python"
+  fake.write_text(
+    "#!/bin/sh\n"  # prepare writes a manifest; the sharding check takes 3 s
+    f'printf \'{{"argv": "%s", "cache": "%s", "t": %s}}\\n\' "$*" "$JAX_COMPILATION_CACHE_DIR"'
+    f' "$(date +%s)" >> {calls}\n'
+    'case "$*" in\n'
+    '  *"fibax.data prepare"*) mkdir -p "$(echo "$*" | sed "s/.*--out \\([^ ]*\\).*/\\1/")" &&'
+    ' echo {} > "$(echo "$*" | sed "s/.*--out \\([^ ]*\\).*/\\1/")/manifest.json" ;;\n'
+    "  *sharding_check*) sleep 3 ;;\n"
+    "esac\n"
+  )
+  fake.chmod(0o755)
+  env["SHARDING_FIRST"] = "1"
+  proc = _sh("start", 1000, "dense", "fib_stagger_w12", env=env)
+  assert proc.returncode == 0, proc.stderr
+  for _ in range(60):
+    if calls.is_file() and "matrix.py run" in calls.read_text():
+      break
+    time.sleep(0.5)
+  argv = [json.loads(line) for line in calls.read_text().splitlines()]
+  assert ["fibax.data prepare" in argv[0]["argv"], "sharding_check.py" in argv[1]["argv"]] == [
+    True,
+    True,
+  ]
+  assert "--devices 2" in argv[1]["argv"] and str(scratch / "extra" / "sharding") in argv[1]["argv"]
+  run = argv[2]["argv"]
+  assert "matrix.py run" in run and run.endswith("--runs dense fib_stagger_w12")
+  left = int(run.split("--deadline-s ")[1].split()[0])
+  assert 990 <= left <= 997  # the check's 3 s (and a second or two more) came out of it
+  assert {a["cache"] for a in argv} == {str(scratch / "jax_cache")}
