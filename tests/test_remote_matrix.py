@@ -143,10 +143,12 @@ def test_speed_suite_runs_its_steps_detached_and_packs_what_they_wrote(tmp_path)
   """speed_suite.sh: the named steps run in order in a detached process (an unknown one is
   logged and skipped), `poll` waits for the end and packs the results, and a second `start`
   refuses rather than mixing two suites' files."""
+  import sys
   import tarfile
 
   suite = SCRIPT.with_name("speed_suite.sh")
   env = dict(os.environ, FIBAX_SCRATCH=str(tmp_path / "s"), SPEED_STEPS="bogus tests")
+  env["PATH"] = f"{pathlib.Path(sys.executable).parent}:{env['PATH']}"  # `python`: this one
 
   def sh(*args):
     return subprocess.run(
