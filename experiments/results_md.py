@@ -87,12 +87,46 @@ def differences_md(runs: dict, full: dict | None) -> list[str]:
     "books**, not the paper's. Perplexity per token depends on the tokenizer.",
     "- **Out-of-domain set: the State of the Union addresses** (tokenized with the same model), "
     "where the paper used other held-out sets; at x16 only the longest speeches hold a window.",
-    "- **One seed so far** (42): gaps of a few tenths of perplexity between schedules are within "
-    "the paper's own seed spread (0.06-0.18) and are not yet known to exceed ours.",
+    seeds_md(runs),
     f"- **Dense attention ran through {' and '.join(DENSE_IMPLS.get(i, i) for i in dense_impls)}**"
     ": exact causal softmax attention, as in the paper; the implementation changes run time and "
     "rounding, not the function.",
   ]
+
+
+def seeds_md(runs: dict) -> str:
+  """What the seeds say: which runs have replicates, their spread against the paper's, and
+  how the replicates computed where it differs from seed 42 (rounding, not the function)."""
+  spread = {n: stat(runs, n) for n in runs if len(runs[n]) > 1}
+  if not spread:
+    return (
+      "- **One seed so far** (42): gaps of a few tenths of perplexity between schedules are "
+      "within the paper's own seed spread (0.06-0.18) and are not yet known to exceed ours."
+    )
+  sds = [sd for _, sd, _ in spread.values()]
+  single = sorted(n for n in PAPER_SEEDS if len(runs.get(f"{n}_w12", [])) == 1)
+  later = [e["report"]["config"] for n in spread for e in runs[n][1:] if "config" in e["report"]]
+  how = [
+    f"{k} {'/'.join(values)}"
+    for k in ("embedding gradient", "dense impl")
+    if (values := sorted({HOW[k](c) for c in later} - {"-"}))
+  ]
+  lo, hi = f"{min(sds):.2f}", f"{max(sds):.2f}"
+  counts = sorted({len(runs[n]) for n in spread})
+  text = (
+    f"- **Seed replicates** of {', '.join(sorted(spread))} "
+    f"({'/'.join(map(str, counts))} seeds): standard deviation at x1 "
+    f"{lo if lo == hi else f'{lo}-{hi}'} perplexity (the paper's 0.06-0.18), so gaps between "
+    "schedules smaller than that are not resolved."
+  )
+  if single:
+    text += f" One seed (42) only: {', '.join(f'{n}_w12' for n in single)}."
+  if how:
+    text += (
+      f" The replicates after seed 42 ran with {'; '.join(how)} (the runs table lists each "
+      "run's): the same function as seed 42's, rounded differently."
+    )
+  return text
 
 
 DENSE_IMPLS = {
@@ -400,7 +434,11 @@ def _learned_window(config: dict) -> str:
 HOW = {
   "embedding gradient": lambda c: c["model"].get("embed_backward", "scatter"),
   "attention impl": lambda c: c["model"]["attention"].get("impl"),
-  "dense impl": lambda c: c["model"]["attention"].get("dense_impl"),
+  "dense impl": lambda c: (
+    c["model"]["attention"].get("dense_impl")
+    if c["model"]["attention"].get("schedule") == "dense"
+    else "-"
+  ),
   "learned window": _learned_window,
 }
 

@@ -213,3 +213,18 @@ def test_learned_runs_show_which_window_path_they_took():
   assert "| jax | GPU |" in rows["fib_learned_w12"]
   assert "| kernel | GPU |" in rows["fib_learned_w12_seed43"]
   assert "| - | GPU |" in rows["fib_fixed_w12"]
+
+
+def test_the_seed_difference_reads_the_replicates(tmp_path):
+  """With replicates, 'what differs' gives their spread and names the runs with one seed."""
+  _write_run(tmp_path, "fib_stagger_w12", {1: 41.0})
+  _write_run(tmp_path, "fib_stagger_w12_seed43", {1: 43.0})
+  _write_run(tmp_path, "fib_fixed_w12", {1: 44.0})
+  runs = results_md.load_runs(tmp_path)
+  text = results_md.seeds_md(runs)
+  assert text.startswith("- **Seed replicates** of fib_stagger_w12 (2 seeds)")
+  assert "standard deviation at x1 1.41 perplexity" in text
+  assert "One seed (42) only: fib_fixed_w12" in text
+  assert "One seed so far" in results_md.seeds_md(
+    {"fib_fixed_w12": runs["fib_fixed_w12"]}
+  )  # fmt: skip
