@@ -9,14 +9,16 @@
 #   bash experiments/speed_suite.sh stop               # kill the suite
 #
 # Steps, most important first (SPEED_STEPS picks some, e.g. "attention train"):
-#   attention    bench_attention.py: row-wise and packed Pallas kernels beside cuDNN dense,
-#                cuDNN sliding window and XLA, T = 1K..64K (all in one process)
-#   attention4   the packed kernel alone with 4 warps (wgmma instead of mma.sync)
-#   train        bench_train.py, T = 1,024 and 8,192: dense, fib_stagger_w12, fib_learned_w12
-#                with impl=pallas_packed, then with impl=pallas; a jax.profiler summary of
-#                the top device operations of each (traces stay on the machine)
-#   tests        the packed and learned-rung kernels against the float32 reference for real
-#                (pytest -m gpu), junit XML
+#   tests_packed   the packed kernels against the float32 reference for real (pytest -m gpu),
+#                  one line a case in tests_packed.log, junit XML at the end
+#   attention      bench_attention.py: row-wise and packed Pallas kernels beside cuDNN dense,
+#                  cuDNN sliding window and XLA, T = 1K..64K (all in one process)
+#   train          bench_train.py, T = 1,024 and 8,192: dense, fib_stagger_w12, fib_learned_w12
+#                  with impl=pallas_packed, then with impl=pallas; a jax.profiler summary of
+#                  the top device operations of each (traces stay on the machine)
+#   tests_learned  the learned-rung kernels against the plain-JAX learned path, for real
+#   attention4     the packed kernel alone with 4 warps (wgmma instead of mma.sync)
+# The test steps stop a case after PER_TEST_S (240) where pytest-timeout is installed.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 SCRATCH=${FIBAX_SCRATCH:-/root/fibax}
@@ -34,7 +36,7 @@ step() {
 }
 
 suite() {
-  local steps=${SPEED_STEPS:-attention attention4 train tests}
+  local steps=${SPEED_STEPS:-tests_packed attention train tests_learned attention4}
   local common=(--set model.embed_backward=onehot)
   for s in $steps; do
     case "$s" in
@@ -49,9 +51,11 @@ suite() {
             --runs dense fib_stagger_w12 fib_learned_w12 --seq-lens 1024 8192 --impl "$impl" \
             --profile "$SCRATCH/trace/$impl" "${common[@]}" --out "$DIR/bench_train_$impl.json"
         done ;;
-      tests)
-        step tests 900 env FIBAX_GPU_TESTS=1 python -m pytest -m gpu tests/test_kernels.py \
-          -k "Packed or LearnedRungs" -v -p no:cacheprovider --junitxml "$DIR/gpu_tests.xml" ;;
+      tests_packed | tests_learned)
+        local k=GpuPackedKernel; [ "$s" = tests_learned ] && k=GpuLearnedRungs
+        local per=(); python -c "import pytest_timeout" 2>/dev/null && per=(--timeout "${PER_TEST_S:-240}")
+        step "$s" 900 env FIBAX_GPU_TESTS=1 python -m pytest -m gpu tests/test_kernels.py -k "$k" \
+          -v -p no:cacheprovider "${per[@]}" --junitxml "$DIR/$s.xml" ;;
       *) echo "$(date +%s) unknown step $s" >> "$DIR/log.txt" ;;
     esac
   done

@@ -147,7 +147,7 @@ def test_speed_suite_runs_its_steps_detached_and_packs_what_they_wrote(tmp_path)
   import tarfile
 
   suite = SCRIPT.with_name("speed_suite.sh")
-  env = dict(os.environ, FIBAX_SCRATCH=str(tmp_path / "s"), SPEED_STEPS="bogus tests")
+  env = dict(os.environ, FIBAX_SCRATCH=str(tmp_path / "s"), SPEED_STEPS="bogus tests_packed")
   env["PATH"] = f"{pathlib.Path(sys.executable).parent}:{env['PATH']}"  # `python`: this one
 
   def sh(*args):
@@ -162,14 +162,14 @@ def test_speed_suite_runs_its_steps_detached_and_packs_what_they_wrote(tmp_path)
   log = (tmp_path / "s" / "speed" / "log.txt").read_text().splitlines()
   assert [line.split(" ", 1)[1].split(":")[0] for line in log] == [
     "unknown step bogus",
-    "start tests",
-    "end tests",
+    "start tests_packed",
+    "end tests_packed",
     "done",
   ]
-  assert "end tests: exit 0" in log[2]  # no GPU here: the GPU tests skip, and pytest says so
+  assert "end tests_packed: exit 0" in log[2]  # no GPU here: the GPU tests skip, and pytest says so
   with tarfile.open(tmp_path / "out" / "speed.tar.gz") as tar:
     names = tar.getnames()
-  assert {"speed/log.txt", "speed/tests.log", "speed/gpu_tests.xml"} <= set(names)
+  assert {"speed/log.txt", "speed/tests_packed.log", "speed/tests_packed.xml"} <= set(names)
   again = sh("start", 0)
   assert again.returncode == 1 and "was already started" in again.stderr
 
