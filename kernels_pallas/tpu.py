@@ -9,8 +9,8 @@ of the rungs (i0 - d) are not aligned, so every shifted block is fetched through
 element-offset BlockSpec (`pl.Element`), which the pipeline double-buffers like any other
 input; the distances d come from an int32 table prefetched into SMEM (index maps and kernels
 read it), so the kernels do not depend on them. K/V are zero-padded in front (queries: at
-the end, for the backward) so that no offset is negative. Each program sees all its rows at once, so the softmax is two-pass
-over the window tile and the R rung vectors, in float32.
+the end, for the backward) so that no offset is negative. Each program sees all its rows at
+once, so the softmax is two-pass over the window tile and the R rung vectors, in float32.
 """
 
 from __future__ import annotations
