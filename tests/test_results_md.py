@@ -80,6 +80,9 @@ def test_claims_follow_the_numbers(tmp_path):
   assert verdicts["Learned alphas stay within about 0.05 of 1"] == "does not hold"
   evidence = {c: e for c, _, e in results_md.claims(runs)}
   assert "42.00 trained, 43.00 frozen (+2.4%)" in evidence["What freezing learned alphas costs"]
+  order = evidence["Within Fibonacci at W = 8: stagger ~ coprime < learned < fixed"]
+  # stagger (42 +- 1.41 over 2 seeds) ties learned (one seed) within its spread, not fixed (40)
+  assert order.endswith("; within the seed spread: fib_stagger_w8 - fib_learned_w8 0.00 < sd 1.41")
 
   md = results_md.build(runs, tmp_path, tmp_path / "RESULTS.md", [])
   assert "| fib / stagger | - / 42.93 | 42.00 ± 1.41 (2) / 42.53 |" in md
