@@ -8,12 +8,16 @@ All paths take q [B, T, H, D] and k, v [B, T, K, D] and return o [B, T, H, D] in
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import functools
 from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import Mesh
+from jax.sharding import PartitionSpec as P
 from jaxtyping import Array, Float
 
 from fibax.patterns import LearnedPattern, Pattern
@@ -240,6 +244,41 @@ def get(name: str) -> AttentionFn:
     ) from None
 
 
+_KERNEL_MESH: contextvars.ContextVar[Mesh | None] = contextvars.ContextVar(
+  "fibax_kernel_mesh", default=None
+)
+
+
+@contextlib.contextmanager
+def kernel_mesh(mesh: Mesh | None):
+  """While tracing inside this context, Pallas attention runs under `jax.shard_map` over
+  `mesh`: each device calls the kernel on its own batch rows (mesh axis `data`) and heads
+  (`model`), as the kernels are custom calls that XLA's partitioner cannot split (it would
+  gather the whole batch onto every device). A dimension the axis does not divide stays
+  whole on every device of that axis. `fibax.steps` traces its train step inside it."""
+  token = _KERNEL_MESH.set(mesh if mesh is not None and mesh.size > 1 else None)
+  try:
+    yield
+  finally:
+    _KERNEL_MESH.reset(token)
+
+
+def _per_device(fn, mesh: Mesh, q, k, alpha):
+  """`fn(q, k, v[, alpha])` under shard_map over `mesh`: q, k, v split by batch over `data`
+  and by heads over `model` where those divide; alpha (a scalar parameter) whole on each."""
+  from fibax.sharding import DATA, MODEL
+
+  data = DATA if q.shape[0] % mesh.shape[DATA] == 0 else None
+  heads = (
+    MODEL if q.shape[2] % mesh.shape[MODEL] == 0 and k.shape[2] % mesh.shape[MODEL] == 0 else None
+  )
+  qkv = P(data, None, heads, None)
+  specs = (qkv, qkv, qkv) + ((P(),) if alpha is not None else ())
+  # check_vma=False: pallas_call has no replication rule; a whole input's cotangent (alpha's)
+  # is then summed over the devices, which is its gradient.
+  return jax.shard_map(fn, mesh=mesh, in_specs=specs, out_specs=qkv, check_vma=False)
+
+
 def attend(
   q: Float[Array, "B T H D"],
   k: Float[Array, "B T K D"],
@@ -255,11 +294,21 @@ def attend(
   "kernel"), the dense implementation
   `dense_impl` for a pattern that is plain causal attention at this length, the integer-offset
   implementation `impl` otherwise."""
+  mesh = _KERNEL_MESH.get()
   if isinstance(pattern, LearnedPattern):
     if alpha is None:
       raise ValueError("a learned pattern needs its alpha")
     backend = PALLAS_BACKENDS.get(impl) if learned_window == "kernel" else None
     in_kernel = backend is not None and impl.startswith("pallas_packed")
-    return learned(q, k, v, pattern, alpha, backend, rungs_in_kernel=in_kernel)
+    fn = functools.partial(
+      learned, pattern=pattern, window_backend=backend, rungs_in_kernel=in_kernel
+    )
+    if backend is not None and mesh is not None:
+      return _per_device(lambda q, k, v, a: fn(q, k, v, alpha=a), mesh, q, k, alpha)(q, k, v, alpha)
+    return fn(q, k, v, alpha=alpha)
   is_dense = pattern.window >= q.shape[1] - 1 and not pattern.far
-  return get(dense_impl if is_dense else impl)(q, k, v, pattern)
+  name = dense_impl if is_dense else impl
+  fn = functools.partial(get(name), pattern=pattern)
+  if name in PALLAS_BACKENDS and mesh is not None:
+    return _per_device(fn, mesh, q, k, None)(q, k, v)
+  return fn(q, k, v)

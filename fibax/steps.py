@@ -22,8 +22,8 @@ import optax
 from flax import struct
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from fibax import attention, sharding
 from fibax import model as model_lib
-from fibax import sharding
 from fibax.config import ModelConfig, RunConfig
 from fibax.model import Transformer
 from fibax.optim import lr_schedule, make_optimizer
@@ -167,7 +167,8 @@ def make_steps(cfg: RunConfig, mesh: Mesh) -> Steps:
   batch_sh = sharding.batch_sharding(mesh)
 
   def train_step(state: TrainState, batch):
-    loss, grads = _grads(state.params, model, batch, train_cfg.grad_accum, mesh)
+    with attention.kernel_mesh(mesh):  # Pallas kernels per device (traced here)
+      loss, grads = _grads(state.params, model, batch, train_cfg.grad_accum, mesh)
     updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
     new_state = state.replace(
       step=state.step + 1, params=optax.apply_updates(state.params, updates), opt_state=opt_state

@@ -136,3 +136,31 @@ def test_model_flops_and_peaks():
   # 6 x (44.1M non-embedding + 16.8M tied unembedding) matmul weights, plus attention.
   assert 6 * 60.8e6 < flops_per_token(cfg) < flops_per_token(dense) < 6 * 60.8e6 * 1.3
   assert peak_tflops("NVIDIA H100 80GB HBM3") == 989.0 and peak_tflops("cpu") is None
+
+
+@pytest.mark.parametrize(
+  "impl, schedule", [("pallas_interpret", "stagger"), ("pallas_interpret", "learned")]
+)
+def test_pallas_kernels_run_per_device_on_a_mesh(tmp_path_factory, impl, schedule):
+  """On a data x model mesh the Pallas kernels (custom calls XLA cannot split) run under
+  shard_map, each device on its own batch rows and heads, a learned layer's alpha whole on
+  each and its gradient summed: the same losses as one device."""
+  cfg = micro_config(tmp_path_factory)
+  attn = dataclasses.replace(cfg.model.attention, impl=impl, schedule=schedule)
+  cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, attention=attn))
+  sharded, state = _losses_on_mesh(cfg, 2, 2, num_steps=3)
+  unsharded, _ = _losses_on_mesh(cfg, 1, 1, num_steps=3)
+  np.testing.assert_allclose(sharded, unsharded, rtol=2e-5)
+
+  def kernels_per_device(data, model):
+    mesh = sharding.make_mesh(data, model)
+    steps = make_steps(cfg, mesh)
+    batch = {k: jnp.zeros((8, 32), jnp.int32) for k in ("inputs", "targets")}
+    jaxpr = str(jax.make_jaxpr(steps.train)(steps.abstract_state, batch))
+    return jaxpr.count("shard_map"), "pallas_call" in jaxpr
+
+  assert kernels_per_device(2, 2)[0] >= cfg.model.num_layers and kernels_per_device(2, 2)[1]
+  assert kernels_per_device(1, 1)[0] == 0  # one device: no shard_map
+  if schedule == "learned":
+    theta = state.params["layer_0"]["attn"]["theta"]
+    assert theta.sharding.is_fully_replicated
