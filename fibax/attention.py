@@ -16,7 +16,7 @@ from collections.abc import Callable
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import Mesh
+from jax.sharding import AbstractMesh, Mesh
 from jax.sharding import PartitionSpec as P
 from jaxtyping import Array, Float
 
@@ -244,13 +244,13 @@ def get(name: str) -> AttentionFn:
     ) from None
 
 
-_KERNEL_MESH: contextvars.ContextVar[Mesh | None] = contextvars.ContextVar(
+_KERNEL_MESH: contextvars.ContextVar[Mesh | AbstractMesh | None] = contextvars.ContextVar(
   "fibax_kernel_mesh", default=None
 )
 
 
 @contextlib.contextmanager
-def kernel_mesh(mesh: Mesh | None):
+def kernel_mesh(mesh: Mesh | AbstractMesh | None):
   """While tracing inside this context, Pallas attention runs under `jax.shard_map` over
   `mesh`: each device calls the kernel on its own batch rows (mesh axis `data`) and heads
   (`model`), as the kernels are custom calls that XLA's partitioner cannot split (it would
@@ -263,7 +263,7 @@ def kernel_mesh(mesh: Mesh | None):
     _KERNEL_MESH.reset(token)
 
 
-def _per_device(fn, mesh: Mesh, q, k, alpha):
+def _per_device(fn, mesh: Mesh | AbstractMesh, q, k, alpha):
   """`fn(q, k, v[, alpha])` under shard_map over `mesh`: q, k, v split by batch over `data`
   and by heads over `model` where those divide; alpha (a scalar parameter) whole on each."""
   from fibax.sharding import DATA, MODEL

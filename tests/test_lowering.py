@@ -147,3 +147,29 @@ def test_tpu_layers_with_as_many_rungs_share_their_kernels():
   kernels = re.findall(r"tpu_custom_call.*?backend_config = \"(.*?)\"", text, re.S)
   # At most the 3 kernels of each padding (12 when each layer compiled its own).
   assert len(kernels) == 3 * len(same_count) and len(set(kernels)) <= 6
+
+
+def test_on_a_mesh_each_device_launches_the_kernels_on_its_own_rows_and_heads():
+  """Under `attention.kernel_mesh` (the train step's) the Triton kernels sit in a manual
+  (shard_map) region: their operands are one device's share of a data 2 x model 2 mesh, batch
+  rows and heads, not the gathered whole."""
+  from fibax import attention
+
+  mesh = AbstractMesh(
+    (2, 2), ("data", "model"), axis_types=(AxisType.Auto,) * 2, abstract_device=H100
+  )
+  q = jnp.zeros((4, 256, 8, 64), jnp.bfloat16)
+  k = jnp.zeros((4, 256, 2, 64), jnp.bfloat16)
+
+  def loss(q, k, v):
+    with attention.kernel_mesh(mesh):
+      o = attention.attend(q, k, v, LAYERS[0], "pallas", "xla_dense")
+    return o.astype(jnp.float32).sum()
+
+  step = jax.jit(jax.grad(loss, argnums=(0, 1, 2)))
+  with jax.sharding.use_abstract_mesh(mesh):
+    text = step.trace(q, k, k).lower(lowering_platforms=("cuda",)).as_text()
+  operands = re.findall(r"custom_call @__gpu\$xla\.gpu\.triton.*?: \(([^)]*)\)", text, re.S)
+  assert len(operands) == 3  # forward, dq, dkv
+  for types in operands:
+    assert types.startswith("tensor<2x256x4x64xbf16>, tensor<2x256x1x64xbf16>"), types
