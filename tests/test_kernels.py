@@ -111,7 +111,7 @@ class KernelTest:
     grad = lambda fn: jax.value_and_grad(lambda *a: loss(fn, *a), argnums=(0, 1, 2), has_aux=True)
     (_, o), grads = jax.jit(grad(kernel))(q, k, v)
     assert o.shape == q.shape and o.dtype == q.dtype
-    (_, r_o), r_grads = grad(ref)(q, k, v)
+    (_, r_o), r_grads = jax.jit(grad(ref))(q, k, v)  # jitted: eager op by op is slow on a GPU
     tol = TOL[case["dtype"]]
     if self.BACKEND == "gpu" and case["dtype"] == jnp.float32:
       tol = 1e-3  # Triton's float32 dot runs on tensor cores in TF32 (~3e-4 relative)
@@ -156,9 +156,10 @@ class LearnedWindowTest:
     o, lse = fib_attention_lse(q, k, v, pattern, backend=self.BACKEND)
     assert lse.shape == (q.shape[0], q.shape[2], q.shape[1]) and lse.dtype == jnp.float32
     tol = TOL[case["dtype"]] * (5 if self.BACKEND == "gpu" else 1)
-    assert _rel_err(lse, _reference_lse(q, k, pattern)) < tol, case
-    grads = jax.grad(kernel, argnums=(0, 1, 2))(q, k, v)
-    for name, g, r in zip("qkv", grads, jax.grad(oracle, argnums=(0, 1, 2))(q, k, v), strict=True):
+    assert _rel_err(lse, jax.jit(_reference_lse, static_argnums=2)(q, k, pattern)) < tol, case
+    grads = jax.jit(jax.grad(kernel, argnums=(0, 1, 2)))(q, k, v)
+    r_grads = jax.jit(jax.grad(oracle, argnums=(0, 1, 2)))(q, k, v)
+    for name, g, r in zip("qkv", grads, r_grads, strict=True):
       assert _rel_err(g, r) < tol * 2, (name, case)
 
   def check_learned(self, seed):
@@ -174,7 +175,7 @@ class LearnedWindowTest:
 
     grad = jax.value_and_grad(loss, argnums=(0, 1, 2, 3))
     got, g_got = jax.jit(grad, static_argnums=4)(q, k, v, alpha, self.BACKEND)
-    want, g_want = grad(q, k, v, alpha, None)
+    want, g_want = jax.jit(grad, static_argnums=4)(q, k, v, alpha, None)
     tol = 1e-3 if self.BACKEND == "gpu" else 2e-4  # TF32 dots on a GPU
     assert abs(float(got) - float(want)) < tol * (abs(float(want)) + 1), (seq_len, window, alpha)
     for name, g, r in zip(("q", "k", "v", "alpha"), g_got, g_want, strict=True):
@@ -245,7 +246,8 @@ class LearnedRungsTest:
 
     grad = jax.value_and_grad(loss, argnums=(0, 1, 2, 3), has_aux=True)
     (_, o), g_got = jax.jit(grad, static_argnums=4)(q, k, v, alpha, True)
-    (_, r_o), g_want = grad(*(x.astype(jnp.float32) for x in (q, k, v)), alpha, False)
+    f32 = (x.astype(jnp.float32) for x in (q, k, v))
+    (_, r_o), g_want = jax.jit(grad, static_argnums=4)(*f32, alpha, False)
     assert o.shape == q.shape and o.dtype == dtype
     tol = TOL[dtype] * (5 if self.BACKEND == "gpu" and dtype == jnp.float32 else 1)
     assert _rel_err(o, r_o) < tol, (case, float(alpha))
