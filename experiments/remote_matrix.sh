@@ -9,6 +9,7 @@
 # There, one call each, in order:
 #   bash experiments/remote_matrix.sh receive .stage/part-N...  # copy parts into $SCRATCH
 #   bash experiments/remote_matrix.sh start DEADLINE_S RUN...   # tokenize, start the queue detached
+#                                                               # (on QUEUE_GPUS, default all)
 #                                                               # (SHARDING_FIRST=1: the sharding
 #                                                               # check between the two)
 #   bash experiments/remote_matrix.sh poll SECONDS OUT_DIR      # wait for a run; pack results
@@ -25,9 +26,10 @@
 #                                                               # process (FREE_WAIT_S: wait first)
 #   bash experiments/remote_matrix.sh sharding OUT_DIR          # after `start`'s tokenizing, with
 #                                                               # no queue running: 300 steps
-#                                                               # on all GPUs, data x model 2,
+#                                                               # on all GPUs (SHARDING_GPUS:
+#                                                               # these), data x model 2,
 #                                                               # one GPU (sharding_check.py);
-#                                                               # every GPU free (FREE_WAIT_S as
+#                                                               # those GPUs free (FREE_WAIT_S as
 #                                                               # for bench), a layout killed after
 #                                                               # SHARDING_TIMEOUT_S (600)
 #   bash experiments/remote_matrix.sh samples GPU OUT_DIR RUN...  # finished runs of the queue:
@@ -118,8 +120,8 @@ case "${1:-}" in
     source experiments/gpu_env.sh
     mkdir -p "$SCRATCH/code"
     tar --exclude=./.stage --exclude=./.whl --exclude=./data --exclude=./runs --exclude=./.venv -cf - . | tar -xf - -C "$SCRATCH/code"
-    gpus=$(nvidia-smi -L | wc -l)
     nvidia-smi -L
+    gpus=${QUEUE_GPUS:-$(seq -s ' ' 0 $(($(nvidia-smi -L | wc -l) - 1)))}
     extra=()
     alone=$(printf '%s\n' "$@" | grep learned || true)
     [ -n "$alone" ] && [ "${SLOTS_PER_GPU:-2}" -gt 1 ] && extra+=(--alone $alone)
@@ -143,7 +145,7 @@ case "${1:-}" in
       python -m fibax.data prepare --source gutenberg --out $SCRATCH/data/gutenberg --tokenizer-from $TOKENIZER
       $first
       left=\$(( $deadline - (\$(date +%s) - $t0) ))
-      python experiments/matrix.py run --root $SCRATCH/runs --gpus $(seq -s ' ' 0 $((gpus - 1))) \
+      python experiments/matrix.py run --root $SCRATCH/runs --gpus $gpus \
         --slots-per-gpu ${SLOTS_PER_GPU:-2} --deadline-s \$left ${extra[*]} ${RUN_ARGS[*]} --runs $*
     " > "$SCRATCH/matrix.log" 2>&1 < /dev/null &
     sleep 5; cat "$SCRATCH/matrix.log" ;;
@@ -194,10 +196,11 @@ case "${1:-}" in
   sharding)
     out=${2:?output folder}
     [ -f "$SCRATCH/data/gutenberg/manifest.json" ] || die "no tokenized Gutenberg under $SCRATCH/data"
-    gpus=$(nvidia-smi -L | wc -l)
-    wait_free "$(seq -s ' ' 0 $((gpus - 1)))" "${FREE_WAIT_S:-0}" sharding
+    gpus=${SHARDING_GPUS:-$(seq -s ' ' 0 $(($(nvidia-smi -L | wc -l) - 1)))}
+    wait_free "$gpus" "${FREE_WAIT_S:-0}" sharding
     source experiments/gpu_env.sh
-    python experiments/sharding_check.py --devices "$gpus" --timeout-s "${SHARDING_TIMEOUT_S:-600}" \
+    export CUDA_VISIBLE_DEVICES=${gpus// /,}
+    python experiments/sharding_check.py --devices "$(wc -w <<< "$gpus")" --timeout-s "${SHARDING_TIMEOUT_S:-600}" \
       --config configs/paper.py:fib_stagger_w12,steps=300 --root "$SCRATCH/sharding" --out "$out" \
       --set model.attention.impl=pallas "data_dir=$SCRATCH/data/gutenberg" model.embed_backward=onehot ;;
   samples)

@@ -41,9 +41,15 @@ def layouts(devices: int) -> list[tuple[str, int, int]]:
 
 
 def device_env(count: int) -> dict:
-  """The environment of a child that sees only the first `count` devices."""
+  """The environment of a child that sees only the first `count` devices (of those this
+  process may see, where CUDA_VISIBLE_DEVICES already names some)."""
   env = dict(os.environ)
-  env["CUDA_VISIBLE_DEVICES"] = ",".join(map(str, range(count)))
+  visible = [d for d in env.get("CUDA_VISIBLE_DEVICES", "").split(",") if d.strip()]
+  if visible and len(visible) < count:
+    sys.exit(
+      f"sharding_check.py: error: {count} devices asked, CUDA_VISIBLE_DEVICES={','.join(visible)}"
+    )
+  env["CUDA_VISIBLE_DEVICES"] = ",".join(visible[:count] if visible else map(str, range(count)))
   flags = env.get("XLA_FLAGS", "")
   if "xla_force_host_platform_device_count" in flags:
     env["XLA_FLAGS"] = re.sub(

@@ -5,8 +5,10 @@
 # log, and a step that fails or runs out of time leaves the others' results.
 #
 #   bash experiments/speed_suite.sh start GPU          # detached, results under $SCRATCH/speed
-#   bash experiments/speed_suite.sh poll SECONDS OUT   # wait up to SECONDS; pack results to OUT
+#   bash experiments/speed_suite.sh poll SECONDS OUT   # wait up to SECONDS; pack to OUT/speed.tar.gz
 #   bash experiments/speed_suite.sh stop               # kill the suite
+# SPEED_NAME=NAME (default speed) names the suite, its folder $SCRATCH/NAME and its archive
+# NAME.tar.gz, so suites of different steps can run on different GPUs at once.
 #
 # Steps, most important first (SPEED_STEPS picks some, e.g. "attention train"):
 #   tests_packed   the packed kernels against the float32 reference for real (pytest -m gpu),
@@ -18,11 +20,14 @@
 #                  the top device operations of each (traces stay on the machine)
 #   tests_learned  the learned-rung kernels against the plain-JAX learned path, for real
 #   attention4     the packed kernel alone with 4 warps (wgmma instead of mma.sync)
-# The test steps stop a case after PER_TEST_S (240) where pytest-timeout is installed.
+# The test steps stop a case after PER_TEST_S (240) where pytest-timeout is installed, and the
+# whole step after TEST_LIMIT_S (900).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 SCRATCH=${FIBAX_SCRATCH:-/root/fibax}
-DIR=$SCRATCH/speed
+NAME=${SPEED_NAME:-speed}
+[[ "$NAME" =~ ^[A-Za-z0-9_-]+$ ]] || { echo "speed_suite.sh: error: bad SPEED_NAME=$NAME" >&2; exit 1; }
+DIR=$SCRATCH/$NAME
 
 die() { echo "speed_suite.sh: error: $*" >&2; exit 1; }
 
@@ -54,7 +59,7 @@ suite() {
       tests_packed | tests_learned)
         local k=GpuPackedKernel; [ "$s" = tests_learned ] && k=GpuLearnedRungs
         local per=(); python -c "import pytest_timeout" 2>/dev/null && per=(--timeout "${PER_TEST_S:-240}")
-        step "$s" 900 env FIBAX_GPU_TESTS=1 python -m pytest -m gpu tests/test_kernels.py -k "$k" \
+        step "$s" "${TEST_LIMIT_S:-900}" env FIBAX_GPU_TESTS=1 python -m pytest -m gpu tests/test_kernels.py -k "$k" \
           -v -p no:cacheprovider "${per[@]}" --junitxml "$DIR/$s.xml" ;;
       *) echo "$(date +%s) unknown step $s" >> "$DIR/log.txt" ;;
     esac
@@ -72,7 +77,7 @@ case "${1:-}" in
     git rev-parse HEAD > "$DIR/commit.txt" 2>/dev/null || true
     export CUDA_VISIBLE_DEVICES=$gpu SPEED_STEPS=${SPEED_STEPS:-}
     setsid nohup bash "$0" _suite > "$DIR/suite.log" 2>&1 < /dev/null &
-    echo $! > "$SCRATCH/speed.pid"
+    echo $! > "$DIR.pid"
     sleep 2; cat "$DIR/log.txt" ;;
   _suite)
     suite ;;
@@ -82,12 +87,12 @@ case "${1:-}" in
     end=$((SECONDS + wait_s))
     until grep -q " done$" "$DIR/log.txt" 2>/dev/null || [ "$SECONDS" -ge "$end" ]; do sleep 5; done
     mkdir -p "$out"
-    tar -czf "$out/speed.tar.gz" -C "$SCRATCH" speed
+    tar -czf "$out/$NAME.tar.gz" -C "$SCRATCH" "$NAME"
     cat "$DIR/log.txt"
     nvidia-smi --query-gpu=index,memory.used,utilization.gpu --format=csv,noheader || true ;;
   stop)
-    [ -f "$SCRATCH/speed.pid" ] || die "no suite started"
-    kill -- -"$(cat "$SCRATCH/speed.pid")" 2>/dev/null || true
+    [ -f "$DIR.pid" ] || die "no suite started"
+    kill -- -"$(cat "$DIR.pid")" 2>/dev/null || true
     echo "$(date +%s) stopped" >> "$DIR/log.txt" ;;
   *)
     die "usage: speed_suite.sh start GPU | poll SECONDS OUT | stop" ;;

@@ -20,6 +20,9 @@ def test_layouts_and_the_device_environment(monkeypatch):
   env = device_env(2)
   assert env["XLA_FLAGS"] == "--xla_force_host_platform_device_count=2 --x=1"
   assert env["CUDA_VISIBLE_DEVICES"] == "0,1"
+  monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "2,3")  # a machine's other GPUs run something else
+  assert device_env(2)["CUDA_VISIBLE_DEVICES"] == "2,3"
+  assert device_env(1)["CUDA_VISIBLE_DEVICES"] == "2"
 
 
 def test_three_layouts_train_the_same_run(tmp_path_factory, tmp_path):
