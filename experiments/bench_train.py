@@ -11,7 +11,9 @@ short keeps what it measured.
 
 With `--profile DIR`, a few more steps of each run are traced with `jax.profiler` into
 DIR/<run>_T<T>/, and the result gets `profile_top`: the device's XLA operations by time per
-step (the "XLA Ops" line of each device plane of the trace; a CPU trace has no device plane).
+step (the "XLA Ops" line of each device plane of the trace; a CPU trace has no device plane),
+each with the JAX op and the line of Python it came from where the compiled program says
+(`hlo_sources`; the program's text is kept beside the trace).
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ import collections
 import dataclasses
 import json
 import os
+import re
 import statistics
 import sys
 import time
@@ -92,10 +95,16 @@ def batches(cfg, mesh, data_dir: str | None, count: int = 8) -> list:
   return [sharding.global_batch(b, mesh) for b in host]
 
 
-def top_device_ops(planes, steps: int, top: int = 25) -> list[dict]:
+# Stats of a device event that name the HLO instruction or JAX op it ran for, where present.
+EVENT_STATS = ("hlo_op", "tf_op", "long_name")
+
+
+def top_device_ops(planes, steps: int, top: int = 25, sources: dict | None = None) -> list[dict]:
   """The device operations of a trace (`jax.profiler.ProfileData` planes) with the most time:
-  op name, ms per step and share of all device-op time, most first."""
-  totals = collections.Counter()
+  op name, ms per step and share of all device-op time, most first; with the event's
+  EVENT_STATS where it has them, and `source` (`hlo_sources`) where the op (or its `hlo_op`)
+  is an instruction of the compiled program."""
+  totals, stats = collections.Counter(), {}
   for plane in planes:
     if not plane.name.startswith("/device:"):
       continue
@@ -103,11 +112,64 @@ def top_device_ops(planes, steps: int, top: int = 25) -> list[dict]:
     for line in lines:
       for event in line.events:
         totals[event.name] += event.duration_ns
+        if event.name not in stats:
+          found = dict(getattr(event, "stats", ()))
+          stats[event.name] = {k: str(found[k]) for k in EVENT_STATS if k in found}
   total = sum(totals.values())
-  return [
-    {"op": name, "ms_per_step": round(ns / 1e6 / steps, 3), "share": round(ns / total, 4)}
-    for name, ns in totals.most_common(top)
-  ]
+  rows = []
+  for name, ns in totals.most_common(top):
+    row = {"op": name, "ms_per_step": round(ns / 1e6 / steps, 3), "share": round(ns / total, 4)}
+    row.update(stats[name])
+    source = (sources or {}).get(row.get("hlo_op", name))
+    rows.append({**row, "source": source} if source else row)
+  return rows
+
+
+def hlo_sources(hlo_text: str) -> dict[str, str]:
+  """Each instruction of a compiled program's text (`compiled.as_text()`) that carries
+  metadata -> "<op_name> @ <file>:<line> (<function>)": the JAX op it came from and the
+  innermost Python frame outside jax and flax that made it."""
+  tables: dict[str, dict[int, str]] = {}
+  section = None
+  for line in hlo_text.splitlines():
+    if line in ("FileNames", "FunctionNames", "FileLocations", "StackFrames"):
+      section = tables.setdefault(line, {})
+    elif section is not None and (m := re.match(r"(\d+) (.*)", line)):
+      section[int(m.group(1))] = m.group(2)
+    else:
+      section = None
+
+  def field(text, key):
+    m = re.search(rf"\b{key}=(\d+)", text)
+    return int(m.group(1)) if m else None
+
+  def where(frame):
+    seen, first = set(), None
+    while frame and frame not in seen and frame in tables.get("StackFrames", {}):
+      seen.add(frame)
+      frame_text = tables["StackFrames"][frame]
+      loc = tables.get("FileLocations", {}).get(field(frame_text, "file_location_id"), "")
+      path = tables.get("FileNames", {}).get(field(loc, "file_name_id"), '""').strip('"')
+      func = tables.get("FunctionNames", {}).get(field(loc, "function_name_id"), '""').strip('"')
+      here = f"{Path(path).name}:{field(loc, 'line')} ({func})"
+      first = first or here
+      if not re.search(r"/(jax|jaxlib|flax)/", path):
+        return here
+      frame = field(frame_text, "parent_frame_id")
+    return first
+
+  out = {}
+  pattern = re.compile(r"\s*(?:ROOT )?%?([\w.-]+) = .*?metadata=\{([^}]*)\}")
+  for line in hlo_text.splitlines():
+    if not (m := pattern.match(line)):
+      continue
+    op = re.search(r'op_name="([^"]*)"', m.group(2))
+    frame = field(m.group(2), "stack_frame_id")
+    place = where(frame) if frame else None
+    text = " @ ".join(x for x in (op and op.group(1), place) if x)
+    if text:
+      out[m.group(1)] = text
+  return out
 
 
 def profile(compiled, state, inputs, steps: int, trace_dir: Path) -> list[dict]:
@@ -117,7 +179,10 @@ def profile(compiled, state, inputs, steps: int, trace_dir: Path) -> list[dict]:
       state, m = compiled(state, inputs[i % len(inputs)])
     jax.block_until_ready(m)
   trace = max(trace_dir.rglob("*.xplane.pb"), key=lambda f: f.stat().st_mtime)
-  return top_device_ops(jax.profiler.ProfileData.from_file(str(trace)).planes, steps)
+  text = compiled.as_text()
+  (trace_dir / "program.hlo.txt").write_text(text)  # beside the trace, for a closer look
+  planes = jax.profiler.ProfileData.from_file(str(trace)).planes
+  return top_device_ops(planes, steps, sources=hlo_sources(text))
 
 
 def bench(cfg, steps_timed: int, data_dir: str | None = None, trace_dir: Path | None = None):

@@ -87,6 +87,12 @@ class ModelConfig:
   # 0 forms the [B, T, V] float32 logits at once; C > 0 scans over chunks of C positions and
   # recomputes each chunk's logits in the backward, so at most [B, C, V] exist at a time.
   loss_chunk: int = 0
+  # The dtype of the output layer's backward: "float32" differentiates the float32 logits as
+  # they are, so both backward matmuls ([B*T, V] x [V, E] and its transpose) take float32
+  # operands (TF32 on a GPU); "compute" rounds the logits' cotangent to the compute dtype first
+  # (what a bf16 autocast backward does), so they run at the bf16 tensor-core rate, still
+  # accumulated in float32. The forward and the loss are the same either way.
+  logits_grad: Literal["float32", "compute"] = "float32"
   # What the backward recomputes instead of keeping from the forward (`nn.remat` on each
   # block): "none" keeps every activation; "block" keeps only each block's input and recomputes
   # the block; "dots" keeps the matmul outputs (projections, MLP) and recomputes the rest
@@ -111,6 +117,8 @@ class ModelConfig:
       )
     if self.remat not in REMAT:
       raise ValueError(f"remat={self.remat!r} must be one of {', '.join(REMAT)}")
+    if self.logits_grad not in ("float32", "compute"):
+      raise ValueError(f"logits_grad={self.logits_grad!r} must be 'float32' or 'compute'")
     if self.loss_chunk < 0:
       raise ValueError(f"loss_chunk={self.loss_chunk} must be >= 0 (0: no chunks)")
     if self.attention.window >= self.seq_len:

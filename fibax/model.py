@@ -243,12 +243,39 @@ class Transformer(nn.Module):
     x_BxTxE = RMSNorm(cfg.norm_eps, dtype, name="final_norm")(x_BxTxE)
     if not output_layer:
       return x_BxTxE, embed.embedding.astype(dtype)
-    return output_logits(x_BxTxE, embed.embedding.astype(dtype))
+    return output_logits(x_BxTxE, embed.embedding.astype(dtype), cfg.logits_grad)
 
 
-def output_logits(x_BxTxE: Array, embed_VxE: Array) -> Float[Array, "B T V"]:
-  """The tied output layer: float32 logits."""
+def output_logits(x_BxTxE: Array, embed_VxE: Array, grad: str = "float32") -> Float[Array, "B T V"]:
+  """The tied output layer: float32 logits. `grad="compute"`: the backward rounds their
+  cotangent to the inputs' dtype before its two matmuls (`ModelConfig.logits_grad`)."""
+  if grad == "compute":
+    return _logits_compute_grad(x_BxTxE, embed_VxE)
+  return _logits(x_BxTxE, embed_VxE)
+
+
+def _logits(x_BxTxE: Array, embed_VxE: Array) -> Array:
   return jnp.einsum("bte,ve->btv", x_BxTxE, embed_VxE, preferred_element_type=jnp.float32)
+
+
+@jax.custom_vjp
+def _logits_compute_grad(x_BxTxE: Array, embed_VxE: Array) -> Array:
+  return _logits(x_BxTxE, embed_VxE)
+
+
+def _logits_fwd(x_BxTxE, embed_VxE):
+  return _logits(x_BxTxE, embed_VxE), (x_BxTxE, embed_VxE)
+
+
+def _logits_bwd(res, g_BxTxV):
+  x_BxTxE, embed_VxE = res
+  g_BxTxV = g_BxTxV.astype(x_BxTxE.dtype)
+  dx = jnp.einsum("btv,ve->bte", g_BxTxV, embed_VxE, preferred_element_type=jnp.float32)
+  de = jnp.einsum("btv,bte->ve", g_BxTxV, x_BxTxE, preferred_element_type=jnp.float32)
+  return dx.astype(x_BxTxE.dtype), de.astype(embed_VxE.dtype)
+
+
+_logits_compute_grad.defvjp(_logits_fwd, _logits_bwd)
 
 
 def _init_boxed(cfg: ModelConfig, key: Array):

@@ -66,10 +66,10 @@ def token_losses(params, model: Transformer, inputs_BxT, targets_BxT):
     logits_BxTxV = model.apply({"params": params}, inputs_BxT)
     return optax.softmax_cross_entropy_with_integer_labels(logits_BxTxV, targets_BxT)
   x_BxTxE, embed_VxE = model.apply({"params": params}, inputs_BxT, output_layer=False)
-  return chunked_losses(x_BxTxE, embed_VxE, targets_BxT, chunk)
+  return chunked_losses(x_BxTxE, embed_VxE, targets_BxT, chunk, model.cfg.logits_grad)
 
 
-def chunked_losses(x_BxTxE, embed_VxE, targets_BxT, chunk: int):
+def chunked_losses(x_BxTxE, embed_VxE, targets_BxT, chunk: int, logits_grad: str = "float32"):
   """The output layer and its cross-entropy over chunks of `chunk` positions (the last one
   padded), in a `lax.scan` whose body is rematerialized: the backward recomputes a chunk's
   logits instead of keeping [B, T, V] of them."""
@@ -84,7 +84,7 @@ def chunked_losses(x_BxTxE, embed_VxE, targets_BxT, chunk: int):
   @jax.checkpoint
   def body(_, chunk_in):
     x_BxCxE, targets_BxC = chunk_in
-    logits_BxCxV = model_lib.output_logits(x_BxCxE, embed_VxE)
+    logits_BxCxV = model_lib.output_logits(x_BxCxE, embed_VxE, logits_grad)
     return None, optax.softmax_cross_entropy_with_integer_labels(logits_BxCxV, targets_BxC)
 
   _, losses_NxBxC = jax.lax.scan(body, None, (x_NxBxCxE, targets_NxBxC))

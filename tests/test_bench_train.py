@@ -1,5 +1,7 @@
 """experiments/bench_train.py: the configs it times and the summary the issue's targets name."""
 
+import jax
+import jax.numpy as jnp
 import pytest
 
 from experiments import bench_train
@@ -54,9 +56,46 @@ def test_top_device_ops_sums_the_xla_ops_of_device_planes():
   ]
 
 
+def _program_for_sources(x):
+  return jnp.tanh(x @ x).sum()  # the line hlo_sources must name
+
+
+def test_hlo_sources_name_the_op_and_the_python_line_of_each_instruction():
+  import inspect
+
+  text = jax.jit(_program_for_sources).lower(jnp.ones((32, 32))).compile().as_text()
+  sources = bench_train.hlo_sources(text)
+  line = inspect.getsourcelines(_program_for_sources)[1] + 1
+  here = f"test_bench_train.py:{line} (_program_for_sources)"
+  dots = [v for v in sources.values() if "dot_general" in v]
+  assert dots and all(v.endswith(here) for v in dots), sources
+  assert any(v.startswith("jit(_program_for_sources)/") for v in sources.values()), sources
+
+
+def test_top_device_ops_attach_the_events_hlo_op_and_its_source():
+  from types import SimpleNamespace as NS
+
+  events = [
+    NS(name="sm90_gemm_kernel", duration_ns=4e6, stats=[("hlo_op", "cublas-gemm.3"), ("x", 1)]),
+    NS(name="fusion.7", duration_ns=1e6, stats=[]),
+    NS(name="sm90_gemm_kernel", duration_ns=2e6, stats=[("hlo_op", "cublas-gemm.3")]),
+  ]
+  planes = [NS(name="/device:GPU:0", lines=[NS(name="XLA Ops", events=events)])]
+  sources = {"cublas-gemm.3": "jit(train)/transpose(jvp(dot_general)) @ model.py:251 (_logits)"}
+  top = bench_train.top_device_ops(planes, steps=1, sources=sources)
+  assert top == [
+    {
+      "op": "sm90_gemm_kernel", "ms_per_step": 6.0, "share": 0.8571, "hlo_op": "cublas-gemm.3",
+      "source": sources["cublas-gemm.3"],
+    },
+    {"op": "fusion.7", "ms_per_step": 1.0, "share": 0.1429},
+  ]  # fmt: skip
+
+
 def test_profile_traces_steps_and_writes_the_trace(tmp_path):
   from eval_helpers import micro_run_config
 
   result = bench_train.bench(micro_run_config(tmp_path, "stagger"), 1, None, tmp_path / "trace")
   assert list((tmp_path / "trace").rglob("*.xplane.pb"))  # the trace is kept for a viewer
   assert result["profile_top"] == [] and result["ms_per_step"] > 0  # CPU: no device plane
+  assert "ENTRY" in next((tmp_path / "trace").glob("program.hlo.txt")).read_text()

@@ -3,6 +3,7 @@
 import dataclasses
 
 import jax
+import jax.extend
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -217,6 +218,60 @@ def test_chunked_loss_is_the_same_function_and_keeps_less(chunk):
     assert temp_bytes(chunked) + logits_bytes < temp_bytes(whole)
   with pytest.raises(ValueError, match="loss_chunk=-1"):
     dataclasses.replace(whole, loss_chunk=-1)
+
+
+def _vocab_dots(jaxpr, vocab):
+  """The dtypes of the operands of every dot_general in a jaxpr (nested ones too) that
+  contracts or produces a dimension of size `vocab`."""
+  found = []
+  for eqn in jaxpr.eqns:
+    for sub in jax.extend.core.jaxprs_in_params(eqn.params):
+      found += _vocab_dots(sub, vocab)
+    if eqn.primitive.name == "dot_general":
+      shapes = [v.aval.shape for v in (*eqn.invars, *eqn.outvars)]
+      if any(vocab in shape for shape in shapes):
+        found.append(tuple(str(v.aval.dtype) for v in eqn.invars))
+  return found
+
+
+@pytest.mark.parametrize("chunk", [0, 16])
+def test_logits_grad_compute_rounds_only_the_output_layers_backward(chunk):
+  """model.logits_grad='compute': the same forward and loss; the output layer's backward
+  matmuls take bf16 operands (float32 ones under 'float32': TF32 on a GPU), and the gradients
+  stay within bf16 rounding of the float32-cotangent ones. In float32 compute it changes
+  nothing."""
+  from fibax.steps import token_losses
+
+  vocab = 96  # a size no other dimension of _small has
+  f32_grad = dataclasses.replace(
+    _small("stagger"), compute_dtype="bfloat16", vocab_size=vocab, loss_chunk=chunk
+  )
+  bf16_grad = dataclasses.replace(f32_grad, logits_grad="compute")
+  tokens = jax.random.randint(jax.random.key(5), (2, 33), 0, vocab)
+  params = M.init_params(f32_grad, 0)
+
+  def loss(p, cfg):
+    return token_losses(p, M.Transformer(cfg), tokens[:, :-1], tokens[:, 1:]).mean()
+
+  np.testing.assert_array_equal(loss(params, bf16_grad), loss(params, f32_grad))
+  dots = {
+    name: _vocab_dots(jax.make_jaxpr(jax.grad(loss), static_argnums=1)(params, cfg).jaxpr, vocab)
+    for name, cfg in (("float32", f32_grad), ("compute", bf16_grad))
+  }
+  # A float32 operand in a dot: XLA converts the other one too (TF32 or float32 on a GPU).
+  assert any("float32" in pair for pair in dots["float32"]), dots
+  assert all(pair == ("bfloat16", "bfloat16") for pair in dots["compute"]), dots
+  assert len(dots["compute"]) == len(dots["float32"]), dots
+  g_f32 = [np.asarray(g, np.float32) for g in jax.tree.leaves(jax.grad(loss)(params, f32_grad))]
+  g_bf16 = [np.asarray(g, np.float32) for g in jax.tree.leaves(jax.grad(loss)(params, bf16_grad))]
+  for a, b in zip(g_f32, g_bf16, strict=True):
+    assert np.abs(a - b).max() <= 2e-2 * np.abs(a).max() + 1e-6
+  assert any(not np.array_equal(a, b) for a, b in zip(g_f32, g_bf16, strict=True))
+  exact = [dataclasses.replace(c, compute_dtype="float32") for c in (f32_grad, bf16_grad)]
+  for a, b in zip(*(jax.tree.leaves(jax.grad(loss)(params, c)) for c in exact), strict=True):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  with pytest.raises(ValueError, match="logits_grad='bf16'"):
+    dataclasses.replace(f32_grad, logits_grad="bf16")
 
 
 def test_learned_window_jax_is_the_plain_jax_computation_under_a_pallas_impl():
