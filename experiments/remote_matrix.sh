@@ -27,7 +27,8 @@
 #   bash experiments/remote_matrix.sh sharding OUT_DIR          # after `start`'s tokenizing, with
 #                                                               # no queue running: 300 steps
 #                                                               # on all GPUs (SHARDING_GPUS:
-#                                                               # these), data x model 2,
+#                                                               # these; SHARDING_DATA: another
+#                                                               # tokenized folder), data x model 2,
 #                                                               # one GPU (sharding_check.py);
 #                                                               # those GPUs free (FREE_WAIT_S as
 #                                                               # for bench), a layout killed after
@@ -195,14 +196,16 @@ case "${1:-}" in
     done ;;
   sharding)
     out=${2:?output folder}
-    [ -f "$SCRATCH/data/gutenberg/manifest.json" ] || die "no tokenized Gutenberg under $SCRATCH/data"
+    # SHARDING_DATA: another tokenized folder (sotu-<sha> arrives in one call, before the corpus)
+    data=${SHARDING_DATA:-$SCRATCH/data/gutenberg}
+    [ -f "$data/manifest.json" ] || die "no tokenized data in $data"
     gpus=${SHARDING_GPUS:-$(seq -s ' ' 0 $(($(nvidia-smi -L | wc -l) - 1)))}
     wait_free "$gpus" "${FREE_WAIT_S:-0}" sharding
     source experiments/gpu_env.sh
     export CUDA_VISIBLE_DEVICES=${gpus// /,}
     python experiments/sharding_check.py --devices "$(wc -w <<< "$gpus")" --timeout-s "${SHARDING_TIMEOUT_S:-600}" \
       --config configs/paper.py:fib_stagger_w12,steps=300 --root "$SCRATCH/sharding" --out "$out" \
-      --set model.attention.impl=pallas "data_dir=$SCRATCH/data/gutenberg" model.embed_backward=onehot ;;
+      --set model.attention.impl=pallas "data_dir=$data" model.embed_backward=onehot ;;
   samples)
     gpu=${2:?GPU index}; out=${3:?output folder}; shift 3
     [ $# -gt 0 ] || die "no runs given"

@@ -19,6 +19,10 @@
 #                  with impl=pallas_packed, then with impl=pallas; a jax.profiler summary of
 #                  the top device operations of each (traces stay on the machine)
 #   tests_learned  the learned-rung kernels against the plain-JAX learned path, for real
+#                  (FIBAX_KERNEL_SHARD=i/n: every n-th case, so n GPUs can share them)
+#   train_options  bench_train.py, dense and fib_stagger_w12 at T = 1,024 with pallas_packed
+#                  and a profile, once per override set of TRAIN_SETS (';'-separated; default:
+#                  the logits' backward in float32, then in bf16, then with a chunked loss)
 #   attention4     the packed kernel alone with 4 warps (wgmma instead of mma.sync)
 # The test steps stop a case after PER_TEST_S (240) where pytest-timeout is installed, and the
 # whole step after TEST_LIMIT_S (900).
@@ -55,6 +59,14 @@ suite() {
           step "train_$impl" 600 python experiments/bench_train.py \
             --runs dense fib_stagger_w12 fib_learned_w12 --seq-lens 1024 8192 --impl "$impl" \
             --profile "$SCRATCH/trace/$impl" "${common[@]}" --out "$DIR/bench_train_$impl.json"
+        done ;;
+      train_options)
+        local sets; IFS=';' read -ra sets <<< "${TRAIN_SETS:-model.logits_grad=float32;model.logits_grad=compute;model.logits_grad=compute model.loss_chunk=256}"
+        for i in "${!sets[@]}"; do
+          # shellcheck disable=SC2086  # one set is several overrides
+          step "train_options_$i" 600 python experiments/bench_train.py --runs dense fib_stagger_w12 \
+            --seq-lens 1024 --impl pallas_packed --profile "$SCRATCH/trace/options_$i" \
+            "${common[@]}" ${sets[$i]} --out "$DIR/bench_train_options_$i.json"
         done ;;
       tests_packed | tests_learned)
         local k=GpuPackedKernel; [ "$s" = tests_learned ] && k=GpuLearnedRungs

@@ -255,9 +255,15 @@ class LearnedRungsTest:
       assert _rel_err(g, r) < tol * 2, (name, case, float(alpha))
 
 
+def _gpu_seeds():
+  """FIBAX_KERNEL_SHARD=i/n runs every n-th seed, so n processes can share the compiles."""
+  i, n = (int(x) for x in os.environ.get("FIBAX_KERNEL_SHARD", "0/1").split("/"))
+  return [s for s in range(NUM_CASES) if s % n == i]
+
+
 @pytest.mark.gpu
 class TestGpuLearnedRungs(LearnedRungsTest):
-  @pytest.mark.parametrize("seed", range(NUM_CASES))
+  @pytest.mark.parametrize("seed", _gpu_seeds())
   def test_matches_plain_jax(self, seed):
     self.check(seed)
 
@@ -284,12 +290,6 @@ def test_learned_rungs_reach_the_clamp_the_skips_and_beyond_t():
     seen |= {"skipped"} if (~keep).any() else set()
     seen |= {"beyond"} if (lo >= seq_len).any() else set()
   assert seen == {"kept", "skipped", "beyond"}
-
-
-def _gpu_seeds():
-  """FIBAX_KERNEL_SHARD=i/n runs every n-th seed, so n processes can share the compiles."""
-  i, n = (int(x) for x in os.environ.get("FIBAX_KERNEL_SHARD", "0/1").split("/"))
-  return [s for s in range(NUM_CASES) if s % n == i]
 
 
 @pytest.mark.gpu

@@ -200,6 +200,7 @@ def test_start_with_sharding_first_runs_the_check_then_the_queue_within_the_dead
   )
   fake.chmod(0o755)
   env["SHARDING_FIRST"] = "1"
+  env["QUEUE_GPUS"] = "1"  # the queue on GPU 1 only; the check on both
   proc = _sh("start", 1000, "dense", "fib_stagger_w12", env=env)
   assert proc.returncode == 0, proc.stderr
   for _ in range(60):
@@ -214,6 +215,29 @@ def test_start_with_sharding_first_runs_the_check_then_the_queue_within_the_dead
   assert "--devices 2" in argv[1]["argv"] and str(scratch / "extra" / "sharding") in argv[1]["argv"]
   run = argv[2]["argv"]
   assert "matrix.py run" in run and run.endswith("--runs dense fib_stagger_w12")
+  assert " --gpus 1 " in run
   left = int(run.split("--deadline-s ")[1].split()[0])
   assert 990 <= left <= 997  # the check's 3 s (and a second or two more) came out of it
   assert {a["cache"] for a in argv} == {str(scratch / "jax_cache")}
+
+
+def test_sharding_on_named_gpus_with_other_data(tmp_path):
+  """SHARDING_GPUS picks the GPUs of the check (a busy other GPU does not hold it up; the
+  child sees only those) and SHARDING_DATA another tokenized folder."""
+  busy, env = _fake_nvidia_smi(tmp_path, ["GPU-a"])  # GPU 0 trains something else
+  data = tmp_path / "s" / "data" / "sotu-abc"
+  data.mkdir(parents=True)
+  (data / "manifest.json").write_text("{}")
+  calls = tmp_path / "calls.txt"
+  fake = tmp_path / "bin" / "python"
+  fake.write_text(f'#!/bin/sh\necho "$CUDA_VISIBLE_DEVICES|$*" >> {calls}\n')
+  fake.chmod(0o755)
+  env.update(SHARDING_GPUS="1", SHARDING_DATA=str(data))
+  proc = _sh("sharding", tmp_path / "out", env=env)
+  assert proc.returncode == 0, proc.stderr
+  line = [x for x in calls.read_text().splitlines() if "sharding_check.py" in x][0]
+  visible, argv = line.split("|", 1)
+  assert visible == "1" and "--devices 1" in argv and f"data_dir={data}" in argv
+  env["SHARDING_DATA"] = str(tmp_path / "nothing")
+  proc = _sh("sharding", tmp_path / "out", env=env)
+  assert proc.returncode == 1 and f"no tokenized data in {tmp_path / 'nothing'}" in proc.stderr
