@@ -213,7 +213,7 @@ case "${1:-}" in
     dirs=(); for r in "$@"; do dirs+=("$SCRATCH/runs/$r"); done
     CUDA_VISIBLE_DEVICES=$gpu python experiments/samples.py --runs "${dirs[@]}" --out "$out" ;;
   when)
-    runs=${2:?runs to wait for}; shift 2
+    runs=${2?runs to wait for, or an empty string for none}; shift 2
     [ $# -gt 0 ] || die "no command given"
     # The queue writes status.json after tokenizing; until then a follow-up just waits.
     [ -d "$SCRATCH/code" ] || die "no queue started"
