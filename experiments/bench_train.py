@@ -5,7 +5,7 @@
 One process, one device. For every (run, T) the full train step of fibax.steps (forward,
 backward, AdamW update; the paper's model at vocab 32,768) runs on random tokens at a fixed
 number of tokens per step (B = tokens / T). Dense runs use cuDNN attention, sparse runs the
-Pallas kernel. MFU is counted against a bf16 matmul peak measured in the same run (and, for
+packed Pallas kernel (`--impl pallas` for the row-wise one). MFU is counted against a bf16 matmul peak measured in the same run (and, for
 reference, the card's vendor peak). Results are written after every measurement, so a run cut
 short keeps what it measured.
 
@@ -238,7 +238,7 @@ def main(argv=None):
   p.add_argument("--runs", nargs="+", default=["dense", "fib_stagger_w12"])
   p.add_argument("--seq-lens", nargs="+", type=int, default=[1024, 8192])
   p.add_argument("--tokens", type=int, default=32768, help="tokens per step (B = tokens / T)")
-  p.add_argument("--impl", default="pallas", help="sparse attention implementation")
+  p.add_argument("--impl", default="pallas_packed", help="sparse attention implementation")
   p.add_argument("--dense-impl", default="cudnn", help="dense attention implementation")
   p.add_argument("--grad-accum", type=int, default=1)
   p.add_argument("--steps", type=int, default=5, help="timed steps per round (3 rounds)")
