@@ -5,7 +5,7 @@
 # log, and a step that fails or runs out of time leaves the others' results.
 #
 #   bash experiments/speed_suite.sh start GPU          # detached, results under $SCRATCH/speed
-#   bash experiments/speed_suite.sh poll SECONDS OUT   # wait up to SECONDS; pack to OUT/speed.tar.gz
+#   bash experiments/speed_suite.sh poll SECONDS OUT   # wait up to SECONDS; pack to OUT/<name>.tar.gz
 #   bash experiments/speed_suite.sh stop               # kill the suite
 # SPEED_NAME=NAME (default speed) names the suite, its folder $SCRATCH/NAME and its archive
 # NAME.tar.gz, so suites of different steps can run on different GPUs at once.
