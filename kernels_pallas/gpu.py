@@ -439,6 +439,14 @@ def _rung_scalars(tables, j, learned):
   return tables[0][1 + j], 0.0, True
 
 
+def _blend(a_CxD, b_CxD, f):
+  """A learned rung's key or value tile (1 - f) a + f b (the definition: keys and values are
+  interpolated between the rows at the floor and one past it), formed in float32 and used in
+  the tiles' dtype, so each rung costs one matmul where scores blended would cost two."""
+  mix = (1 - f) * a_CxD.astype(jnp.float32) + f * b_CxD.astype(jnp.float32)
+  return mix.astype(a_CxD.dtype)
+
+
 def _fwd_window(q_MxD, k_CxD, v_CxD, keep, scale):
   """The online softmax's carry after the window tile (every query attends d = 0)."""
   s_MxC = jnp.where(keep, plgpu.dot(q_MxD, k_CxD, trans_b=True) * scale, MASK_VALUE)
@@ -458,14 +466,13 @@ def _dkv_tile(
   dk, dv, q_M, do_M, lse_M, delta_M, k_CxD, v_CxD, keep, scale, blend=None, w_C=None
 ):  # fmt: skip
   """Adds the packed queries' gradients to a key block's (dk / scale, dv). With blend =
-  (k_b, v_b, f) the queries' key is the learned blend (1 - f) k + f k_b (scores and values
-  are linear in it), and w_C weighs each key row (this block's share of the blend)."""
-  s = plgpu.dot(q_M, k_CxD, trans_b=True)
-  dp = plgpu.dot(do_M, v_CxD, trans_b=True)
+  (k_b, v_b, f) the queries' key and value are the learned blends (1 - f) k + f k_b and
+  (1 - f) v + f v_b, and w_C weighs each key row (this block's share of the blend)."""
   if blend is not None:
     k_b, v_b, f = blend
-    s = (1 - f) * s + f * plgpu.dot(q_M, k_b, trans_b=True)
-    dp = (1 - f) * dp + f * plgpu.dot(do_M, v_b, trans_b=True)
+    k_CxD, v_CxD = _blend(k_CxD, k_b, f), _blend(v_CxD, v_b, f)
+  s = plgpu.dot(q_M, k_CxD, trans_b=True)
+  dp = plgpu.dot(do_M, v_CxD, trans_b=True)
   p = jnp.where(keep, jnp.exp(s * scale - lse_M[:, None]), 0)
   ds = p * (dp - delta_M[:, None])
   if w_C is not None:
@@ -491,17 +498,15 @@ def _fwd_packed_kernel(*refs, window, groups, scale, block_q, num_rungs=None):
     acc, m, l = carry
     lo, f, kept = _rung_scalars(tables, j, learned)
     valid, (k_a, v_a, k_b, v_b) = _rung_keys(k_ref, v_ref, i0, lo, cols, block_q, learned)
-    s = plgpu.dot(q_MxD, k_a, trans_b=True)
     if learned:
-      s = (1 - f) * s + f * plgpu.dot(q_MxD, k_b, trans_b=True)
+      k_a, v_a = _blend(k_a, k_b, f), _blend(v_a, v_b, f)
+    s = plgpu.dot(q_MxD, k_a, trans_b=True)
     s = jnp.where(diag & valid[None, :] & kept, s * scale, MASK_VALUE)
     m_new = jnp.maximum(m, jnp.max(s, axis=1))
     corr = jnp.exp(m - m_new)
     p = jnp.exp(s - m_new[:, None])
     pv = p.astype(v_a.dtype)
     pv_D = plgpu.dot(pv, v_a)
-    if learned:
-      pv_D = (1 - f) * pv_D + f * plgpu.dot(pv, v_b)
     return acc * corr[:, None] + pv_D, m_new, l * corr + jnp.sum(p, axis=1)
 
   count = num_rungs if learned else tables[0][0]
@@ -544,7 +549,7 @@ def _dq_packed_kernel(*refs, window, groups, scale, block_q, num_rungs=None):
     p = jnp.where(keep, jnp.exp((1 - f) * s_a + f * s_b - lse_M[:, None]), 0.0)
     ds = p * ((1 - f) * dp_a + f * dp_b - delta_M[:, None])
     dsk = ds.astype(k_a.dtype)
-    dq = dq + (1 - f) * plgpu.dot(dsk, k_a) + f * plgpu.dot(dsk, k_b)
+    dq = dq + plgpu.dot(dsk, _blend(k_a, k_b, f))
     d_f = jnp.sum(ds * (s_b - s_a) + p * (dp_b - dp_a))
     return dq, dfrac + jnp.where(slots == j, d_f, 0.0)
 

@@ -13,6 +13,7 @@ compiles each pattern, ~10 s a case on 2 cores): `pytest -m slow tests/test_kern
 import os
 
 import jax
+import jax.extend
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -274,6 +275,58 @@ class TestGpuInterpretLearnedRungs(LearnedRungsTest):
   @pytest.mark.parametrize("seed", _seeds())
   def test_matches_plain_jax(self, seed):
     self.check(seed)
+
+
+def _kernel_matmuls(fn, *args) -> dict[str, int]:
+  """The Pallas kernels of `fn`'s jaxpr by name, each with the matmuls (dot_general) of its
+  body: one rung's work plus the window's, the rung loop being a `fori_loop`."""
+
+  def dots(jaxpr):
+    subs = (jax.extend.core.jaxprs_in_params(e.params) for e in jaxpr.eqns)
+    return sum(e.primitive.name == "dot_general" for e in jaxpr.eqns) + sum(
+      dots(s) for group in subs for s in group
+    )
+
+  def kernels(jaxpr, out):
+    for e in jaxpr.eqns:
+      if e.primitive.name == "pallas_call":
+        out[str(e.params["name"])] = dots(e.params["jaxpr"])
+      for sub in jax.extend.core.jaxprs_in_params(e.params):
+        kernels(sub, out)
+    return out
+
+  return kernels(jax.make_jaxpr(fn)(*args).jaxpr, {})
+
+
+def test_a_learned_rung_blends_its_tiles_before_its_matmuls():
+  """A learned rung's key and value are (1 - f) x[lo] + f x[lo + 1]: blended as tiles, the
+  rung costs a static rung's two matmuls in the forward; the dq kernel adds the two score
+  matmuls of its neighbour tile (for d/df) and the dkv kernel a second key-block diagonal."""
+  q = jnp.zeros((1, 64, 8, 16), jnp.bfloat16)
+  k = jnp.zeros((1, 64, 2, 16), jnp.bfloat16)
+  lo = jnp.arange(3, dtype=jnp.int32) + 20
+
+  def learned(q, k, v, frac):
+    o = fib_attention_learned(q, k, v, 12, lo, frac, jnp.ones((3,), bool), backend="gpu_interpret")
+    return o.astype(jnp.float32).sum()
+
+  def static(q, k, v):
+    packed = GpuBlocks(kernel="packed")
+    o = fib_attention(q, k, v, Pattern(12, (20, 21, 22)), backend="gpu_interpret", blocks=packed)
+    return o.astype(jnp.float32).sum()
+
+  got = _kernel_matmuls(jax.grad(learned, argnums=(0, 1, 2, 3)), q, k, k, jnp.full((3,), 0.5))
+  base = _kernel_matmuls(jax.grad(static, argnums=(0, 1, 2)), q, k, k)
+  assert base == {
+    "fib_attention_packed_fwd": 4,
+    "fib_attention_packed_dq": 6,
+    "fib_attention_packed_dkv": 8,
+  }  # window + one rung: 2 + 2, 3 + 3, 4 + 4
+  assert got == {
+    "fib_attention_learned_fwd": 4,  # as static: the rung's blended tiles, one matmul each
+    "fib_attention_learned_dq": 8,  # + q k_b and do v_b, for the weight's gradient
+    "fib_attention_learned_dkv": 12,  # + the diagonal of the block's rows one query further
+  }
 
 
 def test_learned_rungs_reach_the_clamp_the_skips_and_beyond_t():
