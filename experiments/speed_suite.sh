@@ -20,8 +20,8 @@
 #                  the top device operations of each (traces stay on the machine)
 #   tests_learned  the learned-rung kernels against the plain-JAX learned path, for real
 #                  (FIBAX_KERNEL_SHARD=i/n: every n-th case, so n GPUs can share them)
-#   train_options  bench_train.py, dense and fib_stagger_w12 at T = 1,024 with pallas_packed
-#                  and a profile, once per override set of TRAIN_SETS (';'-separated; default:
+#   train_options  bench_train.py, dense, fib_stagger_w12 and fib_learned_w12 at T = 1,024 with
+#                  pallas_packed and a profile, once per override set of TRAIN_SETS (';'-separated; default:
 #                  the logits' backward in float32, then in bf16, then with a chunked loss)
 #   attention4     the packed kernel alone with 4 warps (wgmma instead of mma.sync)
 # The test steps stop a case after PER_TEST_S (240) where pytest-timeout is installed, and the
@@ -64,7 +64,8 @@ suite() {
         local sets; IFS=';' read -ra sets <<< "${TRAIN_SETS:-model.logits_grad=float32;model.logits_grad=compute;model.logits_grad=compute model.loss_chunk=256}"
         for i in "${!sets[@]}"; do
           # shellcheck disable=SC2086  # one set is several overrides
-          step "train_options_$i" 600 python experiments/bench_train.py --runs dense fib_stagger_w12 \
+          step "train_options_$i" 600 python experiments/bench_train.py \
+            --runs dense fib_stagger_w12 fib_learned_w12 \
             --seq-lens 1024 --impl pallas_packed --profile "$SCRATCH/trace/options_$i" \
             "${common[@]}" ${sets[$i]} --out "$DIR/bench_train_options_$i.json"
         done ;;
