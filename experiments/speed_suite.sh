@@ -21,8 +21,9 @@
 #   tests_learned  the learned-rung kernels against the plain-JAX learned path, for real
 #                  (FIBAX_KERNEL_SHARD=i/n: every n-th case, so n GPUs can share them)
 #   train_options  bench_train.py, dense, fib_stagger_w12 and fib_learned_w12 at T = 1,024 with
-#                  pallas_packed and a profile, once per override set of TRAIN_SETS (';'-separated; default:
-#                  the logits' backward in float32, then in bf16, then with a chunked loss)
+#                  pallas_packed and a profile, once per override set of TRAIN_SETS
+#                  (';'-separated; default: the logits' backward in float32, then in bf16,
+#                  then with a chunked loss)
 #   attention4     the packed kernel alone with 4 warps (wgmma instead of mma.sync)
 # The test steps stop a case after PER_TEST_S (240) where pytest-timeout is installed, and the
 # whole step after TEST_LIMIT_S (900).
