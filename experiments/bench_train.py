@@ -5,9 +5,9 @@
 One process, one device. For every (run, T) the full train step of fibax.steps (forward,
 backward, AdamW update; the paper's model at vocab 32,768) runs on random tokens at a fixed
 number of tokens per step (B = tokens / T). Dense runs use cuDNN attention, sparse runs the
-packed Pallas kernel (`--impl pallas` for the row-wise one). MFU is counted against a bf16 matmul peak measured in the same run (and, for
-reference, the card's vendor peak). Results are written after every measurement, so a run cut
-short keeps what it measured.
+packed Pallas kernel (`--impl pallas` for the row-wise one). MFU is counted against a bf16
+matmul peak measured in the same run (and, for reference, the card's vendor peak). Results
+are written after every measurement, so a run cut short keeps what it measured.
 
 With `--profile DIR`, a few more steps of each run are traced with `jax.profiler` into
 DIR/<run>_T<T>/, and the result gets `profile_top`: the device's XLA operations by time per
@@ -127,8 +127,8 @@ def top_device_ops(planes, steps: int, top: int = 25, sources: dict | None = Non
 
 def hlo_sources(hlo_text: str) -> dict[str, str]:
   """Each instruction of a compiled program's text (`compiled.as_text()`) that carries
-  metadata -> "<op_name> @ <file>:<line> (<function>)": the JAX op it came from and the
-  innermost Python frame outside jax and flax that made it."""
+  metadata -> "<op_name> @ <file>:<line> (<function>)": the JAX op it came from (with the
+  Flax module path, e.g. layer_3/mlp/...) and the Python line the program records for it."""
   tables: dict[str, dict[int, str]] = {}
   section = None
   for line in hlo_text.splitlines():
@@ -144,19 +144,11 @@ def hlo_sources(hlo_text: str) -> dict[str, str]:
     return int(m.group(1)) if m else None
 
   def where(frame):
-    seen, first = set(), None
-    while frame and frame not in seen and frame in tables.get("StackFrames", {}):
-      seen.add(frame)
-      frame_text = tables["StackFrames"][frame]
-      loc = tables.get("FileLocations", {}).get(field(frame_text, "file_location_id"), "")
-      path = tables.get("FileNames", {}).get(field(loc, "file_name_id"), '""').strip('"')
-      func = tables.get("FunctionNames", {}).get(field(loc, "function_name_id"), '""').strip('"')
-      here = f"{Path(path).name}:{field(loc, 'line')} ({func})"
-      first = first or here
-      if not re.search(r"/(jax|jaxlib|flax)/", path):
-        return here
-      frame = field(frame_text, "parent_frame_id")
-    return first
+    frame_text = tables.get("StackFrames", {}).get(frame, "")
+    loc = tables.get("FileLocations", {}).get(field(frame_text, "file_location_id"), "")
+    path = tables.get("FileNames", {}).get(field(loc, "file_name_id"))
+    func = tables.get("FunctionNames", {}).get(field(loc, "function_name_id"), '""').strip('"')
+    return path and f"{Path(path.strip('"')).name}:{field(loc, 'line')} ({func})"
 
   out = {}
   pattern = re.compile(r"\s*(?:ROOT )?%?([\w.-]+) = .*?metadata=\{([^}]*)\}")
