@@ -71,6 +71,9 @@ busy_gpus() {
   done
 }
 
+# Indices of all GPUs of the machine, space-separated.
+all_gpus() { seq -s ' ' 0 $(($(nvidia-smi -L | wc -l) - 1)); }
+
 # Wait up to WAIT_S seconds until none of GPUS (space-separated indices) runs a process: a
 # timing or a multi-GPU run beside another process measures the other process too (or, short
 # of memory on one GPU, waits forever in a collective).
@@ -122,7 +125,7 @@ case "${1:-}" in
     mkdir -p "$SCRATCH/code"
     tar --exclude=./.stage --exclude=./.whl --exclude=./data --exclude=./runs --exclude=./.venv -cf - . | tar -xf - -C "$SCRATCH/code"
     nvidia-smi -L
-    gpus=${QUEUE_GPUS:-$(seq -s ' ' 0 $(($(nvidia-smi -L | wc -l) - 1)))}
+    gpus=${QUEUE_GPUS:-$(all_gpus)}
     extra=()
     alone=$(printf '%s\n' "$@" | grep learned || true)
     [ -n "$alone" ] && [ "${SLOTS_PER_GPU:-2}" -gt 1 ] && extra+=(--alone $alone)
@@ -199,7 +202,7 @@ case "${1:-}" in
     # SHARDING_DATA: another tokenized folder (sotu-<sha> arrives in one call, before the corpus)
     data=${SHARDING_DATA:-$SCRATCH/data/gutenberg}
     [ -f "$data/manifest.json" ] || die "no tokenized data in $data"
-    gpus=${SHARDING_GPUS:-$(seq -s ' ' 0 $(($(nvidia-smi -L | wc -l) - 1)))}
+    gpus=${SHARDING_GPUS:-$(all_gpus)}
     wait_free "$gpus" "${FREE_WAIT_S:-0}" sharding
     source experiments/gpu_env.sh
     export CUDA_VISIBLE_DEVICES=${gpus// /,}

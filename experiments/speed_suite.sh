@@ -30,11 +30,12 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 SCRATCH=${FIBAX_SCRATCH:-/root/fibax}
-NAME=${SPEED_NAME:-speed}
-[[ "$NAME" =~ ^[A-Za-z0-9_-]+$ ]] || { echo "speed_suite.sh: error: bad SPEED_NAME=$NAME" >&2; exit 1; }
-DIR=$SCRATCH/$NAME
 
 die() { echo "speed_suite.sh: error: $*" >&2; exit 1; }
+
+NAME=${SPEED_NAME:-speed}
+[[ "$NAME" =~ ^[A-Za-z0-9_-]+$ ]] || die "bad SPEED_NAME=$NAME"
+DIR=$SCRATCH/$NAME
 
 # One step: its command under a time limit, output to DIR/<name>.log, a line in DIR/log.txt.
 step() {
