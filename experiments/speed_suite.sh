@@ -75,7 +75,7 @@ suite() {
         local k=GpuPackedKernel; [ "$s" = tests_learned ] && k=GpuLearnedRungs
         local per=(); python -c "import pytest_timeout" 2>/dev/null && per=(--timeout "${PER_TEST_S:-240}")
         step "$s" "${TEST_LIMIT_S:-900}" env FIBAX_GPU_TESTS=1 python -m pytest -m gpu tests/test_kernels.py -k "$k" \
-          -v -p no:cacheprovider "${per[@]}" --junitxml "$DIR/$s.xml" ;;
+          -vv -p no:cacheprovider "${per[@]}" --junitxml "$DIR/$s.xml" ;;  # -vv: the -q of addopts
       *) echo "$(date +%s) unknown step $s" >> "$DIR/log.txt" ;;
     esac
   done
