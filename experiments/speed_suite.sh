@@ -25,6 +25,10 @@
 #                  (';'-separated; default: the logits' backward in float32, then in bf16,
 #                  then with a chunked loss)
 #   attention4     the packed kernel alone with 4 warps (wgmma instead of mma.sync)
+#   train_xla      bench_train.py, dense and fib_stagger_w12 at T = 1,024 with pallas_packed,
+#                  logits_grad=compute and a profile, once per XLA_FLAGS set of XLA_SETS
+#                  (';'-separated; default: XLA's defaults, then its Triton GEMM fusions off,
+#                  so the MLP's matmuls go to cuBLAS)
 # The test steps stop a case after PER_TEST_S (240) where pytest-timeout is installed, and the
 # whole step after TEST_LIMIT_S (900).
 set -euo pipefail
@@ -70,6 +74,14 @@ suite() {
             --runs dense fib_stagger_w12 fib_learned_w12 \
             --seq-lens 1024 --impl pallas_packed --profile "$SCRATCH/trace/options_$i" \
             "${common[@]}" ${sets[$i]} --out "$DIR/bench_train_options_$i.json"
+        done ;;
+      train_xla)
+        local flags; IFS=';' read -ra flags <<< "${XLA_SETS- ;--xla_gpu_enable_triton_gemm=false}"
+        for i in "${!flags[@]}"; do
+          step "train_xla_$i" 600 env XLA_FLAGS="${flags[$i]# }" python experiments/bench_train.py \
+            --runs dense fib_stagger_w12 --seq-lens 1024 --impl pallas_packed \
+            --profile "$SCRATCH/trace/xla_$i" "${common[@]}" model.logits_grad=compute \
+            --out "$DIR/bench_train_xla_$i.json"
         done ;;
       tests_packed | tests_learned)
         local k=GpuPackedKernel; [ "$s" = tests_learned ] && k=GpuLearnedRungs
