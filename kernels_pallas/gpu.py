@@ -462,21 +462,12 @@ def _dq_tile(q_MxD, do_MxD, lse_M, delta_M, k_CxD, v_CxD, keep, scale):
   return plgpu.dot(ds.astype(k_CxD.dtype), k_CxD)
 
 
-def _dkv_tile(
-  dk, dv, q_M, do_M, lse_M, delta_M, k_CxD, v_CxD, keep, scale, blend=None, w_C=None
-):  # fmt: skip
-  """Adds the packed queries' gradients to a key block's (dk / scale, dv). With blend =
-  (k_b, v_b, f) the queries' key and value are the learned blends (1 - f) k + f k_b and
-  (1 - f) v + f v_b, and w_C weighs each key row (this block's share of the blend)."""
-  if blend is not None:
-    k_b, v_b, f = blend
-    k_CxD, v_CxD = _blend(k_CxD, k_b, f), _blend(v_CxD, v_b, f)
+def _dkv_tile(dk, dv, q_M, do_M, lse_M, delta_M, k_CxD, v_CxD, keep, scale):
+  """Adds the packed queries' gradients to a key block's (dk / scale, dv)."""
   s = plgpu.dot(q_M, k_CxD, trans_b=True)
   dp = plgpu.dot(do_M, v_CxD, trans_b=True)
   p = jnp.where(keep, jnp.exp(s * scale - lse_M[:, None]), 0)
   ds = p * (dp - delta_M[:, None])
-  if w_C is not None:
-    p, ds = p * w_C[None, :], ds * w_C[None, :]
   dv = dv + plgpu.dot(p.astype(do_M.dtype), do_M, trans_a=True)
   dk = dk + plgpu.dot(ds.astype(q_M.dtype), q_M, trans_a=True)
   return dk, dv
@@ -565,16 +556,19 @@ def _dq_packed_kernel(*refs, window, groups, scale, block_q, num_rungs=None):
 
 
 def _dkv_packed_kernel(*refs, window, groups, scale, block_q, seq_len, num_rungs=None):
-  # q/do [T, G, D]; k/v/dk/dv [C, D] (learned: also k/v [T, D], for the neighbour rows);
-  # lse/delta [G, T]. Key block [j0, j0 + C). A static rung d reaches row j from query j + d.
-  # A learned rung reaches row j from query j + lo (weight 1 - f, its other key the row
-  # before) and from query j + lo + 1 (weight f, its other key the row after); query lo also
-  # reads row 0 with weight f (the clamp), which lands on row 0.
+  # q/do [T, G, D]; k/v/dk/dv [C, D] (learned: also k/v [T, D], for the rows before the block,
+  # and the spills dk_top/dv_top [D]); lse/delta [G, T]. Key block [j0, j0 + C). A static
+  # rung d reaches row j from query j + d. A learned rung (floor lo, weight f) blends query
+  # i's key from rows i - lo (weight 1 - f) and i - lo - 1 (weight f, row 0 when that is
+  # -1): the queries j0 + lo + c, c < C, read the block's rows c and c - 1, so one tile of
+  # them gives both rows' gradients, and row -1's share (query j0 + lo) spills to the last
+  # row of the block before, which `_add_spill` adds.
   learned = num_rungs is not None
   tables = refs[: 3 if learned else 1]
   rest = refs[len(tables) :]
   if learned:
-    q_ref, k_ref, v_ref, kall_ref, vall_ref, do_ref, lse_ref, delta_ref, dk_ref, dv_ref = rest
+    q_ref, k_ref, v_ref, kall_ref, vall_ref, do_ref, lse_ref, delta_ref = rest[:8]
+    dk_ref, dv_ref, dk_top_ref, dv_top_ref = rest[8:]
   else:
     q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dk_ref, dv_ref = rest
   j0 = pl.program_id(0) * block_q
@@ -599,32 +593,58 @@ def _dkv_packed_kernel(*refs, window, groups, scale, block_q, seq_len, num_rungs
   chunks = -(-(block_q + window) // block_q)
   dk, dv = lax.fori_loop(0, chunks, window_chunk, (zeros, zeros))
 
-  def diagonal(first, carry, k_a, v_a, k_b=None, v_b=None, f=0.0, kept=True, w_C=None):
-    r_M, _, valid, (q_M, do_M), (lse_M, delta_M) = queries(first, block_q)
-    keep = (r_M[:, None] == c_C[None, :]) & valid[:, None] & kept
-    blend = None if k_b is None else (k_b, v_b, f)
-    return _dkv_tile(*carry, q_M, do_M, lse_M, delta_M, k_a, v_a, keep, scale, blend, w_C)
-
-  if learned:
-    every = c_C >= 0
-    before = jnp.maximum(j0 + c_C - 1, 0)
-    after = jnp.minimum(j0 + c_C + 1, seq_len - 1)
-    k_before, v_before = _rows(kall_ref, before, cols, every), _rows(vall_ref, before, cols, every)
-    k_after, v_after = _rows(kall_ref, after, cols, every), _rows(vall_ref, after, cols, every)
-
   def rung(j, carry):
-    lo, f, kept = _rung_scalars(tables, j, learned)
-    if not learned:
-      return diagonal(j0 + lo, carry, k_CxD, v_CxD)
-    w_a = (1 - f) + jnp.where(j0 + c_C == 0, f, 0.0)  # the clamp of query lo onto row 0
-    carry = diagonal(j0 + lo, carry, k_CxD, v_CxD, k_before, v_before, f, kept, w_a)
-    w_b = jnp.full((block_q,), f, jnp.float32)
-    return diagonal(j0 + lo + 1, carry, k_after, v_after, k_CxD, v_CxD, f, kept, w_b)
+    lo, _, _ = _rung_scalars(tables, j, False)
+    r_M, _, valid, (q_M, do_M), (lse_M, delta_M) = queries(j0 + lo, block_q)
+    keep = (r_M[:, None] == c_C[None, :]) & valid[:, None]
+    return _dkv_tile(*carry, q_M, do_M, lse_M, delta_M, k_CxD, v_CxD, keep, scale)
 
-  count = num_rungs if learned else tables[0][0]
-  dk, dv = lax.fori_loop(0, count, rung, (dk, dv))
+  if not learned:
+    dk, dv = lax.fori_loop(0, tables[0][0], rung, (dk, dv))
+    dk_ref[...] = (dk * scale).astype(dk_ref.dtype)
+    dv_ref[...] = dv.astype(dv_ref.dtype)
+    return
+
+  rows = jnp.maximum(j0 + c_C - 1, 0)  # each row's neighbour in a blend: the row before
+  k_prev, v_prev = _rows(kall_ref, rows, cols, c_C >= 0), _rows(vall_ref, rows, cols, c_C >= 0)
+  first_block = j0 == 0
+
+  def learned_rung(j, carry):
+    dk, dv, dk_top, dv_top = carry
+    lo, f, kept = _rung_scalars(tables, j, True)
+    r_M, _, valid, (q_M, do_M), (lse_M, delta_M) = queries(j0 + lo, block_q)
+    floor = r_M[:, None] == c_C[None, :]
+    k_b, v_b = _blend(k_CxD, k_prev, f), _blend(v_CxD, v_prev, f)
+    s = plgpu.dot(q_M, k_b, trans_b=True)
+    dp = plgpu.dot(do_M, v_b, trans_b=True)
+    p = jnp.where(floor & valid[:, None] & kept, jnp.exp(s * scale - lse_M[:, None]), 0)
+    ds = p * (dp - delta_M[:, None])
+    p_M, ds_M = jnp.sum(p, axis=1), jnp.sum(ds, axis=1)  # one key a row: the floor's
+    # Each query row's gradient to the block's rows: 1 - f at its floor, f at the row before
+    # (its floor itself for query lo of the first block, the clamp at row 0).
+    prev = (r_M[:, None] - 1 == c_C[None, :]) | (first_block & (r_M == 0)[:, None] & (c_C == 0)[None, :])
+    w_MxC = (1 - f) * floor + f * prev
+    dv = dv + plgpu.dot((p_M[:, None] * w_MxC).astype(do_M.dtype), do_M, trans_a=True)
+    dk = dk + plgpu.dot((ds_M[:, None] * w_MxC).astype(q_M.dtype), q_M, trans_a=True)
+    top_M = jnp.where((r_M == 0) & ~first_block, f, 0.0)  # row -1's share: the spill
+    dv_top = dv_top + jnp.sum((top_M * p_M)[:, None] * do_M.astype(jnp.float32), axis=0)
+    dk_top = dk_top + jnp.sum((top_M * ds_M)[:, None] * q_M.astype(jnp.float32), axis=0)
+    return dk, dv, dk_top, dv_top
+
+  top = jnp.zeros((k_ref.shape[1],), jnp.float32)
+  dk, dv, dk_top, dv_top = lax.fori_loop(0, num_rungs, learned_rung, (dk, dv, top, top))
   dk_ref[...] = (dk * scale).astype(dk_ref.dtype)
   dv_ref[...] = dv.astype(dv_ref.dtype)
+  dk_top_ref[...] = dk_top * scale
+  dv_top_ref[...] = dv_top
+
+
+def _add_spill(x_BxTxKxD, top_BxKxNxD, block: int):
+  """Adds each key block's spill (`_dkv_packed_kernel`) to the last row of the block before
+  it, in float32; the first block's spill is zero."""
+  rows = jnp.arange(1, top_BxKxNxD.shape[2]) * block - 1
+  add = jnp.swapaxes(top_BxKxNxD[:, :, 1:], 1, 2)
+  return x_BxTxKxD.at[:, rows].set((x_BxTxKxD[:, rows].astype(jnp.float32) + add).astype(x_BxTxKxD.dtype))
 
 
 def _packed_specs(seq_len, groups, head_dim, bq, tables):
@@ -696,21 +716,26 @@ def _packed_backward(q, k, v, o, lse, do, tables, *, window, blocks, interpret, 
     interpret=interpret,
     name=f"fib_attention_{kind}_dq",
   )(*tables, q, k, v, do, lse, delta)
-  # Learned: K and V also whole, for the rows next to the block (a rung's other end).
+  # Learned: K and V also whole, for the rows before the block (a blend's other row), and
+  # each program's spill onto the row before its block.
   kv_specs = [sp["kv_blk"], sp["kv_blk"], *([sp["kv_all"], sp["kv_all"]] if learned else [])]
-  dk, dv = pl.pallas_call(
+  top_spec = pl.BlockSpec((None, None, None, head_dim), lambda i, b, h: (b, h, i, 0))
+  top_shape = jax.ShapeDtypeStruct((bsz, num_kv, seq_len // bq, head_dim), jnp.float32)
+  dkv = pl.pallas_call(
     functools.partial(_dkv_packed_kernel, **statics, seq_len=seq_len),
     grid=grid,
     in_specs=[*sp["table"], sp["q_all"], *kv_specs, sp["q_all"], sp["stat_all"], sp["stat_all"]],
-    out_specs=[sp["kv_blk"], sp["kv_blk"]],
-    out_shape=[jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)],
+    out_specs=[sp["kv_blk"], sp["kv_blk"], *([top_spec, top_spec] if learned else [])],
+    out_shape=[jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)]
+    + ([top_shape, top_shape] if learned else []),
     compiler_params=params,
     interpret=interpret,
     name=f"fib_attention_{kind}_dkv",
   )(*tables, q, k, v, *((k, v) if learned else ()), do, lse, delta)
   if learned:
+    dk, dv = _add_spill(dkv[0], dkv[2], bq), _add_spill(dkv[1], dkv[3], bq)
     return dq_out[0], dk, dv, dq_out[1].sum(axis=(0, 1, 2))[:num_rungs]
-  return dq_out[0], dk, dv
+  return dq_out[0], dkv[0], dkv[1]
 
 
 @functools.partial(jax.jit, static_argnames=("window", "blocks", "interpret"))
