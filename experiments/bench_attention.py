@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import platform
 import subprocess
 import sys
@@ -124,13 +125,16 @@ def main(argv=None):
   ap.add_argument("--num-warps", type=int, default=None)
   ap.add_argument("--block-q-bwd", type=int, default=None)
   ap.add_argument("--num-warps-bwd", type=int, default=None)
+  ap.add_argument("--num-stages", type=int, default=None, help="software pipelining depth")
   ap.add_argument("--out", default=None)
   ap.add_argument(
     "--sweep",
     nargs="+",
     default=None,
-    help="block configs 'bq,warps,bq_bwd,warps_bwd' to time (pallas only, first length/alpha)",
+    help="block configs 'bq,warps,bq_bwd,warps_bwd[,stages]' to time for --sweep-impl at each "
+    "length and the first alpha, beside the cuDNN window, then write them (--out)",
   )
+  ap.add_argument("--sweep-impl", default="pallas_packed", choices=("pallas", "pallas_packed"))
   ap.add_argument(
     "--autotune",
     nargs="*",
@@ -139,8 +143,10 @@ def main(argv=None):
     "at the longest length, alpha 1, then run the benchmark with them",
   )
   args = ap.parse_args(argv)
+  command = "python " + " ".join([sys.argv[0], *(argv or sys.argv[1:])])
   if args.sweep:
-    return sweep(args)
+    specs = [parse_spec(x) for x in args.sweep]  # every spec checked before anything runs
+    return sweep_report(args, specs, command)
   tuned = autotune(args) if args.autotune is not None else None
 
   defaults = tuned["blocks"] if tuned else GpuBlocks()
@@ -149,6 +155,7 @@ def main(argv=None):
     num_warps=args.num_warps or defaults.num_warps,
     block_q_bwd=args.block_q_bwd or defaults.block_q_bwd,
     num_warps_bwd=args.num_warps_bwd or defaults.num_warps_bwd,
+    num_stages=args.num_stages or defaults.num_stages,
   )
   bw = copy_bandwidth()
   results = []
@@ -188,7 +195,7 @@ def main(argv=None):
 
   summary = summarize(results)
   report = {
-    "command": "python " + " ".join([sys.argv[0], *(argv or sys.argv[1:])]),
+    "command": command,
     "versions": versions(),
     "copy_bandwidth_GBps": bw / 1e9,
     "blocks": blocks.__dict__,
@@ -208,8 +215,28 @@ def main(argv=None):
 AUTOTUNE = ("16,1,16,1", "16,2,16,2", "16,4,16,4", "32,4,32,2", "32,2,32,4")
 
 
+def parse_spec(spec: str) -> GpuBlocks:
+  """'bq,warps,bq_bwd,warps_bwd[,stages]' -> GpuBlocks, or a one-line error naming it."""
+  try:
+    vals = [int(x) for x in spec.split(",")]
+    if len(vals) not in (4, 5):
+      raise ValueError
+    keys = ("block_q", "num_warps", "block_q_bwd", "num_warps_bwd", "num_stages")
+    return GpuBlocks(**dict(zip(keys, vals)))
+  except ValueError:
+    raise SystemExit(
+      f"bench_attention.py: error: bad block config {spec!r}: expected 'bq,warps,bq_bwd,warps_bwd"
+      "[,stages]' of integers"
+    ) from None
+
+
+def _spec(b: GpuBlocks) -> list[int]:
+  return [b.block_q, b.num_warps, b.block_q_bwd, b.num_warps_bwd, b.num_stages]
+
+
 def autotune(args) -> dict:
-  rows = sweep(args, args.autotune or AUTOTUNE, seq_len=max(args.lengths), alpha=1.0)
+  specs = [parse_spec(x) for x in (args.autotune or AUTOTUNE)]
+  rows = sweep(args, specs, [max(args.lengths)], alpha=1.0)
   ok = [r for r in rows if "error" not in r]
   fwd = min(ok, key=lambda r: r["fwd_ms"])
   bwd = min(ok, key=lambda r: r["fwdbwd_ms"] - r["fwd_ms"])
@@ -218,30 +245,81 @@ def autotune(args) -> dict:
     num_warps=fwd["blocks"][1],
     block_q_bwd=bwd["blocks"][2],
     num_warps_bwd=bwd["blocks"][3],
+    num_stages=fwd["blocks"][4],
   )
   print(f"autotune chose {blocks}", flush=True)
   return {"rows": rows, "blocks": blocks}
 
 
-def sweep(args, specs=None, seq_len=None, alpha=None):
-  specs = specs or args.sweep
-  seq_len, alpha = seq_len or args.lengths[0], alpha or args.alphas[0]
-  batch = max(1, args.tokens // seq_len)
-  ks = jax.random.split(jax.random.key(0), 4)
+def _inputs(seq_len: int, tokens: int, seed: int = 0):
+  batch = max(1, tokens // seq_len)
+  ks = jax.random.split(jax.random.key(seed), 4)
   q = jax.random.normal(ks[0], (batch, seq_len, HEADS, HEAD_DIM), jnp.bfloat16)
   k = jax.random.normal(ks[1], (batch, seq_len, KV_HEADS, HEAD_DIM), jnp.bfloat16)
   v = jax.random.normal(ks[2], (batch, seq_len, KV_HEADS, HEAD_DIM), jnp.bfloat16)
-  w = jax.random.normal(ks[3], q.shape, jnp.float32)
-  pattern = Pattern.build(base="fib", alpha=alpha, window=WINDOW, seq_len=seq_len)
+  return batch, (q, k, v, jax.random.normal(ks[3], q.shape, jnp.float32))
+
+
+def sweep(args, specs: list[GpuBlocks], lengths, alpha, floor_bw=None) -> list[dict]:
+  """--sweep-impl with each block config at each length (and the given alpha); with
+  `floor_bw` (copy bytes/s) each row also gets the HBM floor and the cuDNN window's row."""
   rows = []
-  for spec in specs:
-    bq, nw, bqb, nwb = (int(x) for x in spec.split(","))
-    blocks = GpuBlocks(block_q=bq, num_warps=nw, block_q_bwd=bqb, num_warps_bwd=nwb)
-    row = bench_one("pallas", implementations(pattern, blocks)["pallas"], q, k, v, w)
-    row.update(blocks=(bq, nw, bqb, nwb), seq_len=seq_len, alpha=alpha)
-    rows.append(row)
-    print(f"T={seq_len} alpha={alpha} blocks={spec:12s} {row}", flush=True)
+  for seq_len in lengths:
+    batch, (q, k, v, w) = _inputs(seq_len, args.tokens)
+    pattern = Pattern.build(base="fib", alpha=alpha, window=WINDOW, seq_len=seq_len)
+    base = dict(seq_len=seq_len, batch=batch, alpha=alpha)
+    if floor_bw is not None:
+      base["hbm_floor_ms"] = (2 * q.nbytes + k.nbytes + v.nbytes) / floor_bw * 1e3
+      row = bench_one("cudnn_window", implementations(pattern, None)["cudnn_window"], q, k, v, w)
+      rows.append({**row, **base, "alpha": None})
+      print(f"T={seq_len} cudnn_window {rows[-1]}", flush=True)
+    for blocks in specs:
+      impl = implementations(pattern, blocks)[args.sweep_impl]
+      row = {**bench_one(args.sweep_impl, impl, q, k, v, w), **base, "blocks": _spec(blocks)}
+      rows.append(row)
+      print(f"T={seq_len} alpha={alpha} blocks={_spec(blocks)} {row}", flush=True)
   return rows
+
+
+def sweep_summary(rows) -> dict:
+  """Per length: the block config with the fastest forward (and its ratio to the HBM floor)
+  and the one with the fastest forward + backward (and its ratio to the cuDNN window)."""
+  out = {}
+  for seq_len in sorted({r["seq_len"] for r in rows}):
+    at = [r for r in rows if r["seq_len"] == seq_len and "error" not in r]
+    ours = [r for r in at if "blocks" in r]
+    window = [r for r in at if r["impl"] == "cudnn_window"]
+    if not ours:
+      continue
+    fwd, fb = min(ours, key=lambda r: r["fwd_ms"]), min(ours, key=lambda r: r["fwdbwd_ms"])
+    out[f"best_fwd_T{seq_len}"] = {"blocks": fwd["blocks"], "fwd_ms": fwd["fwd_ms"]}
+    if "hbm_floor_ms" in fwd:
+      out[f"best_fwd_T{seq_len}"]["ratio_vs_hbm_floor"] = round(fwd["fwd_ms"] / fwd["hbm_floor_ms"], 3)
+    out[f"best_fwdbwd_T{seq_len}"] = {"blocks": fb["blocks"], "fwdbwd_ms": fb["fwdbwd_ms"]}
+    if window:
+      ratio = fb["fwdbwd_ms"] / window[0]["fwdbwd_ms"]
+      out[f"best_fwdbwd_T{seq_len}"]["ratio_vs_cudnn_window"] = round(ratio, 3)
+  return out
+
+
+def sweep_report(args, specs: list[GpuBlocks], command: str) -> dict:
+  bw = copy_bandwidth()
+  rows = sweep(args, specs, args.lengths, args.alphas[0], floor_bw=bw)
+  report = {
+    "command": command,
+    "versions": versions(),
+    "copy_bandwidth_GBps": bw / 1e9,
+    "impl": args.sweep_impl,
+    "shape": dict(heads=HEADS, kv_heads=KV_HEADS, head_dim=HEAD_DIM, window=WINDOW, tokens=args.tokens),
+    "summary": sweep_summary(rows),
+    "results": rows,
+  }
+  print(json.dumps(report["summary"], indent=1))
+  if args.out:
+    with open(args.out + ".tmp", "w") as f:
+      json.dump(report, f, indent=1)
+    os.replace(args.out + ".tmp", args.out)
+  return report
 
 
 def summarize(results) -> dict:

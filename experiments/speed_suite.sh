@@ -25,6 +25,9 @@
 #                  (';'-separated; default: the logits' backward in float32, then in bf16,
 #                  then with a chunked loss)
 #   attention4     the packed kernel alone with 4 warps (wgmma instead of mma.sync)
+#   attention_sweep  bench_attention.py --sweep: the packed kernel's block rows, warps and
+#                  pipeline stages (ATTN_SWEEP: 'bq,warps,bq_bwd,warps_bwd[,stages]' configs)
+#                  at T = 1K, 16K, 64K beside the cuDNN window and the HBM floor
 #   train_xla      bench_train.py, dense and fib_stagger_w12 at T = 1,024 with pallas_packed,
 #                  logits_grad=compute and a profile, once per XLA_FLAGS set of XLA_SETS
 #                  (';'-separated; default: XLA's defaults, then its Triton GEMM fusions off,
@@ -57,6 +60,11 @@ suite() {
     case "$s" in
       attention)
         step attention 420 python experiments/bench_attention.py --out "$DIR/bench_attention.json" ;;
+      attention_sweep)
+        # shellcheck disable=SC2086  # ATTN_SWEEP: several configs
+        step attention_sweep 480 python experiments/bench_attention.py --sweep \
+          ${ATTN_SWEEP:-16,2,16,4 16,4,16,4 16,2,16,4,3 16,2,16,4,4 32,4,32,4 32,8,32,8 32,4,16,4 64,8,16,4} \
+          --lengths 1024 16384 65536 --alphas 1.0 --out "$DIR/bench_attention_sweep.json" ;;
       attention4)
         step attention4 300 python experiments/bench_attention.py --impls pallas_packed \
           cudnn_window --num-warps 4 --out "$DIR/bench_attention_packed_warps4.json" ;;

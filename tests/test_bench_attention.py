@@ -1,11 +1,15 @@
 """experiments/bench_attention.py: what it times, on CPU (the GPU numbers come from a device)."""
 
+import json
+
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 from experiments import bench_attention
 from fibax.patterns import Pattern
+from kernels_pallas.gpu import GpuBlocks
 
 
 def test_forward_backward_takes_the_cotangent_as_an_argument():
@@ -41,3 +45,50 @@ def test_summary_gives_both_kernels_their_ratios_at_their_worst_alpha():
   assert s["packed_fwdbwd_ratio_vs_cudnn_window_T1024"] == 0.9
   assert s["packed_fwdbwd_speedup_vs_cudnn_dense_T1024"] == round(2.0 / 0.9, 3)
   assert s["packed_fwd_ratio_vs_hbm_floor_T1024"] == round(0.9 / 4 / 0.1, 3)
+
+
+def test_a_bad_block_config_is_named_before_anything_runs(capsys):
+  for bad in ("16,2,16", "16,2,x,4", "16,2,16,4,2,1"):
+    with pytest.raises(SystemExit, match=f"bad block config '{bad}'"):
+      bench_attention.main(["--sweep", "16,2,16,4", bad])
+
+
+def test_sweep_summary_picks_the_best_config_per_length_against_its_baselines():
+  rows = [
+    {"impl": "cudnn_window", "seq_len": 1024, "fwd_ms": 0.2, "fwdbwd_ms": 1.0, "hbm_floor_ms": 0.1},
+    {"impl": "pallas_packed", "seq_len": 1024, "fwd_ms": 0.5, "fwdbwd_ms": 0.9,
+     "hbm_floor_ms": 0.1, "blocks": [16, 2, 16, 4, 2]},
+    {"impl": "pallas_packed", "seq_len": 1024, "fwd_ms": 0.4, "fwdbwd_ms": 1.2,
+     "hbm_floor_ms": 0.1, "blocks": [32, 4, 32, 4, 3]},
+    {"impl": "pallas_packed", "seq_len": 1024, "error": "ValueError: too big", "blocks": [64, 8, 64, 8, 2]},
+  ]  # fmt: skip
+  assert bench_attention.sweep_summary(rows) == {
+    "best_fwd_T1024": {"blocks": [32, 4, 32, 4, 3], "fwd_ms": 0.4, "ratio_vs_hbm_floor": 4.0},
+    "best_fwdbwd_T1024": {"blocks": [16, 2, 16, 4, 2], "fwdbwd_ms": 0.9, "ratio_vs_cudnn_window": 0.9},
+  }
+
+
+def test_parse_spec_reads_the_stages_when_given():
+  b = bench_attention.parse_spec("32,4,16,8,3")
+  assert (b.block_q, b.num_warps, b.block_q_bwd, b.num_warps_bwd, b.num_stages) == (32, 4, 16, 8, 3)
+  assert bench_attention.parse_spec("32,4,16,8").num_stages == GpuBlocks().num_stages
+
+
+def test_sweep_writes_every_config_beside_the_window_at_each_length(tmp_path):
+  """On a CPU the GPU kernels and cuDNN cannot run: their rows carry the error, and the
+  report is still written whole, with its command."""
+  out = tmp_path / "sweep.json"
+  bench_attention.main(
+    ["--sweep", "16,2,16,4", "32,4,32,4,3", "--lengths", "64", "128", "--tokens", "128",
+     "--out", str(out)]
+  )  # fmt: skip
+  report = json.loads(out.read_text())
+  assert report["impl"] == "pallas_packed" and "--sweep" in report["command"]
+  got = [(r["seq_len"], r["impl"], r.get("blocks")) for r in report["results"]]
+  assert got == [
+    (64, "cudnn_window", None), (64, "pallas_packed", [16, 2, 16, 4, 2]),
+    (64, "pallas_packed", [32, 4, 32, 4, 3]),
+    (128, "cudnn_window", None), (128, "pallas_packed", [16, 2, 16, 4, 2]),
+    (128, "pallas_packed", [32, 4, 32, 4, 3]),
+  ]  # fmt: skip
+  assert all("hbm_floor_ms" in r for r in report["results"])
