@@ -99,6 +99,11 @@ class ModelConfig:
   # (norms, RoPE, attention, activations). The same function and gradients; less memory for
   # more compute.
   remat: Literal["none", "block", "dots"] = "none"
+  # Pads the MLP's hidden width (1,366 in the paper's model) to a multiple of this inside the
+  # three matmuls, with zero columns of gate and up and zero rows of down: the same
+  # parameters, function and gradients (the padded units are silu(0) * 0 = 0 and get zero
+  # gradients), in tensor-core-aligned matmuls. 0: no padding.
+  mlp_pad: int = 0
   attention: AttentionConfig = AttentionConfig()
 
   def __post_init__(self):
@@ -119,6 +124,8 @@ class ModelConfig:
       raise ValueError(f"remat={self.remat!r} must be one of {', '.join(REMAT)}")
     if self.logits_grad not in ("float32", "compute"):
       raise ValueError(f"logits_grad={self.logits_grad!r} must be 'float32' or 'compute'")
+    if self.mlp_pad < 0:
+      raise ValueError(f"mlp_pad={self.mlp_pad} must be >= 0 (0: no padding)")
     if self.loss_chunk < 0:
       raise ValueError(f"loss_chunk={self.loss_chunk} must be >= 0 (0: no chunks)")
     if self.attention.window >= self.seq_len:

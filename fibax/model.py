@@ -15,6 +15,7 @@ import functools
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from jax import lax
 import numpy as np
 from jaxtyping import Array, Float, Int
 
@@ -138,6 +139,25 @@ class Attention(nn.Module):
     )(o_BxTxHxD.astype(dtype))
 
 
+class _PaddedDense(nn.Module):
+  """`nn.Dense` without bias whose float32 kernel [I, O] enters the matmul zero-padded to
+  [I + pad_in, O + pad_out]: the same parameter (name, shape, init), and on inputs whose
+  extra columns are zero the same outputs in the first O columns, zeros in the rest."""
+
+  features: int
+  pad_in: int
+  pad_out: int
+  kernel_init: nn.initializers.Initializer
+  dtype: jnp.dtype
+
+  @nn.compact
+  def __call__(self, x: Array) -> Array:
+    shape = (x.shape[-1] - self.pad_in, self.features)
+    kernel = self.param("kernel", self.kernel_init, shape, jnp.float32)
+    kernel = jnp.pad(kernel.astype(self.dtype), ((0, self.pad_in), (0, self.pad_out)))
+    return lax.dot_general(x.astype(self.dtype), kernel, (((x.ndim - 1,), (0,)), ((), ())))
+
+
 class SwiGLU(nn.Module):
   cfg: ModelConfig
 
@@ -145,6 +165,16 @@ class SwiGLU(nn.Module):
   def __call__(self, x_BxTxE: Array) -> Array:
     cfg, dtype = self.cfg, jnp.dtype(self.cfg.compute_dtype)
     std = cfg.d_model**-0.5
+    if cfg.mlp_pad:
+      pad = -cfg.mlp_hidden % cfg.mlp_pad
+      dense = functools.partial(_PaddedDense, dtype=dtype, pad_in=0, pad_out=pad)
+      gate_BxTxF = dense(cfg.mlp_hidden, kernel_init=_init(std, ("embed", "mlp")), name="gate")
+      up_BxTxF = dense(cfg.mlp_hidden, kernel_init=_init(std, ("embed", "mlp")), name="up")
+      down = _PaddedDense(
+        cfg.d_model, pad, 0, _init(std / np.sqrt(2 * cfg.num_layers), ("mlp", "embed")), dtype,
+        name="down",
+      )  # fmt: skip
+      return down(nn.silu(gate_BxTxF(x_BxTxE)) * up_BxTxF(x_BxTxE))
     dense = functools.partial(nn.Dense, use_bias=False, dtype=dtype, param_dtype=jnp.float32)
     gate_BxTxF = dense(cfg.mlp_hidden, kernel_init=_init(std, ("embed", "mlp")), name="gate")(
       x_BxTxE

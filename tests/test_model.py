@@ -337,3 +337,34 @@ def test_remat_is_the_same_function_with_the_same_parameters_and_keeps_less(rema
   assert temp_bytes(recompute) < temp_bytes(keep)
   with pytest.raises(ValueError, match="remat='all'"):
     dataclasses.replace(keep, remat="all")
+
+
+def test_mlp_pad_is_the_same_model_in_aligned_matmuls():
+  """model.mlp_pad: the same parameters (names, shapes, initial values), the same loss and
+  gradients, while the MLP's matmuls see the hidden width rounded up (86 -> 96 here)."""
+  base = _small("stagger")
+  padded = dataclasses.replace(base, mlp_pad=16)
+  tokens = jax.random.randint(jax.random.key(3), (2, 48), 0, 97)
+  p_base = M.Transformer(base).init(jax.random.key(0), tokens)
+  p_pad = M.Transformer(padded).init(jax.random.key(0), tokens)
+  assert jax.tree.structure(p_base) == jax.tree.structure(p_pad)
+  for a, b in zip(jax.tree.leaves(p_base), jax.tree.leaves(p_pad), strict=True):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+  def loss(p, cfg):
+    logits = M.Transformer(cfg).apply(p, tokens)
+    return jnp.mean(jax.nn.logsumexp(logits, -1) - logits[..., 0])
+
+  np.testing.assert_allclose(loss(p_pad, padded), loss(p_base, base), rtol=1e-6)
+  g_base, g_pad = jax.grad(loss)(p_base, base), jax.grad(loss)(p_base, padded)
+  for a, b in zip(jax.tree.leaves(g_base), jax.tree.leaves(g_pad), strict=True):
+    np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=1e-5, atol=1e-7)
+
+  def widths(cfg):
+    jaxpr = jax.make_jaxpr(lambda p: M.Transformer(cfg).apply(p, tokens))(p_base)
+    dots = [e for e in jaxpr.jaxpr.eqns if e.primitive.name == "dot_general"]
+    return {v.aval.shape[-1] for e in dots for v in e.invars}
+
+  assert 96 in widths(padded) and 86 not in widths(padded) and 86 in widths(base)
+  with pytest.raises(ValueError, match="mlp_pad=-1"):
+    dataclasses.replace(base, mlp_pad=-1)
