@@ -453,3 +453,26 @@ def test_bad_arguments():
     fib_attention(
       q.astype(jnp.int32), q.astype(jnp.int32), q.astype(jnp.int32), Pattern(2), backend="tpu"
     )
+
+
+def test_a_programs_rung_loop_stops_at_the_rungs_that_reach_its_rows():
+  """The tables list the rungs by increasing distance (learned: the kept ones by floor, with
+  their count), so the loops run over a prefix: the rungs below the limit (a query block
+  [i0, i0 + Q) reads d < i0 + Q; a key block [j0, .) is read through d < T - j0)."""
+  from kernels_pallas.gpu import _learned_tables, _rungs_below, rung_table
+
+  table = (rung_table((34, 13, 21, 55)),)
+  assert table[0].shape == (16,) and list(table[0][:5]) == [4, 13, 21, 34, 55]
+  assert rung_table(tuple(range(20, 60))).shape == (64,)  # R + 1 = 41 -> a power of two
+  got = [int(_rungs_below(table, False, limit)) for limit in (0, 13, 14, 35, 56, 10**6)]
+  assert got == [0, 0, 1, 3, 4, 4]
+
+  lo = jnp.asarray([0, 1, 1, 2, 4, 6, 10, 17, 27, 44], jnp.int32)
+  keep = jnp.asarray([0, 0, 0, 0, 0, 0, 0, 1, 1, 1], bool)  # window 12: the last three kept
+  frac = jnp.linspace(0, 0.9, 10)
+  tables, order = _learned_tables(lo[::-1], frac[::-1], keep[::-1])  # floors decreasing
+  assert [int(x) for x in tables[0][:3]] == [17, 27, 44] and int(tables[2][0]) == 3
+  np.testing.assert_array_equal(np.asarray(tables[1][:3]), np.asarray(frac[7:]))
+  assert [int(x) for x in order[:3]] == [2, 1, 0]  # the rung of each slot
+  got = [int(_rungs_below(tables, True, limit)) for limit in (17, 18, 28, 45, 10**6)]
+  assert got == [0, 1, 2, 3, 3]  # never past the count, though the padding floors are 0
