@@ -89,8 +89,9 @@ class ModelConfig:
   loss_chunk: int = 0
   # The dtype of the output layer's backward: "float32" differentiates the float32 logits as
   # they are, so both backward matmuls ([B*T, V] x [V, E] and its transpose) take float32
-  # operands (TF32 on a GPU); "compute" rounds the logits' cotangent to the compute dtype first
-  # (what a bf16 autocast backward does), so they run at the bf16 tensor-core rate, still
+  # operands (TF32 on a GPU); "compute" forms the logits' cotangent in the compute dtype
+  # (what a bf16 autocast backward does; the loss's backward writes softmax - one-hot in bf16
+  # in one pass, `fibax.steps.output_losses`), so they run at the bf16 tensor-core rate, still
   # accumulated in float32. The forward and the loss are the same either way.
   logits_grad: Literal["float32", "compute"] = "float32"
   # What the backward recomputes instead of keeping from the forward (`nn.remat` on each

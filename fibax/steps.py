@@ -61,12 +61,54 @@ class Steps:
 def token_losses(params, model: Transformer, inputs_BxT, targets_BxT):
   """Cross-entropy at every position, float32[B, T]; with `model.cfg.loss_chunk` = C > 0 the
   logits exist only [B, C, V] at a time (`chunked_losses`)."""
-  chunk = model.cfg.loss_chunk
-  if not chunk:
+  chunk, grad = model.cfg.loss_chunk, model.cfg.logits_grad
+  if not chunk and grad == "float32":
     logits_BxTxV = model.apply({"params": params}, inputs_BxT)
     return optax.softmax_cross_entropy_with_integer_labels(logits_BxTxV, targets_BxT)
   x_BxTxE, embed_VxE = model.apply({"params": params}, inputs_BxT, output_layer=False)
-  return chunked_losses(x_BxTxE, embed_VxE, targets_BxT, chunk, model.cfg.logits_grad)
+  if not chunk:
+    return output_losses(x_BxTxE, embed_VxE, targets_BxT, grad)
+  return chunked_losses(x_BxTxE, embed_VxE, targets_BxT, chunk, grad)
+
+
+def output_losses(x_BxTxE, embed_VxE, targets_BxT, logits_grad: str = "float32"):
+  """The tied output layer and its cross-entropy, float32[B, T]. `logits_grad="compute"`: one
+  custom VJP for both (`_losses_compute_grad`), the same forward."""
+  if logits_grad == "compute":
+    return _losses_compute_grad(x_BxTxE, embed_VxE, targets_BxT)
+  logits_BxTxV = model_lib.output_logits(x_BxTxE, embed_VxE, logits_grad)
+  return optax.softmax_cross_entropy_with_integer_labels(logits_BxTxV, targets_BxT)
+
+
+@jax.custom_vjp
+def _losses_compute_grad(x_BxTxE, embed_VxE, targets_BxT):
+  """Cross-entropy of the float32 logits x E^T; its backward forms the logits' cotangent
+  (softmax - one-hot) x g directly in the compute dtype, in one pass over the saved float32
+  logits, then runs the output layer's two matmuls at that dtype's rate
+  (`ModelConfig.logits_grad`: what autodiff followed by a rounding gives, up to rounding, with
+  no float32 cotangent of [B, T, V] written and read again)."""
+  return _losses_compute_fwd(x_BxTxE, embed_VxE, targets_BxT)[0]
+
+
+def _losses_compute_fwd(x_BxTxE, embed_VxE, targets_BxT):
+  logits_BxTxV = model_lib.output_logits(x_BxTxE, embed_VxE)
+  losses_BxT = optax.softmax_cross_entropy_with_integer_labels(logits_BxTxV, targets_BxT)
+  label_BxT = jnp.take_along_axis(logits_BxTxV, targets_BxT[..., None], axis=-1)[..., 0]
+  lse_BxT = losses_BxT + label_BxT  # the loss is lse - the target's logit
+  return losses_BxT, (x_BxTxE, embed_VxE, targets_BxT, logits_BxTxV, lse_BxT)
+
+
+def _losses_compute_bwd(res, g_BxT):
+  x_BxTxE, embed_VxE, targets_BxT, logits_BxTxV, lse_BxT = res
+  onehot = jax.nn.one_hot(targets_BxT, logits_BxTxV.shape[-1], dtype=jnp.bool_)
+  p_BxTxV = jnp.exp(logits_BxTxV - lse_BxT[..., None])
+  g_BxTxV = ((p_BxTxV - onehot) * g_BxT[..., None]).astype(x_BxTxE.dtype)
+  dx = jnp.einsum("btv,ve->bte", g_BxTxV, embed_VxE, preferred_element_type=jnp.float32)
+  de = jnp.einsum("btv,bte->ve", g_BxTxV, x_BxTxE, preferred_element_type=jnp.float32)
+  return dx.astype(x_BxTxE.dtype), de.astype(embed_VxE.dtype), None
+
+
+_losses_compute_grad.defvjp(_losses_compute_fwd, _losses_compute_bwd)
 
 
 def chunked_losses(x_BxTxE, embed_VxE, targets_BxT, chunk: int, logits_grad: str = "float32"):
@@ -84,8 +126,7 @@ def chunked_losses(x_BxTxE, embed_VxE, targets_BxT, chunk: int, logits_grad: str
   @jax.checkpoint
   def body(_, chunk_in):
     x_BxCxE, targets_BxC = chunk_in
-    logits_BxCxV = model_lib.output_logits(x_BxCxE, embed_VxE, logits_grad)
-    return None, optax.softmax_cross_entropy_with_integer_labels(logits_BxCxV, targets_BxC)
+    return None, output_losses(x_BxCxE, embed_VxE, targets_BxC, logits_grad)
 
   _, losses_NxBxC = jax.lax.scan(body, None, (x_NxBxCxE, targets_NxBxC))
   return losses_NxBxC.swapaxes(0, 1).reshape(bsz, num * chunk)[:, :seq_len]

@@ -238,8 +238,8 @@ def _vocab_dots(jaxpr, vocab):
 def test_logits_grad_compute_rounds_only_the_output_layers_backward(chunk):
   """model.logits_grad='compute': the same forward and loss; the output layer's backward
   matmuls take bf16 operands (float32 ones under 'float32': TF32 on a GPU), and the gradients
-  stay within bf16 rounding of the float32-cotangent ones. In float32 compute it changes
-  nothing."""
+  stay within bf16 rounding of the float32-cotangent ones. In float32 compute they are the
+  same up to float32 rounding (its backward forms softmax - one-hot itself, in one pass)."""
   from fibax.steps import token_losses
 
   vocab = 96  # a size no other dimension of _small has
@@ -269,7 +269,7 @@ def test_logits_grad_compute_rounds_only_the_output_layers_backward(chunk):
   assert any(not np.array_equal(a, b) for a, b in zip(g_f32, g_bf16, strict=True))
   exact = [dataclasses.replace(c, compute_dtype="float32") for c in (f32_grad, bf16_grad)]
   for a, b in zip(*(jax.tree.leaves(jax.grad(loss)(params, c)) for c in exact), strict=True):
-    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    assert np.abs(np.asarray(a) - np.asarray(b)).max() <= 1e-5 * np.abs(np.asarray(a)).max()
   with pytest.raises(ValueError, match="logits_grad='bf16'"):
     dataclasses.replace(f32_grad, logits_grad="bf16")
 
