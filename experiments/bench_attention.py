@@ -139,8 +139,9 @@ def main(argv=None):
     "--autotune",
     nargs="*",
     default=None,
-    help="pick block_q/warps (forward) and block_q_bwd/warps_bwd separately from these configs "
-    "at the longest length, alpha 1, then run the benchmark with them",
+    help="pick block_q/warps/stages (forward) and block_q_bwd/warps_bwd separately from these "
+    "configs, timed on --sweep-impl's kernel at the longest length, alpha 1, then run the "
+    "benchmark (both kernels) with them",
   )
   args = ap.parse_args(argv)
   command = "python " + " ".join([sys.argv[0], *(argv or sys.argv[1:])])
@@ -222,7 +223,7 @@ def parse_spec(spec: str) -> GpuBlocks:
     if len(vals) not in (4, 5):
       raise ValueError
     keys = ("block_q", "num_warps", "block_q_bwd", "num_warps_bwd", "num_stages")
-    return GpuBlocks(**dict(zip(keys, vals)))
+    return GpuBlocks(**dict(zip(keys, vals, strict=False)))  # the stages may be left out
   except ValueError:
     raise SystemExit(
       f"bench_attention.py: error: bad block config {spec!r}: expected 'bq,warps,bq_bwd,warps_bwd"
@@ -260,10 +261,12 @@ def _inputs(seq_len: int, tokens: int, seed: int = 0):
   return batch, (q, k, v, jax.random.normal(ks[3], q.shape, jnp.float32))
 
 
-def sweep(args, specs: list[GpuBlocks], lengths, alpha, floor_bw=None) -> list[dict]:
+def sweep(args, specs: list[GpuBlocks], lengths, alpha, floor_bw=None, on_row=None) -> list[dict]:
   """--sweep-impl with each block config at each length (and the given alpha); with
-  `floor_bw` (copy bytes/s) each row also gets the HBM floor and the cuDNN window's row."""
+  `floor_bw` (copy bytes/s) each row also gets the HBM floor and the cuDNN window's row.
+  `on_row(rows)` after each row (so a run cut short keeps what it measured)."""
   rows = []
+  on_row = on_row or (lambda rows: None)
   for seq_len in lengths:
     batch, (q, k, v, w) = _inputs(seq_len, args.tokens)
     pattern = Pattern.build(base="fib", alpha=alpha, window=WINDOW, seq_len=seq_len)
@@ -273,11 +276,13 @@ def sweep(args, specs: list[GpuBlocks], lengths, alpha, floor_bw=None) -> list[d
       row = bench_one("cudnn_window", implementations(pattern, None)["cudnn_window"], q, k, v, w)
       rows.append({**row, **base, "alpha": None})
       print(f"T={seq_len} cudnn_window {rows[-1]}", flush=True)
+      on_row(rows)
     for blocks in specs:
       impl = implementations(pattern, blocks)[args.sweep_impl]
       row = {**bench_one(args.sweep_impl, impl, q, k, v, w), **base, "blocks": _spec(blocks)}
       rows.append(row)
       print(f"T={seq_len} alpha={alpha} blocks={_spec(blocks)} {row}", flush=True)
+      on_row(rows)
   return rows
 
 
@@ -294,7 +299,9 @@ def sweep_summary(rows) -> dict:
     fwd, fb = min(ours, key=lambda r: r["fwd_ms"]), min(ours, key=lambda r: r["fwdbwd_ms"])
     out[f"best_fwd_T{seq_len}"] = {"blocks": fwd["blocks"], "fwd_ms": fwd["fwd_ms"]}
     if "hbm_floor_ms" in fwd:
-      out[f"best_fwd_T{seq_len}"]["ratio_vs_hbm_floor"] = round(fwd["fwd_ms"] / fwd["hbm_floor_ms"], 3)
+      out[f"best_fwd_T{seq_len}"]["ratio_vs_hbm_floor"] = round(
+        fwd["fwd_ms"] / fwd["hbm_floor_ms"], 3
+      )
     out[f"best_fwdbwd_T{seq_len}"] = {"blocks": fb["blocks"], "fwdbwd_ms": fb["fwdbwd_ms"]}
     if window:
       ratio = fb["fwdbwd_ms"] / window[0]["fwdbwd_ms"]
@@ -303,22 +310,27 @@ def sweep_summary(rows) -> dict:
 
 
 def sweep_report(args, specs: list[GpuBlocks], command: str) -> dict:
+  """The sweep's JSON, rewritten whole after every row."""
   bw = copy_bandwidth()
-  rows = sweep(args, specs, args.lengths, args.alphas[0], floor_bw=bw)
   report = {
     "command": command,
     "versions": versions(),
     "copy_bandwidth_GBps": bw / 1e9,
     "impl": args.sweep_impl,
-    "shape": dict(heads=HEADS, kv_heads=KV_HEADS, head_dim=HEAD_DIM, window=WINDOW, tokens=args.tokens),
-    "summary": sweep_summary(rows),
-    "results": rows,
+    "shape": dict(
+      heads=HEADS, kv_heads=KV_HEADS, head_dim=HEAD_DIM, window=WINDOW, tokens=args.tokens
+    ),
   }
+
+  def save(rows):
+    report.update(summary=sweep_summary(rows), results=rows)
+    if args.out:
+      with open(args.out + ".tmp", "w") as f:
+        json.dump(report, f, indent=1)
+      os.replace(args.out + ".tmp", args.out)
+
+  save(sweep(args, specs, args.lengths, args.alphas[0], floor_bw=bw, on_row=save))
   print(json.dumps(report["summary"], indent=1))
-  if args.out:
-    with open(args.out + ".tmp", "w") as f:
-      json.dump(report, f, indent=1)
-    os.replace(args.out + ".tmp", args.out)
   return report
 
 

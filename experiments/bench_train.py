@@ -16,8 +16,9 @@ each with the JAX op and the line of Python it came from where the compiled prog
 (`hlo_sources`; the program's text is kept beside the trace). On a GPU it turns XLA's command
 buffers off (`--xla_gpu_enable_command_buffer=` in XLA_FLAGS, unless XLA_FLAGS already sets
 it): a command buffer shows in the trace as one operation, which hides the names of the
-kernels it launches (measured on an H200: 55.97 ms a step without them, 56.52 ms with them).
-The JSON records XLA_FLAGS.
+kernels it launches. The flag holds for the whole process, so a profiled run's timed steps run
+without command buffers too (measured on an H200: 55.97 ms a step without them, 56.52 ms with
+them); the JSON records XLA_FLAGS as the backend read them (when `main` starts the backend).
 """
 
 from __future__ import annotations

@@ -15,8 +15,8 @@ import functools
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-from jax import lax
 import numpy as np
+from jax import lax
 from jaxtyping import Array, Float, Int
 
 from fibax import attention, patterns

@@ -494,7 +494,7 @@ def _dkv_tile(dk, dv, q_M, do_M, lse_M, delta_M, k_CxD, v_CxD, keep, scale):
 
 
 def _fwd_packed_kernel(*refs, window, groups, scale, block_q, num_rungs=None):
-  # tables: [S] int32 (static: count, then distances) or lo/frac/keep (learned);
+  # tables: [S] int32 (static: count, then distances) or lo/frac/count (learned);
   # q_ref/o_ref [Q, G, D]; k_ref/v_ref [T, D]; lse_ref [G, Q]
   learned = num_rungs is not None
   tables, (q_ref, k_ref, v_ref, o_ref, lse_ref) = refs[:-5], refs[-5:]
@@ -640,7 +640,9 @@ def _dkv_packed_kernel(*refs, window, groups, scale, block_q, seq_len, num_rungs
     p_M, ds_M = jnp.sum(p, axis=1), jnp.sum(ds, axis=1)  # one key a row: the floor's
     # Each query row's gradient to the block's rows: 1 - f at its floor, f at the row before
     # (its floor itself for query lo of the first block, the clamp at row 0).
-    prev = (r_M[:, None] - 1 == c_C[None, :]) | (first_block & (r_M == 0)[:, None] & (c_C == 0)[None, :])
+    prev = (r_M[:, None] - 1 == c_C[None, :]) | (
+      first_block & (r_M == 0)[:, None] & (c_C == 0)[None, :]
+    )
     w_MxC = (1 - f) * floor + f * prev
     dv = dv + plgpu.dot((p_M[:, None] * w_MxC).astype(do_M.dtype), do_M, trans_a=True)
     dk = dk + plgpu.dot((ds_M[:, None] * w_MxC).astype(q_M.dtype), q_M, trans_a=True)
@@ -663,7 +665,9 @@ def _add_spill(x_BxTxKxD, top_BxKxNxD, block: int):
   it, in float32; the first block's spill is zero."""
   rows = jnp.arange(1, top_BxKxNxD.shape[2]) * block - 1
   add = jnp.swapaxes(top_BxKxNxD[:, :, 1:], 1, 2)
-  return x_BxTxKxD.at[:, rows].set((x_BxTxKxD[:, rows].astype(jnp.float32) + add).astype(x_BxTxKxD.dtype))
+  return x_BxTxKxD.at[:, rows].set(
+    (x_BxTxKxD[:, rows].astype(jnp.float32) + add).astype(x_BxTxKxD.dtype)
+  )
 
 
 def _packed_specs(seq_len, groups, head_dim, bq, tables):

@@ -60,11 +60,16 @@ def test_sweep_summary_picks_the_best_config_per_length_against_its_baselines():
      "hbm_floor_ms": 0.1, "blocks": [16, 2, 16, 4, 2]},
     {"impl": "pallas_packed", "seq_len": 1024, "fwd_ms": 0.4, "fwdbwd_ms": 1.2,
      "hbm_floor_ms": 0.1, "blocks": [32, 4, 32, 4, 3]},
-    {"impl": "pallas_packed", "seq_len": 1024, "error": "ValueError: too big", "blocks": [64, 8, 64, 8, 2]},
+    {"impl": "pallas_packed", "seq_len": 1024, "error": "ValueError: too big",
+     "blocks": [64, 8, 64, 8, 2]},
   ]  # fmt: skip
   assert bench_attention.sweep_summary(rows) == {
     "best_fwd_T1024": {"blocks": [32, 4, 32, 4, 3], "fwd_ms": 0.4, "ratio_vs_hbm_floor": 4.0},
-    "best_fwdbwd_T1024": {"blocks": [16, 2, 16, 4, 2], "fwdbwd_ms": 0.9, "ratio_vs_cudnn_window": 0.9},
+    "best_fwdbwd_T1024": {
+      "blocks": [16, 2, 16, 4, 2],
+      "fwdbwd_ms": 0.9,
+      "ratio_vs_cudnn_window": 0.9,
+    },
   }
 
 
