@@ -140,9 +140,9 @@ class Attention(nn.Module):
 
 
 class _PaddedDense(nn.Module):
-  """`nn.Dense` without bias whose float32 kernel [I, O] enters the matmul zero-padded to
-  [I + pad_in, O + pad_out]: the same parameter (name, shape, init), and on inputs whose
-  extra columns are zero the same outputs in the first O columns, zeros in the rest."""
+  """`nn.Dense` without bias (the same parameter, name, shape, init and computation) whose
+  float32 kernel [I, O] enters the matmul zero-padded to [I + pad_in, O + pad_out]: on inputs
+  whose extra columns are zero, the same outputs in the first O columns and zeros in the rest."""
 
   features: int
   pad_in: int
@@ -154,8 +154,10 @@ class _PaddedDense(nn.Module):
   def __call__(self, x: Array) -> Array:
     shape = (x.shape[-1] - self.pad_in, self.features)
     kernel = self.param("kernel", self.kernel_init, shape, jnp.float32)
-    kernel = jnp.pad(kernel.astype(self.dtype), ((0, self.pad_in), (0, self.pad_out)))
-    return lax.dot_general(x.astype(self.dtype), kernel, (((x.ndim - 1,), (0,)), ((), ())))
+    x, kernel = x.astype(self.dtype), kernel.astype(self.dtype)
+    if self.pad_in or self.pad_out:
+      kernel = jnp.pad(kernel, ((0, self.pad_in), (0, self.pad_out)))
+    return lax.dot_general(x, kernel, (((x.ndim - 1,), (0,)), ((), ())))
 
 
 class SwiGLU(nn.Module):
@@ -165,23 +167,14 @@ class SwiGLU(nn.Module):
   def __call__(self, x_BxTxE: Array) -> Array:
     cfg, dtype = self.cfg, jnp.dtype(self.cfg.compute_dtype)
     std = cfg.d_model**-0.5
-    if cfg.mlp_pad:
-      pad = -cfg.mlp_hidden % cfg.mlp_pad
-      dense = functools.partial(_PaddedDense, dtype=dtype, pad_in=0, pad_out=pad)
-      gate_BxTxF = dense(cfg.mlp_hidden, kernel_init=_init(std, ("embed", "mlp")), name="gate")
-      up_BxTxF = dense(cfg.mlp_hidden, kernel_init=_init(std, ("embed", "mlp")), name="up")
-      down = _PaddedDense(
-        cfg.d_model, pad, 0, _init(std / np.sqrt(2 * cfg.num_layers), ("mlp", "embed")), dtype,
-        name="down",
-      )  # fmt: skip
-      return down(nn.silu(gate_BxTxF(x_BxTxE)) * up_BxTxF(x_BxTxE))
-    dense = functools.partial(nn.Dense, use_bias=False, dtype=dtype, param_dtype=jnp.float32)
-    gate_BxTxF = dense(cfg.mlp_hidden, kernel_init=_init(std, ("embed", "mlp")), name="gate")(
+    pad = -cfg.mlp_hidden % cfg.mlp_pad if cfg.mlp_pad else 0  # model.mlp_pad
+    wide = functools.partial(_PaddedDense, pad_in=0, pad_out=pad, dtype=dtype)
+    gate_BxTxF = wide(cfg.mlp_hidden, kernel_init=_init(std, ("embed", "mlp")), name="gate")(
       x_BxTxE
     )
-    up_BxTxF = dense(cfg.mlp_hidden, kernel_init=_init(std, ("embed", "mlp")), name="up")(x_BxTxE)
+    up_BxTxF = wide(cfg.mlp_hidden, kernel_init=_init(std, ("embed", "mlp")), name="up")(x_BxTxE)
     out_std = std / np.sqrt(2 * cfg.num_layers)
-    down = dense(cfg.d_model, kernel_init=_init(out_std, ("mlp", "embed")), name="down")
+    down = _PaddedDense(cfg.d_model, pad, 0, _init(out_std, ("mlp", "embed")), dtype, name="down")
     return down(nn.silu(gate_BxTxF) * up_BxTxF)
 
 
@@ -299,7 +292,12 @@ def _logits_fwd(x_BxTxE, embed_VxE):
 
 def _logits_bwd(res, g_BxTxV):
   x_BxTxE, embed_VxE = res
-  g_BxTxV = g_BxTxV.astype(x_BxTxE.dtype)
+  return logits_input_grads(g_BxTxV.astype(x_BxTxE.dtype), x_BxTxE, embed_VxE)
+
+
+def logits_input_grads(g_BxTxV: Array, x_BxTxE: Array, embed_VxE: Array) -> tuple[Array, Array]:
+  """(dx, d embed) of the tied output layer for the logits' cotangent in the compute dtype:
+  its two matmuls at that dtype's rate, accumulated in float32."""
   dx = jnp.einsum("btv,ve->bte", g_BxTxV, embed_VxE, preferred_element_type=jnp.float32)
   de = jnp.einsum("btv,bte->ve", g_BxTxV, x_BxTxE, preferred_element_type=jnp.float32)
   return dx.astype(x_BxTxE.dtype), de.astype(embed_VxE.dtype)

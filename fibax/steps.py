@@ -103,9 +103,7 @@ def _losses_compute_bwd(res, g_BxT):
   onehot = jax.nn.one_hot(targets_BxT, logits_BxTxV.shape[-1], dtype=jnp.bool_)
   p_BxTxV = jnp.exp(logits_BxTxV - lse_BxT[..., None])
   g_BxTxV = ((p_BxTxV - onehot) * g_BxT[..., None]).astype(x_BxTxE.dtype)
-  dx = jnp.einsum("btv,ve->bte", g_BxTxV, embed_VxE, preferred_element_type=jnp.float32)
-  de = jnp.einsum("btv,bte->ve", g_BxTxV, x_BxTxE, preferred_element_type=jnp.float32)
-  return dx.astype(x_BxTxE.dtype), de.astype(embed_VxE.dtype), None
+  return *model_lib.logits_input_grads(g_BxTxV, x_BxTxE, embed_VxE), None
 
 
 _losses_compute_grad.defvjp(_losses_compute_fwd, _losses_compute_bwd)
