@@ -6,6 +6,7 @@ or could not save, an output that could not be written, a non-finite result)."""
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 BAD_INPUT = 2
@@ -23,3 +24,19 @@ def fail(prog: str, error: BaseException | str, code: int) -> int:
   """Prints `error` as the one line and returns `code` (for `return fail(...)` in a main)."""
   print(f"{prog}: error: {' '.join(str(error).split())}", file=sys.stderr)
   return code
+
+
+# XLA flags every command sets unless XLA_FLAGS already names them. Triton GEMM fusions off:
+# XLA then sends the matmuls to cuBLAS, which ran the paper model's train step on an H200 in
+# 45.0 ms instead of 57.7 ms (experiments/results/bench_train_h200_options/). GPU flags only;
+# other backends ignore them.
+XLA_DEFAULTS = {"--xla_gpu_enable_triton_gemm": "false"}
+
+
+def set_xla_defaults() -> str:
+  """Adds `XLA_DEFAULTS` to XLA_FLAGS (those it does not set already) and returns XLA_FLAGS.
+  XLA reads them when the backend starts: call this before anything runs on a device."""
+  flags = os.environ.get("XLA_FLAGS", "")
+  extra = [f"{k}={v}" for k, v in XLA_DEFAULTS.items() if k.lstrip("-") not in flags]
+  os.environ["XLA_FLAGS"] = " ".join([flags, *extra]).strip()
+  return os.environ["XLA_FLAGS"]

@@ -79,10 +79,12 @@ class ModelConfig:
   # How the input embedding's gradient is formed, all the same function: "scatter" (the
   # gather's own transpose: a scatter-add over token ids in the compute dtype), "scatter_f32"
   # (the gather reads the float32 table, so the scatter-add runs in float32) or "onehot"
-  # (one-hot(tokens)^T @ grad, a matmul accumulated in float32, no atomics). Real text repeats
-  # ids, and a bf16 scatter-add serializes on repeated rows on a GPU (96 vs 64 ms a step:
+  # (one-hot(tokens)^T @ grad, a matmul accumulated in float32, no atomics) or "sorted" (the
+  # rows sorted by id and summed a block at a time, then stored once per id: O(N * E), no
+  # atomics; `fibax.model.embedding_grad_sorted`). Real text repeats ids, and a bf16
+  # scatter-add serializes on repeated rows on a GPU (96 vs 64 ms a step:
   # experiments/results/embed_grad_h200/).
-  embed_backward: Literal["scatter", "scatter_f32", "onehot"] = "scatter"
+  embed_backward: Literal["scatter", "scatter_f32", "onehot", "sorted"] = "scatter"
   # Positions per chunk of the output layer and its cross-entropy (`fibax.steps.token_losses`):
   # 0 forms the [B, T, V] float32 logits at once; C > 0 scans over chunks of C positions and
   # recomputes each chunk's logits in the backward, so at most [B, C, V] exist at a time.
@@ -117,9 +119,10 @@ class ModelConfig:
       )
     if self.head_dim % 2:
       raise ValueError(f"head_dim={self.head_dim} must be even for RoPE")
-    if self.embed_backward not in ("scatter", "scatter_f32", "onehot"):
+    if self.embed_backward not in ("scatter", "scatter_f32", "onehot", "sorted"):
       raise ValueError(
-        f"embed_backward={self.embed_backward!r} must be 'scatter', 'scatter_f32' or 'onehot'"
+        f"embed_backward={self.embed_backward!r} must be 'scatter', 'scatter_f32', 'onehot' or "
+        "'sorted'"
       )
     if self.remat not in REMAT:
       raise ValueError(f"remat={self.remat!r} must be one of {', '.join(REMAT)}")

@@ -229,6 +229,7 @@ COMMANDS = {None: _run_eval, "plot": _run_plot, "latency": _run_latency}
 
 def main(argv: list[str] | None = None) -> int:
   argv = list(sys.argv[1:] if argv is None else argv)
+  cli.set_xla_defaults()
   try:
     args, command_argv = _parse(argv)
     return COMMANDS[args.command](args, command_argv)

@@ -307,6 +307,7 @@ def main(argv: list[str] | None = None) -> int:
   from fibax.evaluate import run_data_dir
   from fibax.restore import load_run
 
+  cli.set_xla_defaults()
   p = cli.Parser(prog="python -m fibax.generate", description=__doc__.split("\n")[0])
   p.add_argument("--checkpoint", required=True, help="a run's workdir or checkpoint directory")
   p.add_argument("--prompt", required=True, help="text; encoded with the run's tokenizer")

@@ -205,26 +205,86 @@ def _remat_block(remat: str):
   return nn.remat(Block, policy=_REMAT_POLICIES[remat])
 
 
-@jax.custom_vjp
-def _lookup_onehot_grad(table_VxE: Array, tokens_BxT: Array) -> Array:
-  """table[tokens], whose gradient is one-hot(tokens)^T @ g (a float32-accumulated matmul)
-  instead of a scatter-add: real text repeats tokens, and a scatter-add then serializes on
-  the repeated rows."""
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def _lookup(table_VxE: Array, tokens_BxT: Array, backward: str) -> Array:
+  """table[tokens], whose gradient is formed without a scatter-add over repeated ids
+  (`ModelConfig.embed_backward`): real text repeats tokens, and a GPU scatter-add then
+  serializes on the repeated rows. "onehot": one-hot(tokens)^T @ g, a float32-accumulated
+  matmul; "sorted": `embedding_grad_sorted`."""
+  del backward
   return jnp.take(table_VxE, tokens_BxT, axis=0)
 
 
-def _lookup_fwd(table_VxE, tokens_BxT):
-  return _lookup_onehot_grad(table_VxE, tokens_BxT), (tokens_BxT, table_VxE.shape[0])
+def _lookup_fwd(table_VxE, tokens_BxT, backward):
+  return _lookup(table_VxE, tokens_BxT, backward), (tokens_BxT, table_VxE.shape[0])
 
 
-def _lookup_bwd(res, g_BxTxE):
+def _lookup_bwd(backward, res, g_BxTxE):
   tokens_BxT, vocab = res
-  onehot_BxTxV = jax.nn.one_hot(tokens_BxT, vocab, dtype=g_BxTxE.dtype)
-  d_VxE = jnp.einsum("btv,bte->ve", onehot_BxTxV, g_BxTxE, preferred_element_type=jnp.float32)
+  if backward == "sorted":
+    d_VxE = embedding_grad_sorted(
+      tokens_BxT.reshape(-1), g_BxTxE.reshape(-1, g_BxTxE.shape[-1]), vocab
+    )
+  else:
+    onehot_BxTxV = jax.nn.one_hot(tokens_BxT, vocab, dtype=g_BxTxE.dtype)
+    d_VxE = jnp.einsum("btv,bte->ve", onehot_BxTxV, g_BxTxE, preferred_element_type=jnp.float32)
   return d_VxE.astype(g_BxTxE.dtype), None
 
 
-_lookup_onehot_grad.defvjp(_lookup_fwd, _lookup_bwd)
+_lookup.defvjp(_lookup_fwd, _lookup_bwd)
+
+
+def embedding_grad_sorted(ids_N: Array, g_NxE: Array, vocab: int, block: int = 128) -> Array:
+  """sum of g's rows by id, [vocab, E] float32, with no two writes to one row.
+
+  The rows are sorted by id and cut into blocks of `block`; in each block a one-hot matmul
+  (float32-accumulated) sums the rows of each of its ids into one slot. An id whose rows run
+  over several blocks has its partial sums carried forward, block to block, by an associative
+  scan, into the slot of the last block it reaches; the slots, now of distinct ids, are then
+  stored (not added) into the table. The work is O(N * (block + E)) whatever the ids, and the
+  result does not depend on the order of atomics: the same inputs give the same bits."""
+  n, e = g_NxE.shape
+  pad = -n % block
+  order = jnp.argsort(ids_N, stable=True)
+  sid_N = jnp.concatenate([ids_N[order], jnp.full((pad,), vocab, ids_N.dtype)])
+  xs_N = jnp.concatenate([g_NxE[order], jnp.zeros((pad, e), g_NxE.dtype)])
+  nb = sid_N.shape[0] // block
+  sid_BxR, xs_BxRxE = sid_N.reshape(nb, block), xs_N.reshape(nb, block, e)
+  starts_BxR = jnp.concatenate([jnp.ones((nb, 1), bool), sid_BxR[:, 1:] != sid_BxR[:, :-1]], axis=1)
+  slot_BxR = jnp.cumsum(starts_BxR, axis=1) - 1  # a row's slot: its id's rank in the block
+  onehot_BxRxS = slot_BxR[..., None] == jnp.arange(block)[None, None]
+  sums_BxSxE = jnp.einsum(
+    "brs,bre->bse", onehot_BxRxS.astype(g_NxE.dtype), xs_BxRxE, preferred_element_type=jnp.float32
+  )
+  slot_id_BxS = jnp.max(jnp.where(onehot_BxRxS, sid_BxR[..., None], -1), axis=1)
+  last_B = slot_BxR[:, -1]  # the block's last used slot, which holds its last row's id
+  # cont[b]: block b's first id continues block b-1's last one (padding never continues).
+  cont_B = jnp.concatenate(
+    [jnp.zeros((1,), bool), (sid_BxR[1:, 0] == sid_BxR[:-1, -1]) & (sid_BxR[1:, 0] < vocab)]
+  )
+  tail_BxE = jnp.take_along_axis(sums_BxSxE, last_B[:, None, None], axis=1)[:, 0]
+  # carry[b] = cont[b] * (tail[b-1] + (block b-1 is one slot) * carry[b-1]): an affine scan.
+  a_B = (cont_B[1:] & (last_B[:-1] == 0)).astype(jnp.float32)
+  b_BxE = cont_B[1:, None] * tail_BxE[:-1]
+
+  def compose(first, second):
+    (a1, b1), (a2, b2) = first, second
+    return a1 * a2, a2[..., None] * b1 + b2
+
+  if nb > 1:
+    _, carry_BxE = jax.lax.associative_scan(compose, (a_B, b_BxE))
+    sums_BxSxE = sums_BxSxE.at[1:, 0].add(carry_BxE)
+  # A block's last slot moves on when the next block continues it; unused slots hold -1.
+  moved_B = jnp.concatenate([cont_B[1:], jnp.zeros((1,), bool)])
+  dropped_BxS = (slot_id_BxS < 0) | (jnp.arange(block)[None] == last_B[:, None]) & moved_B[:, None]
+  # Past the table, each at an index of its own, so the indices are unique as promised.
+  slot_id_BxS = jnp.where(
+    dropped_BxS, vocab + jnp.arange(nb * block).reshape(nb, block), slot_id_BxS
+  )
+  out_VxE = jnp.zeros((vocab, e), jnp.float32)
+  return out_VxE.at[slot_id_BxS.reshape(-1)].set(
+    sums_BxSxE.reshape(-1, e), mode="drop", unique_indices=True
+  )
 
 
 class Transformer(nn.Module):
@@ -252,8 +312,8 @@ class Transformer(nn.Module):
       embedding_init=_init(cfg.d_model**-0.5, ("vocab", "embed")),
       name="embed",
     )
-    if cfg.embed_backward == "onehot":
-      x_BxTxE = _lookup_onehot_grad(embed.embedding.astype(dtype), tokens_BxT)
+    if cfg.embed_backward in ("onehot", "sorted"):
+      x_BxTxE = _lookup(embed.embedding.astype(dtype), tokens_BxT, cfg.embed_backward)
     elif cfg.embed_backward == "scatter_f32":  # the cast after the gather: f32 cotangents
       x_BxTxE = jnp.take(embed.embedding, tokens_BxT, axis=0).astype(dtype)
     else:

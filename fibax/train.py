@@ -61,6 +61,9 @@ OPERATIONAL_FIELDS = frozenset(
     "model.attention.impl",
     "model.attention.dense_impl",
     "model.embed_backward",
+    "model.mlp_pad",
+    "model.loss_chunk",
+    "model.remat",
     *(
       f"train.{name}"
       for name in (
@@ -392,6 +395,7 @@ def main(argv: list[str] | None = None) -> int:
   parser.add_argument("--workdir", required=True, help="checkpoints, metrics and event files")
   add_overrides_argument(parser)
   args = parser.parse_args(argv)
+  cli.set_xla_defaults()
   try:
     cfg = apply_overrides(load_config(args.config), args.overrides)
   except (OSError, ValueError, TypeError, AttributeError) as e:

@@ -99,3 +99,26 @@ def test_profile_traces_steps_and_writes_the_trace(tmp_path):
   assert list((tmp_path / "trace").rglob("*.xplane.pb"))  # the trace is kept for a viewer
   assert result["profile_top"] == [] and result["ms_per_step"] > 0  # CPU: no device plane
   assert "ENTRY" in next((tmp_path / "trace").glob("program.hlo.txt")).read_text()
+
+
+def test_mfu_counts_against_the_higher_of_the_two_peak_measurements(tmp_path, monkeypatch):
+  """The peak is measured before and after the runs; every MFU is against the higher one, and
+  the JSON records both, the flags the backend read, and fibax's XLA defaults among them."""
+  import json
+
+  peaks = iter([100.0, 200.0])
+  monkeypatch.setattr(bench_train, "matmul_peak_tflops", lambda n: next(peaks))
+  monkeypatch.setattr(
+    bench_train, "bench", lambda *a: {"ms_per_step": 10.0, "tokens_per_s": 1e6, "compile_s": 1.0}
+  )
+  monkeypatch.setenv("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+  out = tmp_path / "train.json"
+  bench_train.main(["--runs", "dense", "--seq-lens", "1024", "--out", str(out)])
+  report = json.loads(out.read_text())
+  assert report["matmul_peak_tflops_measured"] == 100.0
+  assert report["matmul_peak_tflops_measured_after"] == 200.0
+  assert report["matmul_peak_tflops_used"] == 200.0
+  (r,) = report["results"]
+  assert r["mfu"] == round(1e6 * r["model_tflops_per_token"] / 200.0, 4) > 0
+  assert report["summary"]["mfu_dense_T1024"] == r["mfu"]
+  assert "--xla_gpu_enable_triton_gemm=false" in report["xla_flags"]

@@ -1,10 +1,13 @@
 """Every `python -m fibax.*` command: bad input is one line, `<prog>: error: ...`, exit 2."""
 
+import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+
+from fibax import cli
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -34,3 +37,15 @@ def test_bad_input_is_one_line_with_exit_2(tmp_path, module, args, message):
   assert proc.returncode == 2, proc.stderr
   assert len(lines) == 1 and lines[0].startswith(f"python -m {module}: error: "), proc.stderr
   assert message in lines[0]
+
+
+def test_xla_defaults_are_added_unless_xla_flags_names_them(monkeypatch):
+  monkeypatch.setenv("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+  assert cli.set_xla_defaults() == (
+    "--xla_force_host_platform_device_count=8 --xla_gpu_enable_triton_gemm=false"
+  )
+  assert cli.set_xla_defaults() == os.environ["XLA_FLAGS"]  # added once
+  monkeypatch.setenv("XLA_FLAGS", "--xla_gpu_enable_triton_gemm=true")
+  assert cli.set_xla_defaults() == "--xla_gpu_enable_triton_gemm=true"  # the user's choice
+  monkeypatch.delenv("XLA_FLAGS")
+  assert cli.set_xla_defaults() == "--xla_gpu_enable_triton_gemm=false"
