@@ -81,7 +81,7 @@ def run_config(config: str, config_args: str, overrides: list[str], name: str):
 
 def estimate_seconds(cfg, shared_by: int) -> float:
   kind = "learned" if cfg.model.attention.schedule == "learned" else "other"
-  if kind == "other" and cfg.model.embed_backward == "onehot":
+  if kind == "other" and cfg.model.embed_backward in ("onehot", "sorted"):
     kind = "other_onehot"
   return shared_by * cfg.train.total_steps * STEP_SECONDS[kind] + FIXED_SECONDS[kind]
 

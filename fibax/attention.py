@@ -255,12 +255,18 @@ def kernel_mesh(mesh: Mesh | AbstractMesh | None):
   `mesh`: each device calls the kernel on its own batch rows (mesh axis `data`) and heads
   (`model`), as the kernels are custom calls that XLA's partitioner cannot split (it would
   gather the whole batch onto every device). A dimension the axis does not divide stays
-  whole on every device of that axis. `fibax.steps` traces its train step inside it."""
+  whole on every device of that axis (the sorted input-embedding gradient also runs per batch
+  shard under it). `fibax.steps` traces its train step inside it."""
   token = _KERNEL_MESH.set(mesh if mesh is not None and mesh.size > 1 else None)
   try:
     yield
   finally:
     _KERNEL_MESH.reset(token)
+
+
+def traced_mesh() -> Mesh | AbstractMesh | None:
+  """The mesh of the enclosing `kernel_mesh` (None outside one or for a single device)."""
+  return _KERNEL_MESH.get()
 
 
 def _per_device(fn, mesh: Mesh | AbstractMesh, q, k, alpha):

@@ -78,13 +78,14 @@ class ModelConfig:
   compute_dtype: str = "bfloat16"
   # How the input embedding's gradient is formed, all the same function: "scatter" (the
   # gather's own transpose: a scatter-add over token ids in the compute dtype), "scatter_f32"
-  # (the gather reads the float32 table, so the scatter-add runs in float32) or "onehot"
-  # (one-hot(tokens)^T @ grad, a matmul accumulated in float32, no atomics) or "sorted" (the
-  # rows sorted by id and summed a block at a time, then stored once per id: O(N * E), no
-  # atomics; `fibax.model.embedding_grad_sorted`). Real text repeats ids, and a bf16
-  # scatter-add serializes on repeated rows on a GPU (96 vs 64 ms a step:
-  # experiments/results/embed_grad_h200/).
-  embed_backward: Literal["scatter", "scatter_f32", "onehot", "sorted"] = "scatter"
+  # (the gather reads the float32 table, so the scatter-add runs in float32), "onehot"
+  # (one-hot(tokens)^T @ grad, a matmul accumulated in float32, no atomics) or "sorted", the
+  # default (the rows sorted by id and summed a block at a time, then stored once per id:
+  # O(N * E), no atomics, deterministic; `fibax.model.embedding_grad_sorted`). Real text
+  # repeats ids, and a bf16 scatter-add serializes on repeated rows on a GPU (96 vs 64 ms a
+  # step with onehot: experiments/results/embed_grad_h200/); sorted saved another 2.5-2.7 ms
+  # a step against onehot (experiments/results/bench_train_h200_options/).
+  embed_backward: Literal["scatter", "scatter_f32", "onehot", "sorted"] = "sorted"
   # Positions per chunk of the output layer and its cross-entropy (`fibax.steps.token_losses`):
   # 0 forms the [B, T, V] float32 logits at once; C > 0 scans over chunks of C positions and
   # recomputes each chunk's logits in the backward, so at most [B, C, V] exist at a time.

@@ -222,9 +222,7 @@ def _lookup_fwd(table_VxE, tokens_BxT, backward):
 def _lookup_bwd(backward, res, g_BxTxE):
   tokens_BxT, vocab = res
   if backward == "sorted":
-    d_VxE = embedding_grad_sorted(
-      tokens_BxT.reshape(-1), g_BxTxE.reshape(-1, g_BxTxE.shape[-1]), vocab
-    )
+    d_VxE = _embedding_grad_sorted_sharded(tokens_BxT, g_BxTxE, vocab)
   else:
     onehot_BxTxV = jax.nn.one_hot(tokens_BxT, vocab, dtype=g_BxTxE.dtype)
     d_VxE = jnp.einsum("btv,bte->ve", onehot_BxTxV, g_BxTxE, preferred_element_type=jnp.float32)
@@ -232,6 +230,27 @@ def _lookup_bwd(backward, res, g_BxTxE):
 
 
 _lookup.defvjp(_lookup_fwd, _lookup_bwd)
+
+
+def _embedding_grad_sorted_sharded(tokens_BxT: Array, g_BxTxE: Array, vocab: int) -> Array:
+  """`embedding_grad_sorted` of all rows; inside `attention.kernel_mesh` (a train step over
+  several devices), each device sorts its own batch rows and the tables are summed over the
+  `data` axis, so no device gathers the global batch."""
+  from fibax.sharding import DATA
+
+  def rows(t_BxT, g):
+    return embedding_grad_sorted(t_BxT.reshape(-1), g.reshape(-1, g.shape[-1]), vocab)
+
+  mesh = attention.traced_mesh()
+  if mesh is None or mesh.shape[DATA] == 1 or tokens_BxT.shape[0] % mesh.shape[DATA]:
+    return rows(tokens_BxT, g_BxTxE)
+  P = jax.sharding.PartitionSpec
+  return jax.shard_map(
+    lambda t, g: lax.psum(rows(t, g), DATA),
+    mesh=mesh,
+    in_specs=(P(DATA, None), P(DATA, None, None)),
+    out_specs=P(),
+  )(tokens_BxT, g_BxTxE)
 
 
 def embedding_grad_sorted(ids_N: Array, g_NxE: Array, vocab: int, block: int = 128) -> Array:
