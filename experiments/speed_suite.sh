@@ -22,8 +22,9 @@
 #                  (FIBAX_KERNEL_SHARD=i/n: every n-th case, so n GPUs can share them)
 #   train_options  bench_train.py, dense, fib_stagger_w12 and fib_learned_w12 at T = 1,024 with
 #                  pallas_packed and a profile, once per override set of TRAIN_SETS
-#                  (';'-separated; default: the logits' backward in bf16, then also the
-#                  MLP's hidden width padded to a multiple of 128, then a loss in 2 chunks)
+#                  (';'-separated; default: the logits' backward in bf16 with the MLP's
+#                  hidden width padded to a multiple of 128, then the same with the one-hot
+#                  embedding gradient instead of the sorted one, then the float32 backward)
 #   attention4     the packed kernel alone with 4 warps (wgmma instead of mma.sync)
 #   attention_sweep  bench_attention.py --sweep: the packed kernel's block rows, warps and
 #                  pipeline stages (ATTN_SWEEP: 'bq,warps,bq_bwd,warps_bwd[,stages]' configs)
@@ -75,7 +76,7 @@ suite() {
             --profile "$SCRATCH/trace/$impl" "${common[@]}" --out "$DIR/bench_train_$impl.json"
         done ;;
       train_options)
-        local sets; IFS=';' read -ra sets <<< "${TRAIN_SETS:-model.logits_grad=compute;model.logits_grad=compute model.mlp_pad=128;model.logits_grad=compute model.loss_chunk=512}"
+        local sets; IFS=';' read -ra sets <<< "${TRAIN_SETS:-model.logits_grad=compute model.mlp_pad=128;model.logits_grad=compute model.mlp_pad=128 model.embed_backward=onehot;model.mlp_pad=128}"
         for i in "${!sets[@]}"; do
           # shellcheck disable=SC2086  # one set is several overrides
           step "train_options_$i" 600 python experiments/bench_train.py \
