@@ -101,3 +101,29 @@ def test_sweep_writes_every_config_beside_the_window_at_each_length(tmp_path, mo
   assert report["copy_bandwidth_GBps"] == 1000
   floor = (2 * 128 * 8 + 2 * 128 * 2) * 64 * 2 / 1e12 * 1e3  # q, o, k, v bytes at T = 128
   assert [r["hbm_floor_ms"] for r in report["results"][3:]] == [floor] * 3
+
+
+def test_main_times_every_alpha_of_the_packed_kernel_only_and_writes_after_every_row(
+  tmp_path, monkeypatch
+):
+  """The packed kernel at every alpha, the row-wise kernel and the baselines at the middle
+  one; the JSON is rewritten after every row, so a run stopped midway keeps its rows."""
+  monkeypatch.setattr(bench_attention, "copy_bandwidth", lambda: 1e12)
+  calls = []
+
+  def fake_bench(name, fn, q, k, v, w):
+    if len(calls) == 4:
+      raise KeyboardInterrupt  # the run stopped during its fifth and last measurement
+    calls.append(name)
+    return {"impl": name, "fwd_ms": 1.0, "fwdbwd_ms": 2.0, "fwd_bytes": 1}
+
+  monkeypatch.setattr(bench_attention, "bench_one", fake_bench)
+  out = tmp_path / "bench.json"
+  args = ["--lengths", "64", "--tokens", "64", "--impls", "pallas", "pallas_packed", "xla"]
+  with pytest.raises(KeyboardInterrupt):
+    bench_attention.main([*args, "--out", str(out)])
+  report = json.loads(out.read_text())
+  got = [(r["impl"], r["alpha"]) for r in report["results"]]
+  assert got == [("pallas_packed", 0.5), ("pallas", 1.0), ("pallas_packed", 1.0), ("xla", 1.0)]
+  assert "fwdbwd_speedup_vs_xla_T64" in report["summary"]
+  assert not (tmp_path / "bench.json.tmp").exists()
