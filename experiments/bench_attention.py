@@ -4,8 +4,9 @@
 
 T in {1K, 4K, 16K, 64K} at B*T = 65,536, 8 query / 2 kv heads, head dim 64, W = 12,
 Fibonacci K = 15, alpha in {0.5, 1, 1.5} for the packed kernel (alpha 1 for the row-wise one
-and XLA: `--every-alpha`); forward and forward+backward milliseconds, all in one run, plus the HBM floor (q, k, v, o bytes once over a copy bandwidth measured in the
-same run) and XLA's compiled memory footprint. Prints a table and writes JSON with a
+and XLA: `--every-alpha`); forward and forward+backward milliseconds, all in one run, plus
+the HBM floor (q, k, v, o bytes once over a copy bandwidth measured in the same run) and
+XLA's compiled memory footprint, and the run's own wall time. Prints a table and writes JSON with a
 `summary` of the ratios that the targets name.
 """
 
@@ -18,6 +19,7 @@ import os
 import platform
 import subprocess
 import sys
+import time
 
 import jax
 import jax.numpy as jnp
@@ -150,6 +152,7 @@ def main(argv=None):
     "configs, timed on --sweep-impl's kernel at the longest length, alpha 1, then run the "
     "benchmark (both kernels) with them",
   )
+  started = time.perf_counter()
   args = ap.parse_args(argv)
   command = "python " + " ".join([sys.argv[0], *(argv or sys.argv[1:])])
   if args.sweep:
@@ -190,7 +193,7 @@ def main(argv=None):
           hbm_floor_ms=floor_ms,
         )
         results.append(row)
-        write_report(args, command, blocks, bw, tuned, results)
+        write_report(args, command, blocks, bw, tuned, results, started)
         print(
           f"T={seq_len:6d} B={batch:3d} alpha={alpha:3.1f} {name:13s} "
           + (
@@ -202,10 +205,10 @@ def main(argv=None):
           flush=True,
         )
 
-  print(json.dumps(write_report(args, command, blocks, bw, tuned, results), indent=1))
+  print(json.dumps(write_report(args, command, blocks, bw, tuned, results, started), indent=1))
 
 
-def write_report(args, command, blocks, bw, tuned, results) -> dict:
+def write_report(args, command, blocks, bw, tuned, results, started) -> dict:
   """The report so far, written whole to `args.out` (replaced after every row, never half
   written, so a run cut short keeps what it measured); returns its summary."""
   summary = summarize(results)
@@ -219,6 +222,7 @@ def write_report(args, command, blocks, bw, tuned, results) -> dict:
     ),
     "summary": summary,
     "autotune": tuned and {"candidates": tuned["rows"], "chosen": tuned["blocks"].__dict__},
+    "wall_s": round(time.perf_counter() - started, 1),
     "results": results,
   }
   if args.out:

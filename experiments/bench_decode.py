@@ -29,6 +29,7 @@ import jax
 import jax.numpy as jnp
 
 from experiments.bench_attention import versions
+from fibax import cli
 from fibax.config_loader import add_overrides_argument, apply_overrides, load_config
 from fibax.generate import cache_layout, decode_step, generation_config
 from fibax.memory import MEMORY_HEADROOM, free_memory_bytes
@@ -147,6 +148,7 @@ def summarize(results: list[dict]) -> dict:
 
 
 def main(argv=None) -> int:
+  cli.set_xla_defaults()  # what `python -m fibax.train` runs with: cuBLAS matmuls on a GPU
   p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   p.add_argument("--config", default="configs/paper.py", help="a config file with named runs")
   p.add_argument("--runs", nargs="+", default=["fib_stagger_w12", "dense"])

@@ -24,7 +24,7 @@ import os
 import sys
 from pathlib import Path
 
-from fibax import eval_report
+from fibax import cli, eval_report
 from fibax.config_loader import add_overrides_argument, apply_overrides, load_config
 
 # the paper (FineWeb-Edu, trained at T = 1024): held-out perplexity.
@@ -213,6 +213,7 @@ def write_atomic(path: Path, text: str) -> None:
 
 
 def main(argv=None):
+  cli.set_xla_defaults()  # what `python -m fibax.train` runs with: cuBLAS matmuls on a GPU
   p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   p.add_argument("--config", required=True, help="a config file whose get_config takes a run name")
   p.add_argument("--runs", nargs="+", required=True)

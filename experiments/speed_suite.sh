@@ -31,8 +31,8 @@
 #                  at T = 1K, 16K, 64K beside the cuDNN window and the HBM floor
 #   train_xla      bench_train.py, dense and fib_stagger_w12 at T = 1,024 with pallas_packed,
 #                  logits_grad=compute and a profile, once per XLA_FLAGS set of XLA_SETS
-#                  (';'-separated; default: XLA's defaults, then its Triton GEMM fusions off,
-#                  so the MLP's matmuls go to cuBLAS)
+#                  (';'-separated; default: XLA's Triton GEMM fusions on, then off, so the
+#                  matmuls go to cuBLAS, fibax's default on a GPU: fibax.cli.XLA_DEFAULTS)
 # The test steps stop a case after PER_TEST_S (240) where pytest-timeout is installed, and the
 # whole step after TEST_LIMIT_S (900).
 set -euo pipefail
@@ -85,7 +85,7 @@ suite() {
             "${common[@]}" ${sets[$i]} --out "$DIR/bench_train_options_$i.json"
         done ;;
       train_xla)
-        local flags; IFS=';' read -ra flags <<< "${XLA_SETS- ;--xla_gpu_enable_triton_gemm=false}"
+        local flags; IFS=';' read -ra flags <<< "${XLA_SETS-"--xla_gpu_enable_triton_gemm=true;--xla_gpu_enable_triton_gemm=false"}"
         for i in "${!flags[@]}"; do
           step "train_xla_$i" 600 env XLA_FLAGS="${flags[$i]# }" python experiments/bench_train.py \
             --runs dense fib_stagger_w12 --seq-lens 1024 --impl pallas_packed \

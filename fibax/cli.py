@@ -28,8 +28,8 @@ def fail(prog: str, error: BaseException | str, code: int) -> int:
 
 # XLA flags every command sets unless XLA_FLAGS already names them. Triton GEMM fusions off:
 # XLA then sends the matmuls to cuBLAS, which ran the paper model's train step on an H200 in
-# 45.0 ms instead of 57.7 ms (experiments/results/bench_train_h200_options/). GPU flags only;
-# other backends ignore them.
+# 45.0 ms instead of 57.7 ms (experiments/results/bench_train_h200_options/). GPU flags only:
+# other backends read and ignore them (every jaxlib build knows XLA's GPU flags).
 XLA_DEFAULTS = {"--xla_gpu_enable_triton_gemm": "false"}
 
 
@@ -37,6 +37,7 @@ def set_xla_defaults() -> str:
   """Adds `XLA_DEFAULTS` to XLA_FLAGS (those it does not set already) and returns XLA_FLAGS.
   XLA reads them when the backend starts: call this before anything runs on a device."""
   flags = os.environ.get("XLA_FLAGS", "")
-  extra = [f"{k}={v}" for k, v in XLA_DEFAULTS.items() if k.lstrip("-") not in flags]
+  named = {f.split("=")[0].lstrip("-") for f in flags.split()}
+  extra = [f"{k}={v}" for k, v in XLA_DEFAULTS.items() if k.lstrip("-") not in named]
   os.environ["XLA_FLAGS"] = " ".join([flags, *extra]).strip()
   return os.environ["XLA_FLAGS"]

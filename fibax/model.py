@@ -260,12 +260,22 @@ def embedding_grad_sorted(ids_N: Array, g_NxE: Array, vocab: int, block: int = 1
   (float32-accumulated) sums the rows of each of its ids into one slot. An id whose rows run
   over several blocks has its partial sums carried forward, block to block, by an associative
   scan, into the slot of the last block it reaches; the slots, now of distinct ids, are then
-  stored (not added) into the table. The work is O(N * (block + E)) whatever the ids, and the
-  result does not depend on the order of atomics: the same inputs give the same bits."""
+  stored (not added) into the table. The cost is a sort of N ids plus O(N * block * E) FLOPs
+  (`block` fixed: linear in N) whatever the ids, and the result does not depend on the order
+  of atomics: the same inputs give the same bits."""
+  index_S, sums_SxE = _sorted_slots(ids_N, g_NxE, vocab, block)
+  out_VxE = jnp.zeros((vocab, g_NxE.shape[1]), jnp.float32)
+  return out_VxE.at[index_S].set(sums_SxE, mode="drop", unique_indices=True)
+
+
+def _sorted_slots(ids_N: Array, g_NxE: Array, vocab: int, block: int) -> tuple[Array, Array]:
+  """`embedding_grad_sorted`'s slots: their table rows, distinct (a slot with nothing to store
+  has an index past the table, of its own), and their float32 sums."""
   n, e = g_NxE.shape
+  ids_N = ids_N.astype(jnp.int32)  # unsigned ids would wrap the -1 of unused slots below
   pad = -n % block
   order = jnp.argsort(ids_N, stable=True)
-  sid_N = jnp.concatenate([ids_N[order], jnp.full((pad,), vocab, ids_N.dtype)])
+  sid_N = jnp.concatenate([ids_N[order], jnp.full((pad,), vocab, jnp.int32)])
   xs_N = jnp.concatenate([g_NxE[order], jnp.zeros((pad, e), g_NxE.dtype)])
   nb = sid_N.shape[0] // block
   sid_BxR, xs_BxRxE = sid_N.reshape(nb, block), xs_N.reshape(nb, block, e)
@@ -273,7 +283,11 @@ def embedding_grad_sorted(ids_N: Array, g_NxE: Array, vocab: int, block: int = 1
   slot_BxR = jnp.cumsum(starts_BxR, axis=1) - 1  # a row's slot: its id's rank in the block
   onehot_BxRxS = slot_BxR[..., None] == jnp.arange(block)[None, None]
   sums_BxSxE = jnp.einsum(
-    "brs,bre->bse", onehot_BxRxS.astype(g_NxE.dtype), xs_BxRxE, preferred_element_type=jnp.float32
+    "brs,bre->bse",
+    onehot_BxRxS.astype(g_NxE.dtype),
+    xs_BxRxE,
+    preferred_element_type=jnp.float32,
+    precision=lax.Precision.HIGHEST,  # float32 g: not rounded to TF32 on a GPU
   )
   slot_id_BxS = jnp.max(jnp.where(onehot_BxRxS, sid_BxR[..., None], -1), axis=1)
   last_B = slot_BxR[:, -1]  # the block's last used slot, which holds its last row's id
@@ -293,17 +307,14 @@ def embedding_grad_sorted(ids_N: Array, g_NxE: Array, vocab: int, block: int = 1
   if nb > 1:
     _, carry_BxE = jax.lax.associative_scan(compose, (a_B, b_BxE))
     sums_BxSxE = sums_BxSxE.at[1:, 0].add(carry_BxE)
-  # A block's last slot moves on when the next block continues it; unused slots hold -1.
+  # Nothing to store: an unused slot (-1), the padding's (vocab), or a block's last slot when
+  # the next block continues its id (its sum moved on with the carry).
   moved_B = jnp.concatenate([cont_B[1:], jnp.zeros((1,), bool)])
-  dropped_BxS = (slot_id_BxS < 0) | (jnp.arange(block)[None] == last_B[:, None]) & moved_B[:, None]
-  # Past the table, each at an index of its own, so the indices are unique as promised.
-  slot_id_BxS = jnp.where(
-    dropped_BxS, vocab + jnp.arange(nb * block).reshape(nb, block), slot_id_BxS
-  )
-  out_VxE = jnp.zeros((vocab, e), jnp.float32)
-  return out_VxE.at[slot_id_BxS.reshape(-1)].set(
-    sums_BxSxE.reshape(-1, e), mode="drop", unique_indices=True
-  )
+  last_BxS = jnp.arange(block)[None] == last_B[:, None]
+  dropped_BxS = (slot_id_BxS < 0) | (slot_id_BxS >= vocab) | (last_BxS & moved_B[:, None])
+  past_BxS = vocab + jnp.arange(nb * block).reshape(nb, block)  # one index each, all distinct
+  index_BxS = jnp.where(dropped_BxS, past_BxS, slot_id_BxS)
+  return index_BxS.reshape(-1), sums_BxSxE.reshape(-1, e)
 
 
 class Transformer(nn.Module):

@@ -24,8 +24,8 @@ def test_summary_names_the_targets():
   ]
   assert bench_train.summarize(results) == {
     "mfu_dense_T1024": 0.4,
-    "mfu_sparse_T1024": 0.3,
-    "mfu_sparse_T8192": 0.3,
+    "mfu_fib_stagger_w12_T1024": 0.3,
+    "mfu_fib_stagger_w12_T8192": 0.3,
     "step_speedup_fib_stagger_w12_vs_dense_T1024": 1.2,
   }
 

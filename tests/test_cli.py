@@ -47,5 +47,9 @@ def test_xla_defaults_are_added_unless_xla_flags_names_them(monkeypatch):
   assert cli.set_xla_defaults() == os.environ["XLA_FLAGS"]  # added once
   monkeypatch.setenv("XLA_FLAGS", "--xla_gpu_enable_triton_gemm=true")
   assert cli.set_xla_defaults() == "--xla_gpu_enable_triton_gemm=true"  # the user's choice
+  monkeypatch.setenv("XLA_FLAGS", "--xla_gpu_enable_triton_gemm_int4=true")  # another flag
+  assert cli.set_xla_defaults() == (
+    "--xla_gpu_enable_triton_gemm_int4=true --xla_gpu_enable_triton_gemm=false"
+  )
   monkeypatch.delenv("XLA_FLAGS")
   assert cli.set_xla_defaults() == "--xla_gpu_enable_triton_gemm=false"

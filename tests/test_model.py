@@ -148,8 +148,7 @@ def test_pallas_model_step_matches_xla(impl, schedule):
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_embedding_backward_variants_are_the_same_function(dtype, other):
   """embed_backward='onehot' (a matmul), 'scatter_f32' and 'sorted' give the scatter-add's
-  gradient,
-  repeated tokens too, and the same forward."""
+  gradient, repeated tokens too, and the same forward."""
   scatter = dataclasses.replace(_small("stagger"), compute_dtype=dtype, embed_backward="scatter")
   onehot = dataclasses.replace(scatter, embed_backward=other)
   tokens = jax.random.randint(jax.random.key(3), (2, 48), 0, 7)  # 7 ids: many repeats
@@ -182,28 +181,34 @@ def test_embedding_backward_variants_are_the_same_function(dtype, other):
 
 @pytest.mark.parametrize(
   "n, vocab, block",
-  [(300, 7, 4), (300, 7, 128), (1000, 50, 16), (5, 3, 4), (64, 1, 8), (129, 1000, 128), (1, 5, 4)],
-)
-@pytest.mark.parametrize("ids", ["uniform", "zipf", "runs"])
+  [(300, 7, 4), (300, 7, 128), (1000, 50, 16), (5, 3, 4), (64, 1, 8), (129, 1000, 128), (1, 5, 4),
+   (5, 1, 4), (9, 3, 4)],
+)  # fmt: skip
+@pytest.mark.parametrize("ids", ["uniform", "zipf", "runs", "last"])
 def test_embedding_grad_sorted_sums_rows_by_id(n, vocab, block, ids):
   """The per-id row sums, against float64 np.add.at: ids that repeat across many blocks (one
-  id only, a Zipf law like text, long runs that start and end mid-block), a ragged last
-  block, a single row; the same bits when run twice."""
+  id only, a Zipf law like text, long runs that start and end mid-block, every id the last
+  one), a ragged last block, a single row, uint16 ids (as the data shards store them); and
+  the slots' table indices distinct, as the store's `unique_indices` promises."""
   rng = np.random.default_rng(n + vocab + block)
   ids_N = {
     "uniform": rng.integers(0, vocab, n),
     "zipf": np.minimum(rng.zipf(1.3, n) - 1, vocab - 1),
     "runs": np.repeat(rng.integers(0, vocab, n), rng.integers(1, 3 * block, n))[:n],
+    "last": np.full(n, vocab - 1),
   }[ids]
   g_NxE = rng.standard_normal((n, 6)).astype(np.float32)
   want = np.zeros((vocab, 6))
   np.add.at(want, ids_N, g_NxE.astype(np.float64))
   fn = jax.jit(M.embedding_grad_sorted, static_argnums=(2, 3))
-  got = fn(jnp.asarray(ids_N, jnp.int32), jnp.asarray(g_NxE), vocab, block)
-  assert got.shape == (vocab, 6) and got.dtype == jnp.float32
-  np.testing.assert_allclose(np.asarray(got), want, rtol=1e-5, atol=2e-5)
-  again = fn(jnp.asarray(ids_N, jnp.int32), jnp.asarray(g_NxE), vocab, block)
-  np.testing.assert_array_equal(np.asarray(again), np.asarray(got))
+  for dtype in (jnp.int32, jnp.uint16):
+    got = fn(jnp.asarray(ids_N, dtype), jnp.asarray(g_NxE), vocab, block)
+    assert got.shape == (vocab, 6) and got.dtype == jnp.float32
+    np.testing.assert_allclose(np.asarray(got), want, rtol=1e-5, atol=2e-5)
+  index_S, _ = M._sorted_slots(jnp.asarray(ids_N, jnp.int32), jnp.asarray(g_NxE), vocab, block)
+  index_S = np.asarray(index_S)
+  assert len(set(index_S.tolist())) == index_S.size
+  assert set(index_S[index_S < vocab].tolist()) == set(ids_N.tolist())  # each id stored once
 
 
 def test_embedding_grad_sorted_per_batch_shard_under_a_mesh():
