@@ -679,7 +679,11 @@ def build(
     "## Commands",
     "",
     "Data, on the GPU machine (see README, 'Training the matrix on a "
-    "remote GPU machine'), then the queue; each run's own command as the queue started it:",
+    "remote GPU machine'), then the queue; each run's own command as the queue started it. "
+    "A command without `model.embed_backward` ran the then default, `scatter` (the runs table "
+    "names each run's embedding gradient); the default is now `sorted`, the same function "
+    "rounded differently: add `--set model.embed_backward=scatter` to repeat such a run "
+    "exactly.",
     "",
   ]
   md += [
