@@ -135,13 +135,17 @@ def main(argv=None):
   ap.add_argument("--block-q-bwd", type=int, default=None)
   ap.add_argument("--num-warps-bwd", type=int, default=None)
   ap.add_argument("--num-stages", type=int, default=None, help="software pipelining depth")
+  ap.add_argument(
+    "--num-stages-bwd", type=int, default=None, help="the backward kernels' (default: --num-stages)"
+  )
   ap.add_argument("--out", default=None)
   ap.add_argument(
     "--sweep",
     nargs="+",
     default=None,
-    help="block configs 'bq,warps,bq_bwd,warps_bwd[,stages]' to time for --sweep-impl at each "
-    "length and the first alpha, beside the cuDNN window, then write them (--out)",
+    help="block configs 'bq,warps,bq_bwd,warps_bwd[,stages[,stages_bwd]]' to time for "
+    "--sweep-impl at each length and the first alpha, beside the cuDNN window, then write them "
+    "(--out)",
   )
   ap.add_argument("--sweep-impl", default="pallas_packed", choices=("pallas", "pallas_packed"))
   ap.add_argument(
@@ -167,6 +171,7 @@ def main(argv=None):
     block_q_bwd=args.block_q_bwd or defaults.block_q_bwd,
     num_warps_bwd=args.num_warps_bwd or defaults.num_warps_bwd,
     num_stages=args.num_stages or defaults.num_stages,
+    num_stages_bwd=args.num_stages_bwd or defaults.num_stages_bwd,
   )
   bw = copy_bandwidth()
   results = []
@@ -236,22 +241,25 @@ AUTOTUNE = ("16,1,16,1", "16,2,16,2", "16,4,16,4", "32,4,32,2", "32,2,32,4")
 
 
 def parse_spec(spec: str) -> GpuBlocks:
-  """'bq,warps,bq_bwd,warps_bwd[,stages]' -> GpuBlocks, or a one-line error naming it."""
+  """'bq,warps,bq_bwd,warps_bwd[,stages[,stages_bwd]]' -> GpuBlocks, or a one-line error
+  naming it."""
   try:
     vals = [int(x) for x in spec.split(",")]
-    if len(vals) not in (4, 5):
+    if len(vals) not in (4, 5, 6):
       raise ValueError
-    keys = ("block_q", "num_warps", "block_q_bwd", "num_warps_bwd", "num_stages")
+    keys = ("block_q", "num_warps", "block_q_bwd", "num_warps_bwd", "num_stages", "num_stages_bwd")
     return GpuBlocks(**dict(zip(keys, vals, strict=False)))  # the stages may be left out
   except ValueError:
     raise SystemExit(
       f"bench_attention.py: error: bad block config {spec!r}: expected 'bq,warps,bq_bwd,warps_bwd"
-      "[,stages]' of integers"
+      "[,stages[,stages_bwd]]' of integers"
     ) from None
 
 
 def _spec(b: GpuBlocks) -> list[int]:
-  return [b.block_q, b.num_warps, b.block_q_bwd, b.num_warps_bwd, b.num_stages]
+  """bq, warps, bq_bwd, warps_bwd, stages, stages_bwd (resolved)."""
+  stages_bwd = b.num_stages_bwd or b.num_stages
+  return [b.block_q, b.num_warps, b.block_q_bwd, b.num_warps_bwd, b.num_stages, stages_bwd]
 
 
 def autotune(args) -> dict:
@@ -266,6 +274,7 @@ def autotune(args) -> dict:
     block_q_bwd=bwd["blocks"][2],
     num_warps_bwd=bwd["blocks"][3],
     num_stages=fwd["blocks"][4],
+    num_stages_bwd=bwd["blocks"][5],
   )
   print(f"autotune chose {blocks}", flush=True)
   return {"rows": rows, "blocks": blocks}

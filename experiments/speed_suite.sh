@@ -27,7 +27,7 @@
 #                  embedding gradient instead of the sorted one, then the float32 backward)
 #   attention4     the packed kernel alone with 4 warps (wgmma instead of mma.sync)
 #   attention_sweep  bench_attention.py --sweep: the packed kernel's block rows, warps and
-#                  pipeline stages (ATTN_SWEEP: 'bq,warps,bq_bwd,warps_bwd[,stages]' configs)
+#                  pipeline stages (ATTN_SWEEP: 'bq,warps,bq_bwd,warps_bwd[,stages[,stages_bwd]]')
 #                  at T = 1K, 16K, 64K beside the cuDNN window and the HBM floor
 #   train_xla      bench_train.py, dense and fib_stagger_w12 at T = 1,024 with pallas_packed,
 #                  logits_grad=compute and a profile, once per XLA_FLAGS set of XLA_SETS
@@ -64,7 +64,7 @@ suite() {
       attention_sweep)
         # shellcheck disable=SC2086  # ATTN_SWEEP: several configs
         step attention_sweep 480 python experiments/bench_attention.py --sweep \
-          ${ATTN_SWEEP:-16,2,16,4 16,4,16,4 16,2,16,4,3 16,2,16,4,4 32,4,32,4 32,8,32,8 32,4,16,4 64,8,16,4} \
+          ${ATTN_SWEEP:-16,2,16,4 16,2,16,4,3,2 16,2,16,4,4,2 16,4,16,4,3,2 16,2,16,2 16,2,16,8 16,2,16,4,2,3 32,4,16,4,3,2} \
           --lengths 1024 16384 65536 --alphas 1.0 --out "$DIR/bench_attention_sweep.json" ;;
       attention4)
         step attention4 300 python experiments/bench_attention.py --impls pallas_packed \

@@ -44,6 +44,10 @@ class GpuBlocks:
   num_stages: int = 2
   block_q_bwd: int = 16
   num_warps_bwd: int = 4
+  # Software-pipelining depth of the backward kernels; 0: num_stages. On an H200, 3 stages
+  # made the packed forward 5% faster at T = 1,024 and the backward slower
+  # (experiments/results/bench_attention_h200_sweep.json).
+  num_stages_bwd: int = 0
   # "rowwise": the rungs unrolled per layer as row-wise dot products (CUDA cores).
   # "packed": the G heads of a kv head packed into the rows of tensor-core tiles, the rungs a
   # loop over an int32 table that is a kernel input, so layers share one compiled kernel.
@@ -317,7 +321,7 @@ def backward(q, k, v, o, lse, do, *, window, far, blocks: GpuBlocks, interpret: 
   delta = jnp.einsum("bthd,bthd->bht", o.astype(jnp.float32), do.astype(jnp.float32))
   if dlse is not None:
     delta = delta - dlse
-  params = _params(blocks.num_warps_bwd, blocks.num_stages, interpret)
+  params = _params(blocks.num_warps_bwd, blocks.num_stages_bwd or blocks.num_stages, interpret)
   statics = dict(window=window, far=far, groups=groups, scale=scale, block_q=bq)
   q_blk = pl.BlockSpec((None, bq, groups, head_dim), lambda i, b, h: (b, i, h, 0))
   q_all = pl.BlockSpec((None, seq_len, groups, head_dim), lambda i, b, h: (b, 0, h, 0))
@@ -717,7 +721,7 @@ def _packed_backward(q, k, v, o, lse, do, tables, *, window, blocks, interpret, 
   delta = jnp.einsum("bthd,bthd->bht", o.astype(jnp.float32), do.astype(jnp.float32))
   if dlse is not None:
     delta = delta - dlse
-  params = _params(blocks.num_warps_bwd, blocks.num_stages, interpret)
+  params = _params(blocks.num_warps_bwd, blocks.num_stages_bwd or blocks.num_stages, interpret)
   statics = dict(
     window=window, groups=groups, scale=head_dim**-0.5, block_q=bq, num_rungs=num_rungs
   )

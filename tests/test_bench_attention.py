@@ -48,7 +48,7 @@ def test_summary_gives_both_kernels_their_ratios_at_their_worst_alpha():
 
 
 def test_a_bad_block_config_is_named_before_anything_runs(capsys):
-  for bad in ("16,2,16", "16,2,x,4", "16,2,16,4,2,1"):
+  for bad in ("16,2,16", "16,2,x,4", "16,2,16,4,2,1,1"):
     with pytest.raises(SystemExit, match=f"bad block config '{bad}'"):
       bench_attention.main(["--sweep", "16,2,16,4", bad])
 
@@ -77,6 +77,9 @@ def test_parse_spec_reads_the_stages_when_given():
   b = bench_attention.parse_spec("32,4,16,8,3")
   assert (b.block_q, b.num_warps, b.block_q_bwd, b.num_warps_bwd, b.num_stages) == (32, 4, 16, 8, 3)
   assert bench_attention.parse_spec("32,4,16,8").num_stages == GpuBlocks().num_stages
+  assert bench_attention.parse_spec("32,4,16,8,3").num_stages_bwd == 0  # the backward: 3 too
+  assert bench_attention.parse_spec("32,4,16,8,3,2").num_stages_bwd == 2
+  assert bench_attention._spec(bench_attention.parse_spec("32,4,16,8,3")) == [32, 4, 16, 8, 3, 3]
 
 
 def test_sweep_writes_every_config_beside_the_window_at_each_length(tmp_path, monkeypatch):
@@ -93,10 +96,10 @@ def test_sweep_writes_every_config_beside_the_window_at_each_length(tmp_path, mo
   assert report["impl"] == "pallas_packed" and "--sweep" in report["command"]
   got = [(r["seq_len"], r["impl"], r.get("blocks")) for r in report["results"]]
   assert got == [
-    (64, "cudnn_window", None), (64, "pallas_packed", [16, 2, 16, 4, 2]),
-    (64, "pallas_packed", [32, 4, 32, 4, 3]),
-    (128, "cudnn_window", None), (128, "pallas_packed", [16, 2, 16, 4, 2]),
-    (128, "pallas_packed", [32, 4, 32, 4, 3]),
+    (64, "cudnn_window", None), (64, "pallas_packed", [16, 2, 16, 4, 2, 2]),
+    (64, "pallas_packed", [32, 4, 32, 4, 3, 3]),
+    (128, "cudnn_window", None), (128, "pallas_packed", [16, 2, 16, 4, 2, 2]),
+    (128, "pallas_packed", [32, 4, 32, 4, 3, 3]),
   ]  # fmt: skip
   assert report["copy_bandwidth_GBps"] == 1000
   floor = (2 * 128 * 8 + 2 * 128 * 2) * 64 * 2 / 1e12 * 1e3  # q, o, k, v bytes at T = 128
