@@ -33,6 +33,9 @@
 #                  logits_grad=compute and a profile, once per XLA_FLAGS set of XLA_SETS
 #                  (';'-separated; default: XLA's Triton GEMM fusions on, then off, so the
 #                  matmuls go to cuBLAS, fibax's default on a GPU: fibax.cli.XLA_DEFAULTS)
+#   train_text     bench_train.py on real batches (SPEED_DATA: a prepared data directory on
+#                  the machine), fib_stagger_w12 at T = 1,024, once per input-embedding
+#                  gradient of EMBED_SETS (default: sorted onehot scatter), one process each
 # The test steps stop a case after PER_TEST_S (240) where pytest-timeout is installed, and the
 # whole step after TEST_LIMIT_S (900).
 set -euo pipefail
@@ -91,6 +94,16 @@ suite() {
             --runs dense fib_stagger_w12 --seq-lens 1024 --impl pallas_packed \
             --profile "$SCRATCH/trace/xla_$i" "${common[@]}" model.logits_grad=compute \
             --out "$DIR/bench_train_xla_$i.json"
+        done ;;
+      train_text)
+        if [ -z "${SPEED_DATA:-}" ]; then
+          echo "$(date +%s) skipped train_text: SPEED_DATA names no prepared data directory" >> "$DIR/log.txt"
+          continue
+        fi
+        for e in ${EMBED_SETS:-sorted onehot scatter}; do
+          step "train_text_$e" 600 python experiments/bench_train.py --runs fib_stagger_w12 \
+            --seq-lens 1024 --impl pallas_packed --data "$SPEED_DATA" --set model.embed_backward="$e" \
+            model.logits_grad=compute model.mlp_pad=128 --out "$DIR/bench_train_text_$e.json"
         done ;;
       tests_packed | tests_learned)
         local k=GpuPackedKernel; [ "$s" = tests_learned ] && k=GpuLearnedRungs

@@ -141,14 +141,18 @@ def test_timings_and_multi_gpu_checks_refuse_a_gpu_that_another_process_uses(tmp
 
 def test_speed_suite_runs_its_steps_detached_and_packs_what_they_wrote(tmp_path):
   """speed_suite.sh: the named steps run in order in a detached process (an unknown one is
-  logged and skipped), `poll` waits for the end and packs the results, and a second `start`
-  refuses rather than mixing two suites' files; SPEED_NAME names its folder and archive."""
+  logged and skipped, as is train_text without its data), `poll` waits for the end and packs
+  the results, and a second `start` refuses rather than mixing two suites' files; SPEED_NAME
+  names its folder and archive."""
   import sys
   import tarfile
 
   suite = SCRIPT.with_name("speed_suite.sh")
-  env = dict(os.environ, FIBAX_SCRATCH=str(tmp_path / "s"), SPEED_STEPS="bogus tests_packed")
+  env = dict(
+    os.environ, FIBAX_SCRATCH=str(tmp_path / "s"), SPEED_STEPS="bogus train_text tests_packed"
+  )
   env["SPEED_NAME"] = "suite_a"
+  env.pop("SPEED_DATA", None)
   env["PATH"] = f"{pathlib.Path(sys.executable).parent}:{env['PATH']}"  # `python`: this one
 
   def sh(*args):
@@ -163,11 +167,12 @@ def test_speed_suite_runs_its_steps_detached_and_packs_what_they_wrote(tmp_path)
   log = (tmp_path / "s" / "suite_a" / "log.txt").read_text().splitlines()
   assert [line.split(" ", 1)[1].split(":")[0] for line in log] == [
     "unknown step bogus",
+    "skipped train_text",  # no SPEED_DATA
     "start tests_packed",
     "end tests_packed",
     "done",
   ]
-  assert "end tests_packed: exit 0" in log[2]  # no GPU here: the GPU tests skip, and pytest says so
+  assert "end tests_packed: exit 0" in log[3]  # no GPU here: the GPU tests skip, and pytest says so
   with tarfile.open(tmp_path / "out" / "suite_a.tar.gz") as tar:
     names = tar.getnames()
   assert {"suite_a/log.txt", "suite_a/tests_packed.log", "suite_a/tests_packed.xml"} <= set(names)
