@@ -56,6 +56,11 @@ class GpuBlocks:
   def __post_init__(self):
     if self.kernel not in KERNELS:
       raise ValueError(f"unknown GPU kernel={self.kernel!r}; expected one of {KERNELS}")
+    if self.num_stages < 1 or self.num_stages_bwd < 0:
+      raise ValueError(
+        f"num_stages={self.num_stages} must be >= 1 and num_stages_bwd={self.num_stages_bwd} "
+        ">= 0 (0: num_stages)"
+      )
 
 
 KERNELS = ("rowwise", "packed")

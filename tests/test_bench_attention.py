@@ -48,7 +48,7 @@ def test_summary_gives_both_kernels_their_ratios_at_their_worst_alpha():
 
 
 def test_a_bad_block_config_is_named_before_anything_runs(capsys):
-  for bad in ("16,2,16", "16,2,x,4", "16,2,16,4,2,1,1"):
+  for bad in ("16,2,16", "16,2,x,4", "16,2,16,4,2,1,1", "16,2,16,4,0", "16,2,16,4,2,-1"):
     with pytest.raises(SystemExit, match=f"bad block config '{bad}'"):
       bench_attention.main(["--sweep", "16,2,16,4", bad])
 
