@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import os
 import platform
 import subprocess
 import sys
@@ -25,6 +24,7 @@ import jax
 import jax.numpy as jnp
 
 from fibax import attention
+from fibax.data.files import atomic_write_json
 from fibax.latency import median_ms
 from fibax.patterns import Pattern
 from kernels_pallas import fib_attention
@@ -231,9 +231,7 @@ def write_report(args, command, blocks, bw, tuned, results, started) -> dict:
     "results": results,
   }
   if args.out:
-    with open(args.out + ".tmp", "w") as f:
-      json.dump(report, f, indent=1)
-    os.replace(args.out + ".tmp", args.out)
+    atomic_write_json(args.out, report)
   return summary
 
 
@@ -353,9 +351,7 @@ def sweep_report(args, specs: list[GpuBlocks], command: str) -> dict:
   def save(rows):
     report.update(summary=sweep_summary(rows), results=rows)
     if args.out:
-      with open(args.out + ".tmp", "w") as f:
-        json.dump(report, f, indent=1)
-      os.replace(args.out + ".tmp", args.out)
+      atomic_write_json(args.out, report)
 
   save(sweep(args, specs, args.lengths, args.alphas[0], floor_bw=bw, on_row=save))
   print(json.dumps(report["summary"], indent=1))

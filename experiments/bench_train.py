@@ -47,6 +47,7 @@ from configs.paper import get_config
 from experiments.bench_attention import versions
 from fibax import cli, metrics, sharding
 from fibax.config_loader import add_overrides_argument, apply_overrides
+from fibax.data.files import atomic_write_json
 from fibax.steps import make_steps
 
 
@@ -327,9 +328,7 @@ def _set_mfu(report: dict, peak: float):
 def _write(report: dict, out: str | None):
   """Replaces `out` whole (never left half written)."""
   if out:
-    with open(out + ".tmp", "w") as f:
-      json.dump(report, f, indent=1)
-    os.replace(out + ".tmp", out)
+    atomic_write_json(out, report)
 
 
 if __name__ == "__main__":
