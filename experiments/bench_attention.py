@@ -55,8 +55,10 @@ def footprint(fn, *args) -> int:
 
 def implementations(pattern: Pattern, blocks: GpuBlocks | None):
   window = pattern.window
+  # The row-wise kernel has no rung groups (the packed kernel's).
+  rowwise = blocks and dataclasses.replace(blocks, kernel="rowwise", rung_group=1, rung_group_bwd=0)
   return {
-    "pallas": lambda q, k, v: fib_attention(q, k, v, pattern, backend="gpu", blocks=blocks),
+    "pallas": lambda q, k, v: fib_attention(q, k, v, pattern, backend="gpu", blocks=rowwise),
     "pallas_packed": lambda q, k, v: fib_attention(
       q,
       k,
@@ -138,12 +140,22 @@ def main(argv=None):
   ap.add_argument(
     "--num-stages-bwd", type=int, default=None, help="the backward kernels' (default: --num-stages)"
   )
+  ap.add_argument(
+    "--rung-group",
+    type=int,
+    default=None,
+    help="the packed kernels' static rungs run this many to a tile (forward)",
+  )
+  ap.add_argument(
+    "--rung-group-bwd", type=int, default=None, help="the same for the backward kernels"
+  )
   ap.add_argument("--out", default=None)
   ap.add_argument(
     "--sweep",
     nargs="+",
     default=None,
-    help="block configs 'bq,warps,bq_bwd,warps_bwd[,stages[,stages_bwd]]' to time for "
+    help="block configs 'bq,warps,bq_bwd,warps_bwd[,stages[,stages_bwd[,group[,group_bwd]]]]' "
+    "(group: static rungs to a tile, packed kernel) to time for "
     "--sweep-impl at each length and the first alpha, beside the cuDNN window, then write them "
     "(--out)",
   )
@@ -161,6 +173,11 @@ def main(argv=None):
   command = "python " + " ".join([sys.argv[0], *(argv or sys.argv[1:])])
   if args.sweep:
     specs = [parse_spec(x) for x in args.sweep]  # every spec checked before anything runs
+    grouped = [
+      x for x, b in zip(args.sweep, specs, strict=True) if b.group_bwd > 1 or b.rung_group > 1
+    ]
+    if args.sweep_impl == "pallas" and grouped:
+      ap.error(f"--sweep {grouped[0]}: rung groups are the packed kernel's (--sweep-impl pallas)")
     return sweep_report(args, specs, command)
   tuned = autotune(args) if args.autotune is not None else None
 
@@ -172,6 +189,9 @@ def main(argv=None):
     num_warps_bwd=args.num_warps_bwd or defaults.num_warps_bwd,
     num_stages=args.num_stages or defaults.num_stages,
     num_stages_bwd=args.num_stages_bwd or defaults.num_stages_bwd,
+    kernel="packed",  # the row-wise kernel's blocks: these without the rung groups
+    rung_group=args.rung_group or defaults.rung_group,
+    rung_group_bwd=args.rung_group_bwd or defaults.rung_group_bwd,
   )
   bw = copy_bandwidth()
   results = []
@@ -238,26 +258,43 @@ def write_report(args, command, blocks, bw, tuned, results, started) -> dict:
 AUTOTUNE = ("16,1,16,1", "16,2,16,2", "16,4,16,4", "32,4,32,2", "32,2,32,4")
 
 
+SPEC_KEYS = (
+  "block_q",
+  "num_warps",
+  "block_q_bwd",
+  "num_warps_bwd",
+  "num_stages",
+  "num_stages_bwd",
+  "rung_group",
+  "rung_group_bwd",
+)
+
+
 def parse_spec(spec: str) -> GpuBlocks:
-  """'bq,warps,bq_bwd,warps_bwd[,stages[,stages_bwd]]' -> GpuBlocks, or a one-line error
-  naming it."""
+  """'bq,warps,bq_bwd,warps_bwd[,stages[,stages_bwd[,group[,group_bwd]]]]' -> GpuBlocks (of
+  the packed kernel; `implementations` gives the row-wise one the same blocks without rung
+  groups), or a one-line error naming it."""
   try:
     vals = [int(x) for x in spec.split(",")]
-    if len(vals) not in (4, 5, 6):
+    if not 4 <= len(vals) <= len(SPEC_KEYS):
       raise ValueError
-    keys = ("block_q", "num_warps", "block_q_bwd", "num_warps_bwd", "num_stages", "num_stages_bwd")
-    return GpuBlocks(**dict(zip(keys, vals, strict=False)))  # the stages may be left out
-  except ValueError:
+    # The stages and groups may be left out.
+    return GpuBlocks(kernel="packed", **dict(zip(SPEC_KEYS, vals, strict=False)))
+  except ValueError as e:
+    why = f" ({e})" if str(e) else ""
     raise SystemExit(
-      f"bench_attention.py: error: bad block config {spec!r}: expected 'bq,warps,bq_bwd,warps_bwd"
-      "[,stages[,stages_bwd]]' of integers"
+      f"bench_attention.py: error: bad block config {spec!r}{why}: expected 'bq,warps,bq_bwd,"
+      "warps_bwd[,stages[,stages_bwd[,group[,group_bwd]]]]' of integers"
     ) from None
 
 
 def _spec(b: GpuBlocks) -> list[int]:
-  """bq, warps, bq_bwd, warps_bwd, stages, stages_bwd (resolved)."""
+  """bq, warps, bq_bwd, warps_bwd, stages, stages_bwd, group, group_bwd (resolved)."""
   stages_bwd = b.num_stages_bwd or b.num_stages
-  return [b.block_q, b.num_warps, b.block_q_bwd, b.num_warps_bwd, b.num_stages, stages_bwd]
+  return [
+    *(b.block_q, b.num_warps, b.block_q_bwd, b.num_warps_bwd, b.num_stages, stages_bwd),
+    *(b.rung_group, b.group_bwd),
+  ]
 
 
 def autotune(args) -> dict:
@@ -273,6 +310,9 @@ def autotune(args) -> dict:
     num_warps_bwd=bwd["blocks"][3],
     num_stages=fwd["blocks"][4],
     num_stages_bwd=bwd["blocks"][5],
+    kernel="packed",
+    rung_group=fwd["blocks"][6],
+    rung_group_bwd=bwd["blocks"][7],
   )
   print(f"autotune chose {blocks}", flush=True)
   return {"rows": rows, "blocks": blocks}

@@ -13,10 +13,12 @@ cut short keeps what it measured. The process runs with fibax's XLA defaults
 (`fibax.cli.XLA_DEFAULTS`: cuBLAS for the matmuls on a GPU) unless XLA_FLAGS names them.
 
 With `--profile DIR`, a few more steps of each run are traced with `jax.profiler` into
-DIR/<run>_T<T>/, and the result gets `profile_top`: the device's XLA operations by time per
-step (the "XLA Ops" line of each device plane of the trace; a CPU trace has no device plane),
-each with the JAX op and the line of Python it came from where the compiled program says
-(`hlo_sources`; the program's text is kept beside the trace). On a GPU it turns XLA's command
+DIR/<run>_T<T>/, and the result gets `profile_kinds` (device time per step by kind of op:
+attention, matmul, loss, embedding, ...; `device` their sum, against the step's wall time)
+and `profile_top`: the device's XLA operations by time per step (the "XLA Ops" line of each
+device plane of the trace; a CPU trace has no device plane), each with the JAX op and the line
+of Python it came from where the compiled program says (`hlo_sources`; the program's text is
+kept beside the trace). On a GPU it turns XLA's command
 buffers off (`--xla_gpu_enable_command_buffer=` in XLA_FLAGS, unless XLA_FLAGS already sets
 it): a command buffer shows in the trace as one operation, which hides the names of the
 kernels it launches. The flag holds for the whole process, so a profiled run's timed steps run
@@ -44,8 +46,9 @@ import numpy as np
 import optax
 
 from configs.paper import get_config
+from experiments import bench_attention
 from experiments.bench_attention import versions
-from fibax import cli, metrics, sharding
+from fibax import attention, cli, metrics, sharding
 from fibax.config_loader import add_overrides_argument, apply_overrides
 from fibax.data.files import atomic_write_json
 from fibax.steps import make_steps
@@ -108,11 +111,13 @@ def batches(cfg, mesh, data_dir: str | None, count: int = 8) -> list:
 EVENT_STATS = ("hlo_op", "tf_op", "long_name")
 
 
-def top_device_ops(planes, steps: int, top: int = 25, sources: dict | None = None) -> list[dict]:
-  """The device operations of a trace (`jax.profiler.ProfileData` planes) with the most time:
-  op name, ms per step and share of all device-op time, most first; with the event's
-  EVENT_STATS where it has them, and `source` (`hlo_sources`) where the op (or its `hlo_op`)
-  is an instruction of the compiled program."""
+def top_device_ops(
+  planes, steps: int, top: int | None = 25, sources: dict | None = None
+) -> list[dict]:
+  """The device operations of a trace (`jax.profiler.ProfileData` planes) with the most time
+  (all of them for top=None): op name, ms per step and share of all device-op time, most
+  first; with the event's EVENT_STATS where it has them, and `source` (`hlo_sources`) where
+  the op (or its `hlo_op`) is an instruction of the compiled program."""
   totals, stats = collections.Counter(), {}
   for plane in planes:
     if not plane.name.startswith("/device:"):
@@ -132,6 +137,36 @@ def top_device_ops(planes, steps: int, top: int = 25, sources: dict | None = Non
     source = (sources or {}).get(row.get("hlo_op", name))
     rows.append({**row, "source": source} if source else row)
   return rows
+
+
+# What each device op is, first match wins: (kind, where to look, pattern).
+OP_KINDS = (
+  ("attention", "op", r"fib_attention|sdpa|fmha|flash"),
+  ("matmul", "op hlo_op", r"nvjet|gemm|cutlass|cublas|xmma|matmul"),
+  ("memset_copy", "op", r"^(Memset|Memcpy|memcpy|copy)"),
+  ("loss", "source", r"output_losses|_classification\.py|_losses_compute|_logits"),
+  ("embedding", "source", r"embedding_grad|_one_hot|_lookup|_sorted_slots|embed"),
+  ("optimizer", "source", r"optax|optim\.py|adam|clip"),
+)
+
+
+def op_kinds(rows: list[dict]) -> dict[str, float]:
+  """ms per step of each kind of device op (`OP_KINDS`, else "other") over `top_device_ops`
+  rows (all of them, for a whole step), and their total, `device`: with the step's wall
+  time, how long the device sat idle."""
+  out = collections.Counter()
+  for r in rows:
+    kind = next(
+      (
+        k
+        for k, where, pat in OP_KINDS
+        if any(re.search(pat, r.get(field) or "") for field in where.split())
+      ),
+      "other",
+    )
+    out[kind] += r["ms_per_step"]
+  out["device"] = sum(r["ms_per_step"] for r in rows)
+  return {k: round(v, 3) for k, v in sorted(out.items())}
 
 
 def hlo_sources(hlo_text: str) -> dict[str, str]:
@@ -173,8 +208,9 @@ def hlo_sources(hlo_text: str) -> dict[str, str]:
   return out
 
 
-def profile(compiled, state, inputs, steps: int, trace_dir: Path) -> list[dict]:
-  """`steps` more steps under `jax.profiler.trace(trace_dir)`; their top device ops."""
+def profile(compiled, state, inputs, steps: int, trace_dir: Path) -> dict:
+  """`steps` more steps under `jax.profiler.trace(trace_dir)`: their top device ops
+  (`profile_top`) and the time of every op by kind (`profile_kinds`)."""
   with jax.profiler.trace(str(trace_dir)):
     for i in range(steps):
       state, m = compiled(state, inputs[i % len(inputs)])
@@ -183,7 +219,8 @@ def profile(compiled, state, inputs, steps: int, trace_dir: Path) -> list[dict]:
   text = compiled.as_text()
   (trace_dir / "program.hlo.txt").write_text(text)  # beside the trace, for a closer look
   planes = jax.profiler.ProfileData.from_file(str(trace)).planes
-  return top_device_ops(planes, steps, sources=hlo_sources(text))
+  rows = top_device_ops(planes, steps, top=None, sources=hlo_sources(text))
+  return {"profile_top": rows[:25], "profile_kinds": op_kinds(rows)}
 
 
 def bench(cfg, steps_timed: int, data_dir: str | None = None, trace_dir: Path | None = None):
@@ -207,7 +244,7 @@ def bench(cfg, steps_timed: int, data_dir: str | None = None, trace_dir: Path | 
     jax.block_until_ready(m)
     times.append((time.perf_counter() - t0) / steps_timed)
   step_s = statistics.median(times)
-  top = None if trace_dir is None else profile(compiled, state, inputs, steps_timed, trace_dir)
+  traced = {} if trace_dir is None else profile(compiled, state, inputs, steps_timed, trace_dir)
   return {
     "compile_s": round(compile_s, 1),
     "ms_per_step": round(step_s * 1e3, 2),
@@ -215,7 +252,7 @@ def bench(cfg, steps_timed: int, data_dir: str | None = None, trace_dir: Path | 
     "tokens_per_s": round(shape[0] * shape[1] / step_s),
     "loss_after": float(m["loss"]),
     "temp_bytes": None if memory is None else int(memory.temp_size_in_bytes),
-    **({} if top is None else {"profile_top": top}),
+    **traced,
   }
 
 
@@ -247,9 +284,16 @@ def main(argv=None):
     "--data", default=None, help="a prepared data directory: time real batches, not random ones"
   )
   p.add_argument("--profile", type=Path, default=None, help="trace a few steps of each run here")
+  p.add_argument(
+    "--blocks",
+    default=None,
+    help="the Pallas GPU kernels' blocks, 'bq,warps,bq_bwd,warps_bwd[,stages[,stages_bwd"
+    "[,group[,group_bwd]]]]' as bench_attention.py --sweep takes them (default: the kernels')",
+  )
   add_overrides_argument(p, "config overrides for every run")
   p.add_argument("--out", default=None)
   args = p.parse_args(argv)
+  blocks = None if args.blocks is None else bench_attention.parse_spec(args.blocks)
   if args.data is not None and not (Path(args.data) / "manifest.json").is_file():
     raise FileNotFoundError(
       f"--data {args.data} has no manifest.json (python -m fibax.data prepare)"
@@ -284,6 +328,7 @@ def main(argv=None):
     "xla_flags": os.environ.get("XLA_FLAGS", ""),
     "tokens_per_step": args.tokens,
     "overrides": args.overrides,
+    "gpu_blocks": None if blocks is None else bench_attention._spec(blocks),
     "batches": "random tokens"
     if args.data is None
     else f"the first training batches of {args.data}",
@@ -297,8 +342,11 @@ def main(argv=None):
       "run": run,
       "seq_len": seq_len,
       "batch": cfg.train.batch_size,
-      **bench(cfg, args.steps, args.data, args.profile and args.profile / f"{run}_T{seq_len}"),
     }
+    with attention.gpu_blocks(blocks):
+      r.update(
+        bench(cfg, args.steps, args.data, args.profile and args.profile / f"{run}_T{seq_len}")
+      )
     r["model_tflops_per_token"] = flops / 1e12
     r["mfu_vs_vendor_peak"] = (
       None if vendor is None else round(r["tokens_per_s"] * flops / (vendor * 1e12), 4)

@@ -14,20 +14,25 @@
 #   tests_packed   the packed kernels against the float32 reference for real (pytest -m gpu),
 #                  one line a case in tests_packed.log, junit XML at the end
 #   attention      bench_attention.py: row-wise and packed Pallas kernels beside cuDNN dense,
-#                  cuDNN sliding window and XLA, T = 1K..64K (all in one process)
+#                  cuDNN sliding window and XLA, T = 1K..64K (all in one process); ATTN_ARGS:
+#                  more arguments (e.g. --rung-group 4)
 #   train          bench_train.py, T = 1,024 and 8,192: dense, fib_stagger_w12, fib_learned_w12
 #                  with impl=pallas_packed, then with impl=pallas; a jax.profiler summary of
 #                  the top device operations of each (traces stay on the machine)
+#   tests_grouped  the packed kernels with static rungs grouped (GpuBlocks.rung_group), for real
 #   tests_learned  the learned-rung kernels against the plain-JAX learned path, for real
 #                  (FIBAX_KERNEL_SHARD=i/n: every n-th case, so n GPUs can share them)
 #   train_options  bench_train.py, dense, fib_stagger_w12 and fib_learned_w12 at T = 1,024 with
 #                  pallas_packed and a profile, once per override set of TRAIN_SETS
 #                  (';'-separated; default: the logits' backward in bf16 with the MLP's
 #                  hidden width padded to a multiple of 128, then the same with the one-hot
-#                  embedding gradient instead of the sorted one, then the float32 backward)
+#                  embedding gradient instead of the sorted one, then the float32 backward);
+#                  TRAIN_RUNS, TRAIN_LENS (default 1024) and TRAIN_BLOCKS (the kernels'
+#                  blocks, bench_train.py --blocks) change what each set runs
 #   attention4     the packed kernel alone with 4 warps (wgmma instead of mma.sync)
 #   attention_sweep  bench_attention.py --sweep: the packed kernel's block rows, warps and
-#                  pipeline stages (ATTN_SWEEP: 'bq,warps,bq_bwd,warps_bwd[,stages[,stages_bwd]]')
+#                  pipeline stages and rung groups (ATTN_SWEEP:
+#                  'bq,warps,bq_bwd,warps_bwd[,stages[,stages_bwd[,group[,group_bwd]]]]')
 #                  at T = 1K, 16K, 64K beside the cuDNN window and the HBM floor
 #   train_xla      bench_train.py, dense and fib_stagger_w12 at T = 1,024 with pallas_packed,
 #                  logits_grad=compute and a profile, once per XLA_FLAGS set of XLA_SETS
@@ -63,11 +68,12 @@ suite() {
   for s in $steps; do
     case "$s" in
       attention)
-        step attention 420 python experiments/bench_attention.py --out "$DIR/bench_attention.json" ;;
+        # shellcheck disable=SC2086  # ATTN_ARGS: several words
+        step attention 420 python experiments/bench_attention.py ${ATTN_ARGS:-} --out "$DIR/bench_attention.json" ;;
       attention_sweep)
         # shellcheck disable=SC2086  # ATTN_SWEEP: several configs
         step attention_sweep 480 python experiments/bench_attention.py --sweep \
-          ${ATTN_SWEEP:-16,2,16,4 16,2,16,4,3,2 16,2,16,4,4,2 16,4,16,4,3,2 16,2,16,2 16,2,16,8 16,2,16,4,2,3 32,4,16,4,3,2} \
+          ${ATTN_SWEEP:-16,2,16,4 16,2,16,4,3,2 16,2,16,4,2,2,2,1 16,2,16,4,2,2,4,1 16,2,16,4,3,2,4,1 16,4,16,4,2,2,4,1 16,2,16,4,2,2,8,1 16,2,16,4,2,2,1,2 16,2,16,4,2,2,2,2 16,2,16,4,2,2,4,4} \
           --lengths 1024 16384 65536 --alphas 1.0 --out "$DIR/bench_attention_sweep.json" ;;
       attention4)
         step attention4 300 python experiments/bench_attention.py --impls pallas_packed \
@@ -82,9 +88,11 @@ suite() {
         local sets; IFS=';' read -ra sets <<< "${TRAIN_SETS:-model.logits_grad=compute model.mlp_pad=128;model.logits_grad=compute model.mlp_pad=128 model.embed_backward=onehot;model.mlp_pad=128}"
         for i in "${!sets[@]}"; do
           # shellcheck disable=SC2086  # one set is several overrides
+          # shellcheck disable=SC2086  # TRAIN_RUNS, TRAIN_LENS: several words
           step "train_options_$i" 600 python experiments/bench_train.py \
-            --runs dense fib_stagger_w12 fib_learned_w12 \
-            --seq-lens 1024 --impl pallas_packed --profile "$SCRATCH/trace/options_$i" \
+            --runs ${TRAIN_RUNS:-dense fib_stagger_w12 fib_learned_w12} \
+            --seq-lens ${TRAIN_LENS:-1024} --impl pallas_packed --profile "$SCRATCH/trace/options_$i" \
+            ${TRAIN_BLOCKS:+--blocks "$TRAIN_BLOCKS"} \
             "${common[@]}" ${sets[$i]} --out "$DIR/bench_train_options_$i.json"
         done ;;
       train_xla)
@@ -105,8 +113,9 @@ suite() {
             --seq-lens 1024 --impl pallas_packed --data "$SPEED_DATA" --set model.embed_backward="$e" \
             model.logits_grad=compute model.mlp_pad=128 --out "$DIR/bench_train_text_$e.json"
         done ;;
-      tests_packed | tests_learned)
+      tests_packed | tests_grouped | tests_learned)
         local k=GpuPackedKernel; [ "$s" = tests_learned ] && k=GpuLearnedRungs
+        [ "$s" = tests_grouped ] && k=GpuPackedGroupedKernel
         local per=(); python -c "import pytest_timeout" 2>/dev/null && per=(--timeout "${PER_TEST_S:-240}")
         step "$s" "${TEST_LIMIT_S:-900}" env FIBAX_GPU_TESTS=1 python -m pytest -m gpu tests/test_kernels.py -k "$k" \
           -vv -p no:cacheprovider "${per[@]}" --junitxml "$DIR/$s.xml" ;;  # -vv: the -q of addopts

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import dataclasses
 import functools
 from collections.abc import Callable
 
@@ -159,7 +160,10 @@ def learned(
     from kernels_pallas import fib_attention_learned
 
     lo_R, frac_R, keep_R = learned_table(pattern, alpha)
-    return fib_attention_learned(q, k, v, window, lo_R, frac_R, keep_R, backend=window_backend)
+    blocks = gpu_blocks_for(window_backend, "packed")
+    return fib_attention_learned(
+      q, k, v, window, lo_R, frac_R, keep_R, backend=window_backend, blocks=blocks
+    )
   ct = jnp.promote_types(q.dtype, jnp.float32)  # float32 softmax, float64 under x64
   alpha = jnp.asarray(alpha, ct)
   q_BxTxKxGxD = q.astype(ct).reshape(bsz, seq_len, num_kv, groups, head_dim)
@@ -182,7 +186,10 @@ def learned(
 
   from kernels_pallas import fib_attention_lse
 
-  o_w, lse_w_BxHxT = fib_attention_lse(q, k, v, Pattern(window), backend=window_backend)
+  blocks = gpu_blocks_for(window_backend, None)
+  o_w, lse_w_BxHxT = fib_attention_lse(
+    q, k, v, Pattern(window), backend=window_backend, blocks=blocks
+  )
   if not pattern.terms:
     return o_w
   lse_w = lse_w_BxHxT.astype(ct).transpose(0, 2, 1).reshape(bsz, seq_len, num_kv, groups)
@@ -200,12 +207,43 @@ def _pallas(backend: str, kernel: str | None = None):
   def attend(q, k, v, pattern: Pattern):
     # Imported lazily: kernels_pallas pulls in Pallas lowering modules.
     from kernels_pallas import fib_attention
-    from kernels_pallas.gpu import GpuBlocks
 
-    blocks = GpuBlocks(kernel=kernel) if kernel else None
+    blocks = gpu_blocks_for(backend, kernel)
     return fib_attention(q, k, v, pattern, backend=backend, blocks=blocks)
 
   return attend
+
+
+_GPU_BLOCKS: contextvars.ContextVar = contextvars.ContextVar("fibax_gpu_blocks", default=None)
+
+
+@contextlib.contextmanager
+def gpu_blocks(blocks):
+  """While tracing inside this context, the Pallas GPU kernels run with these
+  `kernels_pallas.gpu.GpuBlocks` (block rows, warps, stages, rung groups) instead of their
+  defaults, each impl keeping its own kernel (the row-wise one without rung groups): one
+  run's tuning, e.g. `experiments/bench_train.py --blocks`. None: the defaults."""
+  token = _GPU_BLOCKS.set(blocks)
+  try:
+    yield
+  finally:
+    _GPU_BLOCKS.reset(token)
+
+
+def gpu_blocks_for(backend: str | None, kernel: str | None):
+  """The GpuBlocks a Pallas call on `backend` runs with: the enclosing `gpu_blocks`' (as
+  `kernel`, "rowwise" when None) or the kernel's defaults; None off a GPU backend or where
+  the op's own defaults apply."""
+  if backend is None or not backend.startswith("gpu"):
+    return None
+  from kernels_pallas.gpu import GpuBlocks
+
+  tuned = _GPU_BLOCKS.get()
+  if tuned is None:
+    return GpuBlocks(kernel=kernel) if kernel else None
+  if kernel == "packed":
+    return dataclasses.replace(tuned, kernel="packed")
+  return dataclasses.replace(tuned, kernel="rowwise", rung_group=1, rung_group_bwd=0)
 
 
 AttentionFn = Callable[[Array, Array, Array, Pattern], Array]

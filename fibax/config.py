@@ -97,6 +97,13 @@ class ModelConfig:
   # in one pass, `fibax.steps.output_losses`), so they run at the bf16 tensor-core rate, still
   # accumulated in float32. The forward and the loss are the same either way.
   logits_grad: Literal["float32", "compute"] = "float32"
+  # The dtype the output layer writes its logits in: "float32", or "compute" (the compute
+  # dtype, accumulated in float32: what the paper's bf16 autocast does, whose output linear
+  # layer returns bf16 logits that the cross-entropy then reads as float32). The loss and its
+  # softmax run in float32 either way; "compute" halves the bytes of the [B, T, V] logits,
+  # which the loss reads three times (max, sum, backward); their cotangent is then in the
+  # compute dtype too, whatever logits_grad says.
+  logits_dtype: Literal["float32", "compute"] = "float32"
   # What the backward recomputes instead of keeping from the forward (`nn.remat` on each
   # block): "none" keeps every activation; "block" keeps only each block's input and recomputes
   # the block; "dots" keeps the matmul outputs (projections, MLP) and recomputes the rest
@@ -129,6 +136,8 @@ class ModelConfig:
       raise ValueError(f"remat={self.remat!r} must be one of {', '.join(REMAT)}")
     if self.logits_grad not in ("float32", "compute"):
       raise ValueError(f"logits_grad={self.logits_grad!r} must be 'float32' or 'compute'")
+    if self.logits_dtype not in ("float32", "compute"):
+      raise ValueError(f"logits_dtype={self.logits_dtype!r} must be 'float32' or 'compute'")
     if self.mlp_pad < 0:
       raise ValueError(f"mlp_pad={self.mlp_pad} must be >= 0 (0: no padding)")
     if self.loss_chunk < 0:

@@ -357,31 +357,43 @@ class Transformer(nn.Module):
     x_BxTxE = RMSNorm(cfg.norm_eps, dtype, name="final_norm")(x_BxTxE)
     if not output_layer:
       return x_BxTxE, embed.embedding.astype(dtype)
-    return output_logits(x_BxTxE, embed.embedding.astype(dtype), cfg.logits_grad)
+    logits = output_logits(
+      x_BxTxE, embed.embedding.astype(dtype), cfg.logits_grad, logits_dtype(cfg)
+    )
+    return logits.astype(jnp.float32)
 
 
-def output_logits(x_BxTxE: Array, embed_VxE: Array, grad: str = "float32") -> Float[Array, "B T V"]:
-  """The tied output layer: float32 logits. `grad="compute"`: the backward rounds their
-  cotangent to the inputs' dtype before its two matmuls (`ModelConfig.logits_grad`)."""
+def logits_dtype(cfg: ModelConfig) -> jnp.dtype:
+  """The dtype the output layer writes its logits in (`ModelConfig.logits_dtype`)."""
+  return jnp.dtype(jnp.float32 if cfg.logits_dtype == "float32" else cfg.compute_dtype)
+
+
+def output_logits(
+  x_BxTxE: Array, embed_VxE: Array, grad: str = "float32", dtype=jnp.float32
+) -> Float[Array, "B T V"]:
+  """The tied output layer: logits in `dtype` (the matmul accumulated in float32;
+  `ModelConfig.logits_dtype`). `grad="compute"`: the backward rounds their cotangent to the
+  inputs' dtype before its two matmuls (`ModelConfig.logits_grad`)."""
+  dtype = jnp.dtype(dtype)
   if grad == "compute":
-    return _logits_compute_grad(x_BxTxE, embed_VxE)
-  return _logits(x_BxTxE, embed_VxE)
+    return _logits_compute_grad(x_BxTxE, embed_VxE, dtype)
+  return _logits(x_BxTxE, embed_VxE, dtype)
 
 
-def _logits(x_BxTxE: Array, embed_VxE: Array) -> Array:
-  return jnp.einsum("bte,ve->btv", x_BxTxE, embed_VxE, preferred_element_type=jnp.float32)
+def _logits(x_BxTxE: Array, embed_VxE: Array, dtype=jnp.float32) -> Array:
+  return jnp.einsum("bte,ve->btv", x_BxTxE, embed_VxE, preferred_element_type=dtype)
 
 
-@jax.custom_vjp
-def _logits_compute_grad(x_BxTxE: Array, embed_VxE: Array) -> Array:
-  return _logits(x_BxTxE, embed_VxE)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def _logits_compute_grad(x_BxTxE: Array, embed_VxE: Array, dtype) -> Array:
+  return _logits(x_BxTxE, embed_VxE, dtype)
 
 
-def _logits_fwd(x_BxTxE, embed_VxE):
-  return _logits(x_BxTxE, embed_VxE), (x_BxTxE, embed_VxE)
+def _logits_fwd(x_BxTxE, embed_VxE, dtype):
+  return _logits(x_BxTxE, embed_VxE, dtype), (x_BxTxE, embed_VxE)
 
 
-def _logits_bwd(res, g_BxTxV):
+def _logits_bwd(dtype, res, g_BxTxV):
   x_BxTxE, embed_VxE = res
   return logits_input_grads(g_BxTxV.astype(x_BxTxE.dtype), x_BxTxE, embed_VxE)
 

@@ -62,46 +62,54 @@ def token_losses(params, model: Transformer, inputs_BxT, targets_BxT):
   """Cross-entropy at every position, float32[B, T]; with `model.cfg.loss_chunk` = C > 0 the
   logits exist only [B, C, V] at a time (`chunked_losses`)."""
   chunk, grad = model.cfg.loss_chunk, model.cfg.logits_grad
-  if not chunk and grad == "float32":
+  dtype = model_lib.logits_dtype(model.cfg)
+  if not chunk and grad == "float32" and dtype == jnp.float32:
     logits_BxTxV = model.apply({"params": params}, inputs_BxT)
     return optax.softmax_cross_entropy_with_integer_labels(logits_BxTxV, targets_BxT)
   x_BxTxE, embed_VxE = model.apply({"params": params}, inputs_BxT, output_layer=False)
   if not chunk:
-    return output_losses(x_BxTxE, embed_VxE, targets_BxT, grad)
-  return chunked_losses(x_BxTxE, embed_VxE, targets_BxT, chunk, grad)
+    return output_losses(x_BxTxE, embed_VxE, targets_BxT, grad, dtype)
+  return chunked_losses(x_BxTxE, embed_VxE, targets_BxT, chunk, grad, dtype)
 
 
-def output_losses(x_BxTxE, embed_VxE, targets_BxT, logits_grad: str = "float32"):
-  """The tied output layer and its cross-entropy, float32[B, T]. `logits_grad="compute"`: one
-  custom VJP for both (`_losses_compute_grad`), the same forward."""
+def output_losses(
+  x_BxTxE, embed_VxE, targets_BxT, logits_grad: str = "float32", logits_dtype=jnp.float32
+):
+  """The tied output layer and its cross-entropy, float32[B, T], of logits written in
+  `logits_dtype` (`ModelConfig.logits_dtype`) and read as float32. `logits_grad="compute"`:
+  one custom VJP for both (`_losses_compute_grad`), the same forward."""
+  logits_dtype = jnp.dtype(logits_dtype)
   if logits_grad == "compute":
-    return _losses_compute_grad(x_BxTxE, embed_VxE, targets_BxT)
-  logits_BxTxV = model_lib.output_logits(x_BxTxE, embed_VxE, logits_grad)
-  return optax.softmax_cross_entropy_with_integer_labels(logits_BxTxV, targets_BxT)
+    return _losses_compute_grad(x_BxTxE, embed_VxE, targets_BxT, logits_dtype)
+  logits_BxTxV = model_lib.output_logits(x_BxTxE, embed_VxE, logits_grad, logits_dtype)
+  return optax.softmax_cross_entropy_with_integer_labels(
+    logits_BxTxV.astype(jnp.float32), targets_BxT
+  )
 
 
-@jax.custom_vjp
-def _losses_compute_grad(x_BxTxE, embed_VxE, targets_BxT):
-  """Cross-entropy of the float32 logits x E^T; its backward forms the logits' cotangent
-  (softmax - one-hot) x g directly in the compute dtype, in one pass over the saved float32
-  logits, then runs the output layer's two matmuls at that dtype's rate
-  (`ModelConfig.logits_grad`: what autodiff followed by a rounding gives, up to rounding, with
-  no float32 cotangent of [B, T, V] written and read again)."""
-  return _losses_compute_fwd(x_BxTxE, embed_VxE, targets_BxT)[0]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def _losses_compute_grad(x_BxTxE, embed_VxE, targets_BxT, logits_dtype):
+  """Cross-entropy of the logits x E^T (written in `logits_dtype`, read as float32); its
+  backward forms the logits' cotangent (softmax - one-hot) x g directly in the compute dtype,
+  in one pass over the saved logits, then runs the output layer's two matmuls at that
+  dtype's rate (`ModelConfig.logits_grad`: what autodiff followed by a rounding gives, up to
+  rounding, with no float32 cotangent of [B, T, V] written and read again)."""
+  return _losses_compute_fwd(x_BxTxE, embed_VxE, targets_BxT, logits_dtype)[0]
 
 
-def _losses_compute_fwd(x_BxTxE, embed_VxE, targets_BxT):
-  logits_BxTxV = model_lib.output_logits(x_BxTxE, embed_VxE)
-  losses_BxT = optax.softmax_cross_entropy_with_integer_labels(logits_BxTxV, targets_BxT)
-  label_BxT = jnp.take_along_axis(logits_BxTxV, targets_BxT[..., None], axis=-1)[..., 0]
+def _losses_compute_fwd(x_BxTxE, embed_VxE, targets_BxT, logits_dtype):
+  logits_BxTxV = model_lib.output_logits(x_BxTxE, embed_VxE, dtype=logits_dtype)
+  logits32 = logits_BxTxV.astype(jnp.float32)
+  losses_BxT = optax.softmax_cross_entropy_with_integer_labels(logits32, targets_BxT)
+  label_BxT = jnp.take_along_axis(logits32, targets_BxT[..., None], axis=-1)[..., 0]
   lse_BxT = losses_BxT + label_BxT  # the loss is lse - the target's logit
   return losses_BxT, (x_BxTxE, embed_VxE, targets_BxT, logits_BxTxV, lse_BxT)
 
 
-def _losses_compute_bwd(res, g_BxT):
+def _losses_compute_bwd(logits_dtype, res, g_BxT):
   x_BxTxE, embed_VxE, targets_BxT, logits_BxTxV, lse_BxT = res
   onehot = jax.nn.one_hot(targets_BxT, logits_BxTxV.shape[-1], dtype=jnp.bool_)
-  p_BxTxV = jnp.exp(logits_BxTxV - lse_BxT[..., None])
+  p_BxTxV = jnp.exp(logits_BxTxV.astype(jnp.float32) - lse_BxT[..., None])
   g_BxTxV = ((p_BxTxV - onehot) * g_BxT[..., None]).astype(x_BxTxE.dtype)
   return *model_lib.logits_input_grads(g_BxTxV, x_BxTxE, embed_VxE), None
 
@@ -109,7 +117,10 @@ def _losses_compute_bwd(res, g_BxT):
 _losses_compute_grad.defvjp(_losses_compute_fwd, _losses_compute_bwd)
 
 
-def chunked_losses(x_BxTxE, embed_VxE, targets_BxT, chunk: int, logits_grad: str = "float32"):
+def chunked_losses(
+  x_BxTxE, embed_VxE, targets_BxT, chunk: int, logits_grad: str = "float32",
+  logits_dtype=jnp.float32,
+):  # fmt: skip
   """The output layer and its cross-entropy over chunks of `chunk` positions (the last one
   padded), in a `lax.scan` whose body is rematerialized: the backward recomputes a chunk's
   logits instead of keeping [B, T, V] of them."""
@@ -124,7 +135,7 @@ def chunked_losses(x_BxTxE, embed_VxE, targets_BxT, chunk: int, logits_grad: str
   @jax.checkpoint
   def body(_, chunk_in):
     x_BxCxE, targets_BxC = chunk_in
-    return None, output_losses(x_BxCxE, embed_VxE, targets_BxC, logits_grad)
+    return None, output_losses(x_BxCxE, embed_VxE, targets_BxC, logits_grad, logits_dtype)
 
   _, losses_NxBxC = jax.lax.scan(body, None, (x_NxBxCxE, targets_NxBxC))
   return losses_NxBxC.swapaxes(0, 1).reshape(bsz, num * chunk)[:, :seq_len]

@@ -52,6 +52,11 @@ class GpuBlocks:
   # "packed": the G heads of a kv head packed into the rows of tensor-core tiles, the rungs a
   # loop over an int32 table that is a kernel input, so layers share one compiled kernel.
   kernel: str = "rowwise"
+  # Packed kernels, static rungs: how many rungs one loop step of the forward runs as one
+  # tile (their key rows stacked: one score matmul, one online-softmax update), and of the
+  # backward kernels (0: rung_group). Powers of two; learned rungs always go one at a time.
+  rung_group: int = 1
+  rung_group_bwd: int = 0
 
   def __post_init__(self):
     if self.kernel not in KERNELS:
@@ -61,6 +66,23 @@ class GpuBlocks:
         f"num_stages={self.num_stages} must be >= 1 and num_stages_bwd={self.num_stages_bwd} "
         ">= 0 (0: num_stages)"
       )
+    for name, n, least in (
+      ("rung_group", self.rung_group, 1),
+      ("rung_group_bwd", self.rung_group_bwd, 0),
+    ):
+      if n < least or n & (n - 1):
+        raise ValueError(
+          f"{name}={n} must be a power of two" + (" or 0 (0: rung_group)" if least == 0 else "")
+        )
+    if self.kernel != "packed" and (self.rung_group, self.rung_group_bwd) != (1, 0):
+      raise ValueError(
+        f"rung_group={self.rung_group}, rung_group_bwd={self.rung_group_bwd}: rung groups are "
+        f"the packed kernel's; kernel={self.kernel!r}"
+      )
+
+  @property
+  def group_bwd(self) -> int:
+    return self.rung_group_bwd or self.rung_group
 
 
 KERNELS = ("rowwise", "packed")
@@ -367,7 +389,10 @@ def backward(q, k, v, o, lse, do, *, window, far, blocks: GpuBlocks, interpret: 
 # input, sorted by distance: a program's loop stops at the first rung that reaches none of its
 # rows (21% of the rung visits of the stagger model's programs at T = 1,024). The key-major dkv
 # kernel packs the queries that read a key block the same way, so its contraction over the
-# packed rows sums the G heads' gradients.
+# packed rows sums the G heads' gradients. With `GpuBlocks.rung_group` U > 1, a loop step takes
+# U static rungs at once: their Q-row key tiles stacked into one U * Q-row tile (one score
+# matmul and one online-softmax update for U rungs; a diagonal mask per rung, rungs past the
+# program's count masked), and in dkv their query tiles stacked into U * Q * G packed rows.
 #
 # Learned layers use the same kernels with run-time rungs: rung r has a floor lo_r and a weight
 # f_r, and query i reads the key (1 - f) k[i - lo] + f k[max(i - lo - 1, 0)] (and the same blend
@@ -418,6 +443,12 @@ def _load_packed(first, rows, groups, cols, tiles, stats, seq_len=None):
   r_M, g_M = _packed(rows, groups)
   rows_M = first + r_M
   valid = None if seq_len is None else rows_M < seq_len
+  return (r_M, rows_M, valid, *_gather_packed(rows_M, g_M, valid, cols, tiles, stats, seq_len))
+
+
+def _gather_packed(rows_M, g_M, valid, cols, tiles, stats, seq_len=None):
+  """Packed rows (query row rows_M[m], head g_M[m]): tiles [M, D] from refs [., G, D] and
+  stats [M] from refs [G, .], zero where not `valid` (None: all valid, rows < `seq_len`)."""
   at = rows_M if seq_len is None else jnp.minimum(rows_M, seq_len - 1)
   other = None if valid is None else 0.0
   row_mask = None if valid is None else valid[:, None]
@@ -426,7 +457,7 @@ def _load_packed(first, rows, groups, cols, tiles, stats, seq_len=None):
     for t in tiles
   ]
   stats = [plgpu.load(s.at[g_M, at], mask=valid, other=other) for s in stats]
-  return r_M, rows_M, valid, tiles, stats
+  return tiles, stats
 
 
 def _window_keys(k_ref, v_ref, i0, rows_M, cols, window, block_q):
@@ -439,22 +470,34 @@ def _window_keys(k_ref, v_ref, i0, rows_M, cols, window, block_q):
   return _rows(k_ref, kw_C, cols, kw_C >= 0), _rows(v_ref, kw_C, cols, kw_C >= 0), keep
 
 
-def _rung_keys(k_ref, v_ref, i0, lo, cols, block_q, learned):
-  """Key and value tiles of a rung at distance `lo` for query rows i0 + c and, for a learned
-  rung, the tiles one row further back (clamped at row 0): (valid, [k_a, v_a, k_b, v_b])."""
+def _rung_keys(k_ref, v_ref, i0, lo, cols, block_q):
+  """Key and value tiles of a learned rung with floor `lo` for query rows i0 + c, and the
+  tiles one row further back (clamped at row 0): (valid, [k_a, v_a, k_b, v_b])."""
   ka = i0 + jnp.arange(block_q) - lo
   valid = ka >= 0
-  rows = [ka, jnp.maximum(ka - 1, 0)] if learned else [ka]
-  tiles = [_rows(ref, r, cols, valid) for r in rows for ref in (k_ref, v_ref)]
-  return valid, tiles + [None, None] * (not learned)
+  rows = [ka, jnp.maximum(ka - 1, 0)]
+  return valid, [_rows(ref, r, cols, valid) for r in rows for ref in (k_ref, v_ref)]
 
 
-def _rung_scalars(tables, j, learned):
-  """(distance or floor lo, weight f) of rung j: from the (lo, f, count) tables for a learned
-  layer (kept rungs only), else from the static table (count, then distances) with f = 0."""
-  if learned:
-    return tables[0][j], tables[1][j]
-  return tables[0][1 + j], 0.0
+def _group_rungs(table_ref, n, group, per, live):
+  """Static rungs n * U .. n * U + U - 1 (U = `group`) laid out `per` rows (or columns) each:
+  for each row, its rung's distance, its index within the rung's rows, and whether the rung
+  is live (below `live`, the program's count; the padding's distances are 0)."""
+  m = jnp.arange(group * per)
+  j = n * group + m // per
+  d = plgpu.load(table_ref.at[jnp.minimum(1 + j, table_ref.shape[0] - 1)])
+  return d, m % per, j < live
+
+
+def _group_keys(table_ref, n, group, live, i0, r_M, k_ref, v_ref, cols, block_q):
+  """A static rung group's key and value tiles [U * Q, D] for query rows i0 + c (rung u's Q
+  rows stacked), and their mask against the packed query rows: query row r reads row r of
+  each rung's tile (a diagonal per rung)."""
+  d_C, c_C, live_C = _group_rungs(table_ref, n, group, block_q, live)
+  rows_C = i0 + c_C - d_C
+  valid = live_C & (rows_C >= 0)
+  keep = (r_M[:, None] == c_C[None, :]) & valid[None, :]
+  return _rows(k_ref, rows_C, cols, valid), _rows(v_ref, rows_C, cols, valid), keep
 
 
 def _rungs_below(tables, learned, limit):
@@ -502,7 +545,7 @@ def _dkv_tile(dk, dv, q_M, do_M, lse_M, delta_M, k_CxD, v_CxD, keep, scale):
   return dk, dv
 
 
-def _fwd_packed_kernel(*refs, window, groups, scale, block_q, num_rungs=None):
+def _fwd_packed_kernel(*refs, window, groups, scale, block_q, group=1, num_rungs=None):
   # tables: [S] int32 (static: count, then distances) or lo/frac/count (learned);
   # q_ref/o_ref [Q, G, D]; k_ref/v_ref [T, D]; lse_ref [G, Q]
   learned = num_rungs is not None
@@ -514,29 +557,36 @@ def _fwd_packed_kernel(*refs, window, groups, scale, block_q, num_rungs=None):
   carry = _fwd_window(q_MxD, *_window_keys(k_ref, v_ref, i0, rows_M, cols, window, block_q), scale)
   diag = r_M[:, None] == jnp.arange(block_q)[None, :]
 
-  def rung(j, carry):
+  def tile(carry, k_CxD, v_CxD, keep):  # the online softmax over one more key tile
     acc, m, l = carry
-    lo, f = _rung_scalars(tables, j, learned)
-    valid, (k_a, v_a, k_b, v_b) = _rung_keys(k_ref, v_ref, i0, lo, cols, block_q, learned)
-    if learned:
-      k_a, v_a = _blend(k_a, k_b, f), _blend(v_a, v_b, f)
-    s = plgpu.dot(q_MxD, k_a, trans_b=True)
-    s = jnp.where(diag & valid[None, :], s * scale, MASK_VALUE)
+    s = jnp.where(keep, plgpu.dot(q_MxD, k_CxD, trans_b=True) * scale, MASK_VALUE)
     m_new = jnp.maximum(m, jnp.max(s, axis=1))
     corr = jnp.exp(m - m_new)
     p = jnp.exp(s - m_new[:, None])
-    pv = p.astype(v_a.dtype)
-    pv_D = plgpu.dot(pv, v_a)
+    pv_D = plgpu.dot(p.astype(v_CxD.dtype), v_CxD)
     return acc * corr[:, None] + pv_D, m_new, l * corr + jnp.sum(p, axis=1)
 
-  acc, m_M, l_M = lax.fori_loop(0, _rungs_below(tables, learned, i0 + block_q), rung, carry)
+  def rung(j, carry):
+    lo, f = tables[0][j], tables[1][j]
+    valid, (k_a, v_a, k_b, v_b) = _rung_keys(k_ref, v_ref, i0, lo, cols, block_q)
+    return tile(carry, _blend(k_a, k_b, f), _blend(v_a, v_b, f), diag & valid[None, :])
+
+  def rung_group(n, carry):
+    keys = _group_keys(tables[0], n, group, live, i0, r_M, k_ref, v_ref, cols, block_q)
+    return tile(carry, *keys)
+
+  live = _rungs_below(tables, learned, i0 + block_q)
+  if learned:
+    acc, m_M, l_M = lax.fori_loop(0, live, rung, carry)
+  else:
+    acc, m_M, l_M = lax.fori_loop(0, (live + group - 1) // group, rung_group, carry)
   r_M, g_M = _packed(block_q, groups)
   o = (acc / l_M[:, None]).astype(o_ref.dtype)
   plgpu.store(o_ref.at[r_M[:, None], g_M[:, None], cols[None, :]], o)
   plgpu.store(lse_ref.at[g_M, r_M], m_M + jnp.log(l_M))
 
 
-def _dq_packed_kernel(*refs, window, groups, scale, block_q, num_rungs=None):
+def _dq_packed_kernel(*refs, window, groups, scale, block_q, group=1, num_rungs=None):
   # q/do/dq [Q, G, D]; k/v [T, D]; lse/delta [G, Q]; learned: dfrac [R_pad], this program's
   # d loss / d f_r.
   learned = num_rungs is not None
@@ -554,13 +604,17 @@ def _dq_packed_kernel(*refs, window, groups, scale, block_q, num_rungs=None):
   diag = r_M[:, None] == jnp.arange(block_q)[None, :]
   slots = jnp.arange(outs[-1].shape[0]) if learned else None
 
+  live = _rungs_below(tables, learned, i0 + block_q)
+
+  def rung_group(n, dq):
+    keys = _group_keys(tables[0], n, group, live, i0, r_M, k_ref, v_ref, cols, block_q)
+    return dq + _dq_tile(q_MxD, do_MxD, lse_M, delta_M, *keys, scale)
+
   def rung(j, carry):
     dq, dfrac = carry
-    lo, f = _rung_scalars(tables, j, learned)
-    valid, (k_a, v_a, k_b, v_b) = _rung_keys(k_ref, v_ref, i0, lo, cols, block_q, learned)
+    lo, f = tables[0][j], tables[1][j]
+    valid, (k_a, v_a, k_b, v_b) = _rung_keys(k_ref, v_ref, i0, lo, cols, block_q)
     keep = diag & valid[None, :]
-    if not learned:
-      return dq + _dq_tile(q_MxD, do_MxD, lse_M, delta_M, k_a, v_a, keep, scale), dfrac
     s_a = plgpu.dot(q_MxD, k_a, trans_b=True) * scale
     dp_a = plgpu.dot(do_MxD, v_a, trans_b=True)
     s_b = plgpu.dot(q_MxD, k_b, trans_b=True) * scale
@@ -572,17 +626,19 @@ def _dq_packed_kernel(*refs, window, groups, scale, block_q, num_rungs=None):
     d_f = jnp.sum(ds * (s_b - s_a) + p * (dp_b - dp_a))
     return dq, dfrac + jnp.where(slots == j, d_f, 0.0)
 
-  dfrac = jnp.zeros(outs[-1].shape, jnp.float32) if learned else jnp.float32(0)
-  dq, dfrac = lax.fori_loop(0, _rungs_below(tables, learned, i0 + block_q), rung, (dq, dfrac))
+  if learned:
+    dfrac = jnp.zeros(outs[-1].shape, jnp.float32)
+    dq, dfrac = lax.fori_loop(0, live, rung, (dq, dfrac))
+    outs[1][...] = dfrac
+  else:
+    dq = lax.fori_loop(0, (live + group - 1) // group, rung_group, dq)
   r_M, g_M = _packed(block_q, groups)
   plgpu.store(
     outs[0].at[r_M[:, None], g_M[:, None], cols[None, :]], (dq * scale).astype(outs[0].dtype)
   )
-  if learned:
-    outs[1][...] = dfrac
 
 
-def _dkv_packed_kernel(*refs, window, groups, scale, block_q, seq_len, num_rungs=None):
+def _dkv_packed_kernel(*refs, window, groups, scale, block_q, seq_len, group=1, num_rungs=None):
   # q/do [T, G, D]; k/v/dk/dv [C, D] (learned: also k/v [T, D], for the rows before the block,
   # and the spills dk_top/dv_top [D]); lse/delta [G, T]. Key block [j0, j0 + C). A static
   # rung d reaches row j from query j + d. A learned rung (floor lo, weight f) blends query
@@ -620,14 +676,22 @@ def _dkv_packed_kernel(*refs, window, groups, scale, block_q, seq_len, num_rungs
   chunks = -(-(block_q + window) // block_q)
   dk, dv = lax.fori_loop(0, chunks, window_chunk, (zeros, zeros))
 
-  def rung(j, carry):
-    lo, _ = _rung_scalars(tables, j, False)
-    r_M, _, valid, (q_M, do_M), (lse_M, delta_M) = queries(j0 + lo, block_q)
+  # Static rungs, U at a time: the queries j0 + d_u + c of rungs u = 0 .. U - 1 (x G heads)
+  # packed into one U * Q * G-row tile, query row c of each rung reading key row c.
+  def rung_group(n, carry):
+    d_M, m_M, live_M = _group_rungs(tables[0], n, group, block_q * groups, live)
+    r_M, g_M = m_M // groups, m_M % groups
+    rows_M = j0 + d_M + r_M
+    valid = live_M & (rows_M < seq_len)
+    (q_M, do_M), (lse_M, delta_M) = _gather_packed(
+      rows_M, g_M, valid, cols, [q_ref, do_ref], [lse_ref, delta_ref], seq_len
+    )
     keep = (r_M[:, None] == c_C[None, :]) & valid[:, None]
     return _dkv_tile(*carry, q_M, do_M, lse_M, delta_M, k_CxD, v_CxD, keep, scale)
 
   if not learned:
-    dk, dv = lax.fori_loop(0, _rungs_below(tables, False, seq_len - j0), rung, (dk, dv))
+    live = _rungs_below(tables, False, seq_len - j0)
+    dk, dv = lax.fori_loop(0, (live + group - 1) // group, rung_group, (dk, dv))
     dk_ref[...] = (dk * scale).astype(dk_ref.dtype)
     dv_ref[...] = dv.astype(dv_ref.dtype)
     return
@@ -638,7 +702,7 @@ def _dkv_packed_kernel(*refs, window, groups, scale, block_q, seq_len, num_rungs
 
   def learned_rung(j, carry):
     dk, dv, dk_top, dv_top = carry
-    lo, f = _rung_scalars(tables, j, True)
+    lo, f = tables[0][j], tables[1][j]
     r_M, _, valid, (q_M, do_M), (lse_M, delta_M) = queries(j0 + lo, block_q)
     floor = r_M[:, None] == c_C[None, :]
     k_b, v_b = _blend(k_CxD, k_prev, f), _blend(v_CxD, v_prev, f)
@@ -700,7 +764,7 @@ def _packed_forward(q, k, v, tables, *, window, blocks, interpret, num_rungs=Non
   sp = _packed_specs(seq_len, groups, head_dim, bq, tables)
   kernel = functools.partial(
     _fwd_packed_kernel, window=window, groups=groups, scale=head_dim**-0.5, block_q=bq,
-    num_rungs=num_rungs,
+    group=blocks.rung_group, num_rungs=num_rungs,
   )  # fmt: skip
   return pl.pallas_call(
     kernel,
@@ -728,8 +792,9 @@ def _packed_backward(q, k, v, o, lse, do, tables, *, window, blocks, interpret, 
     delta = delta - dlse
   params = _params(blocks.num_warps_bwd, blocks.num_stages_bwd or blocks.num_stages, interpret)
   statics = dict(
-    window=window, groups=groups, scale=head_dim**-0.5, block_q=bq, num_rungs=num_rungs
-  )
+    window=window, groups=groups, scale=head_dim**-0.5, block_q=bq, group=blocks.group_bwd,
+    num_rungs=num_rungs,
+  )  # fmt: skip
   sp = _packed_specs(seq_len, groups, head_dim, bq, tables)
   grid = (seq_len // bq, bsz, num_kv)
   kind = "learned" if learned else "packed"

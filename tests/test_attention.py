@@ -1,5 +1,7 @@
 """Plain-JAX attention paths against the float32 reference (the paper)."""
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -212,3 +214,38 @@ def test_bad_heads_and_impl():
     attention.xla(q, k, v, Pattern(2))
   with pytest.raises(ValueError, match="flash9"):
     attention.get("flash9")
+
+
+def test_gpu_blocks_reach_every_pallas_gpu_call_inside_their_context(monkeypatch):
+  """`attention.gpu_blocks`: the packed impls get the blocks (rung groups included), the
+  row-wise ones the same blocks without rung groups, TPU backends nothing; outside the context
+  the kernels' defaults. The grouped packed kernel still matches the reference there."""
+  import kernels_pallas
+  from kernels_pallas.gpu import GpuBlocks
+
+  tuned = GpuBlocks(kernel="packed", num_warps=8, rung_group=2, rung_group_bwd=4)
+  with attention.gpu_blocks(tuned):
+    assert attention.gpu_blocks_for("gpu", "packed") == tuned
+    rowwise = attention.gpu_blocks_for("gpu_interpret", None)
+    assert (rowwise.kernel, rowwise.num_warps, rowwise.rung_group, rowwise.group_bwd) == (
+      "rowwise", 8, 1, 1
+    )  # fmt: skip
+    assert attention.gpu_blocks_for("tpu", "packed") is None
+    assert attention.gpu_blocks_for(None, "packed") is None
+  assert attention.gpu_blocks_for("gpu", "packed") == GpuBlocks(kernel="packed")
+  assert attention.gpu_blocks_for("gpu", None) is None  # the op's defaults
+
+  pattern = Pattern.build(base="fib", alpha=0.7, window=3, seq_len=70)
+  q, k, v = _qkv(jax.random.key(9), 1, 70, 4, 1, 16, jnp.float32)
+  ref = attention.get("reference")(q, k, v, pattern)
+  seen = []
+  real = kernels_pallas.fib_attention
+  monkeypatch.setattr(
+    kernels_pallas,
+    "fib_attention",
+    lambda *a, blocks, **kw: seen.append(blocks) or real(*a, blocks=blocks, **kw),
+  )
+  with attention.gpu_blocks(tuned):
+    got = attention.get("pallas_packed_interpret")(q, k, v, pattern)
+  assert seen == [dataclasses.replace(tuned, kernel="packed")]
+  np.testing.assert_allclose(got, ref, **TOL[jnp.float32])

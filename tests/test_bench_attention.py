@@ -48,7 +48,8 @@ def test_summary_gives_both_kernels_their_ratios_at_their_worst_alpha():
 
 
 def test_a_bad_block_config_is_named_before_anything_runs(capsys):
-  for bad in ("16,2,16", "16,2,x,4", "16,2,16,4,2,1,1", "16,2,16,4,0", "16,2,16,4,2,-1"):
+  bad_configs = ("16,2,16", "16,2,x,4", "16,2,16,4,2,1,1,1,1", "16,2,16,4,0", "16,2,16,4,2,-1")
+  for bad in (*bad_configs, "16,2,16,4,2,1,3", "16,2,16,4,2,1,2,-2"):
     with pytest.raises(SystemExit, match=f"bad block config '{bad}'"):
       bench_attention.main(["--sweep", "16,2,16,4", bad])
 
@@ -79,7 +80,51 @@ def test_parse_spec_reads_the_stages_when_given():
   assert bench_attention.parse_spec("32,4,16,8").num_stages == GpuBlocks().num_stages
   assert bench_attention.parse_spec("32,4,16,8,3").num_stages_bwd == 0  # the backward: 3 too
   assert bench_attention.parse_spec("32,4,16,8,3,2").num_stages_bwd == 2
-  assert bench_attention._spec(bench_attention.parse_spec("32,4,16,8,3")) == [32, 4, 16, 8, 3, 3]
+  assert bench_attention._spec(bench_attention.parse_spec("32,4,16,8,3")) == [
+    *(32, 4, 16, 8, 3, 3),
+    *(1, 1),  # one rung to a tile, forward and backward
+  ]
+  b = bench_attention.parse_spec("16,2,16,4,2,2,4")
+  assert (b.kernel, b.rung_group, b.group_bwd) == ("packed", 4, 4)
+  assert bench_attention._spec(bench_attention.parse_spec("16,2,16,4,2,2,4,2"))[6:] == [4, 2]
+
+
+@pytest.mark.parametrize(
+  "spec, why",
+  [
+    ("16,2,16", "of integers"),
+    ("16,2,16,4,2,2,4,2,1", "of integers"),
+    ("16,2,16,4,2,2,3", "rung_group=3 must be a power of two"),
+    ("16,x,16,4", "invalid literal"),
+  ],
+)
+def test_parse_spec_names_a_bad_config(spec, why):
+  with pytest.raises(SystemExit, match=why):
+    bench_attention.parse_spec(spec)
+
+
+def test_rung_groups_are_refused_for_the_rowwise_sweep(capsys):
+  with pytest.raises(SystemExit):
+    bench_attention.main(["--sweep", "16,2,16,4,2,2,4", "--sweep-impl", "pallas"])
+  assert "--sweep 16,2,16,4,2,2,4: rung groups are the packed kernel's" in capsys.readouterr().err
+
+
+def test_the_rowwise_kernel_gets_the_blocks_without_the_rung_groups(monkeypatch):
+  seen = []
+  monkeypatch.setattr(
+    bench_attention, "fib_attention", lambda *a, blocks, **kw: seen.append(blocks)
+  )
+  blocks = GpuBlocks(kernel="packed", num_warps=8, rung_group=4, rung_group_bwd=2)
+  impls = bench_attention.implementations(Pattern(2), blocks)
+  impls["pallas"](None, None, None)
+  impls["pallas_packed"](None, None, None)
+  assert (seen[0].kernel, seen[0].num_warps, seen[0].rung_group, seen[0].group_bwd) == (
+    "rowwise",
+    8,
+    1,
+    1,
+  )
+  assert seen[1] == blocks
 
 
 def test_sweep_writes_every_config_beside_the_window_at_each_length(tmp_path, monkeypatch):
@@ -96,10 +141,10 @@ def test_sweep_writes_every_config_beside_the_window_at_each_length(tmp_path, mo
   assert report["impl"] == "pallas_packed" and "--sweep" in report["command"]
   got = [(r["seq_len"], r["impl"], r.get("blocks")) for r in report["results"]]
   assert got == [
-    (64, "cudnn_window", None), (64, "pallas_packed", [16, 2, 16, 4, 2, 2]),
-    (64, "pallas_packed", [32, 4, 32, 4, 3, 3]),
-    (128, "cudnn_window", None), (128, "pallas_packed", [16, 2, 16, 4, 2, 2]),
-    (128, "pallas_packed", [32, 4, 32, 4, 3, 3]),
+    (64, "cudnn_window", None), (64, "pallas_packed", [16, 2, 16, 4, 2, 2, 1, 1]),
+    (64, "pallas_packed", [32, 4, 32, 4, 3, 3, 1, 1]),
+    (128, "cudnn_window", None), (128, "pallas_packed", [16, 2, 16, 4, 2, 2, 1, 1]),
+    (128, "pallas_packed", [32, 4, 32, 4, 3, 3, 1, 1]),
   ]  # fmt: skip
   assert report["copy_bandwidth_GBps"] == 1000
   floor = (2 * 128 * 8 + 2 * 128 * 2) * 64 * 2 / 1e12 * 1e3  # q, o, k, v bytes at T = 128

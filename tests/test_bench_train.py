@@ -122,3 +122,31 @@ def test_mfu_counts_against_the_higher_of_the_two_peak_measurements(tmp_path, mo
   assert r["mfu"] == round(1e6 * r["model_tflops_per_token"] / 200.0, 4) > 0
   assert report["summary"]["mfu_dense_T1024"] == r["mfu"]
   assert "--xla_gpu_enable_triton_gemm=false" in report["xla_flags"]
+
+
+def test_blocks_reach_the_kernels_of_every_run_and_the_report(tmp_path, monkeypatch):
+  """--blocks: each run traces under `attention.gpu_blocks` with them (the packed kernel's
+  rung groups included) and the JSON records them; a bad config stops before any measurement."""
+  import json
+
+  from fibax import attention
+
+  seen = []
+
+  def fake_bench(*a):
+    seen.append(attention.gpu_blocks_for("gpu", "packed"))
+    return {"ms_per_step": 10.0, "tokens_per_s": 1e6, "compile_s": 1.0}
+
+  monkeypatch.setattr(bench_train, "matmul_peak_tflops", lambda n: 100.0)
+  monkeypatch.setattr(bench_train, "bench", fake_bench)
+  out = tmp_path / "train.json"
+  argv = ["--runs", "dense", "fib_stagger_w12", "--seq-lens", "1024", "--out", str(out)]
+  bench_train.main([*argv, "--blocks", "16,2,16,4,3,2,4,2"])
+  assert [(b.num_stages, b.num_stages_bwd, b.rung_group, b.group_bwd) for b in seen] == [
+    (3, 2, 4, 2)
+  ] * 2
+  assert json.loads(out.read_text())["gpu_blocks"] == [16, 2, 16, 4, 3, 2, 4, 2]
+  assert attention.gpu_blocks_for("gpu", "packed").rung_group == 1  # the context has ended
+  with pytest.raises(SystemExit, match="bad block config '16,2,16,4,2,2,3'"):
+    bench_train.main([*argv, "--blocks", "16,2,16,4,2,2,3"])
+  assert len(seen) == 2

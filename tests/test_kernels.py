@@ -398,6 +398,41 @@ class TestGpuPackedInterpret(KernelTest):
     self.check(seed)
 
 
+# Static rungs several at a time (stacked key tiles in the forward and dq kernels, stacked
+# query tiles in dkv): groups straddle the program's last live rung and the table's padding.
+GROUPED = GpuBlocks(kernel="packed", rung_group=4, rung_group_bwd=2)
+
+
+@pytest.mark.gpu
+class TestGpuPackedGroupedKernel(KernelTest):
+  BLOCKS = GROUPED
+
+  @pytest.mark.parametrize("seed", _gpu_seeds())
+  def test_matches_reference(self, seed):
+    self.check(seed)
+
+
+class TestGpuPackedGroupedInterpret(KernelTest):
+  BACKEND = "gpu_interpret"
+  HEAD_DIMS = (16, 32, 64)
+  BLOCKS = GROUPED
+
+  @pytest.mark.parametrize("seed", _seeds())
+  def test_matches_reference(self, seed):
+    self.check(seed)
+
+
+def test_rung_groups_are_checked():
+  assert GpuBlocks(kernel="packed", rung_group=2).group_bwd == 2  # 0: the forward's
+  assert GpuBlocks(kernel="packed", rung_group=2, rung_group_bwd=8).group_bwd == 8
+  with pytest.raises(ValueError, match="rung_group=3 must be a power of two"):
+    GpuBlocks(kernel="packed", rung_group=3)
+  with pytest.raises(ValueError, match="rung_group_bwd=-1 must be a power of two or 0"):
+    GpuBlocks(kernel="packed", rung_group_bwd=-1)
+  with pytest.raises(ValueError, match="rung groups are the packed kernel's; kernel='rowwise'"):
+    GpuBlocks(rung_group=2)
+
+
 class TestTpuInterpret(KernelTest):
   BACKEND = "tpu_interpret"
   HEAD_DIMS = (16, 32, 64, 128)

@@ -6,6 +6,7 @@ import jax
 import jax.extend
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 from flax import linen as nn
 
@@ -334,6 +335,60 @@ def test_logits_grad_compute_rounds_only_the_output_layers_backward(chunk):
     assert np.abs(np.asarray(a) - np.asarray(b)).max() <= 1e-5 * np.abs(np.asarray(a)).max()
   with pytest.raises(ValueError, match="logits_grad='bf16'"):
     dataclasses.replace(f32_grad, logits_grad="bf16")
+
+
+@pytest.mark.parametrize("grad, chunk", [("float32", 0), ("compute", 0), ("compute", 16)])
+def test_logits_dtype_compute_rounds_the_logits_as_a_bf16_autocast_does(grad, chunk):
+  """model.logits_dtype='compute': the output layer writes bf16 logits (what the paper's bf16
+  autocast gives: the logits matmul's output), the loss reads them as float32: the loss of
+  the logits rounded to bf16 and nothing else, within float32 rounding, and gradients within
+  that rounding of the float32 logits' ones."""
+  from fibax.steps import token_losses
+
+  vocab = 96
+  f32 = dataclasses.replace(
+    _small("stagger"), compute_dtype="bfloat16", vocab_size=vocab, loss_chunk=chunk,
+    logits_grad=grad,
+  )  # fmt: skip
+  bf16 = dataclasses.replace(f32, logits_dtype="compute")
+  tokens = jax.random.randint(jax.random.key(6), (4, 65), 0, vocab)
+  inputs, targets = tokens[:, :-1], tokens[:, 1:]
+  params = M.init_params(f32, 0)
+
+  def loss(p, cfg):
+    return token_losses(p, M.Transformer(cfg), inputs, targets).mean()
+
+  def rounded(p):  # by hand: the float32 logits' states, the logits rounded, then the loss
+    x, e = M.Transformer(f32).apply({"params": p}, inputs, output_layer=False)
+    logits = jnp.einsum("bte,ve->btv", x, e, preferred_element_type=jnp.float32)
+    logits = logits.astype(jnp.bfloat16).astype(jnp.float32)
+    return optax.softmax_cross_entropy_with_integer_labels(logits, targets).mean()
+
+  got, want, f32_loss = loss(params, bf16), rounded(params), loss(params, f32)
+  assert abs(float(got) - float(want)) <= 1e-6 * abs(float(want))
+  assert got != f32_loss  # the rounding is there
+  logits = M.Transformer(bf16).apply({"params": params}, inputs)
+  assert logits.dtype == jnp.float32  # callers get float32 of the bf16 values
+  np.testing.assert_array_equal(logits, logits.astype(jnp.bfloat16).astype(jnp.float32))
+  g_got = jax.tree.leaves(jax.grad(loss)(params, bf16))
+  g_f32 = jax.tree.leaves(jax.grad(loss)(params, f32))
+  for a, b in zip(g_got, g_f32, strict=True):  # the rounding moves them only a little
+    a, b = np.asarray(a, np.float32), np.asarray(b, np.float32)
+    assert np.abs(a - b).max() <= 3e-2 * np.abs(b).max() + 1e-6
+
+  def logits_out(cfg):  # the dtypes of every [., V] matmul output of the gradient's program
+    def walk(jaxpr):
+      for eqn in jaxpr.eqns:
+        for sub in jax.extend.core.jaxprs_in_params(eqn.params):
+          yield from walk(sub)
+        if eqn.primitive.name == "dot_general" and eqn.outvars[0].aval.shape[-1] == vocab:
+          yield str(eqn.outvars[0].aval.dtype)
+
+    return set(walk(jax.make_jaxpr(jax.grad(loss), static_argnums=1)(params, cfg).jaxpr))
+
+  assert logits_out(f32) == {"float32"} and logits_out(bf16) == {"bfloat16"}
+  with pytest.raises(ValueError, match="logits_dtype='bf16'"):
+    dataclasses.replace(f32, logits_dtype="bf16")
 
 
 def test_learned_window_jax_is_the_plain_jax_computation_under_a_pallas_impl():
