@@ -482,11 +482,21 @@ def _rung_keys(k_ref, v_ref, i0, lo, cols, block_q):
 def _group_rungs(table_ref, n, group, per, live):
   """Static rungs n * U .. n * U + U - 1 (U = `group`) laid out `per` rows (or columns) each:
   for each row, its rung's distance, its index within the rung's rows, and whether the rung
-  is live (below `live`, the program's count; the padding's distances are 0)."""
+  is live (below `live`, the program's count; the padding's distances are 0), or None where
+  every one is (U = 1: the loop runs over the live rungs only). The U distances are scalar
+  loads (a vector gather of the table made the backward 13% slower at T = 16,384 on an H200)."""
   m = jnp.arange(group * per)
-  j = n * group + m // per
-  d = plgpu.load(table_ref.at[jnp.minimum(1 + j, table_ref.shape[0] - 1)])
-  return d, m % per, j < live
+  if group == 1:
+    return table_ref[1 + n], m, None
+  u_M = m // per
+  d = table_ref[jnp.minimum(1 + n * group, table_ref.shape[0] - 1)]
+  for u in range(1, group):
+    d = jnp.where(u_M == u, table_ref[jnp.minimum(1 + n * group + u, table_ref.shape[0] - 1)], d)
+  return d, m % per, n * group + u_M < live
+
+
+def _and(live, cond):
+  return cond if live is None else live & cond
 
 
 def _group_keys(table_ref, n, group, live, i0, r_M, k_ref, v_ref, cols, block_q):
@@ -495,7 +505,7 @@ def _group_keys(table_ref, n, group, live, i0, r_M, k_ref, v_ref, cols, block_q)
   each rung's tile (a diagonal per rung)."""
   d_C, c_C, live_C = _group_rungs(table_ref, n, group, block_q, live)
   rows_C = i0 + c_C - d_C
-  valid = live_C & (rows_C >= 0)
+  valid = _and(live_C, rows_C >= 0)
   keep = (r_M[:, None] == c_C[None, :]) & valid[None, :]
   return _rows(k_ref, rows_C, cols, valid), _rows(v_ref, rows_C, cols, valid), keep
 
@@ -682,7 +692,7 @@ def _dkv_packed_kernel(*refs, window, groups, scale, block_q, seq_len, group=1, 
     d_M, m_M, live_M = _group_rungs(tables[0], n, group, block_q * groups, live)
     r_M, g_M = m_M // groups, m_M % groups
     rows_M = j0 + d_M + r_M
-    valid = live_M & (rows_M < seq_len)
+    valid = _and(live_M, rows_M < seq_len)
     (q_M, do_M), (lse_M, delta_M) = _gather_packed(
       rows_M, g_M, valid, cols, [q_ref, do_ref], [lse_ref, delta_ref], seq_len
     )
