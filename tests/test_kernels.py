@@ -511,3 +511,23 @@ def test_a_programs_rung_loop_stops_at_the_rungs_that_reach_its_rows():
   assert [int(x) for x in order[:3]] == [2, 1, 0]  # the rung of each slot
   got = [int(_rungs_below(tables, True, limit)) for limit in (17, 18, 28, 45, 10**6)]
   assert got == [0, 1, 2, 3, 3]  # never past the count, though the padding floors are 0
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_the_learned_dkv_spill_is_added_to_the_row_before_each_block_without_a_scatter(dtype):
+  """`_add_spill`: block n + 1's spill lands on block n's last row, added in float32 and
+  rounded once, every other row untouched (bitwise), as one fused pass, not a scatter."""
+  from kernels_pallas.gpu import _add_spill
+
+  bsz, num_blocks, block, heads, dim = 2, 5, 4, 3, 8
+  ks = jax.random.split(jax.random.key(3), 2)
+  x = jax.random.normal(ks[0], (bsz, num_blocks * block, heads, dim), dtype)
+  top = jax.random.normal(ks[1], (bsz, heads, num_blocks, dim), jnp.float32)
+  got = np.asarray(_add_spill(x, top, block).astype(jnp.float32))
+  want = np.asarray(x.astype(jnp.float32)).copy()
+  for n in range(num_blocks - 1):
+    row = (n + 1) * block - 1
+    summed = np.asarray(x[:, row].astype(jnp.float32)) + np.asarray(top[:, :, n + 1])
+    want[:, row] = np.asarray(jnp.asarray(summed).astype(dtype).astype(jnp.float32))
+  np.testing.assert_array_equal(got, want)
+  assert "scatter" not in str(jax.make_jaxpr(_add_spill, static_argnums=2)(x, top, block))
