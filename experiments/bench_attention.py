@@ -118,7 +118,7 @@ def versions() -> dict:
 
 
 def main(argv=None):
-  ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  ap = argparse.ArgumentParser(prog="bench_attention.py", description=__doc__.splitlines()[0])
   ap.add_argument("--lengths", type=int, nargs="+", default=[1024, 4096, 16384, 65536])
   ap.add_argument("--alphas", type=float, nargs="+", default=[0.5, 1.0, 1.5])
   ap.add_argument("--tokens", type=int, default=65536)
@@ -171,28 +171,26 @@ def main(argv=None):
   started = time.perf_counter()
   args = ap.parse_args(argv)
   command = "python " + " ".join([sys.argv[0], *(argv or sys.argv[1:])])
-  if args.sweep:
-    specs = [parse_spec(x) for x in args.sweep]  # every spec checked before anything runs
-    grouped = [
-      x for x, b in zip(args.sweep, specs, strict=True) if b.group_bwd > 1 or b.rung_group > 1
-    ]
+  # Every block config is checked before anything runs, each error one line naming it.
+  for flag, given in (("--sweep", args.sweep), ("--autotune", args.autotune)):
+    try:
+      specs = [parse_spec(x) for x in given or ()]
+    except ValueError as e:
+      ap.error(f"{flag}: {e}")
+    grouped = [x for x, b in zip(given or (), specs, strict=True) if b.group_bwd * b.rung_group > 1]
     if args.sweep_impl == "pallas" and grouped:
-      ap.error(f"--sweep {grouped[0]}: rung groups are the packed kernel's (--sweep-impl pallas)")
-    return sweep_report(args, specs, command)
+      ap.error(f"{flag} {grouped[0]}: rung groups are the packed kernel's (--sweep-impl pallas)")
+  if args.sweep:
+    return sweep_report(args, [parse_spec(x) for x in args.sweep], command)
+  try:
+    given = {k: getattr(args, k) for k in SPEC_KEYS if getattr(args, k) is not None}
+    # The row-wise kernel's blocks: these without the rung groups.
+    dataclasses.replace(GpuBlocks(kernel="packed"), **given)
+  except ValueError as e:
+    ap.error(str(e))
   tuned = autotune(args) if args.autotune is not None else None
-
-  defaults = tuned["blocks"] if tuned else GpuBlocks()
-  blocks = GpuBlocks(
-    block_q=args.block_q or defaults.block_q,
-    num_warps=args.num_warps or defaults.num_warps,
-    block_q_bwd=args.block_q_bwd or defaults.block_q_bwd,
-    num_warps_bwd=args.num_warps_bwd or defaults.num_warps_bwd,
-    num_stages=args.num_stages or defaults.num_stages,
-    num_stages_bwd=args.num_stages_bwd or defaults.num_stages_bwd,
-    kernel="packed",  # the row-wise kernel's blocks: these without the rung groups
-    rung_group=args.rung_group or defaults.rung_group,
-    rung_group_bwd=args.rung_group_bwd or defaults.rung_group_bwd,
-  )
+  defaults = tuned["blocks"] if tuned else GpuBlocks(kernel="packed")
+  blocks = dataclasses.replace(defaults, kernel="packed", **given)
   bw = copy_bandwidth()
   results = []
   for seq_len in args.lengths:
@@ -282,9 +280,9 @@ def parse_spec(spec: str) -> GpuBlocks:
     return GpuBlocks(kernel="packed", **dict(zip(SPEC_KEYS, vals, strict=False)))
   except ValueError as e:
     why = f" ({e})" if str(e) else ""
-    raise SystemExit(
-      f"bench_attention.py: error: bad block config {spec!r}{why}: expected 'bq,warps,bq_bwd,"
-      "warps_bwd[,stages[,stages_bwd[,group[,group_bwd]]]]' of integers"
+    raise ValueError(
+      f"bad block config {spec!r}{why}: expected 'bq,warps,bq_bwd,warps_bwd[,stages"
+      "[,stages_bwd[,group[,group_bwd]]]]' of integers"
     ) from None
 
 

@@ -222,7 +222,9 @@ def gpu_blocks(blocks):
   """While tracing inside this context, the Pallas GPU kernels run with these
   `kernels_pallas.gpu.GpuBlocks` (block rows, warps, stages, rung groups) instead of their
   defaults, each impl keeping its own kernel (the row-wise one without rung groups): one
-  run's tuning, e.g. `experiments/bench_train.py --blocks`. None: the defaults."""
+  run's tuning, e.g. `experiments/bench_train.py --blocks`. None: the defaults. The blocks are
+  read when a function is traced, and `jax.jit` keys its cache on the arguments only: a step
+  already traced keeps the blocks it was traced with (build the steps inside the context)."""
   token = _GPU_BLOCKS.set(blocks)
   try:
     yield

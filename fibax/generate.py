@@ -162,10 +162,9 @@ def decode_step(p, cfg: ModelConfig, layout, token_B, pos_B, caches):
     )
     new_caches.append(cache)
   x_Bx1xE = model_lib.RMSNorm(cfg.norm_eps, dtype).apply({"params": p["final_norm"]}, x_Bx1xE)
-  logits_BxV = jnp.einsum(
-    "be,ve->bv", x_Bx1xE[:, 0], embedding_VxE, preferred_element_type=jnp.float32
-  )
-  return logits_BxV, tuple(new_caches)
+  # The model's output layer: logits in `ModelConfig.logits_dtype`, read as float32.
+  logits_Bx1xV = model_lib.output_logits(x_Bx1xE, embedding_VxE, dtype=model_lib.logits_dtype(cfg))
+  return logits_Bx1xV[:, 0].astype(jnp.float32), tuple(new_caches)
 
 
 @functools.partial(

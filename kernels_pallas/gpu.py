@@ -61,6 +61,15 @@ class GpuBlocks:
   def __post_init__(self):
     if self.kernel not in KERNELS:
       raise ValueError(f"unknown GPU kernel={self.kernel!r}; expected one of {KERNELS}")
+    for name, least in (
+      ("block_q", 16),
+      ("block_q_bwd", 16),
+      ("num_warps", 1),
+      ("num_warps_bwd", 1),
+    ):
+      n = getattr(self, name)
+      if n < least or n & (n - 1):  # Triton's tiles and warp counts are powers of two
+        raise ValueError(f"{name}={n} must be a power of two >= {least}")
     if self.num_stages < 1 or self.num_stages_bwd < 0:
       raise ValueError(
         f"num_stages={self.num_stages} must be >= 1 and num_stages_bwd={self.num_stages_bwd} "
@@ -74,7 +83,7 @@ class GpuBlocks:
         raise ValueError(
           f"{name}={n} must be a power of two" + (" or 0 (0: rung_group)" if least == 0 else "")
         )
-    if self.kernel != "packed" and (self.rung_group, self.rung_group_bwd) != (1, 0):
+    if self.kernel != "packed" and (self.rung_group, self.group_bwd) != (1, 1):
       raise ValueError(
         f"rung_group={self.rung_group}, rung_group_bwd={self.rung_group_bwd}: rung groups are "
         f"the packed kernel's; kernel={self.kernel!r}"

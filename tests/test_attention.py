@@ -249,3 +249,22 @@ def test_gpu_blocks_reach_every_pallas_gpu_call_inside_their_context(monkeypatch
     got = attention.get("pallas_packed_interpret")(q, k, v, pattern)
   assert seen == [dataclasses.replace(tuned, kernel="packed")]
   np.testing.assert_allclose(got, ref, **TOL[jnp.float32])
+
+  # A learned layer: its rungs in the packed kernels, or its window alone in the row-wise one.
+  calls = []
+  for name in ("fib_attention_learned", "fib_attention_lse"):
+    real_fn = getattr(kernels_pallas, name)
+    spy = lambda *a, blocks, _f=real_fn, _n=name, **kw: (
+      calls.append((_n, blocks)) or _f(*a, blocks=blocks, **kw)
+    )
+    monkeypatch.setattr(kernels_pallas, name, spy)
+  learned = LearnedPattern.build(base="fib", window=3, seq_len=70)
+  with attention.gpu_blocks(tuned):
+    for backend, in_kernel in (("gpu_interpret", True), ("gpu_interpret", False)):
+      attention.learned(
+        q, k, v, learned, jnp.float32(1.2), window_backend=backend, rungs_in_kernel=in_kernel
+      )
+  assert [(n, b.kernel, b.num_warps, b.rung_group) for n, b in calls] == [
+    ("fib_attention_learned", "packed", 8, 2),
+    ("fib_attention_lse", "rowwise", 8, 1),
+  ]

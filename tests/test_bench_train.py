@@ -124,7 +124,7 @@ def test_mfu_counts_against_the_higher_of_the_two_peak_measurements(tmp_path, mo
   assert "--xla_gpu_enable_triton_gemm=false" in report["xla_flags"]
 
 
-def test_blocks_reach_the_kernels_of_every_run_and_the_report(tmp_path, monkeypatch):
+def test_blocks_reach_the_kernels_of_every_run_and_the_report(tmp_path, monkeypatch, capsys):
   """--blocks: each run traces under `attention.gpu_blocks` with them (the packed kernel's
   rung groups included) and the JSON records them; a bad config stops before any measurement."""
   import json
@@ -147,6 +147,36 @@ def test_blocks_reach_the_kernels_of_every_run_and_the_report(tmp_path, monkeypa
   ] * 2
   assert json.loads(out.read_text())["gpu_blocks"] == [16, 2, 16, 4, 3, 2, 4, 2]
   assert attention.gpu_blocks_for("gpu", "packed").rung_group == 1  # the context has ended
-  with pytest.raises(SystemExit, match="bad block config '16,2,16,4,2,2,3'"):
+  with pytest.raises(SystemExit):
     bench_train.main([*argv, "--blocks", "16,2,16,4,2,2,3"])
+  err = capsys.readouterr().err.strip().splitlines()[-1]
+  assert err.startswith("bench_train.py: error: --blocks: bad block config '16,2,16,4,2,2,3'")
   assert len(seen) == 2
+
+
+def test_op_kinds_sort_every_op_into_one_kind_and_sum_the_device_time():
+  def row(op, ms, source=None, hlo_op=None):
+    r = {"op": op, "ms_per_step": ms}
+    return r | ({"source": source} if source else {}) | ({"hlo_op": hlo_op} if hlo_op else {})
+
+  rows = [
+    row("fib_attention_packed_dkv", 2.0),
+    row("cudnn_generated_fort_native_sdpa_sm90_flash_bprop", 5.0),
+    row("nvjet_sm90_tst_128x128", 3.0, "x @ steps.py:78 (output_losses)"),
+    row("loop_convert_fusion_1", 1.5, "y @ steps.py:78 (output_losses)"),
+    row("input_reduce_fusion", 1.0, "z @ _classification.py:403 (s)"),
+    row("fusion.3", 0.5, hlo_op="cublas-lt-matmul.1"),
+    row("Memset 3", 0.25),
+    row("Memset 4", 1.0, "jit(argsort)/sort @ model.py:347 (Transformer.__call__)"),  # sorted grad
+    row("loop_add_fusion", 0.125, "a @ model.py:178 (SwiGLU.__call__)"),
+    row("input_scatter_fusion", 0.5, "b @ model.py:90 (embedding_grad_sorted)"),
+  ]
+  assert bench_train.op_kinds(rows) == {
+    "attention": 7.0,
+    "device": 14.875,
+    "embedding": 1.5,
+    "loss": 2.5,
+    "matmul": 3.5,
+    "memset_copy": 0.25,
+    "other": 0.125,
+  }

@@ -3,6 +3,7 @@
 import dataclasses
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -47,6 +48,22 @@ def test_each_decoded_step_equals_the_full_forward(schedule, base, cap_mode):
   if schedule != "dense":  # rings of at most 25 rows (pow2 16 * 1.5 + 1) wrapped many times
     gen_cfg = G.generation_config(params, cfg)
     assert max(rows for rows, _ in G.cache_layout(gen_cfg, len(prompt) + 300)) <= 25
+
+
+def test_every_decoded_step_writes_its_logits_in_the_models_logits_dtype():
+  """model.logits_dtype='compute' under bf16: the prompt's last logits (the full forward) and
+  every decoded step's are bf16 values read as float32, as the train step's loss sees them."""
+  cfg = dataclasses.replace(_cfg(), compute_dtype="bfloat16", logits_dtype="compute")
+  out = G.generate(_params(cfg), cfg, [[5, 9, 1, 33]], 12, eos_id=-1, return_logits=True)
+  logits = np.asarray(out.logits[0])
+  assert logits.shape == (12, cfg.vocab_size) and logits.dtype == np.float32
+  np.testing.assert_array_equal(
+    logits, np.asarray(jnp.asarray(logits).astype(jnp.bfloat16), np.float32)
+  )
+  f32 = dataclasses.replace(cfg, logits_dtype="float32")
+  out32 = G.generate(_params(f32), f32, [[5, 9, 1, 33]], 12, eos_id=-1, return_logits=True)
+  rounded = np.asarray(jnp.asarray(out32.logits[0]).astype(jnp.bfloat16), np.float32)
+  assert not np.array_equal(np.asarray(out32.logits[0]), rounded)  # float32 logits: not rounded
 
 
 def test_learned_runs_decode_frozen():

@@ -431,6 +431,11 @@ def test_rung_groups_are_checked():
     GpuBlocks(kernel="packed", rung_group_bwd=-1)
   with pytest.raises(ValueError, match="rung groups are the packed kernel's; kernel='rowwise'"):
     GpuBlocks(rung_group=2)
+  assert GpuBlocks(rung_group_bwd=1).group_bwd == 1  # one rung a step: no group, any kernel
+  with pytest.raises(ValueError, match="block_q_bwd=24 must be a power of two >= 16"):
+    GpuBlocks(block_q_bwd=24)
+  with pytest.raises(ValueError, match="num_warps=0 must be a power of two >= 1"):
+    GpuBlocks(num_warps=0)
 
 
 class TestTpuInterpret(KernelTest):
