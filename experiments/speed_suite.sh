@@ -25,8 +25,8 @@
 #   train_options  bench_train.py, dense, fib_stagger_w12 and fib_learned_w12 at T = 1,024 with
 #                  pallas_packed and a profile, once per override set of TRAIN_SETS
 #                  (';'-separated; default: the logits' backward in bf16 with the MLP's
-#                  hidden width padded to a multiple of 128, then the same with the one-hot
-#                  embedding gradient instead of the sorted one, then the float32 backward);
+#                  hidden width padded to a multiple of 128, then the same with bf16 logits,
+#                  then the float32 backward);
 #                  TRAIN_RUNS, TRAIN_LENS (default 1024) and TRAIN_BLOCKS (the kernels'
 #                  blocks, bench_train.py --blocks) change what each set runs
 #   attention4     the packed kernel alone with 4 warps (wgmma instead of mma.sync)
@@ -85,7 +85,7 @@ suite() {
             --profile "$SCRATCH/trace/$impl" "${common[@]}" --out "$DIR/bench_train_$impl.json"
         done ;;
       train_options)
-        local sets; IFS=';' read -ra sets <<< "${TRAIN_SETS:-model.logits_grad=compute model.mlp_pad=128;model.logits_grad=compute model.mlp_pad=128 model.embed_backward=onehot;model.mlp_pad=128}"
+        local sets; IFS=';' read -ra sets <<< "${TRAIN_SETS:-model.logits_grad=compute model.mlp_pad=128;model.logits_grad=compute model.mlp_pad=128 model.logits_dtype=compute;model.mlp_pad=128}"
         for i in "${!sets[@]}"; do
           # shellcheck disable=SC2086  # one set is several overrides
           # shellcheck disable=SC2086  # TRAIN_RUNS, TRAIN_LENS: several words
