@@ -55,8 +55,7 @@ def footprint(fn, *args) -> int:
 
 def implementations(pattern: Pattern, blocks: GpuBlocks | None):
   window = pattern.window
-  # The row-wise kernel has no rung groups (the packed kernel's).
-  rowwise = blocks and dataclasses.replace(blocks, kernel="rowwise", rung_group=1, rung_group_bwd=0)
+  rowwise = blocks and blocks.for_kernel("rowwise")
   return {
     "pallas": lambda q, k, v: fib_attention(q, k, v, pattern, backend="gpu", blocks=rowwise),
     "pallas_packed": lambda q, k, v: fib_attention(
@@ -65,7 +64,7 @@ def implementations(pattern: Pattern, blocks: GpuBlocks | None):
       v,
       pattern,
       backend="gpu",
-      blocks=dataclasses.replace(blocks or GpuBlocks(), kernel="packed"),
+      blocks=(blocks or GpuBlocks()).for_kernel("packed"),
     ),
     "cudnn_dense": lambda q, k, v: jax.nn.dot_product_attention(
       q, k, v, is_causal=True, implementation="cudnn"
@@ -172,25 +171,27 @@ def main(argv=None):
   args = ap.parse_args(argv)
   command = "python " + " ".join([sys.argv[0], *(argv or sys.argv[1:])])
   # Every block config is checked before anything runs, each error one line naming it.
+  specs = {}
   for flag, given in (("--sweep", args.sweep), ("--autotune", args.autotune)):
     try:
-      specs = [parse_spec(x) for x in given or ()]
+      specs[flag] = [parse_spec(x) for x in given or ()]
     except ValueError as e:
       ap.error(f"{flag}: {e}")
-    grouped = [x for x, b in zip(given or (), specs, strict=True) if b.group_bwd * b.rung_group > 1]
+    grouped = [
+      x for x, b in zip(given or (), specs[flag], strict=True) if b.group_bwd * b.rung_group > 1
+    ]
     if args.sweep_impl == "pallas" and grouped:
       ap.error(f"{flag} {grouped[0]}: rung groups are the packed kernel's (--sweep-impl pallas)")
   if args.sweep:
-    return sweep_report(args, [parse_spec(x) for x in args.sweep], command)
+    return sweep_report(args, specs["--sweep"], command)
+  given = {k: getattr(args, k) for k in SPEC_KEYS if getattr(args, k) is not None}
   try:
-    given = {k: getattr(args, k) for k in SPEC_KEYS if getattr(args, k) is not None}
-    # The row-wise kernel's blocks: these without the rung groups.
-    dataclasses.replace(GpuBlocks(kernel="packed"), **given)
+    dataclasses.replace(GpuBlocks(kernel="packed"), **given)  # the flags, checked
   except ValueError as e:
     ap.error(str(e))
-  tuned = autotune(args) if args.autotune is not None else None
+  tuned = autotune(args, specs["--autotune"]) if args.autotune is not None else None
   defaults = tuned["blocks"] if tuned else GpuBlocks(kernel="packed")
-  blocks = dataclasses.replace(defaults, kernel="packed", **given)
+  blocks = dataclasses.replace(defaults, **given)
   bw = copy_bandwidth()
   results = []
   for seq_len in args.lengths:
@@ -295,8 +296,8 @@ def _spec(b: GpuBlocks) -> list[int]:
   ]
 
 
-def autotune(args) -> dict:
-  specs = [parse_spec(x) for x in (args.autotune or AUTOTUNE)]
+def autotune(args, specs: list[GpuBlocks]) -> dict:
+  specs = specs or [parse_spec(x) for x in AUTOTUNE]
   rows = sweep(args, specs, [max(args.lengths)], alpha=1.0)
   ok = [r for r in rows if "error" not in r]
   fwd = min(ok, key=lambda r: r["fwd_ms"])

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
-import dataclasses
 import functools
 from collections.abc import Callable
 
@@ -243,9 +242,7 @@ def gpu_blocks_for(backend: str | None, kernel: str | None):
   tuned = _GPU_BLOCKS.get()
   if tuned is None:
     return GpuBlocks(kernel=kernel) if kernel else None
-  if kernel == "packed":
-    return dataclasses.replace(tuned, kernel="packed")
-  return dataclasses.replace(tuned, kernel="rowwise", rung_group=1, rung_group_bwd=0)
+  return tuned.for_kernel(kernel or "rowwise")
 
 
 AttentionFn = Callable[[Array, Array, Array, Pattern], Array]

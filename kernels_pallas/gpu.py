@@ -93,6 +93,11 @@ class GpuBlocks:
   def group_bwd(self) -> int:
     return self.rung_group_bwd or self.rung_group
 
+  def for_kernel(self, kernel: str) -> GpuBlocks:
+    """These blocks for `kernel`; the row-wise kernel's without the rung groups (it has none)."""
+    groups = {} if kernel == "packed" else dict(rung_group=1, rung_group_bwd=0)
+    return dataclasses.replace(self, kernel=kernel, **groups)
+
 
 KERNELS = ("rowwise", "packed")
 

@@ -432,6 +432,9 @@ def test_rung_groups_are_checked():
   with pytest.raises(ValueError, match="rung groups are the packed kernel's; kernel='rowwise'"):
     GpuBlocks(rung_group=2)
   assert GpuBlocks(rung_group_bwd=1).group_bwd == 1  # one rung a step: no group, any kernel
+  grouped = GpuBlocks(kernel="packed", num_warps=8, rung_group=4, rung_group_bwd=2)
+  assert grouped.for_kernel("packed") == grouped
+  assert grouped.for_kernel("rowwise") == GpuBlocks(num_warps=8)  # no rung groups there
   with pytest.raises(ValueError, match="block_q_bwd=24 must be a power of two >= 16"):
     GpuBlocks(block_q_bwd=24)
   with pytest.raises(ValueError, match="num_warps=0 must be a power of two >= 1"):
