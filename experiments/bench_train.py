@@ -214,6 +214,9 @@ def hlo_sources(hlo_text: str) -> dict[str, str]:
   return out
 
 
+PROFILE_TOP = 80  # ops kept in `profile_top` (a step of the paper model runs ~60-100 kinds)
+
+
 def profile(compiled, state, inputs, steps: int, trace_dir: Path) -> dict:
   """`steps` more steps under `jax.profiler.trace(trace_dir)`: their top device ops
   (`profile_top`) and the time of every op by kind (`profile_kinds`)."""
@@ -226,7 +229,7 @@ def profile(compiled, state, inputs, steps: int, trace_dir: Path) -> dict:
   (trace_dir / "program.hlo.txt").write_text(text)  # beside the trace, for a closer look
   planes = jax.profiler.ProfileData.from_file(str(trace)).planes
   rows = top_device_ops(planes, steps, top=None, sources=hlo_sources(text))
-  return {"profile_top": rows[:25], "profile_kinds": op_kinds(rows)}
+  return {"profile_top": rows[:PROFILE_TOP], "profile_kinds": op_kinds(rows)}
 
 
 def bench(cfg, steps_timed: int, data_dir: str | None = None, trace_dir: Path | None = None):

@@ -28,7 +28,9 @@
 #                  hidden width padded to a multiple of 128, then the same with bf16 logits,
 #                  then the float32 backward);
 #                  TRAIN_RUNS, TRAIN_LENS (default 1024) and TRAIN_BLOCKS (the kernels'
-#                  blocks, bench_train.py --blocks) change what each set runs
+#                  blocks, bench_train.py --blocks) change what each set runs; TRAIN_PROFILE=0
+#                  times the steps without a profile, so with XLA's command buffers on (a
+#                  profile turns them off for the whole process: bench_train.py)
 #   attention4     the packed kernel alone with 4 warps (wgmma instead of mma.sync)
 #   attention_sweep  bench_attention.py --sweep: the packed kernel's block rows, warps and
 #                  pipeline stages and rung groups (ATTN_SWEEP:
@@ -86,12 +88,15 @@ suite() {
         done ;;
       train_options)
         local sets; IFS=';' read -ra sets <<< "${TRAIN_SETS:-model.logits_grad=compute model.mlp_pad=128;model.logits_grad=compute model.mlp_pad=128 model.logits_dtype=compute;model.mlp_pad=128}"
+        local prof=()
         for i in "${!sets[@]}"; do
+          [ "${TRAIN_PROFILE:-1}" = 0 ] || prof=(--profile "$SCRATCH/trace/options_$i")
           # shellcheck disable=SC2086  # one set is several overrides
           # shellcheck disable=SC2086  # TRAIN_RUNS, TRAIN_LENS: several words
           step "train_options_$i" 600 python experiments/bench_train.py \
             --runs ${TRAIN_RUNS:-dense fib_stagger_w12 fib_learned_w12} \
-            --seq-lens ${TRAIN_LENS:-1024} --impl pallas_packed --profile "$SCRATCH/trace/options_$i" \
+            --seq-lens ${TRAIN_LENS:-1024} --impl pallas_packed \
+            "${prof[@]}" \
             ${TRAIN_BLOCKS:+--blocks "$TRAIN_BLOCKS"} \
             "${common[@]}" ${sets[$i]} --out "$DIR/bench_train_options_$i.json"
         done ;;
