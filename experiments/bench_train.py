@@ -18,12 +18,13 @@ attention, matmul, loss, embedding, ...; `device` their sum, against the step's 
 and `profile_top`: the device's XLA operations by time per step (the "XLA Ops" line of each
 device plane of the trace; a CPU trace has no device plane), each with the JAX op and the line
 of Python it came from where the compiled program says (`hlo_sources`; the program's text is
-kept beside the trace). On a GPU it turns XLA's command
-buffers off (`--xla_gpu_enable_command_buffer=` in XLA_FLAGS, unless XLA_FLAGS already sets
-it): a command buffer shows in the trace as one operation, which hides the names of the
-kernels it launches. The flag holds for the whole process, so a profiled run's timed steps run
-without command buffers too (measured on an H200: 55.97 ms a step without them, 56.52 ms with
-them); the JSON records XLA_FLAGS as the backend read them (when `main` starts the backend).
+kept beside the trace). The traced steps run an executable compiled without XLA's command
+buffers (`NO_COMMAND_BUFFERS`), op by op, so the trace names every kernel; the timed steps
+run as compiled by default (with command buffers on a GPU). Their `device` total is to be
+set against `ms_per_step_no_command_buffers`, which `--command-buffers both` times in the
+same rounds as the default (summary: each sparse/dense ratio for both, and `_fastest`, each
+model at its faster one). The JSON records XLA_FLAGS as the backend read them (when `main`
+starts the backend).
 """
 
 from __future__ import annotations
@@ -232,31 +233,57 @@ def profile(compiled, state, inputs, steps: int, trace_dir: Path) -> dict:
   return {"profile_top": rows[:PROFILE_TOP], "profile_kinds": op_kinds(rows)}
 
 
-def bench(cfg, steps_timed: int, data_dir: str | None = None, trace_dir: Path | None = None):
+# Compile options of the `--command-buffers both` variant: the same step, op by op.
+NO_COMMAND_BUFFERS = {"xla_gpu_enable_command_buffer": ""}
+
+
+def bench(
+  cfg,
+  steps_timed: int,
+  data_dir: str | None = None,
+  trace_dir: Path | None = None,
+  variants: dict[str, dict] | None = None,
+):
+  """Compile time, time per step (the median of 3 rounds of `steps_timed` steps) and memory of
+  one config's train step. `variants` {name: compile options}: the same step compiled again
+  with those options (e.g. `NO_COMMAND_BUFFERS`) and timed in the same rounds, each round
+  running every executable in turn (so a drift of the card's clocks moves them alike), as
+  `ms_per_step_<name>`."""
   mesh = sharding.make_mesh(data=1, model=1, devices=jax.devices()[:1])
   steps = make_steps(cfg, mesh)
   state = steps.init(cfg.train.seed)
   shape = (cfg.train.batch_size, cfg.model.seq_len)
   inputs = batches(cfg, mesh, data_dir)
+  lowered = steps.train.lower(state, inputs[0])
   t0 = time.perf_counter()
-  compiled = steps.train.lower(state, inputs[0]).compile()
+  compiled = {"": lowered.compile()}
   compile_s = time.perf_counter() - t0
-  memory = compiled.memory_analysis()
-  for i in range(2):  # warm-up
-    state, m = compiled(state, inputs[i % len(inputs)])
+  for name, options in (variants or {}).items():
+    compiled[name] = lowered.compile(compiler_options=options)
+  if trace_dir is not None and "no_command_buffers" not in compiled:
+    # The profile's executable: op by op, so the trace names every kernel.
+    profiled = lowered.compile(compiler_options=NO_COMMAND_BUFFERS)
+  else:
+    profiled = compiled.get("no_command_buffers")
+  memory = compiled[""].memory_analysis()
+  for step in compiled.values():
+    for i in range(2):  # warm-up
+      state, m = step(state, inputs[i % len(inputs)])
   jax.block_until_ready(m)
-  times = []
+  times = collections.defaultdict(list)
   for _ in range(3):
-    t0 = time.perf_counter()
-    for i in range(steps_timed):
-      state, m = compiled(state, inputs[i % len(inputs)])
-    jax.block_until_ready(m)
-    times.append((time.perf_counter() - t0) / steps_timed)
-  step_s = statistics.median(times)
-  traced = {} if trace_dir is None else profile(compiled, state, inputs, steps_timed, trace_dir)
+    for name, step in compiled.items():
+      t0 = time.perf_counter()
+      for i in range(steps_timed):
+        state, m = step(state, inputs[i % len(inputs)])
+      jax.block_until_ready(m)
+      times[name].append((time.perf_counter() - t0) / steps_timed)
+  step_s = statistics.median(times[""])
+  traced = {} if trace_dir is None else profile(profiled, state, inputs, steps_timed, trace_dir)
   return {
     "compile_s": round(compile_s, 1),
     "ms_per_step": round(step_s * 1e3, 2),
+    **{f"ms_per_step_{k}": round(statistics.median(t) * 1e3, 2) for k, t in times.items() if k},
     "steps_per_s": round(1 / step_s, 3),
     "tokens_per_s": round(shape[0] * shape[1] / step_s),
     "loss_after": float(m["loss"]),
@@ -272,10 +299,17 @@ def summarize(results: list[dict]) -> dict:
     summary[f"mfu_{r['run']}_T{r['seq_len']}"] = r["mfu"]
   for (run, seq_len), r in by.items():
     dense = by.get(("dense", seq_len))
-    if run != "dense" and dense:
-      summary[f"step_speedup_{run}_vs_dense_T{seq_len}"] = round(
-        dense["ms_per_step"] / r["ms_per_step"], 3
-      )
+    if run == "dense" or not dense:
+      continue
+    key = f"step_speedup_{run}_vs_dense_T{seq_len}"
+    summary[key] = round(dense["ms_per_step"] / r["ms_per_step"], 3)
+    variants = [k for k in r if k.startswith("ms_per_step_") and k in dense]
+    for k in variants:  # the same variant of both (e.g. both without command buffers)
+      summary[f"{key}_{k.removeprefix('ms_per_step_')}"] = round(dense[k] / r[k], 3)
+    if variants:  # each at its fastest variant
+      keys = ["ms_per_step", *variants]
+      best_dense, best = min(dense[k] for k in keys), min(r[k] for k in keys)
+      summary[f"{key}_fastest"] = round(best_dense / best, 3)
   return summary
 
 
@@ -293,6 +327,12 @@ def main(argv=None):
     "--data", default=None, help="a prepared data directory: time real batches, not random ones"
   )
   p.add_argument("--profile", type=Path, default=None, help="trace a few steps of each run here")
+  p.add_argument(
+    "--command-buffers",
+    choices=("default", "both"),
+    default="default",
+    help="both: also time each step compiled without XLA's command buffers, in the same rounds",
+  )
   p.add_argument(
     "--blocks",
     default=None,
@@ -314,10 +354,6 @@ def main(argv=None):
   # fibax's XLA defaults (cli.XLA_DEFAULTS), as `python -m fibax.train` runs; read when the
   # backend starts, which is below.
   cli.set_xla_defaults()
-  if args.profile is not None and "xla_gpu_enable_command_buffer" not in os.environ["XLA_FLAGS"]:
-    os.environ["XLA_FLAGS"] = (
-      os.environ["XLA_FLAGS"] + " --xla_gpu_enable_command_buffer="
-    ).strip()
   # Every config is checked before anything is measured or written.
   configs = [
     (
@@ -357,7 +393,13 @@ def main(argv=None):
     }
     with attention.gpu_blocks(blocks):
       r.update(
-        bench(cfg, args.steps, args.data, args.profile and args.profile / f"{run}_T{seq_len}")
+        bench(
+          cfg,
+          args.steps,
+          args.data,
+          args.profile and args.profile / f"{run}_T{seq_len}",
+          {"no_command_buffers": NO_COMMAND_BUFFERS} if args.command_buffers == "both" else None,
+        )
       )
     r["model_tflops_per_token"] = flops / 1e12
     r["mfu_vs_vendor_peak"] = (

@@ -22,6 +22,7 @@
 #   tests_grouped  the packed kernels with static rungs grouped (GpuBlocks.rung_group), for real
 #   tests_learned  the learned-rung kernels against the plain-JAX learned path, for real
 #                  (FIBAX_KERNEL_SHARD=i/n: every n-th case, so n GPUs can share them)
+#   tests_lse      the packed kernels with a cotangent of their lse as well, for real
 #   train_options  bench_train.py, dense, fib_stagger_w12 and fib_learned_w12 at T = 1,024 with
 #                  pallas_packed and a profile, once per override set of TRAIN_SETS
 #                  (';'-separated; default: the logits' backward in bf16 with the MLP's
@@ -29,8 +30,8 @@
 #                  then the float32 backward);
 #                  TRAIN_RUNS, TRAIN_LENS (default 1024) and TRAIN_BLOCKS (the kernels'
 #                  blocks, bench_train.py --blocks) change what each set runs; TRAIN_PROFILE=0
-#                  times the steps without a profile, so with XLA's command buffers on (a
-#                  profile turns them off for the whole process: bench_train.py)
+#                  skips the profile; TRAIN_CB=both also times each step compiled without
+#                  XLA's command buffers, in the same rounds (bench_train.py --command-buffers)
 #   attention4     the packed kernel alone with 4 warps (wgmma instead of mma.sync)
 #   attention_sweep  bench_attention.py --sweep: the packed kernel's block rows, warps and
 #                  pipeline stages and rung groups (ATTN_SWEEP:
@@ -96,7 +97,7 @@ suite() {
           step "train_options_$i" 600 python experiments/bench_train.py \
             --runs ${TRAIN_RUNS:-dense fib_stagger_w12 fib_learned_w12} \
             --seq-lens ${TRAIN_LENS:-1024} --impl pallas_packed \
-            "${prof[@]}" \
+            "${prof[@]}" --command-buffers "${TRAIN_CB:-default}" \
             ${TRAIN_BLOCKS:+--blocks "$TRAIN_BLOCKS"} \
             "${common[@]}" ${sets[$i]} --out "$DIR/bench_train_options_$i.json"
         done ;;
@@ -118,9 +119,10 @@ suite() {
             --seq-lens 1024 --impl pallas_packed --data "$SPEED_DATA" --set model.embed_backward="$e" \
             model.logits_grad=compute model.mlp_pad=128 --out "$DIR/bench_train_text_$e.json"
         done ;;
-      tests_packed | tests_grouped | tests_learned)
+      tests_packed | tests_grouped | tests_learned | tests_lse)
         local k=GpuPackedKernel; [ "$s" = tests_learned ] && k=GpuLearnedRungs
         [ "$s" = tests_grouped ] && k=GpuPackedGroupedKernel
+        [ "$s" = tests_lse ] && k=GpuPackedLse
         local per=(); python -c "import pytest_timeout" 2>/dev/null && per=(--timeout "${PER_TEST_S:-240}")
         step "$s" "${TEST_LIMIT_S:-900}" env FIBAX_GPU_TESTS=1 python -m pytest -m gpu tests/test_kernels.py -k "$k" \
           -vv -p no:cacheprovider "${per[@]}" --junitxml "$DIR/$s.xml" ;;  # -vv: the -q of addopts

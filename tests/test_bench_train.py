@@ -30,6 +30,44 @@ def test_summary_names_the_targets():
   }
 
 
+def test_summary_sets_each_variant_against_the_same_variant_and_each_model_at_its_fastest():
+  results = [
+    {"run": "dense", "seq_len": 1024, "mfu": 0.4, "ms_per_step": 40.0,
+     "ms_per_step_no_command_buffers": 42.0},
+    {"run": "fib_stagger_w12", "seq_len": 1024, "mfu": 0.3, "ms_per_step": 38.0,
+     "ms_per_step_no_command_buffers": 37.0},
+  ]  # fmt: skip
+  summary = bench_train.summarize(results)
+  key = "step_speedup_fib_stagger_w12_vs_dense_T1024"
+  assert summary[key] == round(40 / 38, 3)
+  assert summary[f"{key}_no_command_buffers"] == round(42 / 37, 3)
+  assert summary[f"{key}_fastest"] == round(40 / 37, 3)  # dense with, sparse without
+
+
+def test_variants_are_timed_in_the_same_rounds_and_the_profile_runs_op_by_op(tmp_path, monkeypatch):
+  """`--command-buffers both` compiles the step a second time without command buffers and
+  times it beside the default; a profile traces an executable compiled without them."""
+  from eval_helpers import micro_run_config
+
+  options = []
+  compile_ = jax.stages.Lowered.compile
+
+  def spy(self, compiler_options=None):
+    options.append(compiler_options)
+    return compile_(self, compiler_options=compiler_options)
+
+  monkeypatch.setattr(jax.stages.Lowered, "compile", spy)
+  cfg = micro_run_config(tmp_path, "stagger")
+  variants = {"no_command_buffers": bench_train.NO_COMMAND_BUFFERS}
+  result = bench_train.bench(cfg, 1, None, None, variants)
+  assert options == [None, bench_train.NO_COMMAND_BUFFERS]
+  assert result["ms_per_step"] > 0 and result["ms_per_step_no_command_buffers"] > 0
+  options.clear()
+  result = bench_train.bench(cfg, 1, None, tmp_path / "trace")
+  assert options == [None, bench_train.NO_COMMAND_BUFFERS]  # the default timed, op by op traced
+  assert "ms_per_step_no_command_buffers" not in result
+
+
 def test_top_device_ops_sums_the_xla_ops_of_device_planes():
   from types import SimpleNamespace as NS
 

@@ -138,6 +138,7 @@ class LearnedWindowTest:
   outputs and the gradients of q, k, v and alpha."""
 
   BACKEND = "gpu"
+  BLOCKS = None  # the op's default kernel and blocks
 
   def check_lse(self, seed):
     case = random_case(seed, (16, 32))
@@ -149,13 +150,13 @@ class LearnedWindowTest:
       return (o.astype(jnp.float32) * w).sum() + (lse * w_lse).sum()
 
     def kernel(q, k, v):
-      return loss(*fib_attention_lse(q, k, v, pattern, backend=self.BACKEND))
+      return loss(*fib_attention_lse(q, k, v, pattern, backend=self.BACKEND, blocks=self.BLOCKS))
 
     def oracle(q, k, v):
       q, k, v = (x.astype(jnp.float32) for x in (q, k, v))
       return loss(fib_attention_reference(q, k, v, pattern), _reference_lse(q, k, pattern))
 
-    o, lse = fib_attention_lse(q, k, v, pattern, backend=self.BACKEND)
+    o, lse = fib_attention_lse(q, k, v, pattern, backend=self.BACKEND, blocks=self.BLOCKS)
     assert lse.shape == (q.shape[0], q.shape[2], q.shape[1]) and lse.dtype == jnp.float32
     tol = TOL[case["dtype"]] * (5 if self.BACKEND == "gpu" else 1)
     assert _rel_err(lse, jax.jit(_reference_lse, static_argnums=2)(q, k, pattern)) < tol, case
@@ -205,6 +206,26 @@ class TestGpuInterpretLearnedWindow(LearnedWindowTest):
   @pytest.mark.parametrize("seed", range(2))
   def test_learned(self, seed):
     self.check_learned(seed)
+
+
+@pytest.mark.gpu
+class TestGpuPackedLse(LearnedWindowTest):
+  """The packed kernels with an lse cotangent: delta - dlse, formed in the dq kernel."""
+
+  BLOCKS = GpuBlocks(kernel="packed")
+
+  @pytest.mark.parametrize("seed", range(8))
+  def test_lse(self, seed):
+    self.check_lse(seed)
+
+
+class TestGpuPackedInterpretLse(LearnedWindowTest):
+  BACKEND = "gpu_interpret"
+  BLOCKS = GpuBlocks(kernel="packed")
+
+  @pytest.mark.parametrize("seed", range(8))
+  def test_lse(self, seed):
+    self.check_lse(seed)
 
 
 class TestTpuInterpretLearnedWindow(LearnedWindowTest):
@@ -513,10 +534,10 @@ def test_a_programs_rung_loop_stops_at_the_rungs_that_reach_its_rows():
   lo = jnp.asarray([0, 1, 1, 2, 4, 6, 10, 17, 27, 44], jnp.int32)
   keep = jnp.asarray([0, 0, 0, 0, 0, 0, 0, 1, 1, 1], bool)  # window 12: the last three kept
   frac = jnp.linspace(0, 0.9, 10)
-  tables, order = _learned_tables(lo[::-1], frac[::-1], keep[::-1])  # floors decreasing
+  tables = _learned_tables(lo[::-1], frac[::-1], keep[::-1])  # floors decreasing
   assert [int(x) for x in tables[0][:3]] == [17, 27, 44] and int(tables[2][0]) == 3
   np.testing.assert_array_equal(np.asarray(tables[1][:3]), np.asarray(frac[7:]))
-  assert [int(x) for x in order[:3]] == [2, 1, 0]  # the rung of each slot
+  assert [int(x) for x in tables[3][:3]] == [2, 1, 0]  # the rung of each slot
   got = [int(_rungs_below(tables, True, limit)) for limit in (17, 18, 28, 45, 10**6)]
   assert got == [0, 1, 2, 3, 3]  # never past the count, though the padding floors are 0
 
