@@ -19,12 +19,13 @@ and `profile_top`: the device's XLA operations by time per step (the "XLA Ops" l
 device plane of the trace; a CPU trace has no device plane), each with the JAX op and the line
 of Python it came from where the compiled program says (`hlo_sources`; the program's text is
 kept beside the trace). The traced steps run an executable compiled without XLA's command
-buffers (`NO_COMMAND_BUFFERS`), op by op, so the trace names every kernel; the timed steps
-run as compiled by default (with command buffers on a GPU). Their `device` total is to be
-set against `ms_per_step_no_command_buffers`, which `--command-buffers both` times in the
-same rounds as the default (summary: each sparse/dense ratio for both, and `_fastest`, each
-model at its faster one). The JSON records XLA_FLAGS as the backend read them (when `main`
-starts the backend).
+buffers, op by op, so the trace names every kernel; the timed steps run as fibax compiles the
+step (`fibax.steps.train_compiler_options`: on a GPU, with command buffers for dense models,
+without them where the Pallas kernels run). Their `device` total is to be set against
+`ms_per_step_no_command_buffers`: `--command-buffers both` times the step with and without
+command buffers in the same rounds (summary: each sparse/dense ratio for both settings, and
+`_fastest`, each model at its faster one). The JSON records XLA_FLAGS as the backend read
+them (when `main` starts the backend).
 """
 
 from __future__ import annotations
@@ -50,6 +51,7 @@ from configs.paper import get_config
 from experiments import bench_attention
 from experiments.bench_attention import versions
 from fibax import attention, cli, metrics, sharding
+from fibax import steps as steps_lib
 from fibax.config_loader import add_overrides_argument, apply_overrides
 from fibax.data.files import atomic_write_json
 from fibax.steps import make_steps
@@ -233,8 +235,20 @@ def profile(compiled, state, inputs, steps: int, trace_dir: Path) -> dict:
   return {"profile_top": rows[:PROFILE_TOP], "profile_kinds": op_kinds(rows)}
 
 
-# Compile options of the `--command-buffers both` variant: the same step, op by op.
-NO_COMMAND_BUFFERS = {"xla_gpu_enable_command_buffer": ""}
+# The two settings `--command-buffers both` times: XLA's command buffers on, and off (op by op).
+COMMAND_BUFFER_SETTINGS = {
+  "command_buffers": steps_lib.COMMAND_BUFFERS,
+  "no_command_buffers": steps_lib.NO_COMMAND_BUFFERS,
+}
+
+
+def command_buffer_variants(cfg) -> tuple[str, dict]:
+  """(the setting fibax's train step compiles with by default, {the other one: its compile
+  options}) for `--command-buffers both` (`fibax.steps.train_compiler_options`)."""
+  default = (
+    "no_command_buffers" if steps_lib.train_compiler_options(cfg.model) else "command_buffers"
+  )
+  return default, {k: v for k, v in COMMAND_BUFFER_SETTINGS.items() if k != default}
 
 
 def bench(
@@ -245,10 +259,10 @@ def bench(
   variants: dict[str, dict] | None = None,
 ):
   """Compile time, time per step (the median of 3 rounds of `steps_timed` steps) and memory of
-  one config's train step. `variants` {name: compile options}: the same step compiled again
-  with those options (e.g. `NO_COMMAND_BUFFERS`) and timed in the same rounds, each round
-  running every executable in turn (so a drift of the card's clocks moves them alike), as
-  `ms_per_step_<name>`."""
+  one config's train step as fibax compiles it. `variants` {name: compile options}: the same
+  step compiled again with those options (`COMMAND_BUFFER_SETTINGS`) and timed in the same
+  rounds, each round running every executable in turn (so a drift of the card's clocks moves
+  them alike), as `ms_per_step_<name>`."""
   mesh = sharding.make_mesh(data=1, model=1, devices=jax.devices()[:1])
   steps = make_steps(cfg, mesh)
   state = steps.init(cfg.train.seed)
@@ -262,7 +276,7 @@ def bench(
     compiled[name] = lowered.compile(compiler_options=options)
   if trace_dir is not None and "no_command_buffers" not in compiled:
     # The profile's executable: op by op, so the trace names every kernel.
-    profiled = lowered.compile(compiler_options=NO_COMMAND_BUFFERS)
+    profiled = lowered.compile(compiler_options=steps_lib.NO_COMMAND_BUFFERS)
   else:
     profiled = compiled.get("no_command_buffers")
   memory = compiled[""].memory_analysis()
@@ -391,6 +405,9 @@ def main(argv=None):
       "seq_len": seq_len,
       "batch": cfg.train.batch_size,
     }
+    default, variants = command_buffer_variants(cfg)
+    if args.command_buffers != "both":
+      variants = None
     with attention.gpu_blocks(blocks):
       r.update(
         bench(
@@ -398,9 +415,11 @@ def main(argv=None):
           args.steps,
           args.data,
           args.profile and args.profile / f"{run}_T{seq_len}",
-          {"no_command_buffers": NO_COMMAND_BUFFERS} if args.command_buffers == "both" else None,
+          variants,
         )
       )
+      if args.command_buffers == "both":  # the default's own setting, by name
+        r[f"ms_per_step_{default}"] = r["ms_per_step"]
     r["model_tflops_per_token"] = flops / 1e12
     r["mfu_vs_vendor_peak"] = (
       None if vendor is None else round(r["tokens_per_s"] * flops / (vendor * 1e12), 4)

@@ -5,6 +5,7 @@ import jax.numpy as jnp
 import pytest
 
 from experiments import bench_train
+from fibax import steps
 
 
 def test_run_config_keeps_tokens_per_step_and_sets_the_implementations():
@@ -58,13 +59,15 @@ def test_variants_are_timed_in_the_same_rounds_and_the_profile_runs_op_by_op(tmp
 
   monkeypatch.setattr(jax.stages.Lowered, "compile", spy)
   cfg = micro_run_config(tmp_path, "stagger")
-  variants = {"no_command_buffers": bench_train.NO_COMMAND_BUFFERS}
+  default, variants = bench_train.command_buffer_variants(cfg)
+  assert default == "command_buffers"  # CPU: the step compiles with XLA's defaults
+  assert variants == {"no_command_buffers": steps.NO_COMMAND_BUFFERS}
   result = bench_train.bench(cfg, 1, None, None, variants)
-  assert options == [None, bench_train.NO_COMMAND_BUFFERS]
+  assert options == [None, steps.NO_COMMAND_BUFFERS]
   assert result["ms_per_step"] > 0 and result["ms_per_step_no_command_buffers"] > 0
   options.clear()
   result = bench_train.bench(cfg, 1, None, tmp_path / "trace")
-  assert options == [None, bench_train.NO_COMMAND_BUFFERS]  # the default timed, op by op traced
+  assert options == [None, steps.NO_COMMAND_BUFFERS]  # the default timed, op by op traced
   assert "ms_per_step_no_command_buffers" not in result
 
 

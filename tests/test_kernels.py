@@ -208,24 +208,20 @@ class TestGpuInterpretLearnedWindow(LearnedWindowTest):
     self.check_learned(seed)
 
 
-@pytest.mark.gpu
-class TestGpuPackedLse(LearnedWindowTest):
+class TestGpuPackedInterpretLse(LearnedWindowTest):
   """The packed kernels with an lse cotangent: delta - dlse, formed in the dq kernel."""
 
-  BLOCKS = GpuBlocks(kernel="packed")
-
-  @pytest.mark.parametrize("seed", range(8))
-  def test_lse(self, seed):
-    self.check_lse(seed)
-
-
-class TestGpuPackedInterpretLse(LearnedWindowTest):
   BACKEND = "gpu_interpret"
   BLOCKS = GpuBlocks(kernel="packed")
 
   @pytest.mark.parametrize("seed", range(8))
   def test_lse(self, seed):
     self.check_lse(seed)
+
+
+@pytest.mark.gpu
+class TestGpuPackedLse(TestGpuPackedInterpretLse):
+  BACKEND = "gpu"
 
 
 class TestTpuInterpretLearnedWindow(LearnedWindowTest):

@@ -165,3 +165,23 @@ def test_pallas_kernels_run_per_device_on_a_mesh(tmp_path_factory, impl, schedul
   if schedule == "learned":
     theta = state.params["layer_0"]["attn"]["theta"]
     assert theta.sharding.is_fully_replicated
+
+
+def test_the_train_step_compiles_without_command_buffers_where_the_gpu_kernels_run():
+  """On a GPU, XLA's command buffers are off for a step whose sparse layers run the Pallas GPU
+  kernels (timed slower with them) and stay XLA's default for dense, XLA or TPU-kernel steps;
+  on another platform nothing is set."""
+  from configs.paper import get_config
+  from fibax.steps import NO_COMMAND_BUFFERS, train_compiler_options
+
+  def model(run, impl):
+    cfg = get_config(run).model
+    return dataclasses.replace(cfg, attention=dataclasses.replace(cfg.attention, impl=impl))
+
+  for run in ("fib_stagger_w12", "fib_learned_w12"):
+    for impl in ("pallas_packed", "pallas"):
+      assert train_compiler_options(model(run, impl), "gpu") == NO_COMMAND_BUFFERS
+      assert train_compiler_options(model(run, impl), "cpu") is None
+    for impl in ("xla", "pallas_tpu", "pallas_packed_interpret"):
+      assert train_compiler_options(model(run, impl), "gpu") is None
+  assert train_compiler_options(model("dense", "pallas_packed"), "gpu") is None
