@@ -120,7 +120,9 @@ def top_device_ops(
   """The device operations of a trace (`jax.profiler.ProfileData` planes) with the most time
   (all of them for top=None): op name, ms per step and share of all device-op time, most
   first; with the event's EVENT_STATS where it has them, and `source` (`hlo_sources`) where
-  the op (or its `hlo_op`) is an instruction of the compiled program."""
+  the op (or its `hlo_op`) is an instruction of the compiled program. Events are summed by
+  name and `hlo_op`: one kernel (a cuBLAS kernel, a "Memset") run for several instructions
+  is a row per instruction, each with its own source."""
   totals, stats = collections.Counter(), {}
   for plane in planes:
     if not plane.name.startswith("/device:"):
@@ -128,16 +130,17 @@ def top_device_ops(
     lines = [line for line in plane.lines if line.name == "XLA Ops"] or list(plane.lines)
     for line in lines:
       for event in line.events:
-        totals[event.name] += event.duration_ns
-        if event.name not in stats:
-          found = dict(getattr(event, "stats", ()))
-          stats[event.name] = {k: str(found[k]) for k in EVENT_STATS if k in found}
+        found = dict(getattr(event, "stats", ()))
+        key = (event.name, str(found.get("hlo_op", "")))
+        totals[key] += event.duration_ns
+        if key not in stats:
+          stats[key] = {k: str(found[k]) for k in EVENT_STATS if k in found}
   total = sum(totals.values())
   rows = []
-  for name, ns in totals.most_common(top):
-    row = {"op": name, "ms_per_step": round(ns / 1e6 / steps, 3), "share": round(ns / total, 4)}
-    row.update(stats[name])
-    source = (sources or {}).get(row.get("hlo_op", name))
+  for key, ns in totals.most_common(top):
+    row = {"op": key[0], "ms_per_step": round(ns / 1e6 / steps, 3), "share": round(ns / total, 4)}
+    row.update(stats[key])
+    source = (sources or {}).get(row.get("hlo_op", key[0]))
     rows.append({**row, "source": source} if source else row)
   return rows
 

@@ -133,6 +133,28 @@ def test_top_device_ops_attach_the_events_hlo_op_and_its_source():
   ]  # fmt: skip
 
 
+def test_one_kernel_run_for_two_instructions_is_a_row_for_each():
+  """A kernel name the trace gives several instructions' work (cuDNN's and a sort's memsets
+  are all "Memset 3") is split by `hlo_op`, so each row's source and kind are its own."""
+  from types import SimpleNamespace as NS
+
+  events = [
+    NS(name="Memset 3", duration_ns=1e6, stats=[("hlo_op", "sort.1")]),
+    NS(name="Memset 3", duration_ns=3e6, stats=[("hlo_op", "custom-call.9")]),
+    NS(name="Memset 3", duration_ns=1e6, stats=[("hlo_op", "sort.1")]),
+  ]
+  planes = [NS(name="/device:GPU:0", lines=[NS(name="XLA Ops", events=events)])]
+  sources = {
+    "sort.1": "jit(train)/jit(argsort)/sort @ model.py:347 (Transformer.__call__)",
+    "custom-call.9": "jit(train)/attn/dot_product_attention_bwd @ attention.py:78 (attend)",
+  }
+  rows = bench_train.top_device_ops(planes, steps=1, sources=sources)
+  got = [(r["hlo_op"], r["ms_per_step"]) for r in rows]
+  assert got == [("custom-call.9", 3.0), ("sort.1", 2.0)]
+  kinds = bench_train.op_kinds(rows)
+  assert kinds["embedding"] == 2.0 and kinds["memset_copy"] == 3.0  # not 5 ms of embedding
+
+
 def test_profile_traces_steps_and_writes_the_trace(tmp_path):
   from eval_helpers import micro_run_config
 
