@@ -10,6 +10,13 @@
 # SPEED_NAME=NAME (default speed) names the suite, its folder $SCRATCH/NAME and its archive
 # NAME.tar.gz, so suites of different steps can run on different GPUs at once.
 #
+#   bash experiments/speed_suite.sh queue GPU FILE     # detached: FILE's suites one after another
+#   bash experiments/speed_suite.sh poll-all SECONDS OUT   # wait for every queue; OUT/all.tar.gz
+# A queue runs the suites of FILE, one a line, `NAME VAR=VALUE ...` (the suite's settings, as
+# for `start`; '#' starts a comment), each started when the one before it is done, on one GPU,
+# so that timings never overlap: a lease starts one queue for its timings (and one for tests on
+# another GPU, if it has one) and polls them with calls that each wait a few minutes.
+#
 # Steps, most important first (SPEED_STEPS picks some, e.g. "attention train"):
 #   tests_packed   the packed kernels against the float32 reference for real (pytest -m gpu),
 #                  one line a case in tests_packed.log, junit XML at the end
@@ -155,10 +162,49 @@ case "${1:-}" in
     tar -czf "$out/$NAME.tar.gz" -C "$SCRATCH" "$NAME"
     cat "$DIR/log.txt"
     nvidia-smi --query-gpu=index,memory.used,utilization.gpu --format=csv,noheader || true ;;
+  queue)
+    gpu=${2:?GPU index}; file=${3:?queue file}
+    [ -f "$file" ] || die "no queue file $file"
+    [ -e "$SCRATCH/queue_$gpu.log" ] && die "a queue was already started on GPU $gpu"
+    while read -r name _; do
+      [[ -z "$name" || "$name" == \#* ]] && continue
+      [[ "$name" =~ ^[A-Za-z0-9_-]+$ ]] || die "bad suite name $name in $file"
+      [ -e "$SCRATCH/$name" ] && die "$SCRATCH/$name exists: suite $name was already started"
+    done < "$file"
+    source experiments/gpu_env.sh  # once, before the queue's suites start
+    mkdir -p "$SCRATCH"
+    cp "$file" "$SCRATCH/queue_$gpu.txt"
+    setsid nohup bash "$0" _queue "$gpu" "$SCRATCH/queue_$gpu.txt" > "$SCRATCH/queue_$gpu.log" 2>&1 < /dev/null &
+    echo "queue on GPU $gpu started: $SCRATCH/queue_$gpu.log" ;;
+  _queue)
+    while read -r name settings; do
+      [[ -z "$name" || "$name" == \#* ]] && continue
+      echo "$(date +%s) start $name: $settings"
+      # shellcheck disable=SC2086  # settings: several VAR=VALUE words, quoted as in the file
+      # the start's own output (its error, if it fails) to a log of its own
+      if ! eval "SPEED_NAME=$name $settings bash \"\$0\" start $2" >> "$SCRATCH/queue_$2.starts" 2>&1; then
+        echo "$(date +%s) failed to start $name (queue_$2.starts)"; continue
+      fi
+      until grep -q " done$" "$SCRATCH/$name/log.txt" 2>/dev/null; do sleep 3; done
+      echo "$(date +%s) end $name"
+    done < "$3"
+    echo "$(date +%s) queue done" ;;
+  poll-all)
+    wait_s=${2:?seconds}; out=${3:?output folder}
+    compgen -G "$SCRATCH/queue_*.log" > /dev/null || die "no queue started"
+    end=$((SECONDS + wait_s))
+    # (no pipe: with pipefail, grep -q closing it early would read as a failure)
+    until [ -z "$(grep -L "queue done$" "$SCRATCH"/queue_*.log)" ] || [ "$SECONDS" -ge "$end" ]; do
+      sleep 5
+    done
+    mkdir -p "$out"
+    tar -czf "$out/all.tar.gz" -C "$SCRATCH" --exclude=trace --exclude='*.hlo.txt' .
+    tail -n 2 "$SCRATCH"/queue_*.log
+    nvidia-smi --query-gpu=index,memory.used,utilization.gpu --format=csv,noheader 2>/dev/null || true ;;
   stop)
     [ -f "$DIR.pid" ] || die "no suite started"
     kill -- -"$(cat "$DIR.pid")" 2>/dev/null || true
     echo "$(date +%s) stopped" >> "$DIR/log.txt" ;;
   *)
-    die "usage: speed_suite.sh start GPU | poll SECONDS OUT | stop" ;;
+    die "usage: speed_suite.sh start GPU | poll SECONDS OUT | stop | queue GPU FILE | poll-all SECONDS OUT" ;;
 esac

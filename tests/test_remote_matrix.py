@@ -246,3 +246,49 @@ def test_sharding_on_named_gpus_with_other_data(tmp_path):
   env["SHARDING_DATA"] = str(tmp_path / "nothing")
   proc = _sh("sharding", tmp_path / "out", env=env)
   assert proc.returncode == 1 and f"no tokenized data in {tmp_path / 'nothing'}" in proc.stderr
+
+
+def test_a_speed_queue_runs_its_suites_one_after_another_and_packs_them_all(tmp_path):
+  """speed_suite.sh queue: the file's suites (`NAME VAR=VALUE ...`, quotes kept, comments
+  skipped) start one after another on one GPU, each when the one before is done; `poll-all`
+  waits for every queue and packs every suite; a second queue on that GPU, a bad suite name or
+  a suite already started is refused before anything starts."""
+  import sys
+  import tarfile
+
+  suite = SCRIPT.with_name("speed_suite.sh")
+  scratch = tmp_path / "s"
+  env = dict(os.environ, FIBAX_SCRATCH=str(scratch))
+  env["PATH"] = f"{pathlib.Path(sys.executable).parent}:{env['PATH']}"
+  for k in ("SPEED_NAME", "SPEED_STEPS"):
+    env.pop(k, None)
+
+  def sh(*args):
+    return subprocess.run(
+      ["bash", str(suite), *map(str, args)], capture_output=True, text=True, env=env, timeout=300
+    )
+
+  queue = tmp_path / "q.txt"
+  queue.write_text('# timings\nfirst SPEED_STEPS="bogus other"\n\nsecond SPEED_STEPS=bogus2\n')
+  bad = tmp_path / "bad.txt"
+  bad.write_text("no/slash SPEED_STEPS=x\n")
+  assert sh("queue", 0, bad).returncode == 1 and not scratch.exists()
+  proc = sh("queue", 0, queue)
+  assert proc.returncode == 0, proc.stderr
+  proc = sh("poll-all", 120, tmp_path / "out")
+  assert proc.returncode == 0, proc.stderr
+  lines = (scratch / "queue_0.log").read_text().splitlines()
+  assert [line.split(" ", 1)[1].split(":")[0] for line in lines] == [
+    "start first", "end first", "start second", "end second", "queue done"
+  ]  # fmt: skip
+  first = (scratch / "first" / "log.txt").read_text()
+  assert "unknown step bogus" in first and "unknown step other" in first  # the quotes held
+  assert "unknown step bogus2" in (scratch / "second" / "log.txt").read_text()
+  assert int(lines[2].split()[0]) >= int(lines[1].split()[0])  # second after first's end
+  with tarfile.open(tmp_path / "out" / "all.tar.gz") as tar:
+    names = tar.getnames()
+  assert {"./first/log.txt", "./second/log.txt", "./queue_0.log"} <= set(names)
+  again = sh("queue", 0, queue)
+  assert again.returncode == 1 and "already started" in again.stderr
+  other_gpu = sh("queue", 1, queue)  # its suites exist already
+  assert other_gpu.returncode == 1 and "was already started" in other_gpu.stderr
