@@ -271,19 +271,24 @@ def bench(
   state = steps.init(cfg.train.seed)
   shape = (cfg.train.batch_size, cfg.model.seq_len)
   inputs = batches(cfg, mesh, data_dir)
+  t0 = time.perf_counter()  # tracing and lowering count, as in a first call of the step
   lowered = steps.train.lower(state, inputs[0])
-  t0 = time.perf_counter()
   compiled = {"": lowered.compile()}
   compile_s = time.perf_counter() - t0
-  for name, options in (variants or {}).items():
-    compiled[name] = lowered.compile(compiler_options=options)
-  if trace_dir is not None and "no_command_buffers" not in compiled:
-    # The profile's executable: op by op, so the trace names every kernel.
-    profiled = lowered.compile(compiler_options=steps_lib.NO_COMMAND_BUFFERS)
+  options = steps_lib.train_compiler_options(cfg.model)
+  for name, variant in (variants or {}).items():
+    compiled[name] = lowered.compile(compiler_options=variant)
+  # The profile's executable: op by op, so the trace names every kernel.
+  if trace_dir is None:
+    profiled = None
+  elif options == steps_lib.NO_COMMAND_BUFFERS:
+    profiled = compiled[""]
   else:
-    profiled = compiled.get("no_command_buffers")
+    profiled = compiled.get("no_command_buffers") or lowered.compile(
+      compiler_options=steps_lib.NO_COMMAND_BUFFERS
+    )
   memory = compiled[""].memory_analysis()
-  for step in compiled.values():
+  for step in {id(s): s for s in [*compiled.values(), profiled] if s is not None}.values():
     for i in range(2):  # warm-up
       state, m = step(state, inputs[i % len(inputs)])
   jax.block_until_ready(m)
@@ -299,6 +304,7 @@ def bench(
   traced = {} if trace_dir is None else profile(profiled, state, inputs, steps_timed, trace_dir)
   return {
     "compile_s": round(compile_s, 1),
+    "compiler_options": options,  # fibax's for this step (`train_compiler_options`)
     "ms_per_step": round(step_s * 1e3, 2),
     **{f"ms_per_step_{k}": round(statistics.median(t) * 1e3, 2) for k, t in times.items() if k},
     "steps_per_s": round(1 / step_s, 3),

@@ -166,7 +166,7 @@ case "${1:-}" in
     gpu=${2:?GPU index}; file=${3:?queue file}
     [ -f "$file" ] || die "no queue file $file"
     [ -e "$SCRATCH/queue_$gpu.log" ] && die "a queue was already started on GPU $gpu"
-    while read -r name _; do
+    while read -r name _ || [ -n "$name" ]; do  # (a last line without its newline too)
       [[ -z "$name" || "$name" == \#* ]] && continue
       [[ "$name" =~ ^[A-Za-z0-9_-]+$ ]] || die "bad suite name $name in $file"
       [ -e "$SCRATCH/$name" ] && die "$SCRATCH/$name exists: suite $name was already started"
@@ -177,15 +177,20 @@ case "${1:-}" in
     setsid nohup bash "$0" _queue "$gpu" "$SCRATCH/queue_$gpu.txt" > "$SCRATCH/queue_$gpu.log" 2>&1 < /dev/null &
     echo "queue on GPU $gpu started: $SCRATCH/queue_$gpu.log" ;;
   _queue)
-    while read -r name settings; do
+    while read -r name settings || [ -n "$name" ]; do
       [[ -z "$name" || "$name" == \#* ]] && continue
       echo "$(date +%s) start $name: $settings"
-      # shellcheck disable=SC2086  # settings: several VAR=VALUE words, quoted as in the file
-      # the start's own output (its error, if it fails) to a log of its own
-      if ! eval "SPEED_NAME=$name $settings bash \"\$0\" start $2" >> "$SCRATCH/queue_$2.starts" 2>&1; then
+      # In a subshell: a bad line (an unset variable under set -u) fails this suite only. The
+      # start's own output, its error if it fails, goes to queue_GPU.starts.
+      if ! (eval "SPEED_NAME=$name $settings bash \"\$0\" start $2") >> "$SCRATCH/queue_$2.starts" 2>&1; then
         echo "$(date +%s) failed to start $name (queue_$2.starts)"; continue
       fi
-      until grep -q " done$" "$SCRATCH/$name/log.txt" 2>/dev/null; do sleep 3; done
+      # Until the suite is done, or its process is gone (stopped, killed): the next one never
+      # overlaps a running suite, and a dead one does not hold the queue.
+      until grep -q " done$" "$SCRATCH/$name/log.txt" 2>/dev/null; do
+        kill -0 "$(cat "$SCRATCH/$name.pid")" 2>/dev/null || { echo "$(date +%s) $name ended without done"; break; }
+        sleep 3
+      done
       echo "$(date +%s) end $name"
     done < "$3"
     echo "$(date +%s) queue done" ;;
@@ -198,7 +203,11 @@ case "${1:-}" in
       sleep 5
     done
     mkdir -p "$out"
-    tar -czf "$out/all.tar.gz" -C "$SCRATCH" --exclude=trace --exclude='*.hlo.txt' .
+    # The queues' files and their suites' folders only (SCRATCH may hold other things: data).
+    mapfile -t names < <(cd "$SCRATCH" && ls -d queue_* && sed -e 's/#.*//' -e '/^[[:space:]]*$/d' \
+      queue_*.txt | awk '{print $1}' | while read -r n; do [ -e "$n" ] && echo "$n"; done)
+    # tar exits 1 when a running suite writes a file as it reads it: what it packed stands.
+    tar -czf "$out/all.tar.gz" -C "$SCRATCH" --exclude=trace --exclude='*.hlo.txt' "${names[@]}" || [ $? = 1 ]
     tail -n 2 "$SCRATCH"/queue_*.log
     nvidia-smi --query-gpu=index,memory.used,utilization.gpu --format=csv,noheader 2>/dev/null || true ;;
   stop)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import os
 from typing import Any
 
 import flax.linen as nn
@@ -73,10 +74,13 @@ COMMAND_BUFFERS = {
 
 def train_compiler_options(cfg: ModelConfig, platform: str | None = None) -> dict | None:
   """XLA compile options of `cfg`'s train step on `platform` (default: JAX's default backend):
-  `NO_COMMAND_BUFFERS` where sparse layers run the Pallas GPU kernels on a GPU, else None."""
+  `NO_COMMAND_BUFFERS` where sparse layers run the Pallas GPU kernels on a GPU, else None. An
+  XLA_FLAGS that names `xla_gpu_enable_command_buffer` wins (a compile option would override
+  it), as for fibax's other XLA defaults (`fibax.cli.XLA_DEFAULTS`)."""
   platform = platform or jax.default_backend()
   gpu_kernels = attention.PALLAS_BACKENDS.get(cfg.attention.impl) == "gpu"
-  if platform == "gpu" and gpu_kernels and cfg.attention.schedule != "dense":
+  named = "xla_gpu_enable_command_buffer" in os.environ.get("XLA_FLAGS", "")
+  if platform == "gpu" and gpu_kernels and cfg.attention.schedule != "dense" and not named:
     return NO_COMMAND_BUFFERS
   return None
 

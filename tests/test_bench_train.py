@@ -243,3 +243,26 @@ def test_op_kinds_sort_every_op_into_one_kind_and_sum_the_device_time():
     "memset_copy": 0.25,
     "other": 0.125,
   }
+
+
+def test_both_settings_name_the_defaults_time_too(tmp_path, monkeypatch):
+  """`--command-buffers both`: the step as fibax compiles it is also recorded under its own
+  setting's name, beside the other setting, so the summary compares like with like."""
+  import json
+
+  monkeypatch.setattr(bench_train, "matmul_peak_tflops", lambda n: 100.0)
+  seen = []
+
+  def fake_bench(cfg, steps_timed, data, trace, variants):
+    seen.append(variants)
+    return {"ms_per_step": 10.0, "ms_per_step_no_command_buffers": 12.0, "tokens_per_s": 1e6}
+
+  monkeypatch.setattr(bench_train, "bench", fake_bench)
+  out = tmp_path / "train.json"
+  argv = ["--runs", "dense", "--seq-lens", "1024", "--out", str(out), "--command-buffers", "both"]
+  bench_train.main(argv)
+  (r,) = json.loads(out.read_text())["results"]
+  assert seen == [{"no_command_buffers": steps.NO_COMMAND_BUFFERS}]  # CPU: default has them
+  assert r["ms_per_step_command_buffers"] == 10.0 and r["ms_per_step_no_command_buffers"] == 12.0
+  bench_train.main(argv[:-2])
+  assert seen[-1] is None

@@ -269,7 +269,12 @@ def test_a_speed_queue_runs_its_suites_one_after_another_and_packs_them_all(tmp_
     )
 
   queue = tmp_path / "q.txt"
-  queue.write_text('# timings\nfirst SPEED_STEPS="bogus other"\n\nsecond SPEED_STEPS=bogus2\n')
+  # An unset variable fails its own line only; the last line has no newline.
+  queue.write_text(
+    '# timings\nfirst SPEED_STEPS="bogus other"\n\nbroken SPEED_STEPS="$UNSET_VAR"\n'
+    "second SPEED_STEPS=bogus2"
+  )
+  env.pop("UNSET_VAR", None)
   bad = tmp_path / "bad.txt"
   bad.write_text("no/slash SPEED_STEPS=x\n")
   assert sh("queue", 0, bad).returncode == 1 and not scratch.exists()
@@ -279,15 +284,19 @@ def test_a_speed_queue_runs_its_suites_one_after_another_and_packs_them_all(tmp_
   assert proc.returncode == 0, proc.stderr
   lines = (scratch / "queue_0.log").read_text().splitlines()
   assert [line.split(" ", 1)[1].split(":")[0] for line in lines] == [
-    "start first", "end first", "start second", "end second", "queue done"
+    "start first", "end first", "start broken", "failed to start broken (queue_0.starts)",
+    "start second", "end second", "queue done",
   ]  # fmt: skip
+  assert "UNSET_VAR" in (scratch / "queue_0.starts").read_text()
   first = (scratch / "first" / "log.txt").read_text()
   assert "unknown step bogus" in first and "unknown step other" in first  # the quotes held
   assert "unknown step bogus2" in (scratch / "second" / "log.txt").read_text()
-  assert int(lines[2].split()[0]) >= int(lines[1].split()[0])  # second after first's end
+  (scratch / "data").mkdir()  # something else in the scratch folder: not packed
+  proc = sh("poll-all", 1, tmp_path / "out")
   with tarfile.open(tmp_path / "out" / "all.tar.gz") as tar:
-    names = tar.getnames()
-  assert {"./first/log.txt", "./second/log.txt", "./queue_0.log"} <= set(names)
+    names = set(tar.getnames())
+  assert {"first/log.txt", "second/log.txt", "queue_0.log", "queue_0.txt"} <= names
+  assert not any(n.startswith("data") for n in names)
   again = sh("queue", 0, queue)
   assert again.returncode == 1 and "already started" in again.stderr
   other_gpu = sh("queue", 1, queue)  # its suites exist already

@@ -185,3 +185,31 @@ def test_the_train_step_compiles_without_command_buffers_where_the_gpu_kernels_r
     for impl in ("xla", "pallas_tpu", "pallas_packed_interpret"):
       assert train_compiler_options(model(run, impl), "gpu") is None
   assert train_compiler_options(model("dense", "pallas_packed"), "gpu") is None
+
+
+def test_an_xla_flags_that_names_command_buffers_wins(monkeypatch):
+  from configs.paper import get_config
+  from fibax.steps import train_compiler_options
+
+  cfg = get_config("fib_stagger_w12").model
+  cfg = dataclasses.replace(cfg, attention=dataclasses.replace(cfg.attention, impl="pallas"))
+  monkeypatch.setenv("XLA_FLAGS", "--xla_gpu_enable_command_buffer=FUSION")
+  assert train_compiler_options(cfg, "gpu") is None
+
+
+def test_make_steps_compiles_the_train_step_with_its_compiler_options(tmp_path, monkeypatch):
+  """The options of `train_compiler_options` reach XLA: a bad one fails the compile."""
+  from eval_helpers import micro_run_config
+
+  from fibax import steps as steps_lib
+
+  bogus = {"xla_gpu_enable_command_buffer": "NOT_A_COMMAND"}
+  monkeypatch.setattr(steps_lib, "train_compiler_options", lambda cfg: bogus)
+  cfg = micro_run_config(tmp_path, "stagger")
+  mesh = sharding.make_mesh(data=1, model=1, devices=jax.devices()[:1])
+  steps = make_steps(cfg, mesh)
+  state = steps.init(cfg.train.seed)
+  shape = (cfg.train.batch_size, cfg.model.seq_len)
+  batch = {k: np.zeros(shape, np.int32) for k in ("inputs", "targets")}
+  with pytest.raises(Exception, match="NOT_A_COMMAND"):
+    steps.train.lower(state, sharding.global_batch(batch, mesh)).compile()
