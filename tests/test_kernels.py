@@ -214,7 +214,10 @@ class TestGpuPackedInterpretLse(LearnedWindowTest):
   BACKEND = "gpu_interpret"
   BLOCKS = GpuBlocks(kernel="packed")
 
-  @pytest.mark.parametrize("seed", range(8))
+  # CI runs the first 3 (pytest -m slow the rest); the GPU class below runs all 8.
+  @pytest.mark.parametrize(
+    "seed", [pytest.param(s, marks=[] if s < 3 else [pytest.mark.slow]) for s in range(8)]
+  )
   def test_lse(self, seed):
     self.check_lse(seed)
 
@@ -222,6 +225,10 @@ class TestGpuPackedInterpretLse(LearnedWindowTest):
 @pytest.mark.gpu
 class TestGpuPackedLse(TestGpuPackedInterpretLse):
   BACKEND = "gpu"
+
+  @pytest.mark.parametrize("seed", range(8))
+  def test_lse(self, seed):
+    self.check_lse(seed)
 
 
 class TestTpuInterpretLearnedWindow(LearnedWindowTest):
