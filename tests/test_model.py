@@ -422,8 +422,15 @@ def test_learned_window_jax_is_the_plain_jax_computation_under_a_pallas_impl():
     dataclasses.replace(cfg.attention, learned_window="pallas")
 
 
-@pytest.mark.parametrize("remat", ["block", "dots"])
-@pytest.mark.parametrize("schedule", ["stagger", "learned"])
+@pytest.mark.parametrize(
+  ("schedule", "remat"),
+  [
+    ("stagger", "block"),
+    ("stagger", "dots"),
+    ("learned", "block"),
+    pytest.param("learned", "dots", marks=pytest.mark.slow),  # each policy and schedule in CI
+  ],
+)
 def test_remat_is_the_same_function_with_the_same_parameters_and_keeps_less(remat, schedule):
   """model.remat: the same parameter tree, loss and gradients (alpha's too) as keeping every
   activation; the compiled gradient of a deeper, wider model keeps less memory."""
