@@ -11,6 +11,7 @@
 # NAME.tar.gz, so suites of different steps can run on different GPUs at once.
 #
 #   bash experiments/speed_suite.sh queue GPU FILE     # detached: FILE's suites one after another
+#                                                      # (after the GPU's earlier queues)
 #   bash experiments/speed_suite.sh poll-all SECONDS OUT   # wait for every queue; OUT/all.tar.gz
 # A queue runs the suites of FILE, one a line, `NAME VAR=VALUE ...` (the suite's settings, as
 # for `start`; '#' starts a comment), each started when the one before it is done, on one GPU,
@@ -44,6 +45,8 @@
 #                  pipeline stages and rung groups (ATTN_SWEEP:
 #                  'bq,warps,bq_bwd,warps_bwd[,stages[,stages_bwd[,group[,group_bwd]]]]')
 #                  at T = 1K, 16K, 64K beside the cuDNN window and the HBM floor
+#   cb_dump        bench_train.py, fib_stagger_w12 at T = 1,024 with command buffers on, and the
+#                  thunk sequence XLA runs (which kernels its command buffers hold) dumped
 #   train_xla      bench_train.py, dense and fib_stagger_w12 at T = 1,024 with pallas_packed,
 #                  logits_grad=compute and a profile, once per XLA_FLAGS set of XLA_SETS
 #                  (';'-separated; default: XLA's Triton GEMM fusions on, then off, so the
@@ -108,6 +111,16 @@ suite() {
             ${TRAIN_BLOCKS:+--blocks "$TRAIN_BLOCKS"} \
             "${common[@]}" ${sets[$i]} --out "$DIR/bench_train_options_$i.json"
         done ;;
+      cb_dump)
+        # TRAIN_RUNS (default fib_stagger_w12) at T = 1,024 compiled with XLA's command buffers
+        # (its default list), the thunk sequence after XLA's thunk passes dumped: which
+        # kernels the command buffers hold and which run between them. TRAIN_SETS: one set.
+        local cb=FUSION,CUBLAS,CUBLASLT,CUSTOM_CALL,CUDNN,DYNAMIC_SLICE_FUSION
+        # shellcheck disable=SC2086  # TRAIN_RUNS, TRAIN_SETS: several words
+        step cb_dump 300 env XLA_FLAGS="--xla_gpu_enable_command_buffer=$cb --xla_dump_to=$DIR/dump --xla_dump_hlo_module_re=.*train_step.*" \
+          python experiments/bench_train.py --runs ${TRAIN_RUNS:-fib_stagger_w12} --seq-lens 1024 \
+          --impl pallas_packed --steps 2 "${common[@]}" ${TRAIN_SETS:-} --out "$DIR/bench_train_cb_dump.json"
+        find "$DIR/dump" -type f ! -name '*thunk_sequence*' -delete 2>/dev/null || true ;;
       train_xla)
         local flags; IFS=';' read -ra flags <<< "${XLA_SETS-"--xla_gpu_enable_triton_gemm=true;--xla_gpu_enable_triton_gemm=false"}"
         for i in "${!flags[@]}"; do
@@ -165,25 +178,33 @@ case "${1:-}" in
   queue)
     gpu=${2:?GPU index}; file=${3:?queue file}
     [ -f "$file" ] || die "no queue file $file"
-    [ -e "$SCRATCH/queue_$gpu.log" ] && die "a queue was already started on GPU $gpu"
+    [[ "$gpu" =~ ^[0-9]+$ ]] || die "bad GPU index $gpu"
     while read -r name _ || [ -n "$name" ]; do  # (a last line without its newline too)
       [[ -z "$name" || "$name" == \#* ]] && continue
       [[ "$name" =~ ^[A-Za-z0-9_-]+$ ]] || die "bad suite name $name in $file"
       [ -e "$SCRATCH/$name" ] && die "$SCRATCH/$name exists: suite $name was already started"
     done < "$file"
+    # A GPU's first queue is queue_GPU; a later one, queue_GPU.N, waits for the one before it
+    # to be done, so a lease can add suites after seeing the first results.
+    id=$gpu prev=""; n=0
+    while [ -e "$SCRATCH/queue_$id.log" ]; do prev=$id; n=$((n + 1)); id=$gpu.$n; done
     source experiments/gpu_env.sh  # once, before the queue's suites start
     mkdir -p "$SCRATCH"
-    cp "$file" "$SCRATCH/queue_$gpu.txt"
-    setsid nohup bash "$0" _queue "$gpu" "$SCRATCH/queue_$gpu.txt" > "$SCRATCH/queue_$gpu.log" 2>&1 < /dev/null &
-    echo "queue on GPU $gpu started: $SCRATCH/queue_$gpu.log" ;;
+    cp "$file" "$SCRATCH/queue_$id.txt"
+    setsid nohup bash "$0" _queue "$gpu" "$id" "$prev" > "$SCRATCH/queue_$id.log" 2>&1 < /dev/null &
+    echo "queue $id on GPU $gpu started${prev:+ (after queue $prev)}: $SCRATCH/queue_$id.log" ;;
   _queue)
+    gpu=$2 id=$3 prev=$4
+    if [ -n "$prev" ]; then
+      until grep -q "queue done$" "$SCRATCH/queue_$prev.log" 2>/dev/null; do sleep 3; done
+    fi
     while read -r name settings || [ -n "$name" ]; do
       [[ -z "$name" || "$name" == \#* ]] && continue
       echo "$(date +%s) start $name: $settings"
       # In a subshell: a bad line (an unset variable under set -u) fails this suite only. The
-      # start's own output, its error if it fails, goes to queue_GPU.starts.
-      if ! (eval "SPEED_NAME=$name $settings bash \"\$0\" start $2") >> "$SCRATCH/queue_$2.starts" 2>&1; then
-        echo "$(date +%s) failed to start $name (queue_$2.starts)"; continue
+      # start's own output, its error if it fails, goes to queue_ID.starts.
+      if ! (eval "SPEED_NAME=$name $settings bash \"\$0\" start $gpu") >> "$SCRATCH/queue_$id.starts" 2>&1; then
+        echo "$(date +%s) failed to start $name (queue_$id.starts)"; continue
       fi
       # Until the suite is done, or its process is gone (stopped, killed): the next one never
       # overlaps a running suite, and a dead one does not hold the queue.
@@ -192,7 +213,7 @@ case "${1:-}" in
         sleep 3
       done
       echo "$(date +%s) end $name"
-    done < "$3"
+    done < "$SCRATCH/queue_$id.txt"
     echo "$(date +%s) queue done" ;;
   poll-all)
     wait_s=${2:?seconds}; out=${3:?output folder}

@@ -251,8 +251,8 @@ def test_sharding_on_named_gpus_with_other_data(tmp_path):
 def test_a_speed_queue_runs_its_suites_one_after_another_and_packs_them_all(tmp_path):
   """speed_suite.sh queue: the file's suites (`NAME VAR=VALUE ...`, quotes kept, comments
   skipped) start one after another on one GPU, each when the one before is done; `poll-all`
-  waits for every queue and packs every suite; a second queue on that GPU, a bad suite name or
-  a suite already started is refused before anything starts."""
+  waits for every queue and packs every suite; a later queue on that GPU waits for the earlier
+  one; a bad suite name or a suite already started is refused before anything starts."""
   import sys
   import tarfile
 
@@ -301,3 +301,15 @@ def test_a_speed_queue_runs_its_suites_one_after_another_and_packs_them_all(tmp_
   assert again.returncode == 1 and "already started" in again.stderr
   other_gpu = sh("queue", 1, queue)  # its suites exist already
   assert other_gpu.returncode == 1 and "was already started" in other_gpu.stderr
+  # A later queue on the same GPU starts its suites after the earlier queue is done.
+  later = tmp_path / "later.txt"
+  later.write_text("third SPEED_STEPS=bogus3\n")
+  proc = sh("queue", 0, later)
+  assert proc.returncode == 0 and "queue 0.1 on GPU 0 started (after queue 0)" in proc.stdout
+  assert sh("poll-all", 120, tmp_path / "out").returncode == 0
+  done_at = int(lines[-1].split()[0])
+  started_at = int((scratch / "queue_0.1.log").read_text().split()[0])
+  assert started_at >= done_at
+  assert "unknown step bogus3" in (scratch / "third" / "log.txt").read_text()
+  with tarfile.open(tmp_path / "out" / "all.tar.gz") as tar:
+    assert {"third/log.txt", "queue_0.1.log", "first/log.txt"} <= set(tar.getnames())
