@@ -20,12 +20,12 @@ device plane of the trace; a CPU trace has no device plane), each with the JAX o
 of Python it came from where the compiled program says (`hlo_sources`; the program's text is
 kept beside the trace). The traced steps run an executable compiled without XLA's command
 buffers, op by op, so the trace names every kernel; the timed steps run as fibax compiles the
-step (`fibax.steps.train_compiler_options`: on a GPU, with command buffers for dense models,
-without them where the Pallas kernels run). Their `device` total is to be set against
-`ms_per_step_no_command_buffers`: `--command-buffers both` times the step with and without
-command buffers in the same rounds (summary: each sparse/dense ratio for both settings, and
-`_fastest`, each model at its faster one). The JSON records XLA_FLAGS as the backend read
-them (when `main` starts the backend).
+step (XLA's defaults: on a GPU, with command buffers, which hold the Pallas kernels too, as
+a dump of the stagger step's thunks showed: experiments/results/speed_h200_8ec1543/). Their
+`device` total is to be set against `ms_per_step_no_command_buffers`: `--command-buffers both`
+times the step with and without command buffers in the same rounds (summary: each
+sparse/dense ratio for both settings, and `_fastest`, each model at its faster one). The JSON
+records XLA_FLAGS as the backend read them (when `main` starts the backend).
 """
 
 from __future__ import annotations
@@ -51,7 +51,6 @@ from configs.paper import get_config
 from experiments import bench_attention
 from experiments.bench_attention import versions
 from fibax import attention, cli, metrics, sharding
-from fibax import steps as steps_lib
 from fibax.config_loader import add_overrides_argument, apply_overrides
 from fibax.data.files import atomic_write_json
 from fibax.steps import make_steps
@@ -238,20 +237,9 @@ def profile(compiled, state, inputs, steps: int, trace_dir: Path) -> dict:
   return {"profile_top": rows[:PROFILE_TOP], "profile_kinds": op_kinds(rows)}
 
 
-# The two settings `--command-buffers both` times: XLA's command buffers on, and off (op by op).
-COMMAND_BUFFER_SETTINGS = {
-  "command_buffers": steps_lib.COMMAND_BUFFERS,
-  "no_command_buffers": steps_lib.NO_COMMAND_BUFFERS,
-}
-
-
-def command_buffer_variants(cfg) -> tuple[str, dict]:
-  """(the setting fibax's train step compiles with by default, {the other one: its compile
-  options}) for `--command-buffers both` (`fibax.steps.train_compiler_options`)."""
-  default = (
-    "no_command_buffers" if steps_lib.train_compiler_options(cfg.model) else "command_buffers"
-  )
-  return default, {k: v for k, v in COMMAND_BUFFER_SETTINGS.items() if k != default}
+# XLA's command buffers (CUDA graphs) off: the step op by op. `--command-buffers both` times it
+# beside the default (XLA's, with them) in the same rounds; the profile traces it.
+NO_COMMAND_BUFFERS = {"xla_gpu_enable_command_buffer": ""}
 
 
 def bench(
@@ -263,7 +251,7 @@ def bench(
 ):
   """Compile time, time per step (the median of 3 rounds of `steps_timed` steps) and memory of
   one config's train step as fibax compiles it. `variants` {name: compile options}: the same
-  step compiled again with those options (`COMMAND_BUFFER_SETTINGS`) and timed in the same
+  step compiled again with those options (`NO_COMMAND_BUFFERS`) and timed in the same
   rounds, each round running every executable in turn (so a drift of the card's clocks moves
   them alike), as `ms_per_step_<name>`."""
   mesh = sharding.make_mesh(data=1, model=1, devices=jax.devices()[:1])
@@ -275,17 +263,13 @@ def bench(
   lowered = steps.train.lower(state, inputs[0])
   compiled = {"": lowered.compile()}
   compile_s = time.perf_counter() - t0
-  options = steps_lib.train_compiler_options(cfg.model)
   for name, variant in (variants or {}).items():
     compiled[name] = lowered.compile(compiler_options=variant)
   # The profile's executable: op by op, so the trace names every kernel.
-  if trace_dir is None:
-    profiled = None
-  elif options == steps_lib.NO_COMMAND_BUFFERS:
-    profiled = compiled[""]
-  else:
+  profiled = None
+  if trace_dir is not None:
     profiled = compiled.get("no_command_buffers") or lowered.compile(
-      compiler_options=steps_lib.NO_COMMAND_BUFFERS
+      compiler_options=NO_COMMAND_BUFFERS
     )
   memory = compiled[""].memory_analysis()
   for step in {id(s): s for s in [*compiled.values(), profiled] if s is not None}.values():
@@ -304,7 +288,6 @@ def bench(
   traced = {} if trace_dir is None else profile(profiled, state, inputs, steps_timed, trace_dir)
   return {
     "compile_s": round(compile_s, 1),
-    "compiler_options": options,  # fibax's for this step (`train_compiler_options`)
     "ms_per_step": round(step_s * 1e3, 2),
     **{f"ms_per_step_{k}": round(statistics.median(t) * 1e3, 2) for k, t in times.items() if k},
     "steps_per_s": round(1 / step_s, 3),
@@ -414,9 +397,8 @@ def main(argv=None):
       "seq_len": seq_len,
       "batch": cfg.train.batch_size,
     }
-    default, variants = command_buffer_variants(cfg)
-    if args.command_buffers != "both":
-      variants = None
+    both = args.command_buffers == "both"
+    variants = {"no_command_buffers": NO_COMMAND_BUFFERS} if both else None
     with attention.gpu_blocks(blocks):
       r.update(
         bench(
@@ -427,8 +409,8 @@ def main(argv=None):
           variants,
         )
       )
-      if args.command_buffers == "both":  # the default's own setting, by name
-        r[f"ms_per_step_{default}"] = r["ms_per_step"]
+      if both:  # the default's own setting, by name
+        r["ms_per_step_command_buffers"] = r["ms_per_step"]
     r["model_tflops_per_token"] = flops / 1e12
     r["mfu_vs_vendor_peak"] = (
       None if vendor is None else round(r["tokens_per_s"] * flops / (vendor * 1e12), 4)

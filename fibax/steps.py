@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import os
 from typing import Any
 
 import flax.linen as nn
@@ -57,32 +56,6 @@ class Steps:
   abstract_state: TrainState  # ShapeDtypeStructs carrying their shardings (for restore)
   init: Any  # (seed: int) -> TrainState
   train: Any  # (TrainState, batch) -> (TrainState, {"loss", "grad_norm", "lr"})
-
-
-# XLA's command buffers (CUDA graphs) for a train step whose sparse layers run the Pallas GPU
-# kernels: off. Timed on an H200 in one process, each setting in the same rounds
-# (experiments/results/speed_h200_31c4e80/): the stagger step took 36.56 ms a step without them
-# and 37.07 ms with them at T = 1,024 (36.93 / 37.06 at 8,192; learned 42.13 / 42.24), while the
-# dense step (cuDNN) gained from them, 39.38 against 40.74 ms, and keeps XLA's default.
-NO_COMMAND_BUFFERS = {"xla_gpu_enable_command_buffer": ""}
-# XLA's default command types, as its debug_options_flags.cc sets them: a compile option that
-# turns them back on where NO_COMMAND_BUFFERS would apply (XLA's option takes no +/- syntax).
-COMMAND_BUFFERS = {
-  "xla_gpu_enable_command_buffer": "FUSION,CUBLAS,CUBLASLT,CUSTOM_CALL,CUDNN,DYNAMIC_SLICE_FUSION"
-}
-
-
-def train_compiler_options(cfg: ModelConfig, platform: str | None = None) -> dict | None:
-  """XLA compile options of `cfg`'s train step on `platform` (default: JAX's default backend):
-  `NO_COMMAND_BUFFERS` where sparse layers run the Pallas GPU kernels on a GPU, else None. An
-  XLA_FLAGS that names `xla_gpu_enable_command_buffer` wins (a compile option would override
-  it), as for fibax's other XLA defaults (`fibax.cli.XLA_DEFAULTS`)."""
-  platform = platform or jax.default_backend()
-  gpu_kernels = attention.PALLAS_BACKENDS.get(cfg.attention.impl) == "gpu"
-  named = "xla_gpu_enable_command_buffer" in os.environ.get("XLA_FLAGS", "")
-  if platform == "gpu" and gpu_kernels and cfg.attention.schedule != "dense" and not named:
-    return NO_COMMAND_BUFFERS
-  return None
 
 
 def token_losses(params, model: Transformer, inputs_BxT, targets_BxT):
@@ -262,6 +235,5 @@ def make_steps(cfg: RunConfig, mesh: Mesh) -> Steps:
       in_shardings=(state_sh, batch_sh),
       out_shardings=(state_sh, rep),
       donate_argnums=0,
-      compiler_options=train_compiler_options(cfg.model),
     ),
   )

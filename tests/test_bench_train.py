@@ -5,7 +5,6 @@ import jax.numpy as jnp
 import pytest
 
 from experiments import bench_train
-from fibax import steps
 
 
 def test_run_config_keeps_tokens_per_step_and_sets_the_implementations():
@@ -59,15 +58,13 @@ def test_variants_are_timed_in_the_same_rounds_and_the_profile_runs_op_by_op(tmp
 
   monkeypatch.setattr(jax.stages.Lowered, "compile", spy)
   cfg = micro_run_config(tmp_path, "stagger")
-  default, variants = bench_train.command_buffer_variants(cfg)
-  assert default == "command_buffers"  # CPU: the step compiles with XLA's defaults
-  assert variants == {"no_command_buffers": steps.NO_COMMAND_BUFFERS}
+  variants = {"no_command_buffers": bench_train.NO_COMMAND_BUFFERS}
   result = bench_train.bench(cfg, 1, None, None, variants)
-  assert options == [None, steps.NO_COMMAND_BUFFERS]
+  assert options == [None, bench_train.NO_COMMAND_BUFFERS]
   assert result["ms_per_step"] > 0 and result["ms_per_step_no_command_buffers"] > 0
   options.clear()
   result = bench_train.bench(cfg, 1, None, tmp_path / "trace")
-  assert options == [None, steps.NO_COMMAND_BUFFERS]  # the default timed, op by op traced
+  assert options == [None, bench_train.NO_COMMAND_BUFFERS]  # the default timed, op by op traced
   assert "ms_per_step_no_command_buffers" not in result
 
 
@@ -262,7 +259,7 @@ def test_both_settings_name_the_defaults_time_too(tmp_path, monkeypatch):
   argv = ["--runs", "dense", "--seq-lens", "1024", "--out", str(out), "--command-buffers", "both"]
   bench_train.main(argv)
   (r,) = json.loads(out.read_text())["results"]
-  assert seen == [{"no_command_buffers": steps.NO_COMMAND_BUFFERS}]  # CPU: default has them
+  assert seen == [{"no_command_buffers": bench_train.NO_COMMAND_BUFFERS}]  # the default has them
   assert r["ms_per_step_command_buffers"] == 10.0 and r["ms_per_step_no_command_buffers"] == 12.0
   bench_train.main(argv[:-2])
   assert seen[-1] is None
