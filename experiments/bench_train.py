@@ -16,7 +16,8 @@ With `--profile DIR`, a few more steps of each run are traced with `jax.profiler
 DIR/<run>_T<T>/, and the result gets `profile_kinds` (device time per step by kind of op:
 attention, matmul, loss, embedding, ...; `device` their sum, against the step's wall time)
 and `profile_top`: the device's XLA operations by time per step (the "XLA Ops" line of each
-device plane of the trace; a CPU trace has no device plane), each with the JAX op and the line
+device plane of the trace; a CPU trace has no device plane; an op's rows for the layers
+summed into one, with their count, `instances`), each with the JAX op and the line
 of Python it came from where the compiled program says (`hlo_sources`; the program's text is
 kept beside the trace). The traced steps run an executable compiled without XLA's command
 buffers, op by op, so the trace names every kernel; the timed steps run as fibax compiles the
@@ -219,7 +220,27 @@ def hlo_sources(hlo_text: str) -> dict[str, str]:
   return out
 
 
-PROFILE_TOP = 80  # ops kept in `profile_top` (a step of the paper model runs ~60-100 kinds)
+PROFILE_TOP = 80  # rows kept in `profile_top` (a step of the paper model runs ~60-100 kinds)
+
+
+def by_layer_kind(rows: list[dict]) -> list[dict]:
+  """`top_device_ops` rows with each op's rows for the model's layers as one: the same op
+  name and source up to the layer index (`layer_3/` -> `layer_*/`), their time summed and
+  counted (`instances`), the largest one's stats kept; most time first. One kernel of each
+  kind a layer times 16 layers filled 80 rows with 40% of a step's device time; this way 80
+  rows hold the whole step."""
+  groups: dict[tuple, dict] = {}
+  for r in rows:
+    source = re.sub(r"\blayer_\d+/", "layer_*/", r.get("source") or "")
+    g = groups.setdefault(
+      (r["op"], source), {**r, "ms_per_step": 0.0, "share": 0.0, "instances": 0}
+    )
+    for k in ("ms_per_step", "share"):
+      g[k] = round(g[k] + r.get(k, 0.0), 4)
+    g["instances"] += 1
+    if source:
+      g["source"] = source
+  return sorted(groups.values(), key=lambda g: -g["ms_per_step"])
 
 
 def profile(compiled, state, inputs, steps: int, trace_dir: Path) -> dict:
@@ -234,7 +255,7 @@ def profile(compiled, state, inputs, steps: int, trace_dir: Path) -> dict:
   (trace_dir / "program.hlo.txt").write_text(text)  # beside the trace, for a closer look
   planes = jax.profiler.ProfileData.from_file(str(trace)).planes
   rows = top_device_ops(planes, steps, top=None, sources=hlo_sources(text))
-  return {"profile_top": rows[:PROFILE_TOP], "profile_kinds": op_kinds(rows)}
+  return {"profile_top": by_layer_kind(rows)[:PROFILE_TOP], "profile_kinds": op_kinds(rows)}
 
 
 # XLA's command buffers (CUDA graphs) off: the step op by op. `--command-buffers both` times it

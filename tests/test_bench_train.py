@@ -214,6 +214,27 @@ def test_blocks_reach_the_kernels_of_every_run_and_the_report(tmp_path, monkeypa
   assert len(seen) == 2
 
 
+def test_profile_top_sums_an_ops_rows_over_the_layers():
+  """One kernel run in every layer is one row of `profile_top`: same op, same source but for
+  the layer index; another op or another source stays a row of its own."""
+  rows = [
+    {"op": "fib_dkv", "ms_per_step": 0.15, "share": 0.1, "hlo_op": "pallas_call.7",
+     "source": "jit(train_step)/layer_7/attn/fib_dkv @ ops.py:145 (f)"},
+    {"op": "fib_dkv", "ms_per_step": 0.125, "share": 0.05, "hlo_op": "pallas_call.2",
+     "source": "jit(train_step)/layer_12/attn/fib_dkv @ ops.py:145 (f)"},
+    {"op": "loss", "ms_per_step": 0.2, "share": 0.2, "source": "x @ steps.py:1 (loss)"},
+    {"op": "fib_dkv", "ms_per_step": 0.5, "share": 0.3, "source": "other @ ops.py:9 (g)"},
+    {"op": "Memset", "ms_per_step": 0.0625, "share": 0.01},
+  ]  # fmt: skip
+  top = bench_train.by_layer_kind(rows)
+  assert [(r["op"], r["ms_per_step"], r["instances"]) for r in top] == [
+    ("fib_dkv", 0.5, 1), ("fib_dkv", 0.275, 2), ("loss", 0.2, 1), ("Memset", 0.0625, 1),
+  ]  # fmt: skip
+  assert top[1]["source"] == "jit(train_step)/layer_*/attn/fib_dkv @ ops.py:145 (f)"
+  assert top[1]["hlo_op"] == "pallas_call.7" and top[1]["share"] == 0.15  # the first's stats
+  assert "source" not in top[3]
+
+
 def test_op_kinds_sort_every_op_into_one_kind_and_sum_the_device_time():
   def row(op, ms, source=None, hlo_op=None):
     r = {"op": op, "ms_per_step": ms}
