@@ -243,9 +243,49 @@ def by_layer_kind(rows: list[dict]) -> list[dict]:
   return sorted(groups.values(), key=lambda g: -g["ms_per_step"])
 
 
+# Lines of a device plane that are spans around ops, not ops: the device's idle time is read
+# from the others.
+SPAN_LINES = ("XLA Modules", "Steps", "Launch Stats", "Source code")
+
+
+def device_gaps(planes, steps: int, top: int = 10) -> dict:
+  """The device's idle time in a trace, per step: on each device plane, the union of its op
+  intervals (the "XLA Ops" line, else every line but `SPAN_LINES`), and the gaps between one
+  interval's end and the next one's start, summed (`idle_ms_per_step`) and by the ops on
+  either side (`top`: the `top` largest, with how often a step they occur), so that a step's
+  wall time beyond its kernels can be placed: the gaps between steps (host dispatch) are
+  among them."""
+  gaps, counts = collections.Counter(), collections.Counter()
+  for plane in planes:
+    if not plane.name.startswith("/device:"):
+      continue
+    lines = [line for line in plane.lines if line.name == "XLA Ops"] or [
+      line for line in plane.lines if line.name not in SPAN_LINES
+    ]
+    spans = sorted((e.start_ns, e.end_ns, e.name) for line in lines for e in line.events)
+    end, last = None, None
+    for start, stop, name in spans:
+      if end is not None and start > end:
+        gaps[(last, name)] += start - end
+        counts[(last, name)] += 1
+      if end is None or stop > end:
+        end, last = stop, name
+  rows = [
+    {
+      "after": a,
+      "before": b,
+      "ms_per_step": round(ns / 1e6 / steps, 4),
+      "per_step": round(counts[(a, b)] / steps, 2),
+    }
+    for (a, b), ns in gaps.most_common(top)
+  ]
+  return {"idle_ms_per_step": round(sum(gaps.values()) / 1e6 / steps, 3), "top": rows}
+
+
 def profile(compiled, state, inputs, steps: int, trace_dir: Path) -> dict:
   """`steps` more steps under `jax.profiler.trace(trace_dir)`: their top device ops
-  (`profile_top`) and the time of every op by kind (`profile_kinds`)."""
+  (`profile_top`), the time of every op by kind (`profile_kinds`) and the device's idle time
+  between ops (`profile_gaps`)."""
   with jax.profiler.trace(str(trace_dir)):
     for i in range(steps):
       state, m = compiled(state, inputs[i % len(inputs)])
@@ -255,7 +295,11 @@ def profile(compiled, state, inputs, steps: int, trace_dir: Path) -> dict:
   (trace_dir / "program.hlo.txt").write_text(text)  # beside the trace, for a closer look
   planes = jax.profiler.ProfileData.from_file(str(trace)).planes
   rows = top_device_ops(planes, steps, top=None, sources=hlo_sources(text))
-  return {"profile_top": by_layer_kind(rows)[:PROFILE_TOP], "profile_kinds": op_kinds(rows)}
+  return {
+    "profile_top": by_layer_kind(rows)[:PROFILE_TOP],
+    "profile_kinds": op_kinds(rows),
+    "profile_gaps": device_gaps(planes, steps),
+  }
 
 
 # XLA's command buffers (CUDA graphs) off: the step op by op. `--command-buffers both` times it
@@ -269,12 +313,15 @@ def bench(
   data_dir: str | None = None,
   trace_dir: Path | None = None,
   variants: dict[str, dict] | None = None,
+  profile_default: bool = False,
 ):
   """Compile time, time per step (the median of 3 rounds of `steps_timed` steps) and memory of
   one config's train step as fibax compiles it. `variants` {name: compile options}: the same
   step compiled again with those options (`NO_COMMAND_BUFFERS`) and timed in the same
   rounds, each round running every executable in turn (so a drift of the card's clocks moves
-  them alike), as `ms_per_step_<name>`."""
+  them alike), as `ms_per_step_<name>`. The profile traces the step op by op, or with
+  `profile_default` as timed (with command buffers on a GPU: their kernels' names, but not
+  which instruction each ran for, and the idle time between them inside the graph)."""
   mesh = sharding.make_mesh(data=1, model=1, devices=jax.devices()[:1])
   steps = make_steps(cfg, mesh)
   state = steps.init(cfg.train.seed)
@@ -287,8 +334,8 @@ def bench(
   for name, variant in (variants or {}).items():
     compiled[name] = lowered.compile(compiler_options=variant)
   # The profile's executable: op by op, so the trace names every kernel.
-  profiled = None
-  if trace_dir is not None:
+  profiled = compiled[""] if profile_default else None
+  if trace_dir is not None and profiled is None:
     profiled = compiled.get("no_command_buffers") or lowered.compile(
       compiler_options=NO_COMMAND_BUFFERS
     )
@@ -354,6 +401,11 @@ def main(argv=None):
     "--data", default=None, help="a prepared data directory: time real batches, not random ones"
   )
   p.add_argument("--profile", type=Path, default=None, help="trace a few steps of each run here")
+  p.add_argument(
+    "--profile-as-timed",
+    action="store_true",
+    help="trace the step as timed (with XLA's command buffers), not op by op",
+  )
   p.add_argument(
     "--command-buffers",
     choices=("default", "both"),
@@ -428,6 +480,7 @@ def main(argv=None):
           args.data,
           args.profile and args.profile / f"{run}_T{seq_len}",
           variants,
+          args.profile_as_timed,
         )
       )
       if both:  # the default's own setting, by name

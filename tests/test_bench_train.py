@@ -235,6 +235,33 @@ def test_profile_top_sums_an_ops_rows_over_the_layers():
   assert "source" not in top[3]
 
 
+def test_device_gaps_are_the_idle_time_between_the_device_ops():
+  """The gaps between the union of a device's op intervals, by the ops on either side, per
+  step: overlapping ops leave no gap, span lines (the module) and host planes are not ops."""
+  from types import SimpleNamespace as NS
+
+  def line(name, *events):  # (name, start, end) in microseconds
+    return NS(
+      name=name, events=[NS(name=n, start_ns=a * 1e3, end_ns=b * 1e3) for n, a, b in events]
+    )
+
+  ops = line("XLA Ops", ("a", 0, 10), ("b", 15, 30), ("c", 20, 25), ("a", 40, 50), ("b", 55, 60))
+  planes = [
+    NS(name="/host:CPU", lines=[line("python", ("a", 0, 1000))]),
+    NS(name="/device:GPU:0", lines=[ops, line("XLA Modules", ("jit_step", 0, 60))]),
+  ]
+  gaps = bench_train.device_gaps(planes, steps=2)
+  assert gaps["idle_ms_per_step"] == 0.01  # 5 + 10 + 5 us over 2 steps
+  assert gaps["top"] == [
+    {"after": "a", "before": "b", "ms_per_step": 0.005, "per_step": 1.0},
+    {"after": "b", "before": "a", "ms_per_step": 0.005, "per_step": 0.5},
+  ]  # c ends inside b: the gap after them starts at b's end, and is b's
+  # Without an "XLA Ops" line, every line but the spans (a graph's kernels on a stream line).
+  stream = [line("Stream #1", ("k", 0, 4), ("k", 10, 12)), line("XLA Modules", ("m", 0, 12))]
+  gaps = bench_train.device_gaps([NS(name="/device:GPU:0", lines=stream)], steps=1)
+  assert gaps["idle_ms_per_step"] == 0.006
+
+
 def test_op_kinds_sort_every_op_into_one_kind_and_sum_the_device_time():
   def row(op, ms, source=None, hlo_op=None):
     r = {"op": op, "ms_per_step": ms}
@@ -271,7 +298,7 @@ def test_both_settings_name_the_defaults_time_too(tmp_path, monkeypatch):
   monkeypatch.setattr(bench_train, "matmul_peak_tflops", lambda n: 100.0)
   seen = []
 
-  def fake_bench(cfg, steps_timed, data, trace, variants):
+  def fake_bench(cfg, steps_timed, data, trace, variants, profile_default=False):
     seen.append(variants)
     return {"ms_per_step": 10.0, "ms_per_step_no_command_buffers": 12.0, "tokens_per_s": 1e6}
 
