@@ -38,7 +38,8 @@
 #                  then the float32 backward);
 #                  TRAIN_RUNS, TRAIN_LENS (default 1024) and TRAIN_BLOCKS (the kernels'
 #                  blocks, bench_train.py --blocks) change what each set runs; TRAIN_PROFILE=0
-#                  skips the profile; TRAIN_CB=both also times each step compiled without
+#                  skips the profile, TRAIN_PROFILE=timed traces the step as timed
+#                  (with command buffers, not op by op); TRAIN_CB=both also times each step compiled without
 #                  XLA's command buffers, in the same rounds (bench_train.py --command-buffers)
 #   attention4     the packed kernel alone with 4 warps (wgmma instead of mma.sync)
 #   attention_sweep  bench_attention.py --sweep: the packed kernel's block rows, warps and
@@ -102,6 +103,7 @@ suite() {
         local prof=()
         for i in "${!sets[@]}"; do
           [ "${TRAIN_PROFILE:-1}" = 0 ] || prof=(--profile "$SCRATCH/trace/options_$i")
+          [ "${TRAIN_PROFILE:-1}" = timed ] && prof+=(--profile-as-timed)
           # shellcheck disable=SC2086  # one set is several overrides
           # shellcheck disable=SC2086  # TRAIN_RUNS, TRAIN_LENS: several words
           step "train_options_$i" 600 python experiments/bench_train.py \
