@@ -663,7 +663,8 @@ def _dq_packed_kernel(
     dsk = ds.astype(k_a.dtype)
     dq = dq + plgpu.dot(dsk, _blend(k_a, k_b, f))
     # Each packed row's d loss / d f, into the rung's own column: row sums only, the sum
-    # over rows once after the loop (a whole-tile sum a rung is a cross-warp reduction).
+    # over rows once after the loop, not a whole-tile sum a rung (the same time on an H200,
+    # 2.66 against 2.57 ms a step: experiments/results/speed_h200_8ec1543/).
     d_M = jnp.sum(ds * (s_b - s_a) + p * (dp_b - dp_a), axis=1)
     return dq, dfrac + jnp.where(slots[None, :] == tables[3][j], d_M[:, None], 0.0)
 
@@ -761,7 +762,8 @@ def _dkv_packed_kernel(*refs, window, groups, scale, block_q, seq_len, group=1, 
     w_MxC = (1 - f) * floor + f * prev
     # Row -1's share (query row 0's weight f), the spill, in column 0 of a tile of its own:
     # one more matmul each instead of a sum over the packed rows each rung (a cross-warp
-    # reduction; with those, this kernel took 2.6x the static one in an H200 profile).
+    # reduction): 4.1 ms a step against 6.0 on an H200 (the static dkv: 2.3 ms;
+    # experiments/results/speed_h200_8ec1543/).
     top_MxC = jnp.where(((r_M == 0) & ~first_block)[:, None] & (c_C == 0)[None, :], f, 0.0)
     dk = dk + _dot_t(ds_M[:, None] * w_MxC, q_M)
     dv = dv + _dot_t(p_M[:, None] * w_MxC, do_M)
