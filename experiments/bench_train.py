@@ -114,6 +114,18 @@ def batches(cfg, mesh, data_dir: str | None, count: int = 8) -> list:
 EVENT_STATS = ("hlo_op", "tf_op", "long_name")
 
 
+# Lines of a device plane that are spans around ops, not ops: the device's idle time is read
+# from the others.
+SPAN_LINES = ("XLA Modules", "Steps", "Launch Stats", "Source code")
+
+
+def _op_lines(plane):
+  """The lines of a device plane whose events are ops: "XLA Ops" where the trace has it (XLA
+  names each op there), else every line but `SPAN_LINES` (a stream's kernels)."""
+  ops = [line for line in plane.lines if line.name == "XLA Ops"]
+  return ops or [line for line in plane.lines if line.name not in SPAN_LINES]
+
+
 def top_device_ops(
   planes, steps: int, top: int | None = 25, sources: dict | None = None
 ) -> list[dict]:
@@ -127,8 +139,7 @@ def top_device_ops(
   for plane in planes:
     if not plane.name.startswith("/device:"):
       continue
-    lines = [line for line in plane.lines if line.name == "XLA Ops"] or list(plane.lines)
-    for line in lines:
+    for line in _op_lines(plane):
       for event in line.events:
         found = dict(getattr(event, "stats", ()))
         key = (event.name, str(found.get("hlo_op", "")))
@@ -243,11 +254,6 @@ def by_layer_kind(rows: list[dict]) -> list[dict]:
   return sorted(groups.values(), key=lambda g: -g["ms_per_step"])
 
 
-# Lines of a device plane that are spans around ops, not ops: the device's idle time is read
-# from the others.
-SPAN_LINES = ("XLA Modules", "Steps", "Launch Stats", "Source code")
-
-
 def device_gaps(planes, steps: int, top: int = 10) -> dict:
   """The device's idle time in a trace, per step: on each device plane, the union of its op
   intervals (the "XLA Ops" line, else every line but `SPAN_LINES`), and the gaps between one
@@ -259,10 +265,7 @@ def device_gaps(planes, steps: int, top: int = 10) -> dict:
   for plane in planes:
     if not plane.name.startswith("/device:"):
       continue
-    lines = [line for line in plane.lines if line.name == "XLA Ops"] or [
-      line for line in plane.lines if line.name not in SPAN_LINES
-    ]
-    spans = sorted((e.start_ns, e.end_ns, e.name) for line in lines for e in line.events)
+    spans = sorted((e.start_ns, e.end_ns, e.name) for line in _op_lines(plane) for e in line.events)
     end, last = None, None
     for start, stop, name in spans:
       if end is not None and start > end:

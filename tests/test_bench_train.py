@@ -241,8 +241,10 @@ def test_device_gaps_are_the_idle_time_between_the_device_ops():
   from types import SimpleNamespace as NS
 
   def line(name, *events):  # (name, start, end) in microseconds
+    spans = [(n, a * 1e3, b * 1e3) for n, a, b in events]
     return NS(
-      name=name, events=[NS(name=n, start_ns=a * 1e3, end_ns=b * 1e3) for n, a, b in events]
+      name=name,
+      events=[NS(name=n, start_ns=a, end_ns=b, duration_ns=b - a, stats=()) for n, a, b in spans],
     )
 
   ops = line("XLA Ops", ("a", 0, 10), ("b", 15, 30), ("c", 20, 25), ("a", 40, 50), ("b", 55, 60))
@@ -260,6 +262,8 @@ def test_device_gaps_are_the_idle_time_between_the_device_ops():
   stream = [line("Stream #1", ("k", 0, 4), ("k", 10, 12)), line("XLA Modules", ("m", 0, 12))]
   gaps = bench_train.device_gaps([NS(name="/device:GPU:0", lines=stream)], steps=1)
   assert gaps["idle_ms_per_step"] == 0.006
+  top = bench_train.top_device_ops([NS(name="/device:GPU:0", lines=stream)], steps=1)
+  assert [(r["op"], r["ms_per_step"]) for r in top] == [("k", 0.006)]  # not the module span
 
 
 def test_op_kinds_sort_every_op_into_one_kind_and_sum_the_device_time():
