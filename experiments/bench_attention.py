@@ -148,13 +148,20 @@ def main(argv=None):
   ap.add_argument(
     "--rung-group-bwd", type=int, default=None, help="the same for the backward kernels"
   )
+  ap.add_argument(
+    "--diagonal",
+    type=int,
+    default=None,
+    help="1: a rung's softmax on its tile's diagonal (the default); 0: on the whole masked tile",
+  )
   ap.add_argument("--out", default=None)
   ap.add_argument(
     "--sweep",
     nargs="+",
     default=None,
-    help="block configs 'bq,warps,bq_bwd,warps_bwd[,stages[,stages_bwd[,group[,group_bwd]]]]' "
-    "(group: static rungs to a tile, packed kernel) to time for "
+    help="block configs 'bq,warps,bq_bwd,warps_bwd[,stages[,stages_bwd[,group[,group_bwd"
+    "[,diagonal]]]]]' (group: static rungs to a tile, packed kernel; diagonal: 1 or 0, as "
+    "--diagonal) to time for "
     "--sweep-impl at each length and the first alpha, beside the cuDNN window, then write them "
     "(--out)",
   )
@@ -266,11 +273,13 @@ SPEC_KEYS = (
   "num_stages_bwd",
   "rung_group",
   "rung_group_bwd",
+  "diagonal",
 )
 
 
 def parse_spec(spec: str) -> GpuBlocks:
-  """'bq,warps,bq_bwd,warps_bwd[,stages[,stages_bwd[,group[,group_bwd]]]]' -> GpuBlocks (of
+  """'bq,warps,bq_bwd,warps_bwd[,stages[,stages_bwd[,group[,group_bwd[,diagonal]]]]]' ->
+  GpuBlocks (of
   the packed kernel; `implementations` gives the row-wise one the same blocks without rung
   groups), or a one-line error naming it."""
   try:
@@ -283,16 +292,16 @@ def parse_spec(spec: str) -> GpuBlocks:
     why = f" ({e})" if str(e) else ""
     raise ValueError(
       f"bad block config {spec!r}{why}: expected 'bq,warps,bq_bwd,warps_bwd[,stages"
-      "[,stages_bwd[,group[,group_bwd]]]]' of integers"
+      "[,stages_bwd[,group[,group_bwd[,diagonal]]]]]' of integers"
     ) from None
 
 
 def _spec(b: GpuBlocks) -> list[int]:
-  """bq, warps, bq_bwd, warps_bwd, stages, stages_bwd, group, group_bwd (resolved)."""
+  """bq, warps, bq_bwd, warps_bwd, stages, stages_bwd, group, group_bwd, diagonal (resolved)."""
   stages_bwd = b.num_stages_bwd or b.num_stages
   return [
     *(b.block_q, b.num_warps, b.block_q_bwd, b.num_warps_bwd, b.num_stages, stages_bwd),
-    *(b.rung_group, b.group_bwd),
+    *(b.rung_group, b.group_bwd, b.diagonal),
   ]
 
 

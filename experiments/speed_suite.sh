@@ -44,7 +44,7 @@
 #   attention4     the packed kernel alone with 4 warps (wgmma instead of mma.sync)
 #   attention_sweep  bench_attention.py --sweep: the packed kernel's block rows, warps and
 #                  pipeline stages and rung groups (ATTN_SWEEP:
-#                  'bq,warps,bq_bwd,warps_bwd[,stages[,stages_bwd[,group[,group_bwd]]]]')
+#                  'bq,warps,bq_bwd,warps_bwd[,stages[,stages_bwd[,group[,group_bwd[,diagonal]]]]]')
 #                  at T = 1K, 16K, 64K beside the cuDNN window and the HBM floor
 #   cb_dump        bench_train.py, fib_stagger_w12 at T = 1,024 with command buffers on, and the
 #                  thunk sequence XLA runs (which kernels its command buffers hold) dumped

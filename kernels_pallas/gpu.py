@@ -57,6 +57,11 @@ class GpuBlocks:
   # backward kernels (0: rung_group). Powers of two; learned rungs always go one at a time.
   rung_group: int = 1
   rung_group_bwd: int = 0
+  # Packed kernels, one rung a loop step (static rungs ungrouped, and learned rungs): 1 takes
+  # each packed row's one score of a rung tile from the tile's diagonal and runs the softmax
+  # on those (one exp a row); 0 runs it on the whole masked tile (one exp an entry, the way
+  # rung groups and the window tile run). The same results either way.
+  diagonal: int = 1
 
   def __post_init__(self):
     if self.kernel not in KERNELS:
@@ -83,6 +88,8 @@ class GpuBlocks:
         raise ValueError(
           f"{name}={n} must be a power of two" + (" or 0 (0: rung_group)" if least == 0 else "")
         )
+    if self.diagonal not in (0, 1):
+      raise ValueError(f"diagonal={self.diagonal} must be 0 or 1")
     if self.kernel != "packed" and (self.rung_group, self.group_bwd) != (1, 1):
       raise ValueError(
         f"rung_group={self.rung_group}, rung_group_bwd={self.rung_group_bwd}: rung groups are "
@@ -546,6 +553,25 @@ def _blend(a_CxD, b_CxD, f):
   return mix.astype(a_CxD.dtype)
 
 
+def _diag(x_MxC, eye):
+  """Each row's one entry on `eye` (a rung tile's diagonal: packed row m's key): [M]."""
+  return jnp.sum(jnp.where(eye, x_MxC, 0.0), axis=1)
+
+
+def _on_diag(x_M, eye):
+  """[M] back onto the tile's diagonal, zero elsewhere: [M, C]."""
+  return jnp.where(eye, x_M[:, None], 0.0)
+
+
+def _static_rung(table_ref, n, i0, r_M, k_ref, v_ref, cols, block_q):
+  """Static rung n's key and value tiles for query rows i0 + c (query row r reads row r of
+  each), and whether each packed row's key exists (row i0 + r - d >= 0): [M]."""
+  d = table_ref[1 + n]
+  rows_C = i0 + jnp.arange(block_q) - d
+  valid = rows_C >= 0
+  return _rows(k_ref, rows_C, cols, valid), _rows(v_ref, rows_C, cols, valid), i0 + r_M - d >= 0
+
+
 def _fwd_window(q_MxD, k_CxD, v_CxD, keep, scale):
   """The online softmax's carry after the window tile (every query attends d = 0)."""
   s_MxC = jnp.where(keep, plgpu.dot(q_MxD, k_CxD, trans_b=True) * scale, MASK_VALUE)
@@ -575,7 +601,26 @@ def _dkv_tile(dk, dv, q_M, do_M, lse_M, delta_M, k_CxD, v_CxD, keep, scale):
   return dk + _dot_t(ds, q_M), dv + _dot_t(p, do_M)
 
 
-def _fwd_packed_kernel(*refs, window, groups, scale, block_q, group=1, num_rungs=None):
+def _dq_diag(q_MxD, do_MxD, lse_M, delta_M, k_CxD, v_CxD, eye, valid_M, scale):
+  """`_dq_tile` of a rung tile whose packed rows each read one key (on `eye`, where
+  `valid_M`): the softmax on the diagonal's scores only."""
+  s_M = _diag(plgpu.dot(q_MxD, k_CxD, trans_b=True), eye)
+  dp_M = _diag(plgpu.dot(do_MxD, v_CxD, trans_b=True), eye)
+  p_M = jnp.where(valid_M, jnp.exp(s_M * scale - lse_M), 0.0)
+  ds_M = p_M * (dp_M - delta_M)
+  return plgpu.dot(_on_diag(ds_M, eye).astype(k_CxD.dtype), k_CxD)
+
+
+def _dkv_diag(dk, dv, q_M, do_M, lse_M, delta_M, k_CxD, v_CxD, eye, valid_M, scale):
+  """`_dkv_tile` of packed queries that each read one key of the block (on `eye`)."""
+  s_M = _diag(plgpu.dot(q_M, k_CxD, trans_b=True), eye)
+  dp_M = _diag(plgpu.dot(do_M, v_CxD, trans_b=True), eye)
+  p_M = jnp.where(valid_M, jnp.exp(s_M * scale - lse_M), 0.0)
+  ds_M = p_M * (dp_M - delta_M)
+  return dk + _dot_t(_on_diag(ds_M, eye), q_M), dv + _dot_t(_on_diag(p_M, eye), do_M)
+
+
+def _fwd_packed_kernel(*refs, window, groups, scale, block_q, group=1, num_rungs=None, diagonal=1):
   # tables: [S] int32 (static: count, then distances) or lo/frac/count (learned);
   # q_ref/o_ref [Q, G, D]; k_ref/v_ref [T, D]; lse_ref [G, Q]
   learned = num_rungs is not None
@@ -596,12 +641,26 @@ def _fwd_packed_kernel(*refs, window, groups, scale, block_q, group=1, num_rungs
     pv_D = plgpu.dot(p.astype(v_CxD.dtype), v_CxD)
     return acc * corr[:, None] + pv_D, m_new, l * corr + jnp.sum(p, axis=1)
 
+  def one_key(carry, k_CxD, v_CxD, valid_M):  # `tile` where each row reads one key: diag's
+    acc, m, l = carry
+    s_M = jnp.where(valid_M, _diag(plgpu.dot(q_MxD, k_CxD, trans_b=True), diag) * scale, MASK_VALUE)
+    m_new = jnp.maximum(m, s_M)
+    corr = jnp.exp(m - m_new)
+    p_M = jnp.exp(s_M - m_new)
+    pv_D = plgpu.dot(_on_diag(p_M, diag).astype(v_CxD.dtype), v_CxD)
+    return acc * corr[:, None] + pv_D, m_new, l * corr + p_M
+
   def rung(j, carry):
     lo, f = tables[0][j], tables[1][j]
     valid, (k_a, v_a, k_b, v_b) = _rung_keys(k_ref, v_ref, i0, lo, cols, block_q)
-    return tile(carry, _blend(k_a, k_b, f), _blend(v_a, v_b, f), diag & valid[None, :])
+    k_CxD, v_CxD = _blend(k_a, k_b, f), _blend(v_a, v_b, f)
+    if diagonal:
+      return one_key(carry, k_CxD, v_CxD, rows_M - lo >= 0)
+    return tile(carry, k_CxD, v_CxD, diag & valid[None, :])
 
   def rung_group(n, carry):
+    if diagonal and group == 1:
+      return one_key(carry, *_static_rung(tables[0], n, i0, r_M, k_ref, v_ref, cols, block_q))
     keys = _group_keys(tables[0], n, group, live, i0, r_M, k_ref, v_ref, cols, block_q)
     return tile(carry, *keys)
 
@@ -617,7 +676,7 @@ def _fwd_packed_kernel(*refs, window, groups, scale, block_q, group=1, num_rungs
 
 
 def _dq_packed_kernel(
-  *refs, window, groups, scale, block_q, group=1, num_rungs=None, with_dlse=False
+  *refs, window, groups, scale, block_q, group=1, num_rungs=None, with_dlse=False, diagonal=1
 ):
   # q/o/do/dq [Q, G, D]; k/v [T, D]; lse/dlse/delta [G, Q]; learned: dfrac [R_pad], this
   # program's d loss / d f_r. delta_i = sum_d o_i do_i (- dlse_i) is formed here, from the
@@ -646,6 +705,9 @@ def _dq_packed_kernel(
   live = _rungs_below(tables, learned, i0 + block_q)
 
   def rung_group(n, dq):
+    if diagonal and group == 1:
+      k_CxD, v_CxD, valid_M = _static_rung(tables[0], n, i0, r_M, k_ref, v_ref, cols, block_q)
+      return dq + _dq_diag(q_MxD, do_MxD, lse_M, delta_M, k_CxD, v_CxD, diag, valid_M, scale)
     keys = _group_keys(tables[0], n, group, live, i0, r_M, k_ref, v_ref, cols, block_q)
     return dq + _dq_tile(q_MxD, do_MxD, lse_M, delta_M, *keys, scale)
 
@@ -653,19 +715,26 @@ def _dq_packed_kernel(
     dq, dfrac = carry
     lo, f = tables[0][j], tables[1][j]
     valid, (k_a, v_a, k_b, v_b) = _rung_keys(k_ref, v_ref, i0, lo, cols, block_q)
-    keep = diag & valid[None, :]
-    s_a = plgpu.dot(q_MxD, k_a, trans_b=True) * scale
-    dp_a = plgpu.dot(do_MxD, v_a, trans_b=True)
-    s_b = plgpu.dot(q_MxD, k_b, trans_b=True) * scale
-    dp_b = plgpu.dot(do_MxD, v_b, trans_b=True)
-    p = jnp.where(keep, jnp.exp((1 - f) * s_a + f * s_b - lse_M[:, None]), 0.0)
-    ds = p * ((1 - f) * dp_a + f * dp_b - delta_M[:, None])
-    dsk = ds.astype(k_a.dtype)
-    dq = dq + plgpu.dot(dsk, _blend(k_a, k_b, f))
+    scores = (
+      plgpu.dot(q_MxD, k_a, trans_b=True) * scale,
+      plgpu.dot(do_MxD, v_a, trans_b=True),
+      plgpu.dot(q_MxD, k_b, trans_b=True) * scale,
+      plgpu.dot(do_MxD, v_b, trans_b=True),
+    )
+    if diagonal:  # each packed row's one key: [M] vectors
+      s_a, dp_a, s_b, dp_b = (_diag(x, diag) for x in scores)
+      keep, lse, delta = rows_M - lo >= 0, lse_M, delta_M
+    else:
+      s_a, dp_a, s_b, dp_b = scores
+      keep, lse, delta = diag & valid[None, :], lse_M[:, None], delta_M[:, None]
+    p = jnp.where(keep, jnp.exp((1 - f) * s_a + f * s_b - lse), 0.0)
+    ds = p * ((1 - f) * dp_a + f * dp_b - delta)
     # Each packed row's d loss / d f, into the rung's own column: row sums only, the sum
     # over rows once after the loop, not a whole-tile sum a rung (the same time on an H200,
     # 2.66 against 2.57 ms a step: experiments/results/speed_h200_8ec1543/).
-    d_M = jnp.sum(ds * (s_b - s_a) + p * (dp_b - dp_a), axis=1)
+    d = ds * (s_b - s_a) + p * (dp_b - dp_a)
+    d_M, ds = (d, _on_diag(ds, diag)) if diagonal else (jnp.sum(d, axis=1), ds)
+    dq = dq + plgpu.dot(ds.astype(k_a.dtype), _blend(k_a, k_b, f))
     return dq, dfrac + jnp.where(slots[None, :] == tables[3][j], d_M[:, None], 0.0)
 
   if learned:
@@ -681,7 +750,9 @@ def _dq_packed_kernel(
   plgpu.store(outs[1].at[g_M, r_M], delta_M)
 
 
-def _dkv_packed_kernel(*refs, window, groups, scale, block_q, seq_len, group=1, num_rungs=None):
+def _dkv_packed_kernel(
+  *refs, window, groups, scale, block_q, seq_len, group=1, num_rungs=None, diagonal=1
+):
   # q/do [T, G, D]; k/v/dk/dv [C, D] (learned: also k/v [T, D], for the rows before the block,
   # and the spills dk_top/dv_top [D]); lse/delta [G, T]. Key block [j0, j0 + C). A static
   # rung d reaches row j from query j + d. A learned rung (floor lo, weight f) blends query
@@ -729,7 +800,10 @@ def _dkv_packed_kernel(*refs, window, groups, scale, block_q, seq_len, group=1, 
     (q_M, do_M), (lse_M, delta_M) = _gather_packed(
       rows_M, g_M, valid, cols, [q_ref, do_ref], [lse_ref, delta_ref], seq_len
     )
-    keep = (r_M[:, None] == c_C[None, :]) & valid[:, None]
+    eye = r_M[:, None] == c_C[None, :]
+    if diagonal and group == 1:  # (valid: rows_M < seq_len, no group padding)
+      return _dkv_diag(*carry, q_M, do_M, lse_M, delta_M, k_CxD, v_CxD, eye, valid, scale)
+    keep = eye & valid[:, None]
     return _dkv_tile(*carry, q_M, do_M, lse_M, delta_M, k_CxD, v_CxD, keep, scale)
 
   if not learned:
@@ -751,9 +825,13 @@ def _dkv_packed_kernel(*refs, window, groups, scale, block_q, seq_len, group=1, 
     k_b, v_b = _blend(k_CxD, k_prev, f), _blend(v_CxD, v_prev, f)
     s = plgpu.dot(q_M, k_b, trans_b=True)
     dp = plgpu.dot(do_M, v_b, trans_b=True)
-    p = jnp.where(floor & valid[:, None], jnp.exp(s * scale - lse_M[:, None]), 0)
-    ds = p * (dp - delta_M[:, None])
-    p_M, ds_M = jnp.sum(p, axis=1), jnp.sum(ds, axis=1)  # one key a row: the floor's
+    if diagonal:  # one key a row, the floor's: the softmax on those
+      p_M = jnp.where(valid, jnp.exp(_diag(s, floor) * scale - lse_M), 0.0)
+      ds_M = p_M * (_diag(dp, floor) - delta_M)
+    else:
+      p = jnp.where(floor & valid[:, None], jnp.exp(s * scale - lse_M[:, None]), 0)
+      ds = p * (dp - delta_M[:, None])
+      p_M, ds_M = jnp.sum(p, axis=1), jnp.sum(ds, axis=1)
     # Each query row's gradient to the block's rows: 1 - f at its floor, f at the row before
     # (its floor itself for query lo of the first block, the clamp at row 0).
     prev = (r_M[:, None] - 1 == c_C[None, :]) | (
@@ -814,7 +892,7 @@ def _packed_forward(q, k, v, tables, *, window, blocks, interpret, num_rungs=Non
   sp = _packed_specs(seq_len, groups, head_dim, bq, tables)
   kernel = functools.partial(
     _fwd_packed_kernel, window=window, groups=groups, scale=head_dim**-0.5, block_q=bq,
-    group=blocks.rung_group, num_rungs=num_rungs,
+    group=blocks.rung_group, num_rungs=num_rungs, diagonal=blocks.diagonal,
   )  # fmt: skip
   return pl.pallas_call(
     kernel,
@@ -840,7 +918,7 @@ def _packed_backward(q, k, v, o, lse, do, tables, *, window, blocks, interpret, 
   params = _params(blocks.num_warps_bwd, blocks.num_stages_bwd or blocks.num_stages, interpret)
   statics = dict(
     window=window, groups=groups, scale=head_dim**-0.5, block_q=bq, group=blocks.group_bwd,
-    num_rungs=num_rungs,
+    num_rungs=num_rungs, diagonal=blocks.diagonal,
   )  # fmt: skip
   sp = _packed_specs(seq_len, groups, head_dim, bq, tables)
   grid = (seq_len // bq, bsz, num_kv)

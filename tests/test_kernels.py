@@ -447,6 +447,63 @@ class TestGpuPackedGroupedInterpret(KernelTest):
     self.check(seed)
 
 
+# One rung a step with its softmax on the whole masked tile (GpuBlocks.diagonal=0), not on
+# the tile's diagonal (the default).
+WHOLE_TILE = GpuBlocks(kernel="packed", diagonal=0)
+
+
+@pytest.mark.gpu
+class TestGpuPackedWholeTileKernel(KernelTest):
+  BLOCKS = WHOLE_TILE
+
+  @pytest.mark.parametrize("seed", _gpu_seeds())
+  def test_matches_reference(self, seed):
+    self.check(seed)
+
+
+class TestGpuPackedWholeTileInterpret(KernelTest):
+  BACKEND = "gpu_interpret"
+  HEAD_DIMS = (16, 32, 64)
+  BLOCKS = WHOLE_TILE
+
+  @pytest.mark.parametrize("seed", _seeds())
+  def test_matches_reference(self, seed):
+    self.check(seed)
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_a_rungs_diagonal_and_its_whole_tile_give_the_same_attention(seed):
+  """GpuBlocks.diagonal: a rung's softmax on its tile's diagonal (each packed row's one key)
+  or on the whole masked tile: the same outputs and gradients to float32 rounding, for static
+  rungs and for learned ones (and the weights' gradient)."""
+  case = {**random_case(seed, (16, 32)), "dtype": jnp.float32}
+  q, k, v, w = _inputs(case, seed)
+  lp = LearnedPattern.build(base="fib", window=case["pattern"].window, seq_len=case["seq_len"])
+  lo, frac, keep = attention.learned_table(lp, 0.5 + seed / 2)
+
+  def grads(diagonal):
+    blocks = GpuBlocks(kernel="packed", diagonal=diagonal)
+
+    def static(q, k, v):
+      o = fib_attention(q, k, v, case["pattern"], backend="gpu_interpret", blocks=blocks)
+      return (o * w).sum()
+
+    def learned(q, k, v, frac):
+      o = fib_attention_learned(
+        q, k, v, lp.window, lo, frac, keep, backend="gpu_interpret", blocks=blocks
+      )
+      return (o * w).sum()
+
+    return (
+      *jax.jit(jax.grad(static, argnums=(0, 1, 2)))(q, k, v),
+      *jax.jit(jax.grad(learned, argnums=(0, 1, 2, 3)))(q, k, v, frac),
+    )
+
+  names = ("static dq", "dk", "dv", "learned dq", "dk", "dv", "dfrac")
+  for name, a, b in zip(names, grads(1), grads(0), strict=True):
+    assert _rel_err(a, b) < 1e-5, (name, case)
+
+
 def test_rung_groups_are_checked():
   assert GpuBlocks(kernel="packed", rung_group=2).group_bwd == 2  # 0: the forward's
   assert GpuBlocks(kernel="packed", rung_group=2, rung_group_bwd=8).group_bwd == 8
@@ -464,6 +521,8 @@ def test_rung_groups_are_checked():
     GpuBlocks(block_q_bwd=24)
   with pytest.raises(ValueError, match="num_warps=0 must be a power of two >= 1"):
     GpuBlocks(num_warps=0)
+  with pytest.raises(ValueError, match="diagonal=2 must be 0 or 1"):
+    GpuBlocks(kernel="packed", diagonal=2)
 
 
 class TestTpuInterpret(KernelTest):
