@@ -60,8 +60,9 @@ class GpuBlocks:
   # Packed kernels, one rung a loop step (static rungs ungrouped, and learned rungs): 1 takes
   # each packed row's one score of a rung tile from the tile's diagonal and runs the softmax
   # on those (one exp a row); 0 runs it on the whole masked tile (one exp an entry, the way
-  # rung groups and the window tile run). The same results either way.
-  diagonal: int = 1
+  # rung groups and the window tile run). The same results either way; 0 stays the default
+  # until 1 is timed on a GPU.
+  diagonal: int = 0
 
   def __post_init__(self):
     if self.kernel not in KERNELS:
@@ -620,7 +621,7 @@ def _dkv_diag(dk, dv, q_M, do_M, lse_M, delta_M, k_CxD, v_CxD, eye, valid_M, sca
   return dk + _dot_t(_on_diag(ds_M, eye), q_M), dv + _dot_t(_on_diag(p_M, eye), do_M)
 
 
-def _fwd_packed_kernel(*refs, window, groups, scale, block_q, group=1, num_rungs=None, diagonal=1):
+def _fwd_packed_kernel(*refs, window, groups, scale, block_q, group=1, num_rungs=None, diagonal=0):
   # tables: [S] int32 (static: count, then distances) or lo/frac/count (learned);
   # q_ref/o_ref [Q, G, D]; k_ref/v_ref [T, D]; lse_ref [G, Q]
   learned = num_rungs is not None
@@ -676,7 +677,7 @@ def _fwd_packed_kernel(*refs, window, groups, scale, block_q, group=1, num_rungs
 
 
 def _dq_packed_kernel(
-  *refs, window, groups, scale, block_q, group=1, num_rungs=None, with_dlse=False, diagonal=1
+  *refs, window, groups, scale, block_q, group=1, num_rungs=None, with_dlse=False, diagonal=0
 ):
   # q/o/do/dq [Q, G, D]; k/v [T, D]; lse/dlse/delta [G, Q]; learned: dfrac [R_pad], this
   # program's d loss / d f_r. delta_i = sum_d o_i do_i (- dlse_i) is formed here, from the
@@ -751,7 +752,7 @@ def _dq_packed_kernel(
 
 
 def _dkv_packed_kernel(
-  *refs, window, groups, scale, block_q, seq_len, group=1, num_rungs=None, diagonal=1
+  *refs, window, groups, scale, block_q, seq_len, group=1, num_rungs=None, diagonal=0
 ):
   # q/do [T, G, D]; k/v/dk/dv [C, D] (learned: also k/v [T, D], for the rows before the block,
   # and the spills dk_top/dv_top [D]); lse/delta [G, T]. Key block [j0, j0 + C). A static

@@ -250,6 +250,7 @@ class LearnedRungsTest:
   clamped at row 0, beyond T)."""
 
   BACKEND = "gpu"
+  BLOCKS = None  # the kernels' defaults
 
   def check(self, seed):
     rng = np.random.default_rng(seed)
@@ -276,7 +277,8 @@ class LearnedRungsTest:
     # cancel, so TF32 rounding alone moves it by more than the float32 tolerance.
     exact = jax.default_matmul_precision("highest")
     with exact if dtype == jnp.float32 else contextlib.nullcontext():
-      (_, o), g_got = jax.jit(grad, static_argnums=4)(q, k, v, alpha, True)
+      with attention.gpu_blocks(self.BLOCKS):  # traced inside: the kernels take them
+        (_, o), g_got = jax.jit(grad, static_argnums=4)(q, k, v, alpha, True)
     f32 = (x.astype(jnp.float32) for x in (q, k, v))
     with exact:
       (_, r_o), g_want = jax.jit(grad, static_argnums=4)(*f32, alpha, False)
@@ -302,6 +304,24 @@ class TestGpuLearnedRungs(LearnedRungsTest):
 
 class TestGpuInterpretLearnedRungs(LearnedRungsTest):
   BACKEND = "gpu_interpret"
+
+  @pytest.mark.parametrize("seed", _seeds())
+  def test_matches_plain_jax(self, seed):
+    self.check(seed)
+
+
+@pytest.mark.gpu
+class TestGpuLearnedRungsDiagonal(LearnedRungsTest):
+  BLOCKS = GpuBlocks(kernel="packed", diagonal=1)
+
+  @pytest.mark.parametrize("seed", _gpu_seeds())
+  def test_matches_plain_jax(self, seed):
+    self.check(seed)
+
+
+class TestGpuInterpretLearnedRungsDiagonal(LearnedRungsTest):
+  BACKEND = "gpu_interpret"
+  BLOCKS = GpuBlocks(kernel="packed", diagonal=1)
 
   @pytest.mark.parametrize("seed", _seeds())
   def test_matches_plain_jax(self, seed):
@@ -447,24 +467,24 @@ class TestGpuPackedGroupedInterpret(KernelTest):
     self.check(seed)
 
 
-# One rung a step with its softmax on the whole masked tile (GpuBlocks.diagonal=0), not on
-# the tile's diagonal (the default).
-WHOLE_TILE = GpuBlocks(kernel="packed", diagonal=0)
+# One rung a step with its softmax on the tile's diagonal (GpuBlocks.diagonal=1), not on the
+# whole masked tile (the default).
+DIAGONAL = GpuBlocks(kernel="packed", diagonal=1)
 
 
 @pytest.mark.gpu
-class TestGpuPackedWholeTileKernel(KernelTest):
-  BLOCKS = WHOLE_TILE
+class TestGpuPackedDiagonalKernel(KernelTest):
+  BLOCKS = DIAGONAL
 
   @pytest.mark.parametrize("seed", _gpu_seeds())
   def test_matches_reference(self, seed):
     self.check(seed)
 
 
-class TestGpuPackedWholeTileInterpret(KernelTest):
+class TestGpuPackedDiagonalInterpret(KernelTest):
   BACKEND = "gpu_interpret"
   HEAD_DIMS = (16, 32, 64)
-  BLOCKS = WHOLE_TILE
+  BLOCKS = DIAGONAL
 
   @pytest.mark.parametrize("seed", _seeds())
   def test_matches_reference(self, seed):
