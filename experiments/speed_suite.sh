@@ -31,6 +31,8 @@
 #   tests_learned  the learned-rung kernels against the plain-JAX learned path, for real
 #                  (FIBAX_KERNEL_SHARD=i/n: every n-th case, so n GPUs can share them)
 #   tests_lse      the packed kernels with a cotangent of their lse as well, for real
+#   tests_diagonal the packed and learned kernels with GpuBlocks.diagonal=1, for real
+#                  (FIBAX_KERNEL_SHARD as for tests_learned)
 #   train_options  bench_train.py, dense, fib_stagger_w12 and fib_learned_w12 at T = 1,024 with
 #                  pallas_packed and a profile, once per override set of TRAIN_SETS
 #                  (';'-separated; default: the logits' backward in bf16 with the MLP's
@@ -141,10 +143,11 @@ suite() {
             --seq-lens 1024 --impl pallas_packed --data "$SPEED_DATA" --set model.embed_backward="$e" \
             model.logits_grad=compute model.mlp_pad=128 --out "$DIR/bench_train_text_$e.json"
         done ;;
-      tests_packed | tests_grouped | tests_learned | tests_lse)
-        local k=GpuPackedKernel; [ "$s" = tests_learned ] && k=GpuLearnedRungs
+      tests_packed | tests_grouped | tests_learned | tests_lse | tests_diagonal)
+        local k=GpuPackedKernel; [ "$s" = tests_learned ] && k="GpuLearnedRungs and not Diagonal"
         [ "$s" = tests_grouped ] && k=GpuPackedGroupedKernel
         [ "$s" = tests_lse ] && k=GpuPackedLse
+        [ "$s" = tests_diagonal ] && k="GpuPackedDiagonalKernel or GpuLearnedRungsDiagonal"
         local per=(); python -c "import pytest_timeout" 2>/dev/null && per=(--timeout "${PER_TEST_S:-240}")
         step "$s" "${TEST_LIMIT_S:-900}" env FIBAX_GPU_TESTS=1 python -m pytest -m gpu tests/test_kernels.py -k "$k" \
           -vv -p no:cacheprovider "${per[@]}" --junitxml "$DIR/$s.xml" ;;  # -vv: the -q of addopts
