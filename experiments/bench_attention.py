@@ -152,7 +152,7 @@ def main(argv=None):
     "--diagonal",
     type=int,
     default=None,
-    help="1: a rung's softmax on its tile's diagonal (the default); 0: on the whole masked tile",
+    help="1: a rung's softmax on its tile's diagonal; 0: on the whole masked tile (the default)",
   )
   ap.add_argument("--out", default=None)
   ap.add_argument(
@@ -279,9 +279,8 @@ SPEC_KEYS = (
 
 def parse_spec(spec: str) -> GpuBlocks:
   """'bq,warps,bq_bwd,warps_bwd[,stages[,stages_bwd[,group[,group_bwd[,diagonal]]]]]' ->
-  GpuBlocks (of
-  the packed kernel; `implementations` gives the row-wise one the same blocks without rung
-  groups), or a one-line error naming it."""
+  GpuBlocks (of the packed kernel; `implementations` gives the row-wise one the same blocks
+  without rung groups), or a one-line error naming it."""
   try:
     vals = [int(x) for x in spec.split(",")]
     if not 4 <= len(vals) <= len(SPEC_KEYS):

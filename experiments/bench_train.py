@@ -336,7 +336,7 @@ def bench(
   compile_s = time.perf_counter() - t0
   for name, variant in (variants or {}).items():
     compiled[name] = lowered.compile(compiler_options=variant)
-  # The profile's executable: op by op, so the trace names every kernel.
+  # The profile's executable: op by op, so the trace names every kernel (or the timed one).
   profiled = compiled[""] if profile_default else None
   if trace_dir is not None and profiled is None:
     profiled = compiled.get("no_command_buffers") or lowered.compile(

@@ -41,8 +41,9 @@
 #                  TRAIN_RUNS, TRAIN_LENS (default 1024) and TRAIN_BLOCKS (the kernels'
 #                  blocks, bench_train.py --blocks) change what each set runs; TRAIN_PROFILE=0
 #                  skips the profile, TRAIN_PROFILE=timed traces the step as timed
-#                  (with command buffers, not op by op); TRAIN_CB=both also times each step compiled without
-#                  XLA's command buffers, in the same rounds (bench_train.py --command-buffers)
+#                  (with command buffers, not op by op); TRAIN_CB=both also times each step
+#                  compiled without XLA's command buffers, in the same rounds
+#                  (bench_train.py --command-buffers)
 #   attention4     the packed kernel alone with 4 warps (wgmma instead of mma.sync)
 #   attention_sweep  bench_attention.py --sweep: the packed kernel's block rows, warps and
 #                  pipeline stages and rung groups (ATTN_SWEEP:
