@@ -425,6 +425,8 @@ def main(argv=None):
   add_overrides_argument(p, "config overrides for every run")
   p.add_argument("--out", default=None)
   args = p.parse_args(argv)
+  if args.profile_as_timed and args.profile is None:
+    p.error("--profile-as-timed: traces nothing without --profile DIR")
   try:
     blocks = None if args.blocks is None else bench_attention.parse_spec(args.blocks)
   except ValueError as e:

@@ -315,3 +315,11 @@ def test_both_settings_name_the_defaults_time_too(tmp_path, monkeypatch):
   assert r["ms_per_step_command_buffers"] == 10.0 and r["ms_per_step_no_command_buffers"] == 12.0
   bench_train.main(argv[:-2])
   assert seen[-1] is None
+
+
+def test_profile_as_timed_needs_a_profile_folder(tmp_path, capsys):
+  with pytest.raises(SystemExit):
+    bench_train.main(["--runs", "dense", "--profile-as-timed", "--out", str(tmp_path / "x.json")])
+  err = capsys.readouterr().err.strip().splitlines()[-1]
+  assert err.endswith("error: --profile-as-timed: traces nothing without --profile DIR")
+  assert not (tmp_path / "x.json").exists()
