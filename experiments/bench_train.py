@@ -296,7 +296,8 @@ def profile(compiled, state, inputs, steps: int, trace_dir: Path) -> dict:
   trace = max(trace_dir.rglob("*.xplane.pb"), key=lambda f: f.stat().st_mtime)
   text = compiled.as_text()
   (trace_dir / "program.hlo.txt").write_text(text)  # beside the trace, for a closer look
-  planes = jax.profiler.ProfileData.from_file(str(trace)).planes
+  # A list: `.planes` is a one-pass iterator, and the ops, their kinds and the gaps each read it.
+  planes = list(jax.profiler.ProfileData.from_file(str(trace)).planes)
   rows = top_device_ops(planes, steps, top=None, sources=hlo_sources(text))
   return {
     "profile_top": by_layer_kind(rows)[:PROFILE_TOP],

@@ -323,3 +323,24 @@ def test_profile_as_timed_needs_a_profile_folder(tmp_path, capsys):
   err = capsys.readouterr().err.strip().splitlines()[-1]
   assert err.endswith("error: --profile-as-timed: traces nothing without --profile DIR")
   assert not (tmp_path / "x.json").exists()
+
+
+def test_profile_reads_every_device_plane_for_the_ops_and_for_the_gaps(tmp_path, monkeypatch):
+  """A trace's `.planes` can be read once: the top ops and the idle gaps both see the device
+  plane (the gaps read 0 on a GPU while the ops were found, when they shared one iterator)."""
+  from types import SimpleNamespace as NS
+
+  def event(name, a, b):  # microseconds
+    return NS(name=name, start_ns=a * 1e3, end_ns=b * 1e3, duration_ns=(b - a) * 1e3, stats=())
+
+  stream = NS(name="Stream #14", events=[event("k", 0, 4), event("m", 10, 12)])
+  plane = NS(name="/device:GPU:0", lines=[stream])
+  monkeypatch.setattr(
+    jax.profiler.ProfileData, "from_file", lambda path: NS(planes=(p for p in [plane]))
+  )
+  x = jnp.ones(4)
+  compiled = jax.jit(lambda s, b: (s + b, s.sum())).lower(x, x).compile()
+  result = bench_train.profile(compiled, x, [x], 1, tmp_path / "trace")
+  assert [r["op"] for r in result["profile_top"]] == ["k", "m"]
+  assert result["profile_gaps"]["idle_ms_per_step"] == 0.006
+  assert result["profile_gaps"]["top"][0]["after"] == "k"
