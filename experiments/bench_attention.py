@@ -154,14 +154,21 @@ def main(argv=None):
     default=None,
     help="1: a rung's softmax on its tile's diagonal; 0: on the whole masked tile (the default)",
   )
+  ap.add_argument(
+    "--table-regs",
+    type=int,
+    default=None,
+    help="1: the packed kernels' loops select each rung from the rung table held in registers; "
+    "0: load it from the table in memory each step (the default)",
+  )
   ap.add_argument("--out", default=None)
   ap.add_argument(
     "--sweep",
     nargs="+",
     default=None,
     help="block configs 'bq,warps,bq_bwd,warps_bwd[,stages[,stages_bwd[,group[,group_bwd"
-    "[,diagonal]]]]]' (group: static rungs to a tile, packed kernel; diagonal: 1 or 0, as "
-    "--diagonal) to time for "
+    "[,diagonal[,table_regs]]]]]]' (group: static rungs to a tile, packed kernel; diagonal, "
+    "table_regs: 1 or 0, as --diagonal, --table-regs) to time for "
     "--sweep-impl at each length and the first alpha, beside the cuDNN window, then write them "
     "(--out)",
   )
@@ -274,11 +281,13 @@ SPEC_KEYS = (
   "rung_group",
   "rung_group_bwd",
   "diagonal",
+  "table_regs",
 )
 
 
 def parse_spec(spec: str) -> GpuBlocks:
-  """'bq,warps,bq_bwd,warps_bwd[,stages[,stages_bwd[,group[,group_bwd[,diagonal]]]]]' ->
+  """'bq,warps,bq_bwd,warps_bwd[,stages[,stages_bwd[,group[,group_bwd[,diagonal[,table_regs]]]]]]'
+  ->
   GpuBlocks (of the packed kernel; `implementations` gives the row-wise one the same blocks
   without rung groups), or a one-line error naming it."""
   try:
@@ -291,16 +300,17 @@ def parse_spec(spec: str) -> GpuBlocks:
     why = f" ({e})" if str(e) else ""
     raise ValueError(
       f"bad block config {spec!r}{why}: expected 'bq,warps,bq_bwd,warps_bwd[,stages"
-      "[,stages_bwd[,group[,group_bwd[,diagonal]]]]]' of integers"
+      "[,stages_bwd[,group[,group_bwd[,diagonal[,table_regs]]]]]]' of integers"
     ) from None
 
 
 def _spec(b: GpuBlocks) -> list[int]:
-  """bq, warps, bq_bwd, warps_bwd, stages, stages_bwd, group, group_bwd, diagonal (resolved)."""
+  """bq, warps, bq_bwd, warps_bwd, stages, stages_bwd, group, group_bwd, diagonal, table_regs
+  (resolved)."""
   stages_bwd = b.num_stages_bwd or b.num_stages
   return [
     *(b.block_q, b.num_warps, b.block_q_bwd, b.num_warps_bwd, b.num_stages, stages_bwd),
-    *(b.rung_group, b.group_bwd, b.diagonal),
+    *(b.rung_group, b.group_bwd, b.diagonal, b.table_regs),
   ]
 
 

@@ -32,6 +32,7 @@
 #                  (FIBAX_KERNEL_SHARD=i/n: every n-th case, so n GPUs can share them)
 #   tests_lse      the packed kernels with a cotangent of their lse as well, for real
 #   tests_diagonal the packed and learned kernels with GpuBlocks.diagonal=1, for real
+#   tests_table_regs  the same with GpuBlocks.table_regs=1 (the rung table read into registers)
 #                  (FIBAX_KERNEL_SHARD as for tests_learned)
 #   train_options  bench_train.py, dense, fib_stagger_w12 and fib_learned_w12 at T = 1,024 with
 #                  pallas_packed and a profile, once per override set of TRAIN_SETS
@@ -47,7 +48,8 @@
 #   attention4     the packed kernel alone with 4 warps (wgmma instead of mma.sync)
 #   attention_sweep  bench_attention.py --sweep: the packed kernel's block rows, warps and
 #                  pipeline stages and rung groups (ATTN_SWEEP:
-#                  'bq,warps,bq_bwd,warps_bwd[,stages[,stages_bwd[,group[,group_bwd[,diagonal]]]]]')
+#                  'bq,warps,bq_bwd,warps_bwd[,stages[,stages_bwd[,group[,group_bwd[,diagonal
+#                  [,table_regs]]]]]]')
 #                  at T = 1K, 16K, 64K beside the cuDNN window and the HBM floor
 #   cb_dump        bench_train.py, fib_stagger_w12 at T = 1,024 with command buffers on, and the
 #                  thunk sequence XLA runs (which kernels its command buffers hold) dumped
@@ -144,11 +146,13 @@ suite() {
             --seq-lens 1024 --impl pallas_packed --data "$SPEED_DATA" --set model.embed_backward="$e" \
             model.logits_grad=compute model.mlp_pad=128 --out "$DIR/bench_train_text_$e.json"
         done ;;
-      tests_packed | tests_grouped | tests_learned | tests_lse | tests_diagonal)
-        local k=GpuPackedKernel; [ "$s" = tests_learned ] && k="GpuLearnedRungs and not Diagonal"
+      tests_packed | tests_grouped | tests_learned | tests_lse | tests_diagonal | tests_table_regs)
+        local k=GpuPackedKernel
+        [ "$s" = tests_learned ] && k="GpuLearnedRungs and not Diagonal and not TableRegs"
         [ "$s" = tests_grouped ] && k=GpuPackedGroupedKernel
         [ "$s" = tests_lse ] && k=GpuPackedLse
         [ "$s" = tests_diagonal ] && k="GpuPackedDiagonalKernel or GpuLearnedRungsDiagonal"
+        [ "$s" = tests_table_regs ] && k="GpuPackedTableRegsKernel or GpuLearnedRungsTableRegs"
         local per=(); python -c "import pytest_timeout" 2>/dev/null && per=(--timeout "${PER_TEST_S:-240}")
         step "$s" "${TEST_LIMIT_S:-900}" env FIBAX_GPU_TESTS=1 python -m pytest -m gpu tests/test_kernels.py -k "$k" \
           -vv -p no:cacheprovider "${per[@]}" --junitxml "$DIR/$s.xml" ;;  # -vv: the -q of addopts

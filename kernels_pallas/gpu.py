@@ -63,6 +63,13 @@ class GpuBlocks:
   # rung groups and the window tile run). The same results either way; 0 stays the default
   # until 1 is timed on a GPU.
   diagonal: int = 0
+  # Packed kernels: how a loop step reads its rung's distance (learned: floor and weight) from
+  # the table. 0: a scalar load from the table in memory each step, which makes the step's key
+  # (dkv: query) tile loads indirect loads, and Triton's software pipeliner leaves indirect
+  # loads out at 2 stages (triton-lang/triton#4721); 1: the table is read into registers once
+  # before the loop and each step selects its entry there, so the tile loads are direct and can
+  # be pipelined. The same results either way.
+  table_regs: int = 0
 
   def __post_init__(self):
     if self.kernel not in KERNELS:
@@ -89,8 +96,9 @@ class GpuBlocks:
         raise ValueError(
           f"{name}={n} must be a power of two" + (" or 0 (0: rung_group)" if least == 0 else "")
         )
-    if self.diagonal not in (0, 1):
-      raise ValueError(f"diagonal={self.diagonal} must be 0 or 1")
+    for name in ("diagonal", "table_regs"):
+      if getattr(self, name) not in (0, 1):
+        raise ValueError(f"{name}={getattr(self, name)} must be 0 or 1")
     if self.kernel != "packed" and (self.rung_group, self.group_bwd) != (1, 1):
       raise ValueError(
         f"rung_group={self.rung_group}, rung_group_bwd={self.rung_group_bwd}: rung groups are "
@@ -504,7 +512,22 @@ def _rung_keys(k_ref, v_ref, i0, lo, cols, block_q):
   return valid, [_rows(ref, r, cols, valid) for r in rows for ref in (k_ref, v_ref)]
 
 
-def _group_rungs(table_ref, n, group, per, live):
+def _reader(tables, regs):
+  """read(k, i): entry i of table k, a scalar load from the table's ref each call (regs = 0),
+  or (regs = 1) selected from the table read into registers here, once, before the loop that
+  calls it (`GpuBlocks.table_regs`)."""
+  if not regs:
+    return lambda k, i: tables[k][i]
+  vecs = [t[...] for t in tables]
+
+  def read(k, i):
+    v = vecs[k]
+    return jnp.sum(jnp.where(jnp.arange(v.shape[0]) == i, v, jnp.zeros_like(v)))
+
+  return read
+
+
+def _group_rungs(read, size, n, group, per, live):
   """Static rungs n * U .. n * U + U - 1 (U = `group`) laid out `per` rows (or columns) each:
   for each row, its rung's distance, its index within the rung's rows, and whether the rung
   is live (below `live`, the program's count; the padding's distances are 0), or None where
@@ -512,11 +535,11 @@ def _group_rungs(table_ref, n, group, per, live):
   loads (a vector gather of the table made the backward 13% slower at T = 16,384 on an H200)."""
   m = jnp.arange(group * per)
   if group == 1:
-    return table_ref[1 + n], m, None
+    return read(0, 1 + n), m, None
   u_M = m // per
-  d = table_ref[jnp.minimum(1 + n * group, table_ref.shape[0] - 1)]
+  d = read(0, jnp.minimum(1 + n * group, size - 1))
   for u in range(1, group):
-    d = jnp.where(u_M == u, table_ref[jnp.minimum(1 + n * group + u, table_ref.shape[0] - 1)], d)
+    d = jnp.where(u_M == u, read(0, jnp.minimum(1 + n * group + u, size - 1)), d)
   return d, m % per, n * group + u_M < live
 
 
@@ -524,11 +547,11 @@ def _and(live, cond):
   return cond if live is None else live & cond
 
 
-def _group_keys(table_ref, n, group, live, i0, r_M, k_ref, v_ref, cols, block_q):
+def _group_keys(read, size, n, group, live, i0, r_M, k_ref, v_ref, cols, block_q):
   """A static rung group's key and value tiles [U * Q, D] for query rows i0 + c (rung u's Q
   rows stacked), and their mask against the packed query rows: query row r reads row r of
   each rung's tile (a diagonal per rung)."""
-  d_C, c_C, live_C = _group_rungs(table_ref, n, group, block_q, live)
+  d_C, c_C, live_C = _group_rungs(read, size, n, group, block_q, live)
   rows_C = i0 + c_C - d_C
   valid = _and(live_C, rows_C >= 0)
   keep = (r_M[:, None] == c_C[None, :]) & valid[None, :]
@@ -564,10 +587,10 @@ def _on_diag(x_M, eye):
   return jnp.where(eye, x_M[:, None], 0.0)
 
 
-def _static_rung(table_ref, n, i0, r_M, k_ref, v_ref, cols, block_q):
+def _static_rung(read, n, i0, r_M, k_ref, v_ref, cols, block_q):
   """Static rung n's key and value tiles for query rows i0 + c (query row r reads row r of
   each), and whether each packed row's key exists (row i0 + r - d >= 0): [M]."""
-  d = table_ref[1 + n]
+  d = read(0, 1 + n)
   rows_C = i0 + jnp.arange(block_q) - d
   valid = rows_C >= 0
   return _rows(k_ref, rows_C, cols, valid), _rows(v_ref, rows_C, cols, valid), i0 + r_M - d >= 0
@@ -621,7 +644,9 @@ def _dkv_diag(dk, dv, q_M, do_M, lse_M, delta_M, k_CxD, v_CxD, eye, valid_M, sca
   return dk + _dot_t(_on_diag(ds_M, eye), q_M), dv + _dot_t(_on_diag(p_M, eye), do_M)
 
 
-def _fwd_packed_kernel(*refs, window, groups, scale, block_q, group=1, num_rungs=None, diagonal=0):
+def _fwd_packed_kernel(
+  *refs, window, groups, scale, block_q, group=1, num_rungs=None, diagonal=0, table_regs=0
+):
   # tables: [S] int32 (static: count, then distances) or lo/frac/count (learned);
   # q_ref/o_ref [Q, G, D]; k_ref/v_ref [T, D]; lse_ref [G, Q]
   learned = num_rungs is not None
@@ -652,7 +677,7 @@ def _fwd_packed_kernel(*refs, window, groups, scale, block_q, group=1, num_rungs
     return acc * corr[:, None] + pv_D, m_new, l * corr + p_M
 
   def rung(j, carry):
-    lo, f = tables[0][j], tables[1][j]
+    lo, f = read(0, j), read(1, j)
     valid, (k_a, v_a, k_b, v_b) = _rung_keys(k_ref, v_ref, i0, lo, cols, block_q)
     k_CxD, v_CxD = _blend(k_a, k_b, f), _blend(v_a, v_b, f)
     if diagonal:
@@ -661,11 +686,12 @@ def _fwd_packed_kernel(*refs, window, groups, scale, block_q, group=1, num_rungs
 
   def rung_group(n, carry):
     if diagonal and group == 1:
-      return one_key(carry, *_static_rung(tables[0], n, i0, r_M, k_ref, v_ref, cols, block_q))
-    keys = _group_keys(tables[0], n, group, live, i0, r_M, k_ref, v_ref, cols, block_q)
+      return one_key(carry, *_static_rung(read, n, i0, r_M, k_ref, v_ref, cols, block_q))
+    keys = _group_keys(read, size, n, group, live, i0, r_M, k_ref, v_ref, cols, block_q)
     return tile(carry, *keys)
 
   live = _rungs_below(tables, learned, i0 + block_q)
+  read, size = _reader(tables, table_regs), tables[0].shape[0]
   if learned:
     acc, m_M, l_M = lax.fori_loop(0, live, rung, carry)
   else:
@@ -677,7 +703,16 @@ def _fwd_packed_kernel(*refs, window, groups, scale, block_q, group=1, num_rungs
 
 
 def _dq_packed_kernel(
-  *refs, window, groups, scale, block_q, group=1, num_rungs=None, with_dlse=False, diagonal=0
+  *refs,
+  window,
+  groups,
+  scale,
+  block_q,
+  group=1,
+  num_rungs=None,
+  with_dlse=False,
+  diagonal=0,
+  table_regs=0,
 ):
   # q/o/do/dq [Q, G, D]; k/v [T, D]; lse/dlse/delta [G, Q]; learned: dfrac [R_pad], this
   # program's d loss / d f_r. delta_i = sum_d o_i do_i (- dlse_i) is formed here, from the
@@ -704,17 +739,18 @@ def _dq_packed_kernel(
   slots = jnp.arange(outs[-1].shape[0]) if learned else None
 
   live = _rungs_below(tables, learned, i0 + block_q)
+  read, size = _reader(tables, table_regs), tables[0].shape[0]
 
   def rung_group(n, dq):
     if diagonal and group == 1:
-      k_CxD, v_CxD, valid_M = _static_rung(tables[0], n, i0, r_M, k_ref, v_ref, cols, block_q)
+      k_CxD, v_CxD, valid_M = _static_rung(read, n, i0, r_M, k_ref, v_ref, cols, block_q)
       return dq + _dq_diag(q_MxD, do_MxD, lse_M, delta_M, k_CxD, v_CxD, diag, valid_M, scale)
-    keys = _group_keys(tables[0], n, group, live, i0, r_M, k_ref, v_ref, cols, block_q)
+    keys = _group_keys(read, size, n, group, live, i0, r_M, k_ref, v_ref, cols, block_q)
     return dq + _dq_tile(q_MxD, do_MxD, lse_M, delta_M, *keys, scale)
 
   def rung(j, carry):
     dq, dfrac = carry
-    lo, f = tables[0][j], tables[1][j]
+    lo, f = read(0, j), read(1, j)
     valid, (k_a, v_a, k_b, v_b) = _rung_keys(k_ref, v_ref, i0, lo, cols, block_q)
     scores = (
       plgpu.dot(q_MxD, k_a, trans_b=True) * scale,
@@ -736,7 +772,7 @@ def _dq_packed_kernel(
     d = ds * (s_b - s_a) + p * (dp_b - dp_a)
     d_M, ds = (d, _on_diag(ds, diag)) if diagonal else (jnp.sum(d, axis=1), ds)
     dq = dq + plgpu.dot(ds.astype(k_a.dtype), _blend(k_a, k_b, f))
-    return dq, dfrac + jnp.where(slots[None, :] == tables[3][j], d_M[:, None], 0.0)
+    return dq, dfrac + jnp.where(slots[None, :] == read(3, j), d_M[:, None], 0.0)
 
   if learned:
     dfrac = jnp.zeros((q_MxD.shape[0], outs[-1].shape[0]), jnp.float32)
@@ -752,7 +788,16 @@ def _dq_packed_kernel(
 
 
 def _dkv_packed_kernel(
-  *refs, window, groups, scale, block_q, seq_len, group=1, num_rungs=None, diagonal=0
+  *refs,
+  window,
+  groups,
+  scale,
+  block_q,
+  seq_len,
+  group=1,
+  num_rungs=None,
+  diagonal=0,
+  table_regs=0,
 ):
   # q/do [T, G, D]; k/v/dk/dv [C, D] (learned: also k/v [T, D], for the rows before the block,
   # and the spills dk_top/dv_top [D]); lse/delta [G, T]. Key block [j0, j0 + C). A static
@@ -794,7 +839,7 @@ def _dkv_packed_kernel(
   # Static rungs, U at a time: the queries j0 + d_u + c of rungs u = 0 .. U - 1 (x G heads)
   # packed into one U * Q * G-row tile, query row c of each rung reading key row c.
   def rung_group(n, carry):
-    d_M, m_M, live_M = _group_rungs(tables[0], n, group, block_q * groups, live)
+    d_M, m_M, live_M = _group_rungs(read, size, n, group, block_q * groups, live)
     r_M, g_M = m_M // groups, m_M % groups
     rows_M = j0 + d_M + r_M
     valid = _and(live_M, rows_M < seq_len)
@@ -807,6 +852,7 @@ def _dkv_packed_kernel(
     keep = eye & valid[:, None]
     return _dkv_tile(*carry, q_M, do_M, lse_M, delta_M, k_CxD, v_CxD, keep, scale)
 
+  read, size = _reader(tables, table_regs), tables[0].shape[0]
   if not learned:
     live = _rungs_below(tables, False, seq_len - j0)
     dk, dv = lax.fori_loop(0, (live + group - 1) // group, rung_group, (dk, dv))
@@ -820,7 +866,7 @@ def _dkv_packed_kernel(
 
   def learned_rung(j, carry):
     dk, dv, dk_top, dv_top = carry  # [C, D] each; the spills' only in row 0
-    lo, f = tables[0][j], tables[1][j]
+    lo, f = read(0, j), read(1, j)
     r_M, _, valid, (q_M, do_M), (lse_M, delta_M) = queries(j0 + lo, block_q)
     floor = r_M[:, None] == c_C[None, :]
     k_b, v_b = _blend(k_CxD, k_prev, f), _blend(v_CxD, v_prev, f)
@@ -894,6 +940,7 @@ def _packed_forward(q, k, v, tables, *, window, blocks, interpret, num_rungs=Non
   kernel = functools.partial(
     _fwd_packed_kernel, window=window, groups=groups, scale=head_dim**-0.5, block_q=bq,
     group=blocks.rung_group, num_rungs=num_rungs, diagonal=blocks.diagonal,
+    table_regs=blocks.table_regs,
   )  # fmt: skip
   return pl.pallas_call(
     kernel,
@@ -919,7 +966,7 @@ def _packed_backward(q, k, v, o, lse, do, tables, *, window, blocks, interpret, 
   params = _params(blocks.num_warps_bwd, blocks.num_stages_bwd or blocks.num_stages, interpret)
   statics = dict(
     window=window, groups=groups, scale=head_dim**-0.5, block_q=bq, group=blocks.group_bwd,
-    num_rungs=num_rungs, diagonal=blocks.diagonal,
+    num_rungs=num_rungs, diagonal=blocks.diagonal, table_regs=blocks.table_regs,
   )  # fmt: skip
   sp = _packed_specs(seq_len, groups, head_dim, bq, tables)
   grid = (seq_len // bq, bsz, num_kv)

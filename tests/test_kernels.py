@@ -524,6 +524,64 @@ def test_a_rungs_diagonal_and_its_whole_tile_give_the_same_attention(seed):
     assert _rel_err(a, b) < 1e-5, (name, case)
 
 
+# Each loop step selects its rung from the table held in registers (GpuBlocks.table_regs=1), so
+# its tile loads are direct ones that Triton can pipeline.
+TABLE_REGS = GpuBlocks(kernel="packed", table_regs=1)
+
+
+@pytest.mark.gpu
+class TestGpuPackedTableRegsKernel(KernelTest):
+  BLOCKS = TABLE_REGS
+
+  @pytest.mark.parametrize("seed", _gpu_seeds())
+  def test_matches_reference(self, seed):
+    self.check(seed)
+
+
+@pytest.mark.gpu
+class TestGpuLearnedRungsTableRegs(LearnedRungsTest):
+  BLOCKS = TABLE_REGS
+
+  @pytest.mark.parametrize("seed", _gpu_seeds())
+  def test_matches_plain_jax(self, seed):
+    self.check(seed)
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_the_table_read_into_registers_gives_bitwise_the_same_attention(seed):
+  """GpuBlocks.table_regs: each loop step's rung read from the table in memory or selected
+  from it in registers: bitwise the same outputs and gradients, for static rungs one and two to
+  a loop step (two: the group's distances read one by one) and for learned ones."""
+  case = {**random_case(seed, (16, 32)), "dtype": jnp.float32}
+  q, k, v, w = _inputs(case, seed)
+  lp = LearnedPattern.build(base="fib", window=case["pattern"].window, seq_len=case["seq_len"])
+  lo, frac, keep = attention.learned_table(lp, 0.5 + seed / 2)
+
+  def grads(table_regs, group):
+    blocks = GpuBlocks(kernel="packed", table_regs=table_regs, rung_group=group)
+
+    def static(q, k, v):
+      o = fib_attention(q, k, v, case["pattern"], backend="gpu_interpret", blocks=blocks)
+      return (o * w).sum(), o
+
+    def learned(q, k, v, frac):
+      o = fib_attention_learned(
+        q, k, v, lp.window, lo, frac, keep, backend="gpu_interpret", blocks=blocks
+      )
+      return (o * w).sum(), o
+
+    (_, o_s), g_s = jax.jit(jax.value_and_grad(static, argnums=(0, 1, 2), has_aux=True))(q, k, v)
+    (_, o_l), g_l = jax.jit(jax.value_and_grad(learned, argnums=(0, 1, 2, 3), has_aux=True))(
+      q, k, v, frac
+    )
+    return o_s, *g_s, o_l, *g_l
+
+  names = ("static o", "dq", "dk", "dv", "learned o", "dq", "dk", "dv", "dfrac")
+  for group in (1, 2):
+    for name, a, b in zip(names, grads(1, group), grads(0, group), strict=True):
+      np.testing.assert_array_equal(np.asarray(a), np.asarray(b), err_msg=f"{name} {group}")
+
+
 def test_rung_groups_are_checked():
   assert GpuBlocks(kernel="packed", rung_group=2).group_bwd == 2  # 0: the forward's
   assert GpuBlocks(kernel="packed", rung_group=2, rung_group_bwd=8).group_bwd == 8
@@ -543,6 +601,8 @@ def test_rung_groups_are_checked():
     GpuBlocks(num_warps=0)
   with pytest.raises(ValueError, match="diagonal=2 must be 0 or 1"):
     GpuBlocks(kernel="packed", diagonal=2)
+  with pytest.raises(ValueError, match="table_regs=-1 must be 0 or 1"):
+    GpuBlocks(kernel="packed", table_regs=-1)
 
 
 class TestTpuInterpret(KernelTest):

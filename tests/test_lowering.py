@@ -73,6 +73,29 @@ def test_packed_layers_share_their_kernels():
   assert len(set(_triton_kernels("packed", LAYERS))) == 3
 
 
+@pytest.mark.parametrize(
+  "options", [dict(table_regs=1), dict(table_regs=1, rung_group=2), dict(diagonal=1)]
+)
+def test_the_packed_kernels_options_lower_to_triton(options):
+  """Static and learned rungs, with the rung table in registers, rung groups, the diagonal."""
+  from kernels_pallas import fib_attention_learned
+
+  blocks = GpuBlocks(kernel="packed", **options)
+  assert len(set(re.findall(r'ir = "(.*?)", ', _lowered_step("gpu", LAYERS, blocks=blocks)))) == 3
+  q = jnp.zeros((1, 256, 8, 64), jnp.bfloat16)
+  k = jnp.zeros((1, 256, 2, 64), jnp.bfloat16)
+  lo = jnp.arange(15, dtype=jnp.int32) + 20
+
+  def loss(q, k, v, frac):
+    o = fib_attention_learned(q, k, v, 12, lo, frac, lo > 0, backend="gpu", blocks=blocks)
+    return o.astype(jnp.float32).sum()
+
+  step = jax.jit(jax.grad(loss, argnums=(0, 1, 2, 3)))
+  with jax.sharding.use_abstract_mesh(ONE_H100):
+    text = step.trace(q, k, k, jnp.full((15,), 0.5)).lower(lowering_platforms=("cuda",)).as_text()
+  assert len(set(re.findall(r'ir = "(.*?)", ', text, re.S))) == 3
+
+
 @pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float32])
 def test_tpu_forward_and_backward_lower_to_mosaic(dtype):
   text = _lowered_step("tpu", LAYERS[-1:], dtype)
