@@ -64,11 +64,12 @@ class GpuBlocks:
   # until 1 is timed on a GPU.
   diagonal: int = 0
   # Packed kernels: how a loop step reads its rung's distance (learned: floor and weight) from
-  # the table. 0: a scalar load from the table in memory each step, which makes the step's key
-  # (dkv: query) tile loads indirect loads, and Triton's software pipeliner leaves indirect
-  # loads out at 2 stages (triton-lang/triton#4721); 1: the table is read into registers once
-  # before the loop and each step selects its entry there, so the tile loads are direct and can
-  # be pipelined. The same results either way.
+  # the table. 0: a scalar load from the table in memory each step, on the path to the step's
+  # key (dkv: query) tile loads, which makes them indirect loads to Triton's pipeliner; 1: the
+  # table is read into registers once before the loop and each step selects its entry there,
+  # so no load precedes the tile loads. Bitwise the same results. (Triton 3.5's passes for
+  # sm_90 pipeline the forward's loop the same way with either, one buffer a tile at 2 stages;
+  # 0 stays the default until 1 is timed.)
   table_regs: int = 0
 
   def __post_init__(self):
