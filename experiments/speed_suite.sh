@@ -51,6 +51,10 @@
 #                  'bq,warps,bq_bwd,warps_bwd[,stages[,stages_bwd[,group[,group_bwd[,diagonal
 #                  [,table_regs]]]]]]')
 #                  at T = 1K, 16K, 64K beside the cuDNN window and the HBM floor
+#   ncu            profile_kernels.py: Nsight Compute's counters (throughputs, hit rates, occupancy,
+#                  warp stalls) of the packed kernels and the cuDNN window at T = 1K and 16K, op
+#                  by op (NCU_ARGS: more arguments, e.g. --blocks SPEC); the report stays in
+#                  $SCRATCH/trace
 #   cb_dump        bench_train.py, fib_stagger_w12 at T = 1,024 with command buffers on, and the
 #                  thunk sequence XLA runs (which kernels its command buffers hold) dumped
 #   train_xla      bench_train.py, dense and fib_stagger_w12 at T = 1,024 with pallas_packed,
@@ -118,6 +122,10 @@ suite() {
             ${TRAIN_BLOCKS:+--blocks "$TRAIN_BLOCKS"} \
             "${common[@]}" ${sets[$i]} --out "$DIR/bench_train_options_$i.json"
         done ;;
+      ncu)
+        # shellcheck disable=SC2086  # NCU_ARGS: several words
+        step ncu 480 python experiments/profile_kernels.py ${NCU_ARGS:-} --out "$DIR/ncu_kernels.json" \
+          --report "$SCRATCH/trace/ncu_kernels_$NAME.ncu-rep" ;;
       cb_dump)
         # TRAIN_RUNS (default fib_stagger_w12) at T = 1,024 compiled with XLA's command buffers
         # (its default list), the thunk sequence after XLA's thunk passes dumped: which

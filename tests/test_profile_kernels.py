@@ -1,0 +1,101 @@
+"""experiments/profile_kernels.py: its ncu summary, its workload, and its errors (CPU)."""
+
+import pytest
+
+from experiments import profile_kernels as pk
+
+STALL = "smsp__average_warps_issue_stalled_{}_per_issue_active.ratio"
+
+
+def _raw_csv(*launches):
+  """ncu's raw page: a header row, a units row, a row a launch."""
+  names = ["ID", "Kernel Name", "Grid Size", "Block Size", "gpu__time_duration.sum",
+           "lts__t_sector_hit_rate.pct", "launch__registers_per_thread",
+           *(STALL.format(r) for r in ("long_scoreboard", "barrier", "wait", "math_pipe_throttle",
+                                       "short_scoreboard", "mio_throttle"))]  # fmt: skip
+  units = ["", "", "", "", launches[0][0], "%", "register/thread", *[""] * 6]
+  rows = [names, units, *[[str(i), *launch[1:]] for i, launch in enumerate(launches)]]
+  return "\n".join(",".join(f'"{x}"' for x in row) for row in rows) + "\n"
+
+
+def test_summary_reads_each_launch_with_its_units_and_top_stalls():
+  raw = _raw_csv(
+    ("nsecond", "fib_attention_packed_dkv", "(64, 32, 2)", "(128, 1, 1)", "147,500", "88.5",
+     "168", "9.5", "0.25", "1", "3", "0.5", "2.75"),
+    ("nsecond", "fib_attention_packed_fwd", "(64, 32, 2)", "(64, 1, 1)", "81,000", "n/a",
+     "255", "4", "0", "0.5", "1", "2", "0.125"),
+  )  # fmt: skip
+  dkv, fwd = pk.summarize(raw)
+  assert dkv["kernel"] == "fib_attention_packed_dkv" and dkv["grid"] == "(64, 32, 2)"
+  assert dkv["duration_us"] == 147.5 and dkv["l2_hit_pct"] == 88.5  # ns -> us
+  assert dkv["registers_per_thread"] == 168
+  assert list(dkv["stalls"].items()) == [
+    ("long_scoreboard", 9.5), ("math_pipe_throttle", 3.0), ("mio_throttle", 2.75),
+    ("wait", 1.0), ("short_scoreboard", 0.5),
+  ]  # fmt: skip  # the 5 largest, largest first; barrier's 0.25 is left out
+  assert "l2_hit_pct" not in fwd and "dram_throughput_pct" not in dkv  # not reported: absent
+  assert "barrier" not in fwd["stalls"] and len(fwd["stalls"]) == 5  # zeros are not stalls
+  raw_us = _raw_csv(("usecond", "k", "(1, 1, 1)", "(32, 1, 1)", "2.5", "1", "32", *["0"] * 6))
+  assert pk.summarize(raw_us)[0]["duration_us"] == 2.5
+
+
+def test_the_workload_runs_each_length_once(capsys):
+  """The profiled process's work: the packed kernel's forward and backward at each length (here
+  in the GPU interpreter, at a small size)."""
+  pk.main(["--workload", "--backend", "gpu_interpret", "--lengths", "32", "64", "--tokens", "64",
+           "--out", "unused.json"])  # fmt: skip
+  assert capsys.readouterr().err.splitlines() == [
+    "T=32 pallas_packed: ran",
+    "T=64 pallas_packed: ran",
+  ]
+
+
+def test_no_ncu_and_bad_blocks_are_one_line_errors(tmp_path, monkeypatch, capsys):
+  monkeypatch.setattr(pk.shutil, "which", lambda name: None)
+  monkeypatch.setattr(pk.glob, "glob", lambda pattern: [])
+  with pytest.raises(SystemExit):
+    pk.main(["--out", str(tmp_path / "n.json")])
+  assert capsys.readouterr().err.strip().splitlines()[-1] == (
+    "profile_kernels.py: error: no ncu on PATH or under /opt/nvidia/nsight-compute: install "
+    "Nsight Compute"
+  )
+  with pytest.raises(SystemExit):
+    pk.main(["--blocks", "16,2", "--out", str(tmp_path / "n.json")])
+  assert "error: --blocks: bad block config '16,2'" in capsys.readouterr().err
+  assert not list(tmp_path.iterdir())  # nothing written
+
+
+def test_it_runs_the_workload_under_ncu_and_writes_the_summary(tmp_path, monkeypatch):
+  """With a stand-in for ncu (it runs the command it is given and prints a raw report): the
+  workload runs op by op in a process of its own, and the JSON, the CSV and the report land
+  where they were asked for."""
+  import json
+  import sys
+
+  raw = _raw_csv(("usecond", "fib_attention_packed_fwd", "(2, 4, 2)", "(64, 1, 1)", "80", "90",
+                  "200", *["1"] * 6))  # fmt: skip
+  (tmp_path / "raw.csv").write_text(raw)
+  fake = tmp_path / "ncu"
+  fake.write_text(
+    f"#!{sys.executable}\n"
+    "import os, pathlib, subprocess, sys\n"
+    "a = sys.argv[1:]\n"
+    "if '--import' in a:\n"
+    f"  print(pathlib.Path({str(tmp_path / 'raw.csv')!r}).read_text(), end='')\n"
+    "  sys.exit(0)\n"
+    "i = a.index('-o')\n"
+    "pathlib.Path(a[i + 1] + '.ncu-rep').write_text('report')\n"
+    f"pathlib.Path({str(tmp_path / 'flags.txt')!r}).write_text(os.environ['XLA_FLAGS'])\n"
+    "sys.exit(subprocess.call(a[i + 2:]))\n"
+  )
+  fake.chmod(0o755)
+  monkeypatch.setattr(pk.shutil, "which", lambda name: str(fake))
+  out = tmp_path / "res" / "ncu.json"
+  pk.main(["--backend", "gpu_interpret", "--lengths", "32", "--tokens", "32", "--out", str(out)])
+  report = json.loads(out.read_text())
+  assert [r["kernel"] for r in report["launches"]] == ["fib_attention_packed_fwd"]
+  assert report["launches"][0]["duration_us"] == 80.0 and report["lengths"] == [32]
+  assert "--backend gpu_interpret" in report["command"]
+  assert out.with_suffix(".csv").read_text() == raw
+  assert out.with_suffix(".ncu-rep").read_text() == "report"
+  assert "--xla_gpu_enable_command_buffer=" in (tmp_path / "flags.txt").read_text()
