@@ -32,8 +32,8 @@
 #                  (FIBAX_KERNEL_SHARD=i/n: every n-th case, so n GPUs can share them)
 #   tests_lse      the packed kernels with a cotangent of their lse as well, for real
 #   tests_diagonal the packed and learned kernels with GpuBlocks.diagonal=1, for real
-#   tests_table_regs  the same with GpuBlocks.table_regs=1 (the rung table read into registers)
 #                  (FIBAX_KERNEL_SHARD as for tests_learned)
+#   tests_table_regs  the same with GpuBlocks.table_regs=1 (the rung table read into registers)
 #   train_options  bench_train.py, dense, fib_stagger_w12 and fib_learned_w12 at T = 1,024 with
 #                  pallas_packed and a profile, once per override set of TRAIN_SETS
 #                  (';'-separated; default: the logits' backward in bf16 with the MLP's
