@@ -83,11 +83,15 @@ def _number(text: str) -> float | None:
 
 
 def summarize(raw_csv: str) -> list[dict]:
-  """Per launch of ncu's raw CSV (a header row, a units row, a row a launch): kernel, grid,
+  """Per launch of ncu's raw CSV (a header row from "ID" on, a units row, a row a launch;
+  lines before the header, ncu's own notes, are skipped): kernel, grid,
   block, the FIELDS found, and the `TOP_STALLS` warp-stall reasons with the most cycles per
   issued instruction (`stalls`, reason -> cycles)."""
   rows = list(csv.reader(io.StringIO(raw_csv)))
-  header, units, launches = rows[0], rows[1], rows[2:]
+  start = next((i for i, r in enumerate(rows) if r[:1] == ["ID"]), None)  # after any ncu notes
+  if start is None:
+    raise ValueError(f"no ncu raw report (no ID column) in {raw_csv[:200]!r}")
+  header, units, launches = rows[start], rows[start + 1], rows[start + 2 :]
   out = []
   for values in launches:
     got = dict(zip(header, values, strict=True))

@@ -36,7 +36,9 @@ def test_summary_reads_each_launch_with_its_units_and_top_stalls():
   assert "l2_hit_pct" not in fwd and "dram_throughput_pct" not in dkv  # not reported: absent
   assert "barrier" not in fwd["stalls"] and len(fwd["stalls"]) == 5  # zeros are not stalls
   raw_us = _raw_csv(("usecond", "k", "(1, 1, 1)", "(32, 1, 1)", "2.5", "1", "32", *["0"] * 6))
-  assert pk.summarize(raw_us)[0]["duration_us"] == 2.5
+  assert pk.summarize("==WARNING== a note\n" + raw_us)[0]["duration_us"] == 2.5
+  with pytest.raises(ValueError, match="no ncu raw report"):
+    pk.summarize("==ERROR== no kernels were profiled\n")
 
 
 def test_the_workload_runs_each_length_once(capsys):
