@@ -84,9 +84,9 @@ def _number(text: str) -> float | None:
 
 def summarize(raw_csv: str) -> list[dict]:
   """Per launch of ncu's raw CSV (a header row from "ID" on, a units row, a row a launch;
-  lines before the header, ncu's own notes, are skipped): kernel, grid,
-  block, the FIELDS found, and the `TOP_STALLS` warp-stall reasons with the most cycles per
-  issued instruction (`stalls`, reason -> cycles)."""
+  lines before the header, ncu's own notes, are skipped): kernel, grid, block, the FIELDS
+  found, and the `TOP_STALLS` warp-stall reasons with the most cycles per issued instruction
+  (`stalls`, reason -> cycles)."""
   rows = list(csv.reader(io.StringIO(raw_csv)))
   start = next((i for i, r in enumerate(rows) if r[:1] == ["ID"]), None)  # after any ncu notes
   if start is None:
