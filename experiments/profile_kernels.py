@@ -30,12 +30,12 @@ import jax
 import jax.numpy as jnp
 
 from experiments import bench_attention as ba
-from fibax.data.files import atomic_write_json
+from fibax.data.files import atomic_write_bytes, atomic_write_json
 from fibax.patterns import Pattern
 
 HERE = Path(__file__).resolve()
 IMPLS = ("pallas", "pallas_packed", "cudnn_dense", "cudnn_window", "xla")
-KERNELS = r"regex:fib_attention|sdpa|fmha"  # Pallas kernels and cuDNN's attention kernels
+KERNELS = r"regex:fib_attention|sdpa|fmha|cudnn"  # Pallas kernels and cuDNN's (helpers too)
 SECTIONS = (
   "SpeedOfLight",
   "MemoryWorkloadAnalysis",
@@ -66,12 +66,16 @@ TOP_STALLS = 5
 
 
 def find_ncu() -> str:
-  """The ncu binary: on PATH, else the newest Nsight Compute install; ValueError if none."""
-  found = shutil.which("ncu") or next(
-    iter(sorted(glob.glob("/opt/nvidia/nsight-compute/*/ncu"), reverse=True)), None
-  )
+  """The ncu binary: on PATH, else the newest Nsight Compute install, else CUDA's; ValueError
+  if none."""
+  installed = sorted(glob.glob("/opt/nvidia/nsight-compute/*/ncu"), reverse=True)
+  installed += glob.glob("/usr/local/cuda/bin/ncu")
+  found = shutil.which("ncu") or next(iter(installed), None)
   if found is None:
-    raise ValueError("no ncu on PATH or under /opt/nvidia/nsight-compute: install Nsight Compute")
+    raise ValueError(
+      "no ncu on PATH, under /opt/nvidia/nsight-compute or in /usr/local/cuda/bin: install "
+      "Nsight Compute"
+    )
   return found
 
 
@@ -174,6 +178,8 @@ def main(argv=None):
     ncu = find_ncu()
   except ValueError as e:
     ap.error(str(e))
+  if args.report and not args.report.endswith(".ncu-rep"):
+    ap.error(f"--report {args.report}: must end in .ncu-rep (ncu adds that suffix)")
   out = Path(args.out)
   out.parent.mkdir(parents=True, exist_ok=True)
   report = Path(args.report or out.with_suffix(".ncu-rep"))
@@ -190,15 +196,23 @@ def main(argv=None):
   cmd += ["-o", str(report.with_suffix("").resolve()), sys.executable]
   cmd += ["-m", "experiments.profile_kernels"]
   cmd += [*own, "--workload"]
-  subprocess.run(cmd, env=env, check=True, cwd=root)
-  raw = subprocess.run(
-    [ncu, "--import", str(report.resolve()), "--csv", "--page", "raw"],
-    check=True,
+  rc = subprocess.run(cmd, env=env, cwd=root).returncode
+  if rc:
+    ap.error(f"ncu exited with {rc} (its output above); nothing written")
+  # Base units (bytes, nanoseconds), so each field's unit is the one its name says.
+  got = subprocess.run(
+    [ncu, "--import", str(report.resolve()), "--csv", "--page", "raw", "--print-units", "base"],
     capture_output=True,
     text=True,
-  ).stdout
-  out.with_suffix(".csv").write_text(raw)
-  launches = summarize(raw)
+  )
+  why = (got.stderr.strip().splitlines() or ["no output"])[-1]
+  if got.returncode:
+    ap.error(f"ncu --import {report} exited with {got.returncode}: {why}")
+  try:
+    launches = summarize(got.stdout)
+  except ValueError as e:
+    ap.error(f"{e} ({why})")
+  atomic_write_bytes(out.with_suffix(".csv"), got.stdout.encode())
   atomic_write_json(
     out,
     {

@@ -491,7 +491,7 @@ class TestGpuPackedDiagonalInterpret(KernelTest):
     self.check(seed)
 
 
-@pytest.mark.parametrize("seed", range(3))
+@pytest.mark.parametrize("seed", [1, 2, 3])  # cases with rungs (seed 0's is a window only)
 def test_a_rungs_diagonal_and_its_whole_tile_give_the_same_attention(seed):
   """GpuBlocks.diagonal: a rung's softmax on its tile's diagonal (each packed row's one key)
   or on the whole masked tile: the same outputs and gradients to float32 rounding, for static
@@ -547,12 +547,13 @@ class TestGpuLearnedRungsTableRegs(LearnedRungsTest):
     self.check(seed)
 
 
-@pytest.mark.parametrize("seed", range(3))
+@pytest.mark.parametrize("seed", [1, 2, 3])  # cases with rungs (seed 0's is a window only)
 def test_the_table_read_into_registers_gives_bitwise_the_same_attention(seed):
   """GpuBlocks.table_regs: each loop step's rung read from the table in memory or selected
   from it in registers: bitwise the same outputs and gradients, for static rungs one and two to
   a loop step (two: the group's distances read one by one) and for learned ones."""
   case = {**random_case(seed, (16, 32)), "dtype": jnp.float32}
+  assert case["pattern"].far  # the static rungs' loop runs
   q, k, v, w = _inputs(case, seed)
   lp = LearnedPattern.build(base="fib", window=case["pattern"].window, seq_len=case["seq_len"])
   lo, frac, keep = attention.learned_table(lp, 0.5 + seed / 2)

@@ -58,8 +58,8 @@ def test_no_ncu_and_bad_blocks_are_one_line_errors(tmp_path, monkeypatch, capsys
   with pytest.raises(SystemExit):
     pk.main(["--out", str(tmp_path / "n.json")])
   assert capsys.readouterr().err.strip().splitlines()[-1] == (
-    "profile_kernels.py: error: no ncu on PATH or under /opt/nvidia/nsight-compute: install "
-    "Nsight Compute"
+    "profile_kernels.py: error: no ncu on PATH, under /opt/nvidia/nsight-compute or in "
+    "/usr/local/cuda/bin: install Nsight Compute"
   )
   with pytest.raises(SystemExit):
     pk.main(["--blocks", "16,2", "--out", str(tmp_path / "n.json")])
@@ -67,15 +67,11 @@ def test_no_ncu_and_bad_blocks_are_one_line_errors(tmp_path, monkeypatch, capsys
   assert not list(tmp_path.iterdir())  # nothing written
 
 
-def test_it_runs_the_workload_under_ncu_and_writes_the_summary(tmp_path, monkeypatch):
-  """With a stand-in for ncu (it runs the command it is given and prints a raw report): the
-  workload runs op by op in a process of its own, and the JSON, the CSV and the report land
-  where they were asked for."""
-  import json
+def _fake_ncu(tmp_path, raw: str, profile_rc: int = 0):
+  """A stand-in for ncu: profiling runs the command it is given (and writes a report and the
+  XLA_FLAGS it saw), or exits with `profile_rc`; --import prints `raw`."""
   import sys
 
-  raw = _raw_csv(("usecond", "fib_attention_packed_fwd", "(2, 4, 2)", "(64, 1, 1)", "80", "90",
-                  "200", *["1"] * 6))  # fmt: skip
   (tmp_path / "raw.csv").write_text(raw)
   fake = tmp_path / "ncu"
   fake.write_text(
@@ -85,15 +81,32 @@ def test_it_runs_the_workload_under_ncu_and_writes_the_summary(tmp_path, monkeyp
     "if '--import' in a:\n"
     f"  print(pathlib.Path({str(tmp_path / 'raw.csv')!r}).read_text(), end='')\n"
     "  sys.exit(0)\n"
+    f"if {profile_rc}:\n"
+    "  print('==ERROR== ERR_NVGPUCTRPERM', file=sys.stderr)\n"
+    f"  sys.exit({profile_rc})\n"
     "i = a.index('-o')\n"
     "pathlib.Path(a[i + 1] + '.ncu-rep').write_text('report')\n"
     f"pathlib.Path({str(tmp_path / 'flags.txt')!r}).write_text(os.environ['XLA_FLAGS'])\n"
     "sys.exit(subprocess.call(a[i + 2:]))\n"
   )
   fake.chmod(0o755)
-  monkeypatch.setattr(pk.shutil, "which", lambda name: str(fake))
+  return str(fake)
+
+
+SMALL = ["--backend", "gpu_interpret", "--lengths", "32", "--tokens", "32"]
+
+
+def test_it_runs_the_workload_under_ncu_and_writes_the_summary(tmp_path, monkeypatch):
+  """With a stand-in for ncu: the workload runs op by op in a process of its own, and the JSON,
+  the CSV and the report land where they were asked for."""
+  import json
+
+  raw = _raw_csv(("nsecond", "fib_attention_packed_fwd", "(2, 4, 2)", "(64, 1, 1)", "80,000",
+                  "90", "200", *["1"] * 6))  # fmt: skip
+  fake = _fake_ncu(tmp_path, raw)
+  monkeypatch.setattr(pk.shutil, "which", lambda name: fake)
   out = tmp_path / "res" / "ncu.json"
-  pk.main(["--backend", "gpu_interpret", "--lengths", "32", "--tokens", "32", "--out", str(out)])
+  pk.main([*SMALL, "--out", str(out)])
   report = json.loads(out.read_text())
   assert [r["kernel"] for r in report["launches"]] == ["fib_attention_packed_fwd"]
   assert report["launches"][0]["duration_us"] == 80.0 and report["lengths"] == [32]
@@ -101,3 +114,24 @@ def test_it_runs_the_workload_under_ncu_and_writes_the_summary(tmp_path, monkeyp
   assert out.with_suffix(".csv").read_text() == raw
   assert out.with_suffix(".ncu-rep").read_text() == "report"
   assert "--xla_gpu_enable_command_buffer=" in (tmp_path / "flags.txt").read_text()
+
+
+@pytest.mark.parametrize(
+  "profile_rc, raw, argv, why",
+  [
+    (3, "", [], "ncu exited with 3 (its output above); nothing written"),
+    (0, "==ERROR== No kernels were profiled.\n", [], "no ncu raw report (no ID column)"),
+    (0, "", ["--report", "r.rep"], "--report r.rep: must end in .ncu-rep"),
+  ],
+)
+def test_a_failed_profile_is_a_one_line_error_and_writes_nothing(
+  tmp_path, monkeypatch, capsys, profile_rc, raw, argv, why
+):
+  fake = _fake_ncu(tmp_path, raw, profile_rc)
+  monkeypatch.setattr(pk.shutil, "which", lambda name: fake)
+  out = tmp_path / "res" / "ncu.json"
+  with pytest.raises(SystemExit):
+    pk.main([*SMALL, "--out", str(out), *argv])
+  err = capsys.readouterr().err.strip().splitlines()[-1]
+  assert err.startswith("profile_kernels.py: error: ") and why in err, err
+  assert not out.exists() and not out.with_suffix(".csv").exists()
