@@ -491,37 +491,45 @@ class TestGpuPackedDiagonalInterpret(KernelTest):
     self.check(seed)
 
 
+def _packed_results(seed: int, **blocks) -> tuple:
+  """The packed kernels' outputs and gradients, in the GPU interpreter, on random case `seed`
+  (float32) with GpuBlocks(kernel="packed", **blocks): static rungs (o, dq, dk, dv), then
+  learned ones at alpha 0.5 + seed / 2 (o, dq, dk, dv, d loss / d frac)."""
+  case = {**random_case(seed, (16, 32)), "dtype": jnp.float32}
+  assert case["pattern"].far  # the static rungs' loop runs
+  q, k, v, w = _inputs(case, seed)
+  lp = LearnedPattern.build(base="fib", window=case["pattern"].window, seq_len=case["seq_len"])
+  lo, frac, keep = attention.learned_table(lp, 0.5 + seed / 2)
+  packed = GpuBlocks(kernel="packed", **blocks)
+
+  def static(q, k, v):
+    o = fib_attention(q, k, v, case["pattern"], backend="gpu_interpret", blocks=packed)
+    return (o * w).sum(), o
+
+  def learned(q, k, v, frac):
+    o = fib_attention_learned(
+      q, k, v, lp.window, lo, frac, keep, backend="gpu_interpret", blocks=packed
+    )
+    return (o * w).sum(), o
+
+  (_, o_s), g_s = jax.jit(jax.value_and_grad(static, argnums=(0, 1, 2), has_aux=True))(q, k, v)
+  (_, o_l), g_l = jax.jit(jax.value_and_grad(learned, argnums=(0, 1, 2, 3), has_aux=True))(
+    q, k, v, frac
+  )
+  return o_s, *g_s, o_l, *g_l
+
+
+PACKED_RESULTS = ("static o", "dq", "dk", "dv", "learned o", "dq", "dk", "dv", "dfrac")
+
+
 @pytest.mark.parametrize("seed", [1, 2, 3])  # cases with rungs (seed 0's is a window only)
 def test_a_rungs_diagonal_and_its_whole_tile_give_the_same_attention(seed):
   """GpuBlocks.diagonal: a rung's softmax on its tile's diagonal (each packed row's one key)
   or on the whole masked tile: the same outputs and gradients to float32 rounding, for static
   rungs and for learned ones (and the weights' gradient)."""
-  case = {**random_case(seed, (16, 32)), "dtype": jnp.float32}
-  q, k, v, w = _inputs(case, seed)
-  lp = LearnedPattern.build(base="fib", window=case["pattern"].window, seq_len=case["seq_len"])
-  lo, frac, keep = attention.learned_table(lp, 0.5 + seed / 2)
-
-  def grads(diagonal):
-    blocks = GpuBlocks(kernel="packed", diagonal=diagonal)
-
-    def static(q, k, v):
-      o = fib_attention(q, k, v, case["pattern"], backend="gpu_interpret", blocks=blocks)
-      return (o * w).sum()
-
-    def learned(q, k, v, frac):
-      o = fib_attention_learned(
-        q, k, v, lp.window, lo, frac, keep, backend="gpu_interpret", blocks=blocks
-      )
-      return (o * w).sum()
-
-    return (
-      *jax.jit(jax.grad(static, argnums=(0, 1, 2)))(q, k, v),
-      *jax.jit(jax.grad(learned, argnums=(0, 1, 2, 3)))(q, k, v, frac),
-    )
-
-  names = ("static dq", "dk", "dv", "learned dq", "dk", "dv", "dfrac")
-  for name, a, b in zip(names, grads(1), grads(0), strict=True):
-    assert _rel_err(a, b) < 1e-5, (name, case)
+  diagonal, tile = _packed_results(seed, diagonal=1), _packed_results(seed, diagonal=0)
+  for name, a, b in zip(PACKED_RESULTS, diagonal, tile, strict=True):
+    assert _rel_err(a, b) < 1e-5, (name, seed)
 
 
 # Each loop step selects its rung from the table held in registers (GpuBlocks.table_regs=1), so
@@ -552,34 +560,10 @@ def test_the_table_read_into_registers_gives_bitwise_the_same_attention(seed):
   """GpuBlocks.table_regs: each loop step's rung read from the table in memory or selected
   from it in registers: bitwise the same outputs and gradients, for static rungs one and two to
   a loop step (two: the group's distances read one by one) and for learned ones."""
-  case = {**random_case(seed, (16, 32)), "dtype": jnp.float32}
-  assert case["pattern"].far  # the static rungs' loop runs
-  q, k, v, w = _inputs(case, seed)
-  lp = LearnedPattern.build(base="fib", window=case["pattern"].window, seq_len=case["seq_len"])
-  lo, frac, keep = attention.learned_table(lp, 0.5 + seed / 2)
-
-  def grads(table_regs, group):
-    blocks = GpuBlocks(kernel="packed", table_regs=table_regs, rung_group=group)
-
-    def static(q, k, v):
-      o = fib_attention(q, k, v, case["pattern"], backend="gpu_interpret", blocks=blocks)
-      return (o * w).sum(), o
-
-    def learned(q, k, v, frac):
-      o = fib_attention_learned(
-        q, k, v, lp.window, lo, frac, keep, backend="gpu_interpret", blocks=blocks
-      )
-      return (o * w).sum(), o
-
-    (_, o_s), g_s = jax.jit(jax.value_and_grad(static, argnums=(0, 1, 2), has_aux=True))(q, k, v)
-    (_, o_l), g_l = jax.jit(jax.value_and_grad(learned, argnums=(0, 1, 2, 3), has_aux=True))(
-      q, k, v, frac
-    )
-    return o_s, *g_s, o_l, *g_l
-
-  names = ("static o", "dq", "dk", "dv", "learned o", "dq", "dk", "dv", "dfrac")
   for group in (1, 2):
-    for name, a, b in zip(names, grads(1, group), grads(0, group), strict=True):
+    regs = _packed_results(seed, table_regs=1, rung_group=group)
+    memory = _packed_results(seed, table_regs=0, rung_group=group)
+    for name, a, b in zip(PACKED_RESULTS, regs, memory, strict=True):
       np.testing.assert_array_equal(np.asarray(a), np.asarray(b), err_msg=f"{name} {group}")
 
 
