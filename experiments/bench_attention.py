@@ -155,11 +155,11 @@ def main(argv=None):
     help="1: a rung's softmax on its tile's diagonal; 0: on the whole masked tile (the default)",
   )
   ap.add_argument(
-    "--table-regs",
+    "--dkv-t",
     type=int,
     default=None,
-    help="1: the packed kernels' loops select each rung from the rung table held in registers; "
-    "0: load it from the table in memory each step (the default)",
+    help="1: the packed dkv kernel accumulates dk and dv transposed, [D, block_q_bwd] (wgmma on "
+    "a Hopper GPU); 0: [block_q_bwd, D] (the default)",
   )
   ap.add_argument("--out", default=None)
   ap.add_argument(
@@ -167,8 +167,8 @@ def main(argv=None):
     nargs="+",
     default=None,
     help="block configs 'bq,warps,bq_bwd,warps_bwd[,stages[,stages_bwd[,group[,group_bwd"
-    "[,diagonal[,table_regs]]]]]]' (group: static rungs to a tile, packed kernel; diagonal, "
-    "table_regs: 1 or 0, as --diagonal, --table-regs) to time for "
+    "[,diagonal[,dkv_t]]]]]]' (group: static rungs to a tile, packed kernel; diagonal, "
+    "dkv_t: 1 or 0, as --diagonal, --dkv-t) to time for "
     "--sweep-impl at each length and the first alpha, beside the cuDNN window, then write them "
     "(--out)",
   )
@@ -281,12 +281,12 @@ SPEC_KEYS = (
   "rung_group",
   "rung_group_bwd",
   "diagonal",
-  "table_regs",
+  "dkv_t",
 )
 
 
 def parse_spec(spec: str) -> GpuBlocks:
-  """'bq,warps,bq_bwd,warps_bwd[,stages[,stages_bwd[,group[,group_bwd[,diagonal[,table_regs]]]]]]'
+  """'bq,warps,bq_bwd,warps_bwd[,stages[,stages_bwd[,group[,group_bwd[,diagonal[,dkv_t]]]]]]'
   ->
   GpuBlocks (of the packed kernel; `implementations` gives the row-wise one the same blocks
   without rung groups), or a one-line error naming it."""
@@ -300,17 +300,17 @@ def parse_spec(spec: str) -> GpuBlocks:
     why = f" ({e})" if str(e) else ""
     raise ValueError(
       f"bad block config {spec!r}{why}: expected 'bq,warps,bq_bwd,warps_bwd[,stages"
-      "[,stages_bwd[,group[,group_bwd[,diagonal[,table_regs]]]]]]' of integers"
+      "[,stages_bwd[,group[,group_bwd[,diagonal[,dkv_t]]]]]]' of integers"
     ) from None
 
 
 def _spec(b: GpuBlocks) -> list[int]:
-  """bq, warps, bq_bwd, warps_bwd, stages, stages_bwd, group, group_bwd, diagonal, table_regs
+  """bq, warps, bq_bwd, warps_bwd, stages, stages_bwd, group, group_bwd, diagonal, dkv_t
   (resolved)."""
   stages_bwd = b.num_stages_bwd or b.num_stages
   return [
     *(b.block_q, b.num_warps, b.block_q_bwd, b.num_warps_bwd, b.num_stages, stages_bwd),
-    *(b.rung_group, b.group_bwd, b.diagonal, b.table_regs),
+    *(b.rung_group, b.group_bwd, b.diagonal, b.dkv_t),
   ]
 
 

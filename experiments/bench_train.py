@@ -422,7 +422,7 @@ def main(argv=None):
     "--blocks",
     default=None,
     help="the Pallas GPU kernels' blocks, 'bq,warps,bq_bwd,warps_bwd[,stages[,stages_bwd"
-    "[,group[,group_bwd[,diagonal[,table_regs]]]]]]' as bench_attention.py --sweep takes them "
+    "[,group[,group_bwd[,diagonal[,dkv_t]]]]]]' as bench_attention.py --sweep takes them "
     "(default: the kernels')",
   )
   add_overrides_argument(p, "config overrides for every run")

@@ -39,6 +39,8 @@ KERNELS = r"regex:fib_attention|sdpa|fmha|cudnn"  # Pallas kernels and cuDNN's (
 SECTIONS = (
   "SpeedOfLight",
   "MemoryWorkloadAnalysis",
+  "MemoryWorkloadAnalysis_Tables",  # shared memory's wavefronts and bank conflicts
+  "InstructionStats",
   "Occupancy",
   "LaunchStats",
   "WarpStateStats",
@@ -60,7 +62,13 @@ FIELDS = {
   "registers_per_thread": ("launch__registers_per_thread",),
   "shared_bytes_per_block": ("launch__shared_mem_per_block",),
   "warp_cycles_per_issue": ("smsp__average_warp_latency_per_inst_issued.ratio",),
+  "instructions": ("smsp__inst_executed.sum", "inst_executed"),
+  "lsu_wavefronts_pct": ("l1tex__data_pipe_lsu_wavefronts.avg.pct_of_peak_sustained_elapsed",),
+  "shared_wavefronts": ("l1tex__data_pipe_lsu_wavefronts_mem_shared.sum",),
+  "shared_bank_conflicts": ("l1tex__data_bank_conflicts_pipe_lsu_mem_shared.sum",),
+  "global_load_sectors": ("l1tex__t_sectors_pipe_lsu_mem_global_op_ld.sum",),
 }
+TIME_UNITS = {"ns": 1e-3, "nsecond": 1e-3, "us": 1.0, "usecond": 1.0, "ms": 1e3, "msecond": 1e3}
 STALL = "smsp__average_warps_issue_stalled_"  # + reason + "_per_issue_active.ratio"
 TOP_STALLS = 5
 
@@ -110,8 +118,11 @@ def summarize(raw_csv: str) -> list[dict]:
       if name is None:
         continue
       value = _number(got[name])
-      if field == "duration_us":  # reported in ns, us or ms as ncu sees fit
-        value *= {"nsecond": 1e-3, "usecond": 1.0, "msecond": 1e3}.get(unit.get(name), 1.0)
+      if field == "duration_us":  # ns with --print-units base (Nsight Compute 2025.3 on an H200)
+        scale = TIME_UNITS.get(unit.get(name, ""))
+        if scale is None:
+          raise ValueError(f"unknown time unit {unit.get(name)!r} of {name}")
+        value *= scale
       row[field] = round(value, 3)
     stalls = {
       n[len(STALL) :].removesuffix("_per_issue_active.ratio"): _number(v)

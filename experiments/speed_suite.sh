@@ -33,7 +33,7 @@
 #   tests_lse      the packed kernels with a cotangent of their lse as well, for real
 #   tests_diagonal the packed and learned kernels with GpuBlocks.diagonal=1, for real
 #                  (FIBAX_KERNEL_SHARD as for tests_learned)
-#   tests_table_regs  the same with GpuBlocks.table_regs=1 (the rung table read into registers)
+#   tests_dkv_t    the same with GpuBlocks.dkv_t=1 (dk, dv accumulated transposed)
 #   tests_bitwise  the packed kernels' gradients twice from the same inputs: bitwise the same
 #   train_options  bench_train.py, dense, fib_stagger_w12 and fib_learned_w12 at T = 1,024 with
 #                  pallas_packed and a profile, once per override set of TRAIN_SETS
@@ -50,7 +50,7 @@
 #   attention_sweep  bench_attention.py --sweep: the packed kernel's block rows, warps and
 #                  pipeline stages and rung groups (ATTN_SWEEP:
 #                  'bq,warps,bq_bwd,warps_bwd[,stages[,stages_bwd[,group[,group_bwd[,diagonal
-#                  [,table_regs]]]]]]')
+#                  [,dkv_t]]]]]]')
 #                  at T = 1K, 16K, 64K beside the cuDNN window and the HBM floor
 #   ncu            profile_kernels.py: Nsight Compute's counters (throughputs, hit rates, occupancy,
 #                  warp stalls) of the packed kernels and the cuDNN window at T = 1K and 16K, op
@@ -155,14 +155,14 @@ suite() {
             --seq-lens 1024 --impl pallas_packed --data "$SPEED_DATA" --set model.embed_backward="$e" \
             model.logits_grad=compute model.mlp_pad=128 --out "$DIR/bench_train_text_$e.json"
         done ;;
-      tests_packed | tests_grouped | tests_learned | tests_lse | tests_diagonal | tests_table_regs \
+      tests_packed | tests_grouped | tests_learned | tests_lse | tests_diagonal | tests_dkv_t \
         | tests_bitwise)
         local k=GpuPackedKernel
-        [ "$s" = tests_learned ] && k="GpuLearnedRungs and not Diagonal and not TableRegs"
+        [ "$s" = tests_learned ] && k="GpuLearnedRungs and not Diagonal and not DkvT"
         [ "$s" = tests_grouped ] && k=GpuPackedGroupedKernel
         [ "$s" = tests_lse ] && k=GpuPackedLse
         [ "$s" = tests_diagonal ] && k="GpuPackedDiagonalKernel or GpuLearnedRungsDiagonal"
-        [ "$s" = tests_table_regs ] && k="GpuPackedTableRegsKernel or GpuLearnedRungsTableRegs"
+        [ "$s" = tests_dkv_t ] && k="GpuPackedDkvTKernel or GpuLearnedRungsDkvT"
         [ "$s" = tests_bitwise ] && k="bitwise_the_same_gradients"
         local per=(); python -c "import pytest_timeout" 2>/dev/null && per=(--timeout "${PER_TEST_S:-240}")
         step "$s" "${TEST_LIMIT_S:-900}" env FIBAX_GPU_TESTS=1 python -m pytest -m gpu tests/test_kernels.py -k "$k" \

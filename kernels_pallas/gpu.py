@@ -63,14 +63,11 @@ class GpuBlocks:
   # rung groups and the window tile run). The same results either way; 0 stays the default
   # until 1 is timed on a GPU.
   diagonal: int = 0
-  # Packed kernels: how a loop step reads its rung's distance (learned: floor and weight) from
-  # the table. 0: a scalar load from the table in memory each step, on the path to the step's
-  # key (dkv: query) tile loads, which makes them indirect loads to Triton's pipeliner; 1: the
-  # table is read into registers once before the loop and each step selects its entry there,
-  # so no load precedes the tile loads. Bitwise the same results. (Triton 3.5's passes for
-  # sm_90 pipeline the forward's loop the same way with either, one buffer a tile at 2 stages;
-  # 0 stays the default until 1 is timed.)
-  table_regs: int = 0
+  # Packed dkv kernel: 0 accumulates a key block's dk and dv as [C, D] += ds^T q (a matmul
+  # of C = block_q_bwd rows: mma.sync on a Hopper GPU, its operands through shared memory and
+  # ldmatrix); 1 accumulates them transposed, [D, C] += q^T ds (D rows: a warpgroup's wgmma,
+  # q^T read from shared memory as it lies), and transposes once at the end. The same sums.
+  dkv_t: int = 0
 
   def __post_init__(self):
     if self.kernel not in KERNELS:
@@ -97,7 +94,7 @@ class GpuBlocks:
         raise ValueError(
           f"{name}={n} must be a power of two" + (" or 0 (0: rung_group)" if least == 0 else "")
         )
-    for name in ("diagonal", "table_regs"):
+    for name in ("diagonal", "dkv_t"):
       if getattr(self, name) not in (0, 1):
         raise ValueError(f"{name}={getattr(self, name)} must be 0 or 1")
     if self.kernel != "packed" and (self.rung_group, self.group_bwd) != (1, 1):
@@ -513,19 +510,12 @@ def _rung_keys(k_ref, v_ref, i0, lo, cols, block_q):
   return valid, [_rows(ref, r, cols, valid) for r in rows for ref in (k_ref, v_ref)]
 
 
-def _reader(tables, regs):
-  """read(k, i): entry i of table k, a scalar load from the table's ref each call (regs = 0),
-  or (regs = 1) selected from the table read into registers here, once, before the loop that
-  calls it (`GpuBlocks.table_regs`)."""
-  if not regs:
-    return lambda k, i: tables[k][i]
-  vecs = [t[...] for t in tables]
-
-  def read(k, i):
-    v = vecs[k]
-    return jnp.sum(jnp.where(jnp.arange(v.shape[0]) == i, v, jnp.zeros_like(v)))
-
-  return read
+def _reader(tables):
+  """read(k, i): entry i of table k, a scalar load from the table's ref each call. (The table
+  read into registers once before the loop and each step's entry selected there made the
+  forward 3-5% and forward + backward 1-4% slower on an H200: experiments/results/
+  speed_h200_322d972/.)"""
+  return lambda k, i: tables[k][i]
 
 
 def _group_rungs(read, size, n, group, per, live):
@@ -612,18 +602,22 @@ def _dq_tile(q_MxD, do_MxD, lse_M, delta_M, k_CxD, v_CxD, keep, scale):
   return plgpu.dot(ds.astype(k_CxD.dtype), k_CxD)
 
 
-def _dot_t(w_MxC, y_MxD):
-  """w^T y [C, D], w cast to y's dtype (the matmul's inputs)."""
-  return plgpu.dot(w_MxC.astype(y_MxD.dtype), y_MxD, trans_a=True)
+def _dot_t(w_MxC, y_MxD, kv_t=0):
+  """w^T y [C, D], or (kv_t = 1) its transpose y^T w [D, C]; w cast to y's dtype."""
+  w_MxC = w_MxC.astype(y_MxD.dtype)
+  if kv_t:
+    return plgpu.dot(y_MxD, w_MxC, trans_a=True)
+  return plgpu.dot(w_MxC, y_MxD, trans_a=True)
 
 
-def _dkv_tile(dk, dv, q_M, do_M, lse_M, delta_M, k_CxD, v_CxD, keep, scale):
-  """Adds the packed queries' gradients to a key block's (dk / scale, dv)."""
+def _dkv_tile(dk, dv, q_M, do_M, lse_M, delta_M, k_CxD, v_CxD, keep, scale, kv_t=0):
+  """Adds the packed queries' gradients to a key block's (dk / scale, dv), [C, D] or (kv_t)
+  [D, C] each."""
   s = plgpu.dot(q_M, k_CxD, trans_b=True)
   dp = plgpu.dot(do_M, v_CxD, trans_b=True)
   p = jnp.where(keep, jnp.exp(s * scale - lse_M[:, None]), 0)
   ds = p * (dp - delta_M[:, None])
-  return dk + _dot_t(ds, q_M), dv + _dot_t(p, do_M)
+  return dk + _dot_t(ds, q_M, kv_t), dv + _dot_t(p, do_M, kv_t)
 
 
 def _dq_diag(q_MxD, do_MxD, lse_M, delta_M, k_CxD, v_CxD, eye, valid_M, scale):
@@ -636,18 +630,19 @@ def _dq_diag(q_MxD, do_MxD, lse_M, delta_M, k_CxD, v_CxD, eye, valid_M, scale):
   return plgpu.dot(_on_diag(ds_M, eye).astype(k_CxD.dtype), k_CxD)
 
 
-def _dkv_diag(dk, dv, q_M, do_M, lse_M, delta_M, k_CxD, v_CxD, eye, valid_M, scale):
+def _dkv_diag(dk, dv, q_M, do_M, lse_M, delta_M, k_CxD, v_CxD, eye, valid_M, scale, kv_t=0):
   """`_dkv_tile` of packed queries that each read one key of the block (on `eye`)."""
   s_M = _diag(plgpu.dot(q_M, k_CxD, trans_b=True), eye)
   dp_M = _diag(plgpu.dot(do_M, v_CxD, trans_b=True), eye)
   p_M = jnp.where(valid_M, jnp.exp(s_M * scale - lse_M), 0.0)
   ds_M = p_M * (dp_M - delta_M)
-  return dk + _dot_t(_on_diag(ds_M, eye), q_M), dv + _dot_t(_on_diag(p_M, eye), do_M)
+  return (
+    dk + _dot_t(_on_diag(ds_M, eye), q_M, kv_t),
+    dv + _dot_t(_on_diag(p_M, eye), do_M, kv_t),
+  )
 
 
-def _fwd_packed_kernel(
-  *refs, window, groups, scale, block_q, group=1, num_rungs=None, diagonal=0, table_regs=0
-):
+def _fwd_packed_kernel(*refs, window, groups, scale, block_q, group=1, num_rungs=None, diagonal=0):
   # tables: [S] int32 (static: count, then distances) or lo/frac/count (learned);
   # q_ref/o_ref [Q, G, D]; k_ref/v_ref [T, D]; lse_ref [G, Q]
   learned = num_rungs is not None
@@ -692,7 +687,7 @@ def _fwd_packed_kernel(
     return tile(carry, *keys)
 
   live = _rungs_below(tables, learned, i0 + block_q)
-  read, size = _reader(tables, table_regs), tables[0].shape[0]
+  read, size = _reader(tables), tables[0].shape[0]
   if learned:
     acc, m_M, l_M = lax.fori_loop(0, live, rung, carry)
   else:
@@ -713,7 +708,6 @@ def _dq_packed_kernel(
   num_rungs=None,
   with_dlse=False,
   diagonal=0,
-  table_regs=0,
 ):
   # q/o/do/dq [Q, G, D]; k/v [T, D]; lse/dlse/delta [G, Q]; learned: dfrac [R_pad], this
   # program's d loss / d f_r. delta_i = sum_d o_i do_i (- dlse_i) is formed here, from the
@@ -740,7 +734,7 @@ def _dq_packed_kernel(
   slots = jnp.arange(outs[-1].shape[0]) if learned else None
 
   live = _rungs_below(tables, learned, i0 + block_q)
-  read, size = _reader(tables, table_regs), tables[0].shape[0]
+  read, size = _reader(tables), tables[0].shape[0]
 
   def rung_group(n, dq):
     if diagonal and group == 1:
@@ -798,7 +792,7 @@ def _dkv_packed_kernel(
   group=1,
   num_rungs=None,
   diagonal=0,
-  table_regs=0,
+  kv_t=0,
 ):
   # q/do [T, G, D]; k/v/dk/dv [C, D] (learned: also k/v [T, D], for the rows before the block,
   # and the spills dk_top/dv_top [D]); lse/delta [G, T]. Key block [j0, j0 + C). A static
@@ -831,9 +825,10 @@ def _dkv_packed_kernel(
     _, qr_M, valid, (q_w, do_w), (lse_w, delta_w) = queries(j0 + n * block_q, block_q)
     rel = qr_M[:, None] - (j0 + c_C)[None, :]
     keep = (rel >= 0) & (rel <= window) & valid[:, None]
-    return _dkv_tile(*carry, q_w, do_w, lse_w, delta_w, k_CxD, v_CxD, keep, scale)
+    return _dkv_tile(*carry, q_w, do_w, lse_w, delta_w, k_CxD, v_CxD, keep, scale, kv_t)
 
-  zeros = jnp.zeros((block_q, k_ref.shape[1]), jnp.float32)
+  # The gradients accumulate as dk, dv [C, D], or (kv_t) transposed, [D, C].
+  zeros = jnp.zeros((k_ref.shape[1], block_q) if kv_t else (block_q, k_ref.shape[1]), jnp.float32)
   chunks = -(-(block_q + window) // block_q)
   dk, dv = lax.fori_loop(0, chunks, window_chunk, (zeros, zeros))
 
@@ -849,16 +844,16 @@ def _dkv_packed_kernel(
     )
     eye = r_M[:, None] == c_C[None, :]
     if diagonal and group == 1:  # (valid: rows_M < seq_len, no group padding)
-      return _dkv_diag(*carry, q_M, do_M, lse_M, delta_M, k_CxD, v_CxD, eye, valid, scale)
+      return _dkv_diag(*carry, q_M, do_M, lse_M, delta_M, k_CxD, v_CxD, eye, valid, scale, kv_t)
     keep = eye & valid[:, None]
-    return _dkv_tile(*carry, q_M, do_M, lse_M, delta_M, k_CxD, v_CxD, keep, scale)
+    return _dkv_tile(*carry, q_M, do_M, lse_M, delta_M, k_CxD, v_CxD, keep, scale, kv_t)
 
-  read, size = _reader(tables, table_regs), tables[0].shape[0]
+  read, size = _reader(tables), tables[0].shape[0]
   if not learned:
     live = _rungs_below(tables, False, seq_len - j0)
     dk, dv = lax.fori_loop(0, (live + group - 1) // group, rung_group, (dk, dv))
-    dk_ref[...] = (dk * scale).astype(dk_ref.dtype)
-    dv_ref[...] = dv.astype(dv_ref.dtype)
+    dk_ref[...] = (_kv_rows(dk, kv_t) * scale).astype(dk_ref.dtype)
+    dv_ref[...] = _kv_rows(dv, kv_t).astype(dv_ref.dtype)
     return
 
   rows = jnp.maximum(j0 + c_C - 1, 0)  # each row's neighbour in a blend: the row before
@@ -891,18 +886,23 @@ def _dkv_packed_kernel(
     # reduction): 4.1 ms a step against 6.0 on an H200 (the static dkv: 2.3 ms;
     # experiments/results/speed_h200_8ec1543/).
     top_MxC = jnp.where(((r_M == 0) & ~first_block)[:, None] & (c_C == 0)[None, :], f, 0.0)
-    dk = dk + _dot_t(ds_M[:, None] * w_MxC, q_M)
-    dv = dv + _dot_t(p_M[:, None] * w_MxC, do_M)
-    dk_top = dk_top + _dot_t(ds_M[:, None] * top_MxC, q_M)
-    dv_top = dv_top + _dot_t(p_M[:, None] * top_MxC, do_M)
+    dk = dk + _dot_t(ds_M[:, None] * w_MxC, q_M, kv_t)
+    dv = dv + _dot_t(p_M[:, None] * w_MxC, do_M, kv_t)
+    dk_top = dk_top + _dot_t(ds_M[:, None] * top_MxC, q_M, kv_t)
+    dv_top = dv_top + _dot_t(p_M[:, None] * top_MxC, do_M, kv_t)
     return dk, dv, dk_top, dv_top
 
   trip = _rungs_below(tables, True, seq_len - j0)
   dk, dv, dk_top, dv_top = lax.fori_loop(0, trip, learned_rung, (dk, dv, zeros, zeros))
-  dk_ref[...] = (dk * scale).astype(dk_ref.dtype)
-  dv_ref[...] = dv.astype(dv_ref.dtype)
-  dk_top_ref[...] = jnp.sum(dk_top, axis=0) * scale  # only row 0 is not zero
-  dv_top_ref[...] = jnp.sum(dv_top, axis=0)
+  dk_ref[...] = (_kv_rows(dk, kv_t) * scale).astype(dk_ref.dtype)
+  dv_ref[...] = _kv_rows(dv, kv_t).astype(dv_ref.dtype)
+  dk_top_ref[...] = jnp.sum(dk_top, axis=1 if kv_t else 0) * scale  # only key row 0 is not 0
+  dv_top_ref[...] = jnp.sum(dv_top, axis=1 if kv_t else 0)
+
+
+def _kv_rows(x, kv_t):
+  """A key block's accumulated gradient as [C, D] (kv_t: it is [D, C])."""
+  return x.T if kv_t else x
 
 
 def _add_spill(x_BxTxKxD, top_BxKxNxD, block: int):
@@ -941,7 +941,6 @@ def _packed_forward(q, k, v, tables, *, window, blocks, interpret, num_rungs=Non
   kernel = functools.partial(
     _fwd_packed_kernel, window=window, groups=groups, scale=head_dim**-0.5, block_q=bq,
     group=blocks.rung_group, num_rungs=num_rungs, diagonal=blocks.diagonal,
-    table_regs=blocks.table_regs,
   )  # fmt: skip
   return pl.pallas_call(
     kernel,
@@ -967,7 +966,7 @@ def _packed_backward(q, k, v, o, lse, do, tables, *, window, blocks, interpret, 
   params = _params(blocks.num_warps_bwd, blocks.num_stages_bwd or blocks.num_stages, interpret)
   statics = dict(
     window=window, groups=groups, scale=head_dim**-0.5, block_q=bq, group=blocks.group_bwd,
-    num_rungs=num_rungs, diagonal=blocks.diagonal, table_regs=blocks.table_regs,
+    num_rungs=num_rungs, diagonal=blocks.diagonal,
   )  # fmt: skip
   sp = _packed_specs(seq_len, groups, head_dim, bq, tables)
   grid = (seq_len // bq, bsz, num_kv)
@@ -998,7 +997,7 @@ def _packed_backward(q, k, v, o, lse, do, tables, *, window, blocks, interpret, 
   top_spec = pl.BlockSpec((None, None, None, head_dim), lambda i, b, h: (b, h, i, 0))
   top_shape = jax.ShapeDtypeStruct((bsz, num_kv, seq_len // bq, head_dim), jnp.float32)
   dkv = pl.pallas_call(
-    functools.partial(_dkv_packed_kernel, **statics, seq_len=seq_len),
+    functools.partial(_dkv_packed_kernel, **statics, seq_len=seq_len, kv_t=blocks.dkv_t),
     grid=grid,
     in_specs=[*sp["table"], sp["q_all"], *kv_specs, sp["q_all"], sp["stat_all"], sp["stat_all"]],
     out_specs=[sp["kv_blk"], sp["kv_blk"], *([top_spec, top_spec] if learned else [])],

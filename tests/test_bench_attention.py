@@ -98,7 +98,7 @@ def test_parse_spec_reads_the_stages_when_given():
   assert (b.kernel, b.rung_group, b.group_bwd) == ("packed", 4, 4)
   assert bench_attention._spec(bench_attention.parse_spec("16,2,16,4,2,2,4,2"))[6:] == [4, 2, 0, 0]
   assert bench_attention.parse_spec("16,2,16,4,2,2,1,1,0").diagonal == 0
-  assert bench_attention.parse_spec("16,2,16,4,2,2,1,1,0,1").table_regs == 1
+  assert bench_attention.parse_spec("16,2,16,4,2,2,1,1,0,1").dkv_t == 1
 
 
 @pytest.mark.parametrize(
@@ -106,7 +106,7 @@ def test_parse_spec_reads_the_stages_when_given():
   [
     ("16,2,16", "of integers"),
     ("16,2,16,4,2,2,4,2,1,1,1", "of integers"),
-    ("16,2,16,4,2,2,1,1,0,2", "table_regs=2 must be 0 or 1"),
+    ("16,2,16,4,2,2,1,1,0,2", "dkv_t=2 must be 0 or 1"),
     ("16,2,16,4,2,2,1,1,2", "diagonal=2 must be 0 or 1"),
     ("16,2,16,4,2,2,3", "rung_group=3 must be a power of two"),
     ("16,x,16,4", "invalid literal"),
@@ -125,7 +125,7 @@ def test_parse_spec_names_a_bad_config(spec, why):
     (["--block-q", "8"], "block_q=8 must be a power of two >= 16"),
     (["--num-warps-bwd", "6"], "num_warps_bwd=6 must be a power of two >= 1"),
     (["--diagonal", "2"], "diagonal=2 must be 0 or 1"),
-    (["--table-regs", "3"], "table_regs=3 must be 0 or 1"),
+    (["--dkv-t", "3"], "dkv_t=3 must be 0 or 1"),
     (["--autotune", "16,2,16,4,2,2,1,2", "--sweep-impl", "pallas"], "rung groups are the packed"),
     (["--autotune", "16,2,16"], "--autotune: bad block config '16,2,16'"),
   ],

@@ -532,14 +532,14 @@ def test_a_rungs_diagonal_and_its_whole_tile_give_the_same_attention(seed):
     assert _rel_err(a, b) < 1e-5, (name, seed)
 
 
-# Each loop step selects its rung from the table held in registers (GpuBlocks.table_regs=1), so
-# its tile loads are direct ones that Triton can pipeline.
-TABLE_REGS = GpuBlocks(kernel="packed", table_regs=1)
+# The dkv kernel accumulates dk and dv transposed, [D, C] (GpuBlocks.dkv_t=1): other matmuls
+# (wgmma on a Hopper GPU) and a transpose at the end.
+DKV_T = GpuBlocks(kernel="packed", dkv_t=1)
 
 
 @pytest.mark.gpu
-class TestGpuPackedTableRegsKernel(KernelTest):
-  BLOCKS = TABLE_REGS
+class TestGpuPackedDkvTKernel(KernelTest):
+  BLOCKS = DKV_T
 
   @pytest.mark.parametrize("seed", _gpu_seeds())
   def test_matches_reference(self, seed):
@@ -547,8 +547,8 @@ class TestGpuPackedTableRegsKernel(KernelTest):
 
 
 @pytest.mark.gpu
-class TestGpuLearnedRungsTableRegs(LearnedRungsTest):
-  BLOCKS = TABLE_REGS
+class TestGpuLearnedRungsDkvT(LearnedRungsTest):
+  BLOCKS = DKV_T
 
   @pytest.mark.parametrize("seed", _gpu_seeds())
   def test_matches_plain_jax(self, seed):
@@ -556,15 +556,16 @@ class TestGpuLearnedRungsTableRegs(LearnedRungsTest):
 
 
 @pytest.mark.parametrize("seed", [1, 2, 3])  # cases with rungs (seed 0's is a window only)
-def test_the_table_read_into_registers_gives_bitwise_the_same_attention(seed):
-  """GpuBlocks.table_regs: each loop step's rung read from the table in memory or selected
-  from it in registers: bitwise the same outputs and gradients, for static rungs one and two to
-  a loop step (two: the group's distances read one by one) and for learned ones."""
-  for group in (1, 2):
-    regs = _packed_results(seed, table_regs=1, rung_group=group)
-    memory = _packed_results(seed, table_regs=0, rung_group=group)
-    for name, a, b in zip(PACKED_RESULTS, regs, memory, strict=True):
-      np.testing.assert_array_equal(np.asarray(a), np.asarray(b), err_msg=f"{name} {group}")
+def test_dk_and_dv_accumulated_transposed_give_the_same_attention(seed):
+  """GpuBlocks.dkv_t: the dkv kernel's dk and dv accumulated as [C, D] or transposed, [D, C]:
+  the same outputs and gradients to float32 rounding, for static rungs one and two to a loop
+  step, with the diagonal softmax, and for learned ones (their spills onto the block before
+  summed along the other axis)."""
+  for options in (dict(rung_group=1), dict(rung_group=2), dict(diagonal=1)):
+    trans = _packed_results(seed, dkv_t=1, **options)
+    rows = _packed_results(seed, dkv_t=0, **options)
+    for name, a, b in zip(PACKED_RESULTS, trans, rows, strict=True):
+      assert _rel_err(a, b) < 1e-6, (name, options, seed)
 
 
 @pytest.mark.parametrize("backend", [pytest.param("gpu", marks=pytest.mark.gpu), "gpu_interpret"])
@@ -623,8 +624,8 @@ def test_rung_groups_are_checked():
     GpuBlocks(num_warps=0)
   with pytest.raises(ValueError, match="diagonal=2 must be 0 or 1"):
     GpuBlocks(kernel="packed", diagonal=2)
-  with pytest.raises(ValueError, match="table_regs=-1 must be 0 or 1"):
-    GpuBlocks(kernel="packed", table_regs=-1)
+  with pytest.raises(ValueError, match="dkv_t=-1 must be 0 or 1"):
+    GpuBlocks(kernel="packed", dkv_t=-1)
 
 
 class TestTpuInterpret(KernelTest):

@@ -74,16 +74,18 @@ def test_packed_layers_share_their_kernels():
 
 
 @pytest.mark.parametrize(
-  "options", [dict(table_regs=1), dict(table_regs=1, rung_group=2), dict(diagonal=1)]
+  "options,changed",
+  [(dict(dkv_t=1), (1, 1)), (dict(dkv_t=1, rung_group=2), (3, 1)), (dict(diagonal=1), (3, 3))],
 )
-def test_the_packed_kernels_options_lower_to_triton(options):
-  """Static and learned rungs, with the rung table in registers, rung groups, the diagonal:
-  three kernels each, every one of them other than the default's (the option reaches it)."""
+def test_the_packed_kernels_options_lower_to_triton(options, changed):
+  """Static and learned rungs, with dk and dv accumulated transposed (the dkv kernel only),
+  rung groups (static rungs only), the diagonal: three kernels each, `changed` (static,
+  learned) of them other than the default's (the option reaches them)."""
   blocks = GpuBlocks(kernel="packed", **options)
   default = GpuBlocks(kernel="packed")
-  for irs in (_static_irs, _learned_irs):
+  for irs, n in zip((_static_irs, _learned_irs), changed, strict=True):
     assert len(irs(blocks)) == 3
-    assert irs(blocks).isdisjoint(irs(default)), irs.__name__
+    assert len(irs(blocks) - irs(default)) == n, irs.__name__
 
 
 def _static_irs(blocks) -> set[str]:

@@ -20,9 +20,9 @@ def _raw_csv(*launches):
 
 def test_summary_reads_each_launch_with_its_units_and_top_stalls():
   raw = _raw_csv(
-    ("nsecond", "fib_attention_packed_dkv", "(64, 32, 2)", "(128, 1, 1)", "147,500", "88.5",
+    ("ns", "fib_attention_packed_dkv", "(64, 32, 2)", "(128, 1, 1)", "147,500", "88.5",
      "168", "9.5", "0.25", "1", "3", "0.5", "2.75"),
-    ("nsecond", "fib_attention_packed_fwd", "(64, 32, 2)", "(64, 1, 1)", "81,000", "n/a",
+    ("ns", "fib_attention_packed_fwd", "(64, 32, 2)", "(64, 1, 1)", "81,000", "n/a",
      "255", "4", "0", "0.5", "1", "2", "0.125"),
   )  # fmt: skip
   dkv, fwd = pk.summarize(raw)
@@ -35,8 +35,11 @@ def test_summary_reads_each_launch_with_its_units_and_top_stalls():
   ]  # fmt: skip  # the 5 largest, largest first; barrier's 0.25 is left out
   assert "l2_hit_pct" not in fwd and "dram_throughput_pct" not in dkv  # not reported: absent
   assert "barrier" not in fwd["stalls"] and len(fwd["stalls"]) == 5  # zeros are not stalls
-  raw_us = _raw_csv(("usecond", "k", "(1, 1, 1)", "(32, 1, 1)", "2.5", "1", "32", *["0"] * 6))
+  raw_us = _raw_csv(("us", "k", "(1, 1, 1)", "(32, 1, 1)", "2.5", "1", "32", *["0"] * 6))
   assert pk.summarize("==WARNING== a note\n" + raw_us)[0]["duration_us"] == 2.5
+  raw_s = _raw_csv(("s", "k", "(1, 1, 1)", "(32, 1, 1)", "2.5", "1", "32", *["0"] * 6))
+  with pytest.raises(ValueError, match="unknown time unit 's' of gpu__time_duration.sum"):
+    pk.summarize(raw_s)
   with pytest.raises(ValueError, match="no ncu raw report"):
     pk.summarize("==ERROR== no kernels were profiled\n")
 
@@ -101,7 +104,7 @@ def test_it_runs_the_workload_under_ncu_and_writes_the_summary(tmp_path, monkeyp
   the CSV and the report land where they were asked for."""
   import json
 
-  raw = _raw_csv(("nsecond", "fib_attention_packed_fwd", "(2, 4, 2)", "(64, 1, 1)", "80,000",
+  raw = _raw_csv(("ns", "fib_attention_packed_fwd", "(2, 4, 2)", "(64, 1, 1)", "80,000",
                   "90", "200", *["1"] * 6))  # fmt: skip
   fake = _fake_ncu(tmp_path, raw)
   monkeypatch.setattr(pk.shutil, "which", lambda name: fake)
