@@ -159,7 +159,7 @@ def main(argv=None):
     type=int,
     default=None,
     help="1: the packed dkv kernel accumulates dk and dv transposed, [D, block_q_bwd] (wgmma on "
-    "a Hopper GPU); 0: [block_q_bwd, D] (the default)",
+    "a Hopper GPU; the default); 0: as [block_q_bwd, D]",
   )
   ap.add_argument("--out", default=None)
   ap.add_argument(

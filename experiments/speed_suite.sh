@@ -33,7 +33,7 @@
 #   tests_lse      the packed kernels with a cotangent of their lse as well, for real
 #   tests_diagonal the packed and learned kernels with GpuBlocks.diagonal=1, for real
 #                  (FIBAX_KERNEL_SHARD as for tests_learned)
-#   tests_dkv_t    the same with GpuBlocks.dkv_t=1 (dk, dv accumulated transposed)
+#   tests_dkv_rows the same with GpuBlocks.dkv_t=0 (dk, dv accumulated as [C, D], not transposed)
 #   tests_bitwise  the packed kernels' gradients twice from the same inputs: bitwise the same
 #   train_options  bench_train.py, dense, fib_stagger_w12 and fib_learned_w12 at T = 1,024 with
 #                  pallas_packed and a profile, once per override set of TRAIN_SETS
@@ -155,14 +155,14 @@ suite() {
             --seq-lens 1024 --impl pallas_packed --data "$SPEED_DATA" --set model.embed_backward="$e" \
             model.logits_grad=compute model.mlp_pad=128 --out "$DIR/bench_train_text_$e.json"
         done ;;
-      tests_packed | tests_grouped | tests_learned | tests_lse | tests_diagonal | tests_dkv_t \
+      tests_packed | tests_grouped | tests_learned | tests_lse | tests_diagonal | tests_dkv_rows \
         | tests_bitwise)
         local k=GpuPackedKernel
-        [ "$s" = tests_learned ] && k="GpuLearnedRungs and not Diagonal and not DkvT"
+        [ "$s" = tests_learned ] && k="GpuLearnedRungs and not Diagonal and not DkvRows"
         [ "$s" = tests_grouped ] && k=GpuPackedGroupedKernel
         [ "$s" = tests_lse ] && k=GpuPackedLse
         [ "$s" = tests_diagonal ] && k="GpuPackedDiagonalKernel or GpuLearnedRungsDiagonal"
-        [ "$s" = tests_dkv_t ] && k="GpuPackedDkvTKernel or GpuLearnedRungsDkvT"
+        [ "$s" = tests_dkv_rows ] && k="GpuPackedDkvRowsKernel or GpuLearnedRungsDkvRows"
         [ "$s" = tests_bitwise ] && k="bitwise_the_same_gradients"
         local per=(); python -c "import pytest_timeout" 2>/dev/null && per=(--timeout "${PER_TEST_S:-240}")
         step "$s" "${TEST_LIMIT_S:-900}" env FIBAX_GPU_TESTS=1 python -m pytest -m gpu tests/test_kernels.py -k "$k" \

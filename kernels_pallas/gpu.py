@@ -63,11 +63,13 @@ class GpuBlocks:
   # rung groups and the window tile run). The same results either way; 0 stays the default
   # until 1 is timed on a GPU.
   diagonal: int = 0
-  # Packed dkv kernel: 0 accumulates a key block's dk and dv as [C, D] += ds^T q (a matmul
-  # of C = block_q_bwd rows: mma.sync on a Hopper GPU, its operands through shared memory and
-  # ldmatrix); 1 accumulates them transposed, [D, C] += q^T ds (D rows: a warpgroup's wgmma,
-  # q^T read from shared memory as it lies), and transposes once at the end. The same sums.
-  dkv_t: int = 0
+  # Packed dkv kernel: 1 accumulates a key block's dk and dv transposed, [D, C] += q^T ds (a
+  # matmul of D rows: a warpgroup's wgmma on a Hopper GPU, q^T read from shared memory as it
+  # lies), and transposes once at the end; 0 accumulates [C, D] += ds^T q (C = block_q_bwd
+  # rows: mma.sync, its operands through shared memory and ldmatrix). The same sums. On an
+  # H200, 1 made the dkv kernel 7-8% faster (Nsight Compute), forward + backward 2-4% faster
+  # at T = 1K..64K (experiments/results/speed_h200_a89cff5/).
+  dkv_t: int = 1
 
   def __post_init__(self):
     if self.kernel not in KERNELS:

@@ -92,13 +92,14 @@ def test_parse_spec_reads_the_stages_when_given():
     *(32, 4, 16, 8, 3, 3),
     *(1, 1),  # one rung to a tile, forward and backward
     0,  # its softmax on the whole masked tile
-    0,  # each rung's distance loaded from the table in memory
+    1,  # dk and dv accumulated transposed
   ]
   b = bench_attention.parse_spec("16,2,16,4,2,2,4")
   assert (b.kernel, b.rung_group, b.group_bwd) == ("packed", 4, 4)
-  assert bench_attention._spec(bench_attention.parse_spec("16,2,16,4,2,2,4,2"))[6:] == [4, 2, 0, 0]
+  assert bench_attention._spec(bench_attention.parse_spec("16,2,16,4,2,2,4,2"))[6:] == [4, 2, 0, 1]
   assert bench_attention.parse_spec("16,2,16,4,2,2,1,1,0").diagonal == 0
-  assert bench_attention.parse_spec("16,2,16,4,2,2,1,1,0,1").dkv_t == 1
+  assert bench_attention.parse_spec("16,2,16,4,2,2,1,1,0").dkv_t == 1  # the default
+  assert bench_attention.parse_spec("16,2,16,4,2,2,1,1,0,0").dkv_t == 0
 
 
 @pytest.mark.parametrize(
@@ -175,10 +176,10 @@ def test_sweep_writes_every_config_beside_the_window_at_each_length(tmp_path, mo
   assert report["impl"] == "pallas_packed" and "--sweep" in report["command"]
   got = [(r["seq_len"], r["impl"], r.get("blocks")) for r in report["results"]]
   assert got == [
-    (64, "cudnn_window", None), (64, "pallas_packed", [16, 2, 16, 4, 2, 2, 1, 1, 0, 0]),
-    (64, "pallas_packed", [32, 4, 32, 4, 3, 3, 1, 1, 0, 0]),
-    (128, "cudnn_window", None), (128, "pallas_packed", [16, 2, 16, 4, 2, 2, 1, 1, 0, 0]),
-    (128, "pallas_packed", [32, 4, 32, 4, 3, 3, 1, 1, 0, 0]),
+    (64, "cudnn_window", None), (64, "pallas_packed", [16, 2, 16, 4, 2, 2, 1, 1, 0, 1]),
+    (64, "pallas_packed", [32, 4, 32, 4, 3, 3, 1, 1, 0, 1]),
+    (128, "cudnn_window", None), (128, "pallas_packed", [16, 2, 16, 4, 2, 2, 1, 1, 0, 1]),
+    (128, "pallas_packed", [32, 4, 32, 4, 3, 3, 1, 1, 0, 1]),
   ]  # fmt: skip
   assert report["copy_bandwidth_GBps"] == 1000
   floor = (2 * 128 * 8 + 2 * 128 * 2) * 64 * 2 / 1e12 * 1e3  # q, o, k, v bytes at T = 128

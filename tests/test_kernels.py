@@ -532,14 +532,14 @@ def test_a_rungs_diagonal_and_its_whole_tile_give_the_same_attention(seed):
     assert _rel_err(a, b) < 1e-5, (name, seed)
 
 
-# The dkv kernel accumulates dk and dv transposed, [D, C] (GpuBlocks.dkv_t=1): other matmuls
-# (wgmma on a Hopper GPU) and a transpose at the end.
-DKV_T = GpuBlocks(kernel="packed", dkv_t=1)
+# The dkv kernel accumulates dk and dv as [C, D] (GpuBlocks.dkv_t=0), not transposed (the
+# default): other matmuls (mma.sync on a Hopper GPU) and no transpose at the end.
+DKV_ROWS = GpuBlocks(kernel="packed", dkv_t=0)
 
 
 @pytest.mark.gpu
-class TestGpuPackedDkvTKernel(KernelTest):
-  BLOCKS = DKV_T
+class TestGpuPackedDkvRowsKernel(KernelTest):
+  BLOCKS = DKV_ROWS
 
   @pytest.mark.parametrize("seed", _gpu_seeds())
   def test_matches_reference(self, seed):
@@ -547,8 +547,8 @@ class TestGpuPackedDkvTKernel(KernelTest):
 
 
 @pytest.mark.gpu
-class TestGpuLearnedRungsDkvT(LearnedRungsTest):
-  BLOCKS = DKV_T
+class TestGpuLearnedRungsDkvRows(LearnedRungsTest):
+  BLOCKS = DKV_ROWS
 
   @pytest.mark.parametrize("seed", _gpu_seeds())
   def test_matches_plain_jax(self, seed):

@@ -75,10 +75,10 @@ def test_packed_layers_share_their_kernels():
 
 @pytest.mark.parametrize(
   "options,changed",
-  [(dict(dkv_t=1), (1, 1)), (dict(dkv_t=1, rung_group=2), (3, 1)), (dict(diagonal=1), (3, 3))],
+  [(dict(dkv_t=0), (1, 1)), (dict(dkv_t=0, rung_group=2), (3, 1)), (dict(diagonal=1), (3, 3))],
 )
 def test_the_packed_kernels_options_lower_to_triton(options, changed):
-  """Static and learned rungs, with dk and dv accumulated transposed (the dkv kernel only),
+  """Static and learned rungs, with dk and dv accumulated as [C, D] (the dkv kernel only),
   rung groups (static rungs only), the diagonal: three kernels each, `changed` (static,
   learned) of them other than the default's (the option reaches them)."""
   blocks = GpuBlocks(kernel="packed", **options)
