@@ -140,6 +140,9 @@ def main(argv=None):
     "--num-stages-bwd", type=int, default=None, help="the backward kernels' (default: --num-stages)"
   )
   ap.add_argument(
+    "--num-stages-dkv", type=int, default=None, help="the dkv kernel's (default: --num-stages-bwd)"
+  )
+  ap.add_argument(
     "--rung-group",
     type=int,
     default=None,
@@ -166,9 +169,9 @@ def main(argv=None):
     "--sweep",
     nargs="+",
     default=None,
-    help="block configs 'bq,warps,bq_bwd,warps_bwd[,stages[,stages_bwd[,group[,group_bwd"
-    "[,diagonal[,dkv_t]]]]]]' (group: static rungs to a tile, packed kernel; diagonal, "
-    "dkv_t: 1 or 0, as --diagonal, --dkv-t) to time for "
+    help=f"block configs {SPEC_FORMAT} (group: static rungs to a tile, packed kernel; diagonal, "
+    "dkv_t: 1 or 0, as --diagonal, --dkv-t; stages_dkv: the dkv kernel's, 0: stages_bwd) to "
+    "time for "
     "--sweep-impl at each length and the first alpha, beside the cuDNN window, then write them "
     "(--out)",
   )
@@ -282,14 +285,17 @@ SPEC_KEYS = (
   "rung_group_bwd",
   "diagonal",
   "dkv_t",
+  "num_stages_dkv",
+)
+SPEC_FORMAT = (
+  "'bq,warps,bq_bwd,warps_bwd[,stages[,stages_bwd[,group[,group_bwd[,diagonal[,dkv_t"
+  "[,stages_dkv]]]]]]]]'"
 )
 
 
 def parse_spec(spec: str) -> GpuBlocks:
-  """'bq,warps,bq_bwd,warps_bwd[,stages[,stages_bwd[,group[,group_bwd[,diagonal[,dkv_t]]]]]]'
-  ->
-  GpuBlocks (of the packed kernel; `implementations` gives the row-wise one the same blocks
-  without rung groups), or a one-line error naming it."""
+  """SPEC_FORMAT -> GpuBlocks (of the packed kernel; `implementations` gives the row-wise one
+  the same blocks without rung groups), or a one-line error naming it."""
   try:
     vals = [int(x) for x in spec.split(",")]
     if not 4 <= len(vals) <= len(SPEC_KEYS):
@@ -299,18 +305,16 @@ def parse_spec(spec: str) -> GpuBlocks:
   except ValueError as e:
     why = f" ({e})" if str(e) else ""
     raise ValueError(
-      f"bad block config {spec!r}{why}: expected 'bq,warps,bq_bwd,warps_bwd[,stages"
-      "[,stages_bwd[,group[,group_bwd[,diagonal[,dkv_t]]]]]]' of integers"
+      f"bad block config {spec!r}{why}: expected {SPEC_FORMAT} of integers"
     ) from None
 
 
 def _spec(b: GpuBlocks) -> list[int]:
-  """bq, warps, bq_bwd, warps_bwd, stages, stages_bwd, group, group_bwd, diagonal, dkv_t
-  (resolved)."""
-  stages_bwd = b.num_stages_bwd or b.num_stages
+  """bq, warps, bq_bwd, warps_bwd, stages, stages_bwd, group, group_bwd, diagonal, dkv_t,
+  stages_dkv (resolved)."""
   return [
-    *(b.block_q, b.num_warps, b.block_q_bwd, b.num_warps_bwd, b.num_stages, stages_bwd),
-    *(b.rung_group, b.group_bwd, b.diagonal, b.dkv_t),
+    *(b.block_q, b.num_warps, b.block_q_bwd, b.num_warps_bwd, b.num_stages, b.stages_dq),
+    *(b.rung_group, b.group_bwd, b.diagonal, b.dkv_t, b.stages_dkv),
   ]
 
 
@@ -330,6 +334,8 @@ def autotune(args, specs: list[GpuBlocks]) -> dict:
     kernel="packed",
     rung_group=fwd["blocks"][6],
     rung_group_bwd=bwd["blocks"][7],
+    dkv_t=bwd["blocks"][9],
+    num_stages_dkv=bwd["blocks"][10],
   )
   print(f"autotune chose {blocks}", flush=True)
   return {"rows": rows, "blocks": blocks}

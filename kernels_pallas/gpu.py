@@ -48,6 +48,11 @@ class GpuBlocks:
   # made the packed forward 5% faster at T = 1,024 and the backward slower
   # (experiments/results/bench_attention_h200_sweep.json).
   num_stages_bwd: int = 0
+  # The dkv kernel's own depth; 0: the backward's. (Triton 3.5's passes for sm_90, a stand-in
+  # for XLA's: at 3 stages the transposed dkv kernel needs 55 KB of shared memory a program,
+  # 4 programs an SM; dq 32 KB, its occupancy still set by its registers. So the dq kernel can
+  # take 3 stages where dkv keeps 2.)
+  num_stages_dkv: int = 0
   # "rowwise": the rungs unrolled per layer as row-wise dot products (CUDA cores).
   # "packed": the G heads of a kv head packed into the rows of tensor-core tiles, the rungs a
   # loop over an int32 table that is a kernel input, so layers share one compiled kernel.
@@ -83,11 +88,13 @@ class GpuBlocks:
       n = getattr(self, name)
       if n < least or n & (n - 1):  # Triton's tiles and warp counts are powers of two
         raise ValueError(f"{name}={n} must be a power of two >= {least}")
-    if self.num_stages < 1 or self.num_stages_bwd < 0:
-      raise ValueError(
-        f"num_stages={self.num_stages} must be >= 1 and num_stages_bwd={self.num_stages_bwd} "
-        ">= 0 (0: num_stages)"
-      )
+    for name, least, zero in (
+      ("num_stages", 1, ""),
+      ("num_stages_bwd", 0, " (0: num_stages)"),
+      ("num_stages_dkv", 0, " (0: num_stages_bwd)"),
+    ):
+      if getattr(self, name) < least:
+        raise ValueError(f"{name}={getattr(self, name)} must be >= {least}{zero}")
     for name, n, least in (
       ("rung_group", self.rung_group, 1),
       ("rung_group_bwd", self.rung_group_bwd, 0),
@@ -108,6 +115,14 @@ class GpuBlocks:
   @property
   def group_bwd(self) -> int:
     return self.rung_group_bwd or self.rung_group
+
+  @property
+  def stages_dq(self) -> int:
+    return self.num_stages_bwd or self.num_stages
+
+  @property
+  def stages_dkv(self) -> int:
+    return self.num_stages_dkv or self.stages_dq
 
   def for_kernel(self, kernel: str) -> GpuBlocks:
     """These blocks for `kernel`; the row-wise kernel's without the rung groups (it has none)."""
@@ -378,7 +393,8 @@ def backward(q, k, v, o, lse, do, *, window, far, blocks: GpuBlocks, interpret: 
   delta = jnp.einsum("bthd,bthd->bht", o.astype(jnp.float32), do.astype(jnp.float32))
   if dlse is not None:
     delta = delta - dlse
-  params = _params(blocks.num_warps_bwd, blocks.num_stages_bwd or blocks.num_stages, interpret)
+  params_dq = _params(blocks.num_warps_bwd, blocks.stages_dq, interpret)
+  params_dkv = _params(blocks.num_warps_bwd, blocks.stages_dkv, interpret)
   statics = dict(window=window, far=far, groups=groups, scale=scale, block_q=bq)
   q_blk = pl.BlockSpec((None, bq, groups, head_dim), lambda i, b, h: (b, i, h, 0))
   q_all = pl.BlockSpec((None, seq_len, groups, head_dim), lambda i, b, h: (b, 0, h, 0))
@@ -393,7 +409,7 @@ def backward(q, k, v, o, lse, do, *, window, far, blocks: GpuBlocks, interpret: 
     in_specs=[q_blk, kv_all, kv_all, q_blk, stat_blk, stat_blk],
     out_specs=q_blk,
     out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype),
-    compiler_params=params,
+    compiler_params=params_dq,
     interpret=interpret,
     name="fib_attention_dq",
   )(q, k, v, do, lse, delta)
@@ -403,7 +419,7 @@ def backward(q, k, v, o, lse, do, *, window, far, blocks: GpuBlocks, interpret: 
     in_specs=[q_all, kv_blk, kv_blk, q_all, stat_all, stat_all],
     out_specs=[kv_blk, kv_blk],
     out_shape=[jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)],
-    compiler_params=params,
+    compiler_params=params_dkv,
     interpret=interpret,
     name="fib_attention_dkv",
   )(q, k, v, do, lse, delta)
@@ -965,7 +981,8 @@ def _packed_backward(q, k, v, o, lse, do, tables, *, window, blocks, interpret, 
   num_kv = k.shape[2]
   groups = num_heads // num_kv
   bq = blocks.block_q_bwd
-  params = _params(blocks.num_warps_bwd, blocks.num_stages_bwd or blocks.num_stages, interpret)
+  params_dq = _params(blocks.num_warps_bwd, blocks.stages_dq, interpret)
+  params_dkv = _params(blocks.num_warps_bwd, blocks.stages_dkv, interpret)
   statics = dict(
     window=window, groups=groups, scale=head_dim**-0.5, block_q=bq, group=blocks.group_bwd,
     num_rungs=num_rungs, diagonal=blocks.diagonal,
@@ -988,7 +1005,7 @@ def _packed_backward(q, k, v, o, lse, do, tables, *, window, blocks, interpret, 
       jax.ShapeDtypeStruct(lse.shape, jnp.float32),  # delta
       *([dfrac_shape] if learned else []),
     ],
-    compiler_params=params,
+    compiler_params=params_dq,
     interpret=interpret,
     name=f"fib_attention_{kind}_dq",
   )(*tables, q, k, v, o, do, lse, *([] if dlse is None else [dlse]))
@@ -1005,7 +1022,7 @@ def _packed_backward(q, k, v, o, lse, do, tables, *, window, blocks, interpret, 
     out_specs=[sp["kv_blk"], sp["kv_blk"], *([top_spec, top_spec] if learned else [])],
     out_shape=[jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)]
     + ([top_shape, top_shape] if learned else []),
-    compiler_params=params,
+    compiler_params=params_dkv,
     interpret=interpret,
     name=f"fib_attention_{kind}_dkv",
   )(*tables, q, k, v, *((k, v) if learned else ()), do, lse, delta)

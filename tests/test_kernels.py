@@ -626,6 +626,11 @@ def test_rung_groups_are_checked():
     GpuBlocks(kernel="packed", diagonal=2)
   with pytest.raises(ValueError, match="dkv_t=-1 must be 0 or 1"):
     GpuBlocks(kernel="packed", dkv_t=-1)
+  with pytest.raises(ValueError, match=r"num_stages_dkv=-1 must be >= 0 \(0: num_stages_bwd\)"):
+    GpuBlocks(num_stages_dkv=-1)
+  staged = GpuBlocks(num_stages=3, num_stages_dkv=2)
+  assert (staged.stages_dq, staged.stages_dkv) == (3, 2)  # dq: the forward's; dkv its own
+  assert GpuBlocks(num_stages=3, num_stages_bwd=4).stages_dkv == 4  # 0: the backward's
 
 
 class TestTpuInterpret(KernelTest):

@@ -210,3 +210,13 @@ def test_on_a_mesh_each_device_launches_the_kernels_on_its_own_rows_and_heads():
   assert len(operands) == 3  # forward, dq, dkv
   for types in operands:
     assert types.startswith("tensor<2x256x4x64xbf16>, tensor<2x256x1x64xbf16>"), types
+
+
+@pytest.mark.parametrize("kernel", ["rowwise", "packed"])
+def test_the_dkv_kernel_takes_its_own_pipeline_depth(kernel):
+  """GpuBlocks.num_stages_dkv reaches the dkv kernel's launch, and only it: the dq kernel keeps
+  the backward's depth, the forward its own."""
+  blocks = GpuBlocks(kernel=kernel, num_stages=3, num_stages_bwd=4, num_stages_dkv=2)
+  text = _lowered_step("gpu", LAYERS[-1:], blocks=blocks)
+  stages = dict(re.findall(r'name = "fib_attention_(?:packed_)?(\w+)", num_stages = (\d+)', text))
+  assert stages == {"fwd": "3", "dq": "4", "dkv": "2"}
