@@ -289,7 +289,7 @@ SPEC_KEYS = (
 )
 SPEC_FORMAT = (
   "'bq,warps,bq_bwd,warps_bwd[,stages[,stages_bwd[,group[,group_bwd[,diagonal[,dkv_t"
-  "[,stages_dkv]]]]]]]]'"
+  "[,stages_dkv]]]]]]]'"
 )
 
 

@@ -421,9 +421,8 @@ def main(argv=None):
   p.add_argument(
     "--blocks",
     default=None,
-    help="the Pallas GPU kernels' blocks, 'bq,warps,bq_bwd,warps_bwd[,stages[,stages_bwd"
-    "[,group[,group_bwd[,diagonal[,dkv_t[,stages_dkv]]]]]]]]' as bench_attention.py --sweep "
-    "takes them (default: the kernels')",
+    help=f"the Pallas GPU kernels' blocks, {bench_attention.SPEC_FORMAT} as "
+    "bench_attention.py --sweep takes them (default: the kernels')",
   )
   add_overrides_argument(p, "config overrides for every run")
   p.add_argument("--out", default=None)

@@ -9,9 +9,10 @@ one forward and backward of each implementation at each length, at bench_attenti
 op by op (no command buffers), every attention kernel launch profiled with the clocks left
 as they are (`--clock-control none`). Writes the report (`.ncu-rep`, for Nsight Compute's
 viewer), its raw metrics as CSV, and a JSON with, per launch: kernel, grid, duration, the
-compute and memory throughputs as a share of their peaks (SM, DRAM, L2, L1), the L1 and L2
-hit rates, achieved and theoretical occupancy, registers a thread, shared memory a block,
-and the warp-stall reasons that take the most cycles.
+compute and memory throughputs as a share of their peaks (SM, DRAM, L2, L1, LSU wavefronts),
+the L1 and L2 hit rates, achieved and theoretical occupancy, registers a thread, shared memory
+a block, instructions, shared-memory wavefronts and bank conflicts, global load sectors, and
+the warp-stall reasons that take the most cycles.
 """
 
 from __future__ import annotations

@@ -44,9 +44,10 @@ class GpuBlocks:
   num_stages: int = 2
   block_q_bwd: int = 16
   num_warps_bwd: int = 4
-  # Software-pipelining depth of the backward kernels; 0: num_stages. On an H200, 3 stages
-  # made the packed forward 5% faster at T = 1,024 and the backward slower
-  # (experiments/results/bench_attention_h200_sweep.json).
+  # Software-pipelining depth of the backward kernels (dq; dkv too unless num_stages_dkv);
+  # 0: num_stages. On an H200, 3 stages for all three kernels made the backward slower
+  # (experiments/results/bench_attention_h200_sweep.json); 3 for the forward alone moved it by
+  # -2.3% to +1.5% (speed_h200_a89cff5/).
   num_stages_bwd: int = 0
   # The dkv kernel's own depth; 0: the backward's. (Triton 3.5's passes for sm_90, a stand-in
   # for XLA's: at 3 stages the transposed dkv kernel needs 55 KB of shared memory a program,
@@ -531,8 +532,8 @@ def _rung_keys(k_ref, v_ref, i0, lo, cols, block_q):
 def _reader(tables):
   """read(k, i): entry i of table k, a scalar load from the table's ref each call. (The table
   read into registers once before the loop and each step's entry selected there made the
-  forward 3-5% and forward + backward 1-4% slower on an H200: experiments/results/
-  speed_h200_322d972/.)"""
+  forward 2-6% and forward + backward 1-4% slower on an H200: experiments/results/
+  speed_h200_a89cff5/bench_attention_sweep_table_regs_322d972.json.)"""
   return lambda k, i: tables[k][i]
 
 
@@ -649,7 +650,8 @@ def _dq_diag(q_MxD, do_MxD, lse_M, delta_M, k_CxD, v_CxD, eye, valid_M, scale):
 
 
 def _dkv_diag(dk, dv, q_M, do_M, lse_M, delta_M, k_CxD, v_CxD, eye, valid_M, scale, kv_t=0):
-  """`_dkv_tile` of packed queries that each read one key of the block (on `eye`)."""
+  """`_dkv_tile` of packed queries that each read one key of the block (on `eye`); [C, D] or
+  (kv_t) [D, C] as there."""
   s_M = _diag(plgpu.dot(q_M, k_CxD, trans_b=True), eye)
   dp_M = _diag(plgpu.dot(do_M, v_CxD, trans_b=True), eye)
   p_M = jnp.where(valid_M, jnp.exp(s_M * scale - lse_M), 0.0)
@@ -879,7 +881,7 @@ def _dkv_packed_kernel(
   first_block = j0 == 0
 
   def learned_rung(j, carry):
-    dk, dv, dk_top, dv_top = carry  # [C, D] each; the spills' only in row 0
+    dk, dv, dk_top, dv_top = carry  # [C, D] each ([D, C]: kv_t); the spills' only in key row 0
     lo, f = read(0, j), read(1, j)
     r_M, _, valid, (q_M, do_M), (lse_M, delta_M) = queries(j0 + lo, block_q)
     floor = r_M[:, None] == c_C[None, :]

@@ -1,5 +1,6 @@
 """experiments/bench_attention.py: what it times, on CPU (the GPU numbers come from a device)."""
 
+import argparse
 import json
 
 import jax
@@ -48,7 +49,13 @@ def test_summary_gives_both_kernels_their_ratios_at_their_worst_alpha():
 
 
 def test_a_bad_block_config_is_named_before_anything_runs(capsys):
-  bad_configs = ("16,2,16", "16,2,x,4", "16,2,16,4,2,1,1,1,1,1,1,1", "16,2,16,4,0", "16,2,16,4,2,-1")
+  bad_configs = (
+    "16,2,16",
+    "16,2,x,4",
+    "16,2,16,4,2,1,1,1,1,1,1,1",
+    "16,2,16,4,0",
+    "16,2,16,4,2,-1",
+  )
   for bad in (
     *bad_configs,
     "16,2,16,4,2,1,3",
@@ -222,3 +229,30 @@ def test_main_times_every_alpha_of_the_packed_kernel_only_and_writes_after_every
   assert got == [("pallas_packed", 0.5), ("pallas", 1.0), ("pallas_packed", 1.0), ("xla", 1.0)]
   assert "fwdbwd_speedup_vs_xla_T64" in report["summary"] and report["wall_s"] >= 0
   assert [p.name for p in tmp_path.iterdir()] == ["bench.json"]  # no temporary file left
+
+
+def test_the_spec_format_names_every_spec_key_in_balanced_brackets():
+  fmt = bench_attention.SPEC_FORMAT
+  assert fmt.count("[") == fmt.count("]") == len(bench_attention.SPEC_KEYS) - 4
+  assert fmt.count(",") + 1 == len(bench_attention.SPEC_KEYS)
+
+
+def test_autotune_takes_the_forward_from_the_fastest_forward_and_the_backward_from_the_rest(
+  monkeypatch,
+):
+  """The forward's fields (rows, warps, stages, group) come from the config with the fastest
+  forward; the backward's (rows, warps, stages, group, dkv_t, the dkv kernel's stages) from the
+  one with the fastest forward + backward less its forward."""
+  rows = [
+    {"fwd_ms": 0.1, "fwdbwd_ms": 0.9, "blocks": [32, 4, 16, 4, 3, 2, 2, 1, 0, 1, 2]},
+    {"fwd_ms": 0.3, "fwdbwd_ms": 0.5, "blocks": [16, 2, 64, 8, 2, 4, 1, 2, 0, 0, 3]},
+    {"error": "ValueError: too big", "blocks": [64, 8, 64, 8, 1, 1, 1, 1, 0, 1, 1]},
+  ]
+  monkeypatch.setattr(bench_attention, "sweep", lambda *a, **k: rows)
+  args = argparse.Namespace(lengths=[1024])
+  got = bench_attention.autotune(args, [])["blocks"]
+  assert (got.block_q, got.num_warps, got.num_stages, got.rung_group) == (32, 4, 3, 2)
+  assert (got.block_q_bwd, got.num_warps_bwd, got.num_stages_bwd, got.rung_group_bwd) == (
+    64, 8, 4, 2,
+  )  # fmt: skip
+  assert (got.dkv_t, got.stages_dkv) == (0, 3)

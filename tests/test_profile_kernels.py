@@ -10,10 +10,10 @@ STALL = "smsp__average_warps_issue_stalled_{}_per_issue_active.ratio"
 def _raw_csv(*launches):
   """ncu's raw page: a header row, a units row, a row a launch."""
   names = ["ID", "Kernel Name", "Grid Size", "Block Size", "gpu__time_duration.sum",
-           "lts__t_sector_hit_rate.pct", "launch__registers_per_thread",
+           "lts__t_sector_hit_rate.pct", "launch__registers_per_thread", "smsp__inst_executed.sum",
            *(STALL.format(r) for r in ("long_scoreboard", "barrier", "wait", "math_pipe_throttle",
                                        "short_scoreboard", "mio_throttle"))]  # fmt: skip
-  units = ["", "", "", "", launches[0][0], "%", "register/thread", *[""] * 6]
+  units = ["", "", "", "", launches[0][0], "%", "register/thread", "inst", *[""] * 6]
   rows = [names, units, *[[str(i), *launch[1:]] for i, launch in enumerate(launches)]]
   return "\n".join(",".join(f'"{x}"' for x in row) for row in rows) + "\n"
 
@@ -21,23 +21,24 @@ def _raw_csv(*launches):
 def test_summary_reads_each_launch_with_its_units_and_top_stalls():
   raw = _raw_csv(
     ("ns", "fib_attention_packed_dkv", "(64, 32, 2)", "(128, 1, 1)", "147,500", "88.5",
-     "168", "9.5", "0.25", "1", "3", "0.5", "2.75"),
+     "168", "99,074,048", "9.5", "0.25", "1", "3", "0.5", "2.75"),
     ("ns", "fib_attention_packed_fwd", "(64, 32, 2)", "(64, 1, 1)", "81,000", "n/a",
-     "255", "4", "0", "0.5", "1", "2", "0.125"),
+     "255", "n/a", "4", "0", "0.5", "1", "2", "0.125"),
   )  # fmt: skip
   dkv, fwd = pk.summarize(raw)
   assert dkv["kernel"] == "fib_attention_packed_dkv" and dkv["grid"] == "(64, 32, 2)"
   assert dkv["duration_us"] == 147.5 and dkv["l2_hit_pct"] == 88.5  # ns -> us
-  assert dkv["registers_per_thread"] == 168
+  assert dkv["registers_per_thread"] == 168 and dkv["instructions"] == 99074048
+  assert "instructions" not in fwd
   assert list(dkv["stalls"].items()) == [
     ("long_scoreboard", 9.5), ("math_pipe_throttle", 3.0), ("mio_throttle", 2.75),
     ("wait", 1.0), ("short_scoreboard", 0.5),
   ]  # fmt: skip  # the 5 largest, largest first; barrier's 0.25 is left out
   assert "l2_hit_pct" not in fwd and "dram_throughput_pct" not in dkv  # not reported: absent
   assert "barrier" not in fwd["stalls"] and len(fwd["stalls"]) == 5  # zeros are not stalls
-  raw_us = _raw_csv(("us", "k", "(1, 1, 1)", "(32, 1, 1)", "2.5", "1", "32", *["0"] * 6))
+  raw_us = _raw_csv(("us", "k", "(1, 1, 1)", "(32, 1, 1)", "2.5", "1", "32", "1", *["0"] * 6))
   assert pk.summarize("==WARNING== a note\n" + raw_us)[0]["duration_us"] == 2.5
-  raw_s = _raw_csv(("s", "k", "(1, 1, 1)", "(32, 1, 1)", "2.5", "1", "32", *["0"] * 6))
+  raw_s = _raw_csv(("s", "k", "(1, 1, 1)", "(32, 1, 1)", "2.5", "1", "32", "1", *["0"] * 6))
   with pytest.raises(ValueError, match="unknown time unit 's' of gpu__time_duration.sum"):
     pk.summarize(raw_s)
   with pytest.raises(ValueError, match="no ncu raw report"):
@@ -105,7 +106,7 @@ def test_it_runs_the_workload_under_ncu_and_writes_the_summary(tmp_path, monkeyp
   import json
 
   raw = _raw_csv(("ns", "fib_attention_packed_fwd", "(2, 4, 2)", "(64, 1, 1)", "80,000",
-                  "90", "200", *["1"] * 6))  # fmt: skip
+                  "90", "200", "5", *["1"] * 6))  # fmt: skip
   fake = _fake_ncu(tmp_path, raw)
   monkeypatch.setattr(pk.shutil, "which", lambda name: fake)
   out = tmp_path / "res" / "ncu.json"
