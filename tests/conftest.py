@@ -4,8 +4,14 @@ import os
 
 # Cheaper XLA:CPU compiles: Pallas interpret mode compiles every kernel pattern, and
 # compile time, not run time, dominates the CPU suite.
-# FIBAX_GPU_TESTS=1 runs on the accelerator with XLA's defaults.
-if os.environ.get("FIBAX_GPU_TESTS") != "1":
+# FIBAX_GPU_TESTS=1 runs on the accelerator with the XLA flags every fibax command sets
+# (fibax.cli.XLA_DEFAULTS: matmuls through cuBLAS, not XLA's Triton GEMMs, whose autotuning
+# compiles several kernels for each new matmul shape, and every random case has new ones).
+if os.environ.get("FIBAX_GPU_TESTS") == "1":
+  from fibax.cli import set_xla_defaults
+
+  set_xla_defaults()
+else:
   os.environ.setdefault(
     "XLA_FLAGS",
     "--xla_force_host_platform_device_count=8 --xla_backend_optimization_level=0"
