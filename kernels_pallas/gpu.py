@@ -31,6 +31,24 @@ from jax.experimental.pallas import triton as plgpu
 
 from kernels_pallas.reference import MASK_VALUE
 
+LOG2E = 1.4426950408889634  # log2(e)
+LN2 = 0.6931471805599453
+
+
+def _exp(x):
+  """exp(x) as 2^(x log2 e): Pallas lowers exp to libdevice's expf (a range reduction around
+  the ex2, ~12 instructions), exp2 to one ex2.approx (2 ulp). With exp2 (and `_probs`) the
+  packed forward's loop of rungs is 340 PTX instructions instead of 554, dq's 165 instead of
+  257, in Triton 3.5's passes for sm_90 (experiments/results/triton35_pipeline_cpu/
+  output_exp2.txt)."""
+  return jnp.exp2(x * LOG2E)
+
+
+def _probs(s, scale, lse):
+  """exp(s * scale - lse), the scale and lse taken to base 2 first: one fma and an ex2 an
+  entry (lse a vector, broadcast as given)."""
+  return jnp.exp2(s * (scale * LOG2E) - lse * LOG2E)
+
 
 @dataclasses.dataclass(frozen=True)
 class GpuBlocks:
@@ -153,8 +171,8 @@ def _online(carry, s_QxC, v_CxD):
   """One online-softmax step over a key tile (FlashAttention-2 §3.1), one query head."""
   acc, m, l = carry
   m_new = jnp.maximum(m, jnp.max(s_QxC, axis=1))
-  corr = jnp.exp(m - m_new)
-  p_QxC = jnp.exp(s_QxC - m_new[:, None])
+  corr = _exp(m - m_new)
+  p_QxC = _exp(s_QxC - m_new[:, None])
   l = l * corr + jnp.sum(p_QxC, axis=1)
   acc = acc * corr[:, None] + plgpu.dot(p_QxC.astype(v_CxD.dtype), v_CxD)
   return acc, m_new, l
@@ -205,7 +223,7 @@ def _fwd_kernel(q_ref, k_ref, v_ref, o_ref, lse_ref, *, window, far, groups, sca
     v_QxD = _rows(v_ref, rows_i - d, cols, valid, jnp.float32)
     for g in range(groups):
       acc, m, l = carry[g]
-      p_Q = jnp.where(valid, jnp.exp(s_rungs[g][j] - m), 0.0)
+      p_Q = jnp.where(valid, _exp(s_rungs[g][j] - m), 0.0)
       carry[g] = (acc + p_Q[:, None] * v_QxD, m, l + p_Q)
 
   for g in range(groups):
@@ -233,7 +251,7 @@ def _dq_kernel(
     out = []
     for g in range(groups):
       s_QxC = plgpu.dot(q_g[g], k_CxD, trans_b=True) * scale
-      p_QxC = jnp.where(keep, jnp.exp(s_QxC - lse_g[g][:, None]), 0.0)
+      p_QxC = jnp.where(keep, _exp(s_QxC - lse_g[g][:, None]), 0.0)
       dp_QxC = plgpu.dot(do_g[g], v_CxD, trans_b=True)
       ds_QxC = p_QxC * (dp_QxC - delta_g[g][:, None])
       out.append(dq[g] + plgpu.dot(ds_QxC.astype(k_CxD.dtype), k_CxD))
@@ -250,7 +268,7 @@ def _dq_kernel(
     v_QxD = _rows(v_ref, rows_k, cols, valid, jnp.float32)
     for g in range(groups):
       s_Q = jnp.sum(q_g[g].astype(jnp.float32) * k_QxD, axis=1) * scale
-      p_Q = jnp.where(valid, jnp.exp(s_Q - lse_g[g]), 0.0)
+      p_Q = jnp.where(valid, _exp(s_Q - lse_g[g]), 0.0)
       dp_Q = jnp.sum(do_g[g].astype(jnp.float32) * v_QxD, axis=1)
       dq[g] = dq[g] + (p_Q * (dp_Q - delta_g[g]))[:, None] * k_QxD
 
@@ -297,7 +315,7 @@ def _dkv_kernel(
       lse_Q = lse_ref[g, rows_q]
       delta_Q = delta_ref[g, rows_q]
       s_QxC = plgpu.dot(q_QxD, k_CxD, trans_b=True) * scale
-      p_QxC = jnp.where(keep, jnp.exp(s_QxC - lse_Q[:, None]), 0.0)
+      p_QxC = jnp.where(keep, _exp(s_QxC - lse_Q[:, None]), 0.0)
       dv = dv + plgpu.dot(p_QxC.astype(do_QxD.dtype), do_QxD, trans_a=True)
       dp_QxC = plgpu.dot(do_QxD, v_CxD, trans_b=True)
       ds_QxC = p_QxC * (dp_QxC - delta_Q[:, None])
@@ -324,7 +342,7 @@ def _dkv_kernel(
       lse_Q = plgpu.load(lse_ref.at[g, rows_c], mask=valid, other=0.0)
       delta_Q = plgpu.load(delta_ref.at[g, rows_c], mask=valid, other=0.0)
       s_Q = jnp.sum(q_QxD * k32, axis=1) * scale
-      p_Q = jnp.where(valid, jnp.exp(s_Q - lse_Q), 0.0)
+      p_Q = jnp.where(valid, _exp(s_Q - lse_Q), 0.0)
       dv = dv + p_Q[:, None] * do_QxD
       dp_Q = jnp.sum(do_QxD * v32, axis=1)
       dk = dk + (p_Q * (dp_Q - delta_Q))[:, None] * q_QxD
@@ -606,17 +624,18 @@ def _static_rung(read, n, i0, r_M, k_ref, v_ref, cols, block_q):
   return _rows(k_ref, rows_C, cols, valid), _rows(v_ref, rows_C, cols, valid), i0 + r_M - d >= 0
 
 
-def _fwd_window(q_MxD, k_CxD, v_CxD, keep, scale):
-  """The online softmax's carry after the window tile (every query attends d = 0)."""
-  s_MxC = jnp.where(keep, plgpu.dot(q_MxD, k_CxD, trans_b=True) * scale, MASK_VALUE)
+def _fwd_window(q_MxD, k_CxD, v_CxD, keep, scale2):
+  """The online softmax's carry after the window tile (every query attends d = 0); scores
+  and their max in base-2 units (scale2 = scale * log2 e), so p = 2^(s - m)."""
+  s_MxC = jnp.where(keep, plgpu.dot(q_MxD, k_CxD, trans_b=True) * scale2, MASK_VALUE)
   m_M = jnp.max(s_MxC, axis=1)
-  p_MxC = jnp.exp(s_MxC - m_M[:, None])
+  p_MxC = jnp.exp2(s_MxC - m_M[:, None])
   return plgpu.dot(p_MxC.astype(v_CxD.dtype), v_CxD), m_M, jnp.sum(p_MxC, axis=1)
 
 
 def _dq_tile(q_MxD, do_MxD, lse_M, delta_M, k_CxD, v_CxD, keep, scale):
   """(dq / scale) of one integer-offset key tile (the window, or a static rung)."""
-  p = jnp.where(keep, jnp.exp(plgpu.dot(q_MxD, k_CxD, trans_b=True) * scale - lse_M[:, None]), 0)
+  p = jnp.where(keep, _probs(plgpu.dot(q_MxD, k_CxD, trans_b=True), scale, lse_M[:, None]), 0)
   ds = p * (plgpu.dot(do_MxD, v_CxD, trans_b=True) - delta_M[:, None])
   return plgpu.dot(ds.astype(k_CxD.dtype), k_CxD)
 
@@ -634,7 +653,7 @@ def _dkv_tile(dk, dv, q_M, do_M, lse_M, delta_M, k_CxD, v_CxD, keep, scale, kv_t
   [D, C] each."""
   s = plgpu.dot(q_M, k_CxD, trans_b=True)
   dp = plgpu.dot(do_M, v_CxD, trans_b=True)
-  p = jnp.where(keep, jnp.exp(s * scale - lse_M[:, None]), 0)
+  p = jnp.where(keep, _probs(s, scale, lse_M[:, None]), 0)
   ds = p * (dp - delta_M[:, None])
   return dk + _dot_t(ds, q_M, kv_t), dv + _dot_t(p, do_M, kv_t)
 
@@ -644,7 +663,7 @@ def _dq_diag(q_MxD, do_MxD, lse_M, delta_M, k_CxD, v_CxD, eye, valid_M, scale):
   `valid_M`): the softmax on the diagonal's scores only."""
   s_M = _diag(plgpu.dot(q_MxD, k_CxD, trans_b=True), eye)
   dp_M = _diag(plgpu.dot(do_MxD, v_CxD, trans_b=True), eye)
-  p_M = jnp.where(valid_M, jnp.exp(s_M * scale - lse_M), 0.0)
+  p_M = jnp.where(valid_M, _probs(s_M, scale, lse_M), 0.0)
   ds_M = p_M * (dp_M - delta_M)
   return plgpu.dot(_on_diag(ds_M, eye).astype(k_CxD.dtype), k_CxD)
 
@@ -654,7 +673,7 @@ def _dkv_diag(dk, dv, q_M, do_M, lse_M, delta_M, k_CxD, v_CxD, eye, valid_M, sca
   (kv_t) [D, C] as there."""
   s_M = _diag(plgpu.dot(q_M, k_CxD, trans_b=True), eye)
   dp_M = _diag(plgpu.dot(do_M, v_CxD, trans_b=True), eye)
-  p_M = jnp.where(valid_M, jnp.exp(s_M * scale - lse_M), 0.0)
+  p_M = jnp.where(valid_M, _probs(s_M, scale, lse_M), 0.0)
   ds_M = p_M * (dp_M - delta_M)
   return (
     dk + _dot_t(_on_diag(ds_M, eye), q_M, kv_t),
@@ -671,24 +690,27 @@ def _fwd_packed_kernel(*refs, window, groups, scale, block_q, group=1, num_rungs
   cols = jnp.arange(k_ref.shape[1])
   r_M, _, _, (q_MxD,), _ = _load_packed(0, block_q, groups, cols, [q_ref], [])
   rows_M = i0 + r_M
-  carry = _fwd_window(q_MxD, *_window_keys(k_ref, v_ref, i0, rows_M, cols, window, block_q), scale)
+  scale2 = scale * LOG2E  # scores in base-2 units: p = 2^(s - m), one ex2 an entry
+  carry = _fwd_window(q_MxD, *_window_keys(k_ref, v_ref, i0, rows_M, cols, window, block_q), scale2)
   diag = r_M[:, None] == jnp.arange(block_q)[None, :]
 
   def tile(carry, k_CxD, v_CxD, keep):  # the online softmax over one more key tile
     acc, m, l = carry
-    s = jnp.where(keep, plgpu.dot(q_MxD, k_CxD, trans_b=True) * scale, MASK_VALUE)
+    s = jnp.where(keep, plgpu.dot(q_MxD, k_CxD, trans_b=True) * scale2, MASK_VALUE)
     m_new = jnp.maximum(m, jnp.max(s, axis=1))
-    corr = jnp.exp(m - m_new)
-    p = jnp.exp(s - m_new[:, None])
+    corr = jnp.exp2(m - m_new)
+    p = jnp.exp2(s - m_new[:, None])
     pv_D = plgpu.dot(p.astype(v_CxD.dtype), v_CxD)
     return acc * corr[:, None] + pv_D, m_new, l * corr + jnp.sum(p, axis=1)
 
   def one_key(carry, k_CxD, v_CxD, valid_M):  # `tile` where each row reads one key: diag's
     acc, m, l = carry
-    s_M = jnp.where(valid_M, _diag(plgpu.dot(q_MxD, k_CxD, trans_b=True), diag) * scale, MASK_VALUE)
+    s_M = jnp.where(
+      valid_M, _diag(plgpu.dot(q_MxD, k_CxD, trans_b=True), diag) * scale2, MASK_VALUE
+    )
     m_new = jnp.maximum(m, s_M)
-    corr = jnp.exp(m - m_new)
-    p_M = jnp.exp(s_M - m_new)
+    corr = jnp.exp2(m - m_new)
+    p_M = jnp.exp2(s_M - m_new)
     pv_D = plgpu.dot(_on_diag(p_M, diag).astype(v_CxD.dtype), v_CxD)
     return acc * corr[:, None] + pv_D, m_new, l * corr + p_M
 
@@ -715,7 +737,7 @@ def _fwd_packed_kernel(*refs, window, groups, scale, block_q, group=1, num_rungs
   r_M, g_M = _packed(block_q, groups)
   o = (acc / l_M[:, None]).astype(o_ref.dtype)
   plgpu.store(o_ref.at[r_M[:, None], g_M[:, None], cols[None, :]], o)
-  plgpu.store(lse_ref.at[g_M, r_M], m_M + jnp.log(l_M))
+  plgpu.store(lse_ref.at[g_M, r_M], m_M * LN2 + jnp.log(l_M))  # natural units again
 
 
 def _dq_packed_kernel(
@@ -779,7 +801,7 @@ def _dq_packed_kernel(
     else:
       s_a, dp_a, s_b, dp_b = scores
       keep, lse, delta = diag & valid[None, :], lse_M[:, None], delta_M[:, None]
-    p = jnp.where(keep, jnp.exp((1 - f) * s_a + f * s_b - lse), 0.0)
+    p = jnp.where(keep, _exp((1 - f) * s_a + f * s_b - lse), 0.0)
     ds = p * ((1 - f) * dp_a + f * dp_b - delta)
     # Each packed row's d loss / d f, into the rung's own column: row sums only, the sum
     # over rows once after the loop, not a whole-tile sum a rung (the same time on an H200,
@@ -889,10 +911,10 @@ def _dkv_packed_kernel(
     s = plgpu.dot(q_M, k_b, trans_b=True)
     dp = plgpu.dot(do_M, v_b, trans_b=True)
     if diagonal:  # one key a row, the floor's: the softmax on those
-      p_M = jnp.where(valid, jnp.exp(_diag(s, floor) * scale - lse_M), 0.0)
+      p_M = jnp.where(valid, _probs(_diag(s, floor), scale, lse_M), 0.0)
       ds_M = p_M * (_diag(dp, floor) - delta_M)
     else:
-      p = jnp.where(floor & valid[:, None], jnp.exp(s * scale - lse_M[:, None]), 0)
+      p = jnp.where(floor & valid[:, None], _probs(s, scale, lse_M[:, None]), 0)
       ds = p * (dp - delta_M[:, None])
       p_M, ds_M = jnp.sum(p, axis=1), jnp.sum(ds, axis=1)
     # Each query row's gradient to the block's rows: 1 - f at its floor, f at the row before
