@@ -143,6 +143,12 @@ def main(argv=None):
     "--num-stages-dkv", type=int, default=None, help="the dkv kernel's (default: --num-stages-bwd)"
   )
   ap.add_argument(
+    "--exp2",
+    type=int,
+    default=None,
+    help="1: the packed kernels' softmax in base 2 (the default); 0: natural, libdevice's expf",
+  )
+  ap.add_argument(
     "--rung-group",
     type=int,
     default=None,
@@ -170,7 +176,8 @@ def main(argv=None):
     nargs="+",
     default=None,
     help=f"block configs {SPEC_FORMAT} (group: static rungs to a tile, packed kernel; diagonal, "
-    "dkv_t: 1 or 0, as --diagonal, --dkv-t; stages_dkv: the dkv kernel's, 0: stages_bwd) to "
+    "dkv_t, exp2: 1 or 0, as --diagonal, --dkv-t, --exp2; stages_dkv: the dkv kernel's, 0: "
+    "stages_bwd) to "
     "time for "
     "--sweep-impl at each length and the first alpha, beside the cuDNN window, then write them "
     "(--out)",
@@ -286,10 +293,11 @@ SPEC_KEYS = (
   "diagonal",
   "dkv_t",
   "num_stages_dkv",
+  "exp2",
 )
 SPEC_FORMAT = (
   "'bq,warps,bq_bwd,warps_bwd[,stages[,stages_bwd[,group[,group_bwd[,diagonal[,dkv_t"
-  "[,stages_dkv]]]]]]]'"
+  "[,stages_dkv[,exp2]]]]]]]]'"
 )
 
 
@@ -311,10 +319,10 @@ def parse_spec(spec: str) -> GpuBlocks:
 
 def _spec(b: GpuBlocks) -> list[int]:
   """bq, warps, bq_bwd, warps_bwd, stages, stages_bwd, group, group_bwd, diagonal, dkv_t,
-  stages_dkv (resolved)."""
+  stages_dkv, exp2 (resolved)."""
   return [
     *(b.block_q, b.num_warps, b.block_q_bwd, b.num_warps_bwd, b.num_stages, b.stages_dq),
-    *(b.rung_group, b.group_bwd, b.diagonal, b.dkv_t, b.stages_dkv),
+    *(b.rung_group, b.group_bwd, b.diagonal, b.dkv_t, b.stages_dkv, b.exp2),
   ]
 
 
@@ -336,6 +344,7 @@ def autotune(args, specs: list[GpuBlocks]) -> dict:
     rung_group_bwd=bwd["blocks"][7],
     dkv_t=bwd["blocks"][9],
     num_stages_dkv=bwd["blocks"][10],
+    exp2=fwd["blocks"][11],
   )
   print(f"autotune chose {blocks}", flush=True)
   return {"rows": rows, "blocks": blocks}

@@ -37,17 +37,37 @@ LN2 = 0.6931471805599453
 
 def _exp(x):
   """exp(x) as 2^(x log2 e): Pallas lowers exp to libdevice's expf (a range reduction around
-  the ex2, ~12 instructions), exp2 to one ex2.approx (2 ulp). With exp2 (and `_probs`) the
+  the ex2, ~12 instructions), exp2 to one ex2.approx (2 ulp). With exp2 (and `_Softmax`) the
   packed forward's loop of rungs is 340 PTX instructions instead of 554, dq's 165 instead of
   257, in Triton 3.5's passes for sm_90 (experiments/results/triton35_pipeline_cpu/
   output_exp2.txt)."""
   return jnp.exp2(x * LOG2E)
 
 
-def _probs(s, scale, lse):
-  """exp(s * scale - lse), the scale and lse taken to base 2 first: one fma and an ex2 an
-  entry (lse a vector, broadcast as given)."""
-  return jnp.exp2(s * (scale * LOG2E) - lse * LOG2E)
+@dataclasses.dataclass(frozen=True)
+class _Softmax:
+  """The packed kernels' exponentials: in base 2 (exp2 = 1, `GpuBlocks.exp2`: scores, maxima
+  and lse taken to base 2, so an entry costs one fma and one ex2.approx) or natural (0:
+  libdevice's expf). `scale` is the scores' natural scale, 1 / sqrt(D)."""
+
+  scale: float
+  exp2: int = 1
+
+  @property
+  def base(self) -> float:  # log2 e, or 1
+    return LOG2E if self.exp2 else 1.0
+
+  def exp(self, x):
+    """e^(x / base): x in the base's units."""
+    return jnp.exp2(x) if self.exp2 else jnp.exp(x)
+
+  def probs(self, s, lse):
+    """exp(s * scale - lse) for raw scores s and a natural lse (a vector, broadcast as given)."""
+    return self.exp(s * (self.scale * self.base) - lse * self.base)
+
+  def lse(self, m, l):
+    """The natural log-sum-exp of a row from its max m in the base's units and its sum l."""
+    return m * (LN2 if self.exp2 else 1.0) + jnp.log(l)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -94,6 +114,13 @@ class GpuBlocks:
   # H200, 1 made the dkv kernel 7-8% faster (Nsight Compute), forward + backward 2-4% faster
   # at T = 1K..64K (experiments/results/speed_h200_a89cff5/).
   dkv_t: int = 1
+  # Packed kernels: 1 takes every softmax in base 2 (scores, maxima and lse times log2 e: one
+  # fma and one ex2.approx an entry, 2 ulp); 0 in natural units through libdevice's expf (a
+  # range reduction around the ex2, ~12 instructions an entry). Triton 3.5's passes for sm_90:
+  # the forward's loop of rungs 340 PTX instructions against 554, dq's 165 against 257
+  # (experiments/results/triton35_pipeline_cpu/output_exp2.txt). 1 stays the default unless a
+  # GPU says otherwise. (The row-wise kernels always take base 2.)
+  exp2: int = 1
 
   def __post_init__(self):
     if self.kernel not in KERNELS:
@@ -122,7 +149,7 @@ class GpuBlocks:
         raise ValueError(
           f"{name}={n} must be a power of two" + (" or 0 (0: rung_group)" if least == 0 else "")
         )
-    for name in ("diagonal", "dkv_t"):
+    for name in ("diagonal", "dkv_t", "exp2"):
       if getattr(self, name) not in (0, 1):
         raise ValueError(f"{name}={getattr(self, name)} must be 0 or 1")
     if self.kernel != "packed" and (self.rung_group, self.group_bwd) != (1, 1):
@@ -624,18 +651,18 @@ def _static_rung(read, n, i0, r_M, k_ref, v_ref, cols, block_q):
   return _rows(k_ref, rows_C, cols, valid), _rows(v_ref, rows_C, cols, valid), i0 + r_M - d >= 0
 
 
-def _fwd_window(q_MxD, k_CxD, v_CxD, keep, scale2):
+def _fwd_window(q_MxD, k_CxD, v_CxD, keep, sm: _Softmax):
   """The online softmax's carry after the window tile (every query attends d = 0); scores
-  and their max in base-2 units (scale2 = scale * log2 e), so p = 2^(s - m)."""
-  s_MxC = jnp.where(keep, plgpu.dot(q_MxD, k_CxD, trans_b=True) * scale2, MASK_VALUE)
+  and their max in the base's units (scale * base), so p = sm.exp(s - m)."""
+  s_MxC = jnp.where(keep, plgpu.dot(q_MxD, k_CxD, trans_b=True) * (sm.scale * sm.base), MASK_VALUE)
   m_M = jnp.max(s_MxC, axis=1)
-  p_MxC = jnp.exp2(s_MxC - m_M[:, None])
+  p_MxC = sm.exp(s_MxC - m_M[:, None])
   return plgpu.dot(p_MxC.astype(v_CxD.dtype), v_CxD), m_M, jnp.sum(p_MxC, axis=1)
 
 
-def _dq_tile(q_MxD, do_MxD, lse_M, delta_M, k_CxD, v_CxD, keep, scale):
+def _dq_tile(q_MxD, do_MxD, lse_M, delta_M, k_CxD, v_CxD, keep, sm: _Softmax):
   """(dq / scale) of one integer-offset key tile (the window, or a static rung)."""
-  p = jnp.where(keep, _probs(plgpu.dot(q_MxD, k_CxD, trans_b=True), scale, lse_M[:, None]), 0)
+  p = jnp.where(keep, sm.probs(plgpu.dot(q_MxD, k_CxD, trans_b=True), lse_M[:, None]), 0)
   ds = p * (plgpu.dot(do_MxD, v_CxD, trans_b=True) - delta_M[:, None])
   return plgpu.dot(ds.astype(k_CxD.dtype), k_CxD)
 
@@ -648,32 +675,32 @@ def _dot_t(w_MxC, y_MxD, kv_t=0):
   return plgpu.dot(w_MxC, y_MxD, trans_a=True)
 
 
-def _dkv_tile(dk, dv, q_M, do_M, lse_M, delta_M, k_CxD, v_CxD, keep, scale, kv_t=0):
+def _dkv_tile(dk, dv, q_M, do_M, lse_M, delta_M, k_CxD, v_CxD, keep, sm: _Softmax, kv_t=0):
   """Adds the packed queries' gradients to a key block's (dk / scale, dv), [C, D] or (kv_t)
   [D, C] each."""
   s = plgpu.dot(q_M, k_CxD, trans_b=True)
   dp = plgpu.dot(do_M, v_CxD, trans_b=True)
-  p = jnp.where(keep, _probs(s, scale, lse_M[:, None]), 0)
+  p = jnp.where(keep, sm.probs(s, lse_M[:, None]), 0)
   ds = p * (dp - delta_M[:, None])
   return dk + _dot_t(ds, q_M, kv_t), dv + _dot_t(p, do_M, kv_t)
 
 
-def _dq_diag(q_MxD, do_MxD, lse_M, delta_M, k_CxD, v_CxD, eye, valid_M, scale):
+def _dq_diag(q_MxD, do_MxD, lse_M, delta_M, k_CxD, v_CxD, eye, valid_M, sm: _Softmax):
   """`_dq_tile` of a rung tile whose packed rows each read one key (on `eye`, where
   `valid_M`): the softmax on the diagonal's scores only."""
   s_M = _diag(plgpu.dot(q_MxD, k_CxD, trans_b=True), eye)
   dp_M = _diag(plgpu.dot(do_MxD, v_CxD, trans_b=True), eye)
-  p_M = jnp.where(valid_M, _probs(s_M, scale, lse_M), 0.0)
+  p_M = jnp.where(valid_M, sm.probs(s_M, lse_M), 0.0)
   ds_M = p_M * (dp_M - delta_M)
   return plgpu.dot(_on_diag(ds_M, eye).astype(k_CxD.dtype), k_CxD)
 
 
-def _dkv_diag(dk, dv, q_M, do_M, lse_M, delta_M, k_CxD, v_CxD, eye, valid_M, scale, kv_t=0):
+def _dkv_diag(dk, dv, q_M, do_M, lse_M, delta_M, k_CxD, v_CxD, eye, valid_M, sm, kv_t=0):
   """`_dkv_tile` of packed queries that each read one key of the block (on `eye`); [C, D] or
   (kv_t) [D, C] as there."""
   s_M = _diag(plgpu.dot(q_M, k_CxD, trans_b=True), eye)
   dp_M = _diag(plgpu.dot(do_M, v_CxD, trans_b=True), eye)
-  p_M = jnp.where(valid_M, _probs(s_M, scale, lse_M), 0.0)
+  p_M = jnp.where(valid_M, sm.probs(s_M, lse_M), 0.0)
   ds_M = p_M * (dp_M - delta_M)
   return (
     dk + _dot_t(_on_diag(ds_M, eye), q_M, kv_t),
@@ -681,7 +708,9 @@ def _dkv_diag(dk, dv, q_M, do_M, lse_M, delta_M, k_CxD, v_CxD, eye, valid_M, sca
   )
 
 
-def _fwd_packed_kernel(*refs, window, groups, scale, block_q, group=1, num_rungs=None, diagonal=0):
+def _fwd_packed_kernel(
+  *refs, window, groups, scale, block_q, group=1, num_rungs=None, diagonal=0, exp2=1
+):
   # tables: [S] int32 (static: count, then distances) or lo/frac/count (learned);
   # q_ref/o_ref [Q, G, D]; k_ref/v_ref [T, D]; lse_ref [G, Q]
   learned = num_rungs is not None
@@ -690,16 +719,17 @@ def _fwd_packed_kernel(*refs, window, groups, scale, block_q, group=1, num_rungs
   cols = jnp.arange(k_ref.shape[1])
   r_M, _, _, (q_MxD,), _ = _load_packed(0, block_q, groups, cols, [q_ref], [])
   rows_M = i0 + r_M
-  scale2 = scale * LOG2E  # scores in base-2 units: p = 2^(s - m), one ex2 an entry
-  carry = _fwd_window(q_MxD, *_window_keys(k_ref, v_ref, i0, rows_M, cols, window, block_q), scale2)
+  sm = _Softmax(scale, exp2)
+  scale2 = scale * sm.base  # scores and maxima in the base's units: p = sm.exp(s - m)
+  carry = _fwd_window(q_MxD, *_window_keys(k_ref, v_ref, i0, rows_M, cols, window, block_q), sm)
   diag = r_M[:, None] == jnp.arange(block_q)[None, :]
 
   def tile(carry, k_CxD, v_CxD, keep):  # the online softmax over one more key tile
     acc, m, l = carry
     s = jnp.where(keep, plgpu.dot(q_MxD, k_CxD, trans_b=True) * scale2, MASK_VALUE)
     m_new = jnp.maximum(m, jnp.max(s, axis=1))
-    corr = jnp.exp2(m - m_new)
-    p = jnp.exp2(s - m_new[:, None])
+    corr = sm.exp(m - m_new)
+    p = sm.exp(s - m_new[:, None])
     pv_D = plgpu.dot(p.astype(v_CxD.dtype), v_CxD)
     return acc * corr[:, None] + pv_D, m_new, l * corr + jnp.sum(p, axis=1)
 
@@ -709,8 +739,8 @@ def _fwd_packed_kernel(*refs, window, groups, scale, block_q, group=1, num_rungs
       valid_M, _diag(plgpu.dot(q_MxD, k_CxD, trans_b=True), diag) * scale2, MASK_VALUE
     )
     m_new = jnp.maximum(m, s_M)
-    corr = jnp.exp2(m - m_new)
-    p_M = jnp.exp2(s_M - m_new)
+    corr = sm.exp(m - m_new)
+    p_M = sm.exp(s_M - m_new)
     pv_D = plgpu.dot(_on_diag(p_M, diag).astype(v_CxD.dtype), v_CxD)
     return acc * corr[:, None] + pv_D, m_new, l * corr + p_M
 
@@ -737,7 +767,7 @@ def _fwd_packed_kernel(*refs, window, groups, scale, block_q, group=1, num_rungs
   r_M, g_M = _packed(block_q, groups)
   o = (acc / l_M[:, None]).astype(o_ref.dtype)
   plgpu.store(o_ref.at[r_M[:, None], g_M[:, None], cols[None, :]], o)
-  plgpu.store(lse_ref.at[g_M, r_M], m_M * LN2 + jnp.log(l_M))  # natural units again
+  plgpu.store(lse_ref.at[g_M, r_M], sm.lse(m_M, l_M))
 
 
 def _dq_packed_kernel(
@@ -750,6 +780,7 @@ def _dq_packed_kernel(
   num_rungs=None,
   with_dlse=False,
   diagonal=0,
+  exp2=1,
 ):
   # q/o/do/dq [Q, G, D]; k/v [T, D]; lse/dlse/delta [G, Q]; learned: dfrac [R_pad], this
   # program's d loss / d f_r. delta_i = sum_d o_i do_i (- dlse_i) is formed here, from the
@@ -771,7 +802,8 @@ def _dq_packed_kernel(
     delta_M = delta_M - stats[1]
   rows_M = i0 + r_M
   k_CxD, v_CxD, keep = _window_keys(k_ref, v_ref, i0, rows_M, cols, window, block_q)
-  dq = _dq_tile(q_MxD, do_MxD, lse_M, delta_M, k_CxD, v_CxD, keep, scale)
+  sm = _Softmax(scale, exp2)
+  dq = _dq_tile(q_MxD, do_MxD, lse_M, delta_M, k_CxD, v_CxD, keep, sm)
   diag = r_M[:, None] == jnp.arange(block_q)[None, :]
   slots = jnp.arange(outs[-1].shape[0]) if learned else None
 
@@ -781,9 +813,9 @@ def _dq_packed_kernel(
   def rung_group(n, dq):
     if diagonal and group == 1:
       k_CxD, v_CxD, valid_M = _static_rung(read, n, i0, r_M, k_ref, v_ref, cols, block_q)
-      return dq + _dq_diag(q_MxD, do_MxD, lse_M, delta_M, k_CxD, v_CxD, diag, valid_M, scale)
+      return dq + _dq_diag(q_MxD, do_MxD, lse_M, delta_M, k_CxD, v_CxD, diag, valid_M, sm)
     keys = _group_keys(read, size, n, group, live, i0, r_M, k_ref, v_ref, cols, block_q)
-    return dq + _dq_tile(q_MxD, do_MxD, lse_M, delta_M, *keys, scale)
+    return dq + _dq_tile(q_MxD, do_MxD, lse_M, delta_M, *keys, sm)
 
   def rung(j, carry):
     dq, dfrac = carry
@@ -801,7 +833,7 @@ def _dq_packed_kernel(
     else:
       s_a, dp_a, s_b, dp_b = scores
       keep, lse, delta = diag & valid[None, :], lse_M[:, None], delta_M[:, None]
-    p = jnp.where(keep, _exp((1 - f) * s_a + f * s_b - lse), 0.0)
+    p = jnp.where(keep, sm.exp(((1 - f) * s_a + f * s_b - lse) * sm.base), 0.0)
     ds = p * ((1 - f) * dp_a + f * dp_b - delta)
     # Each packed row's d loss / d f, into the rung's own column: row sums only, the sum
     # over rows once after the loop, not a whole-tile sum a rung (the same time on an H200,
@@ -835,6 +867,7 @@ def _dkv_packed_kernel(
   num_rungs=None,
   diagonal=0,
   kv_t=0,
+  exp2=1,
 ):
   # q/do [T, G, D]; k/v/dk/dv [C, D] (learned: also k/v [T, D], for the rows before the block,
   # and the spills dk_top/dv_top [D]); lse/delta [G, T]. Key block [j0, j0 + C). A static
@@ -854,6 +887,7 @@ def _dkv_packed_kernel(
   j0 = pl.program_id(0) * block_q
   cols = jnp.arange(k_ref.shape[1])
   k_CxD, v_CxD = k_ref[...], v_ref[...]
+  sm = _Softmax(scale, exp2)
   c_C = jnp.arange(block_q)
 
   def queries(first, rows):
@@ -867,7 +901,7 @@ def _dkv_packed_kernel(
     _, qr_M, valid, (q_w, do_w), (lse_w, delta_w) = queries(j0 + n * block_q, block_q)
     rel = qr_M[:, None] - (j0 + c_C)[None, :]
     keep = (rel >= 0) & (rel <= window) & valid[:, None]
-    return _dkv_tile(*carry, q_w, do_w, lse_w, delta_w, k_CxD, v_CxD, keep, scale, kv_t)
+    return _dkv_tile(*carry, q_w, do_w, lse_w, delta_w, k_CxD, v_CxD, keep, sm, kv_t)
 
   # The gradients accumulate as dk, dv [C, D], or (kv_t) transposed, [D, C].
   zeros = jnp.zeros((k_ref.shape[1], block_q) if kv_t else (block_q, k_ref.shape[1]), jnp.float32)
@@ -886,9 +920,9 @@ def _dkv_packed_kernel(
     )
     eye = r_M[:, None] == c_C[None, :]
     if diagonal and group == 1:  # (valid: rows_M < seq_len, no group padding)
-      return _dkv_diag(*carry, q_M, do_M, lse_M, delta_M, k_CxD, v_CxD, eye, valid, scale, kv_t)
+      return _dkv_diag(*carry, q_M, do_M, lse_M, delta_M, k_CxD, v_CxD, eye, valid, sm, kv_t)
     keep = eye & valid[:, None]
-    return _dkv_tile(*carry, q_M, do_M, lse_M, delta_M, k_CxD, v_CxD, keep, scale, kv_t)
+    return _dkv_tile(*carry, q_M, do_M, lse_M, delta_M, k_CxD, v_CxD, keep, sm, kv_t)
 
   read, size = _reader(tables), tables[0].shape[0]
   if not learned:
@@ -911,10 +945,10 @@ def _dkv_packed_kernel(
     s = plgpu.dot(q_M, k_b, trans_b=True)
     dp = plgpu.dot(do_M, v_b, trans_b=True)
     if diagonal:  # one key a row, the floor's: the softmax on those
-      p_M = jnp.where(valid, _probs(_diag(s, floor), scale, lse_M), 0.0)
+      p_M = jnp.where(valid, sm.probs(_diag(s, floor), lse_M), 0.0)
       ds_M = p_M * (_diag(dp, floor) - delta_M)
     else:
-      p = jnp.where(floor & valid[:, None], _probs(s, scale, lse_M[:, None]), 0)
+      p = jnp.where(floor & valid[:, None], sm.probs(s, lse_M[:, None]), 0)
       ds = p * (dp - delta_M[:, None])
       p_M, ds_M = jnp.sum(p, axis=1), jnp.sum(ds, axis=1)
     # Each query row's gradient to the block's rows: 1 - f at its floor, f at the row before
@@ -982,7 +1016,7 @@ def _packed_forward(q, k, v, tables, *, window, blocks, interpret, num_rungs=Non
   sp = _packed_specs(seq_len, groups, head_dim, bq, tables)
   kernel = functools.partial(
     _fwd_packed_kernel, window=window, groups=groups, scale=head_dim**-0.5, block_q=bq,
-    group=blocks.rung_group, num_rungs=num_rungs, diagonal=blocks.diagonal,
+    group=blocks.rung_group, num_rungs=num_rungs, diagonal=blocks.diagonal, exp2=blocks.exp2,
   )  # fmt: skip
   return pl.pallas_call(
     kernel,
@@ -1009,7 +1043,7 @@ def _packed_backward(q, k, v, o, lse, do, tables, *, window, blocks, interpret, 
   params_dkv = _params(blocks.num_warps_bwd, blocks.stages_dkv, interpret)
   statics = dict(
     window=window, groups=groups, scale=head_dim**-0.5, block_q=bq, group=blocks.group_bwd,
-    num_rungs=num_rungs, diagonal=blocks.diagonal,
+    num_rungs=num_rungs, diagonal=blocks.diagonal, exp2=blocks.exp2,
   )  # fmt: skip
   sp = _packed_specs(seq_len, groups, head_dim, bq, tables)
   grid = (seq_len // bq, bsz, num_kv)

@@ -568,6 +568,18 @@ def test_dk_and_dv_accumulated_transposed_give_the_same_attention(seed):
       assert _rel_err(a, b) < 1e-6, (name, options, seed)
 
 
+@pytest.mark.parametrize("seed", [1, 2, 3])  # cases with rungs (seed 0's is a window only)
+def test_the_softmax_in_base_2_gives_the_same_attention(seed):
+  """GpuBlocks.exp2: every packed kernel's softmax in base 2 or in natural units: the same
+  outputs and gradients (and the learned weights') to float32 rounding, static and learned
+  rungs, with the diagonal softmax too."""
+  for options in (dict(), dict(diagonal=1)):
+    base2 = _packed_results(seed, exp2=1, **options)
+    natural = _packed_results(seed, exp2=0, **options)
+    for name, a, b in zip(PACKED_RESULTS, base2, natural, strict=True):
+      assert _rel_err(a, b) < 1e-5, (name, options, seed)
+
+
 @pytest.mark.parametrize("backend", [pytest.param("gpu", marks=pytest.mark.gpu), "gpu_interpret"])
 def test_the_same_inputs_give_bitwise_the_same_gradients(backend):
   """The packed kernels' backward has no atomics (dk, dv are summed key block by key block): the
@@ -626,6 +638,8 @@ def test_rung_groups_are_checked():
     GpuBlocks(kernel="packed", diagonal=2)
   with pytest.raises(ValueError, match="dkv_t=-1 must be 0 or 1"):
     GpuBlocks(kernel="packed", dkv_t=-1)
+  with pytest.raises(ValueError, match="exp2=2 must be 0 or 1"):
+    GpuBlocks(kernel="packed", exp2=2)
   with pytest.raises(ValueError, match=r"num_stages_dkv=-1 must be >= 0 \(0: num_stages_bwd\)"):
     GpuBlocks(num_stages_dkv=-1)
   staged = GpuBlocks(num_stages=3, num_stages_dkv=2)
