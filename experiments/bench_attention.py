@@ -177,17 +177,16 @@ def main(argv=None):
     default=None,
     help=f"block configs {SPEC_FORMAT} (group: static rungs to a tile, packed kernel; diagonal, "
     "dkv_t, exp2: 1 or 0, as --diagonal, --dkv-t, --exp2; stages_dkv: the dkv kernel's, 0: "
-    "stages_bwd) to "
-    "time for "
-    "--sweep-impl at each length and the first alpha, beside the cuDNN window, then write them "
-    "(--out)",
+    "stages_bwd) to time for --sweep-impl at each length and the first alpha, beside the "
+    "cuDNN window, then write them (--out)",
   )
   ap.add_argument("--sweep-impl", default="pallas_packed", choices=("pallas", "pallas_packed"))
   ap.add_argument(
     "--autotune",
     nargs="*",
     default=None,
-    help="pick block_q/warps/stages (forward) and block_q_bwd/warps_bwd separately from these "
+    help="pick block_q/warps/stages/group/exp2 (forward) and block_q_bwd/warps_bwd/stages/"
+    "group/dkv_t/stages_dkv separately from these "
     "configs, timed on --sweep-impl's kernel at the longest length, alpha 1, then run the "
     "benchmark (both kernels) with them",
   )

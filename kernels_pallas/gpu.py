@@ -36,19 +36,21 @@ LN2 = 0.6931471805599453
 
 
 def _exp(x):
-  """exp(x) as 2^(x log2 e): Pallas lowers exp to libdevice's expf (a range reduction around
-  the ex2, ~12 instructions), exp2 to one ex2.approx (2 ulp). With exp2 (and `_Softmax`) the
-  packed forward's loop of rungs is 340 PTX instructions instead of 554, dq's 165 instead of
-  257, in Triton 3.5's passes for sm_90 (experiments/results/triton35_pipeline_cpu/
-  output_exp2.txt)."""
+  """exp(x) as 2^(x log2 e), for the row-wise kernels (see `_Softmax`). x is taken to base 2
+  after any subtraction (a masked x, MASK_VALUE - m, overflows to -inf there, whose exp2 is 0;
+  s * log2 e - m * log2 e could meet -inf - -inf)."""
   return jnp.exp2(x * LOG2E)
 
 
 @dataclasses.dataclass(frozen=True)
 class _Softmax:
   """The packed kernels' exponentials: in base 2 (exp2 = 1, `GpuBlocks.exp2`: scores, maxima
-  and lse taken to base 2, so an entry costs one fma and one ex2.approx) or natural (0:
-  libdevice's expf). `scale` is the scores' natural scale, 1 / sqrt(D)."""
+  and lse taken to base 2, so a static rung's entry costs one fma and libdevice's exp2f, one
+  ex2.approx) or natural (0: libdevice's expf, a range reduction around the ex2, ~12
+  instructions). With base 2 the packed forward's loop of rungs is 340 PTX instructions a step
+  instead of 554, dq's 165 instead of 257, in Triton 3.5's passes for sm_90
+  (experiments/results/triton35_pipeline_cpu/output_exp2.txt). `scale` is the scores' natural
+  scale, 1 / sqrt(D). Masked scores are set after scaling, never scaled themselves."""
 
   scale: float
   exp2: int = 1
@@ -57,13 +59,17 @@ class _Softmax:
   def base(self) -> float:  # log2 e, or 1
     return LOG2E if self.exp2 else 1.0
 
+  @property
+  def score_scale(self) -> float:  # scores in the base's units
+    return self.scale * self.base
+
   def exp(self, x):
     """e^(x / base): x in the base's units."""
     return jnp.exp2(x) if self.exp2 else jnp.exp(x)
 
   def probs(self, s, lse):
     """exp(s * scale - lse) for raw scores s and a natural lse (a vector, broadcast as given)."""
-    return self.exp(s * (self.scale * self.base) - lse * self.base)
+    return self.exp(s * self.score_scale - lse * self.base)
 
   def lse(self, m, l):
     """The natural log-sum-exp of a row from its max m in the base's units and its sum l."""
@@ -654,7 +660,7 @@ def _static_rung(read, n, i0, r_M, k_ref, v_ref, cols, block_q):
 def _fwd_window(q_MxD, k_CxD, v_CxD, keep, sm: _Softmax):
   """The online softmax's carry after the window tile (every query attends d = 0); scores
   and their max in the base's units (scale * base), so p = sm.exp(s - m)."""
-  s_MxC = jnp.where(keep, plgpu.dot(q_MxD, k_CxD, trans_b=True) * (sm.scale * sm.base), MASK_VALUE)
+  s_MxC = jnp.where(keep, plgpu.dot(q_MxD, k_CxD, trans_b=True) * sm.score_scale, MASK_VALUE)
   m_M = jnp.max(s_MxC, axis=1)
   p_MxC = sm.exp(s_MxC - m_M[:, None])
   return plgpu.dot(p_MxC.astype(v_CxD.dtype), v_CxD), m_M, jnp.sum(p_MxC, axis=1)
@@ -695,7 +701,7 @@ def _dq_diag(q_MxD, do_MxD, lse_M, delta_M, k_CxD, v_CxD, eye, valid_M, sm: _Sof
   return plgpu.dot(_on_diag(ds_M, eye).astype(k_CxD.dtype), k_CxD)
 
 
-def _dkv_diag(dk, dv, q_M, do_M, lse_M, delta_M, k_CxD, v_CxD, eye, valid_M, sm, kv_t=0):
+def _dkv_diag(dk, dv, q_M, do_M, lse_M, delta_M, k_CxD, v_CxD, eye, valid_M, sm: _Softmax, kv_t=0):
   """`_dkv_tile` of packed queries that each read one key of the block (on `eye`); [C, D] or
   (kv_t) [D, C] as there."""
   s_M = _diag(plgpu.dot(q_M, k_CxD, trans_b=True), eye)
@@ -719,14 +725,13 @@ def _fwd_packed_kernel(
   cols = jnp.arange(k_ref.shape[1])
   r_M, _, _, (q_MxD,), _ = _load_packed(0, block_q, groups, cols, [q_ref], [])
   rows_M = i0 + r_M
-  sm = _Softmax(scale, exp2)
-  scale2 = scale * sm.base  # scores and maxima in the base's units: p = sm.exp(s - m)
+  sm = _Softmax(scale, exp2)  # scores and maxima in the base's units: p = sm.exp(s - m)
   carry = _fwd_window(q_MxD, *_window_keys(k_ref, v_ref, i0, rows_M, cols, window, block_q), sm)
   diag = r_M[:, None] == jnp.arange(block_q)[None, :]
 
   def tile(carry, k_CxD, v_CxD, keep):  # the online softmax over one more key tile
     acc, m, l = carry
-    s = jnp.where(keep, plgpu.dot(q_MxD, k_CxD, trans_b=True) * scale2, MASK_VALUE)
+    s = jnp.where(keep, plgpu.dot(q_MxD, k_CxD, trans_b=True) * sm.score_scale, MASK_VALUE)
     m_new = jnp.maximum(m, jnp.max(s, axis=1))
     corr = sm.exp(m - m_new)
     p = sm.exp(s - m_new[:, None])
@@ -736,7 +741,7 @@ def _fwd_packed_kernel(
   def one_key(carry, k_CxD, v_CxD, valid_M):  # `tile` where each row reads one key: diag's
     acc, m, l = carry
     s_M = jnp.where(
-      valid_M, _diag(plgpu.dot(q_MxD, k_CxD, trans_b=True), diag) * scale2, MASK_VALUE
+      valid_M, _diag(plgpu.dot(q_MxD, k_CxD, trans_b=True), diag) * sm.score_scale, MASK_VALUE
     )
     m_new = jnp.maximum(m, s_M)
     corr = sm.exp(m - m_new)

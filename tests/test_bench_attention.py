@@ -239,9 +239,9 @@ def test_the_spec_format_names_every_spec_key_in_balanced_brackets():
 def test_autotune_takes_the_forward_from_the_fastest_forward_and_the_backward_from_the_rest(
   monkeypatch,
 ):
-  """The forward's fields (rows, warps, stages, group) come from the config with the fastest
-  forward; the backward's (rows, warps, stages, group, dkv_t, the dkv kernel's stages) from the
-  one with the fastest forward + backward less its forward."""
+  """The forward's fields (rows, warps, stages, group, exp2) come from the config with the
+  fastest forward; the backward's (rows, warps, stages, group, dkv_t, the dkv kernel's
+  stages) from the one with the fastest forward + backward less its forward."""
   rows = [
     {"fwd_ms": 0.1, "fwdbwd_ms": 0.9, "blocks": [32, 4, 16, 4, 3, 2, 2, 1, 0, 1, 2, 0]},
     {"fwd_ms": 0.3, "fwdbwd_ms": 0.5, "blocks": [16, 2, 64, 8, 2, 4, 1, 2, 0, 0, 3, 1]},

@@ -11,6 +11,7 @@ compiles each pattern, ~10 s a case on 2 cores): `pytest -m slow tests/test_kern
 """
 
 import contextlib
+import functools
 import os
 
 import jax
@@ -491,6 +492,7 @@ class TestGpuPackedDiagonalInterpret(KernelTest):
     self.check(seed)
 
 
+@functools.cache  # the equality tests share their runs (each a few compiles on CPU)
 def _packed_results(seed: int, **blocks) -> tuple:
   """The packed kernels' outputs and gradients, in the GPU interpreter, on random case `seed`
   (float32) with GpuBlocks(kernel="packed", **blocks): static rungs (o, dq, dk, dv), then

@@ -249,20 +249,31 @@ def _kernel_primitives(closed) -> dict[str, set[str]]:
   "kernel, exp2, want, not_want",
   [("rowwise", 1, "exp2", "exp"), ("packed", 1, "exp2", "exp"), ("packed", 0, "exp", "exp2")],
 )
-def test_the_kernels_exponentiate_with_exp2(kernel, exp2, want, not_want):
-  """Every GPU kernel's softmax takes exp2 (one ex2.approx on a GPU), never exp (libdevice's
-  expf: a range reduction around the ex2, ~12 instructions an element; the packed forward's
-  rung loop was 554 PTX instructions with it, 340 without, in the Triton 3.5 stand-in); the
-  packed kernels take exp again with GpuBlocks.exp2=0."""
+def test_the_kernels_exponentiate_as_asked(kernel, exp2, want, not_want):
+  """Every GPU kernel's softmax takes exp2 (libdevice's exp2f: one ex2.approx), not exp
+  (libdevice's expf: a range reduction around the ex2, ~12 instructions an element; the packed
+  forward's rung loop was 554 PTX instructions with it, 340 without, in the Triton 3.5
+  stand-in); the packed kernels take exp again with GpuBlocks.exp2=0. Static rungs, and (the
+  packed kernels) learned ones."""
+  from kernels_pallas import fib_attention_learned
+
   q = jnp.zeros((1, 64, 8, 64), jnp.bfloat16)
   k = jnp.zeros((1, 64, 2, 64), jnp.bfloat16)
   blocks = GpuBlocks(kernel=kernel, exp2=exp2)
+  lo = jnp.arange(3, dtype=jnp.int32) + 20
 
-  def loss(q, k, v):
+  def static(q, k, v):
     o = fib_attention(q, k, v, LAYERS[0], backend="gpu", blocks=blocks)
     return o.astype(jnp.float32).sum()
 
-  found = _kernel_primitives(jax.make_jaxpr(jax.grad(loss, argnums=(0, 1, 2)))(q, k, k))
-  assert len(found) == 3, found.keys()  # forward, dq, dkv
+  def learned(q, k, v, frac):
+    o = fib_attention_learned(q, k, v, 12, lo, frac, lo > 0, backend="gpu", blocks=blocks)
+    return o.astype(jnp.float32).sum()
+
+  found = _kernel_primitives(jax.make_jaxpr(jax.grad(static, argnums=(0, 1, 2)))(q, k, k))
+  if kernel == "packed":
+    grad = jax.grad(learned, argnums=(0, 1, 2, 3))
+    found |= _kernel_primitives(jax.make_jaxpr(grad)(q, k, k, jnp.full((3,), 0.5)))
+  assert len(found) == (6 if kernel == "packed" else 3), found.keys()  # forward, dq, dkv
   for name, prims in found.items():
     assert want in prims and not_want not in prims, (name, sorted(prims))
