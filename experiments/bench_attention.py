@@ -414,6 +414,7 @@ def sweep_report(args, specs: list[GpuBlocks], command: str) -> dict:
     "versions": versions(),
     "copy_bandwidth_GBps": bw / 1e9,
     "impl": args.sweep_impl,
+    "blocks_fields": list(SPEC_KEYS),  # what each position of a row's "blocks" is
     "shape": dict(
       heads=HEADS, kv_heads=KV_HEADS, head_dim=HEAD_DIM, window=WINDOW, tokens=args.tokens
     ),

@@ -464,6 +464,7 @@ def main(argv=None):
     "tokens_per_step": args.tokens,
     "overrides": args.overrides,
     "gpu_blocks": None if blocks is None else bench_attention._spec(blocks),
+    "gpu_blocks_fields": list(bench_attention.SPEC_KEYS),  # what each position is
     "batches": "random tokens"
     if args.data is None
     else f"the first training batches of {args.data}",

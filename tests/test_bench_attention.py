@@ -192,6 +192,7 @@ def test_sweep_writes_every_config_beside_the_window_at_each_length(tmp_path, mo
   )  # fmt: skip
   report = json.loads(out.read_text())
   assert report["impl"] == "pallas_packed" and "--sweep" in report["command"]
+  assert report["blocks_fields"][9:] == ["dkv_t", "num_stages_dkv", "exp2"]  # names the list
   got = [(r["seq_len"], r["impl"], r.get("blocks")) for r in report["results"]]
   assert got == [
     (64, "cudnn_window", None), (64, "pallas_packed", [16, 2, 16, 4, 2, 2, 1, 1, 0, 1, 2, 1]),

@@ -205,7 +205,9 @@ def test_blocks_reach_the_kernels_of_every_run_and_the_report(tmp_path, monkeypa
   assert [(b.num_stages, b.num_stages_bwd, b.rung_group, b.group_bwd) for b in seen] == [
     (3, 2, 4, 2)
   ] * 2
-  assert json.loads(out.read_text())["gpu_blocks"] == [16, 2, 16, 4, 3, 2, 4, 2, 0, 1, 2, 1]
+  report = json.loads(out.read_text())
+  assert report["gpu_blocks"] == [16, 2, 16, 4, 3, 2, 4, 2, 0, 1, 2, 1]
+  assert report["gpu_blocks_fields"][6:8] == ["rung_group", "rung_group_bwd"]  # names the list
   assert attention.gpu_blocks_for("gpu", "packed").rung_group == 1  # the context has ended
   with pytest.raises(SystemExit):
     bench_train.main([*argv, "--blocks", "16,2,16,4,2,2,3"])
