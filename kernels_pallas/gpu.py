@@ -580,15 +580,7 @@ def _rung_keys(k_ref, v_ref, i0, lo, cols, block_q):
   return valid, [_rows(ref, r, cols, valid) for r in rows for ref in (k_ref, v_ref)]
 
 
-def _reader(tables):
-  """read(k, i): entry i of table k, a scalar load from the table's ref each call. (The table
-  read into registers once before the loop and each step's entry selected there made the
-  forward 2-6% and forward + backward 1-4% slower on an H200: experiments/results/
-  speed_h200_a89cff5/bench_attention_sweep_table_regs_322d972.json.)"""
-  return lambda k, i: tables[k][i]
-
-
-def _group_rungs(read, size, n, group, per, live):
+def _group_rungs(table_ref, n, group, per, live):
   """Static rungs n * U .. n * U + U - 1 (U = `group`) laid out `per` rows (or columns) each:
   for each row, its rung's distance, its index within the rung's rows, and whether the rung
   is live (below `live`, the program's count; the padding's distances are 0), or None where
@@ -596,11 +588,11 @@ def _group_rungs(read, size, n, group, per, live):
   loads (a vector gather of the table made the backward 13% slower at T = 16,384 on an H200)."""
   m = jnp.arange(group * per)
   if group == 1:
-    return read(0, 1 + n), m, None
+    return table_ref[1 + n], m, None
   u_M = m // per
-  d = read(0, jnp.minimum(1 + n * group, size - 1))
+  d = table_ref[jnp.minimum(1 + n * group, table_ref.shape[0] - 1)]
   for u in range(1, group):
-    d = jnp.where(u_M == u, read(0, jnp.minimum(1 + n * group + u, size - 1)), d)
+    d = jnp.where(u_M == u, table_ref[jnp.minimum(1 + n * group + u, table_ref.shape[0] - 1)], d)
   return d, m % per, n * group + u_M < live
 
 
@@ -608,11 +600,11 @@ def _and(live, cond):
   return cond if live is None else live & cond
 
 
-def _group_keys(read, size, n, group, live, i0, r_M, k_ref, v_ref, cols, block_q):
+def _group_keys(table_ref, n, group, live, i0, r_M, k_ref, v_ref, cols, block_q):
   """A static rung group's key and value tiles [U * Q, D] for query rows i0 + c (rung u's Q
   rows stacked), and their mask against the packed query rows: query row r reads row r of
   each rung's tile (a diagonal per rung)."""
-  d_C, c_C, live_C = _group_rungs(read, size, n, group, block_q, live)
+  d_C, c_C, live_C = _group_rungs(table_ref, n, group, block_q, live)
   rows_C = i0 + c_C - d_C
   valid = _and(live_C, rows_C >= 0)
   keep = (r_M[:, None] == c_C[None, :]) & valid[None, :]
@@ -648,10 +640,10 @@ def _on_diag(x_M, eye):
   return jnp.where(eye, x_M[:, None], 0.0)
 
 
-def _static_rung(read, n, i0, r_M, k_ref, v_ref, cols, block_q):
+def _static_rung(table_ref, n, i0, r_M, k_ref, v_ref, cols, block_q):
   """Static rung n's key and value tiles for query rows i0 + c (query row r reads row r of
   each), and whether each packed row's key exists (row i0 + r - d >= 0): [M]."""
-  d = read(0, 1 + n)
+  d = table_ref[1 + n]
   rows_C = i0 + jnp.arange(block_q) - d
   valid = rows_C >= 0
   return _rows(k_ref, rows_C, cols, valid), _rows(v_ref, rows_C, cols, valid), i0 + r_M - d >= 0
@@ -750,7 +742,7 @@ def _fwd_packed_kernel(
     return acc * corr[:, None] + pv_D, m_new, l * corr + p_M
 
   def rung(j, carry):
-    lo, f = read(0, j), read(1, j)
+    lo, f = tables[0][j], tables[1][j]
     valid, (k_a, v_a, k_b, v_b) = _rung_keys(k_ref, v_ref, i0, lo, cols, block_q)
     k_CxD, v_CxD = _blend(k_a, k_b, f), _blend(v_a, v_b, f)
     if diagonal:
@@ -759,12 +751,11 @@ def _fwd_packed_kernel(
 
   def rung_group(n, carry):
     if diagonal and group == 1:
-      return one_key(carry, *_static_rung(read, n, i0, r_M, k_ref, v_ref, cols, block_q))
-    keys = _group_keys(read, size, n, group, live, i0, r_M, k_ref, v_ref, cols, block_q)
+      return one_key(carry, *_static_rung(tables[0], n, i0, r_M, k_ref, v_ref, cols, block_q))
+    keys = _group_keys(tables[0], n, group, live, i0, r_M, k_ref, v_ref, cols, block_q)
     return tile(carry, *keys)
 
   live = _rungs_below(tables, learned, i0 + block_q)
-  read, size = _reader(tables), tables[0].shape[0]
   if learned:
     acc, m_M, l_M = lax.fori_loop(0, live, rung, carry)
   else:
@@ -813,18 +804,17 @@ def _dq_packed_kernel(
   slots = jnp.arange(outs[-1].shape[0]) if learned else None
 
   live = _rungs_below(tables, learned, i0 + block_q)
-  read, size = _reader(tables), tables[0].shape[0]
 
   def rung_group(n, dq):
     if diagonal and group == 1:
-      k_CxD, v_CxD, valid_M = _static_rung(read, n, i0, r_M, k_ref, v_ref, cols, block_q)
+      k_CxD, v_CxD, valid_M = _static_rung(tables[0], n, i0, r_M, k_ref, v_ref, cols, block_q)
       return dq + _dq_diag(q_MxD, do_MxD, lse_M, delta_M, k_CxD, v_CxD, diag, valid_M, sm)
-    keys = _group_keys(read, size, n, group, live, i0, r_M, k_ref, v_ref, cols, block_q)
+    keys = _group_keys(tables[0], n, group, live, i0, r_M, k_ref, v_ref, cols, block_q)
     return dq + _dq_tile(q_MxD, do_MxD, lse_M, delta_M, *keys, sm)
 
   def rung(j, carry):
     dq, dfrac = carry
-    lo, f = read(0, j), read(1, j)
+    lo, f = tables[0][j], tables[1][j]
     valid, (k_a, v_a, k_b, v_b) = _rung_keys(k_ref, v_ref, i0, lo, cols, block_q)
     scores = (
       plgpu.dot(q_MxD, k_a, trans_b=True) * scale,
@@ -846,7 +836,7 @@ def _dq_packed_kernel(
     d = ds * (s_b - s_a) + p * (dp_b - dp_a)
     d_M, ds = (d, _on_diag(ds, diag)) if diagonal else (jnp.sum(d, axis=1), ds)
     dq = dq + plgpu.dot(ds.astype(k_a.dtype), _blend(k_a, k_b, f))
-    return dq, dfrac + jnp.where(slots[None, :] == read(3, j), d_M[:, None], 0.0)
+    return dq, dfrac + jnp.where(slots[None, :] == tables[3][j], d_M[:, None], 0.0)
 
   if learned:
     dfrac = jnp.zeros((q_MxD.shape[0], outs[-1].shape[0]), jnp.float32)
@@ -916,7 +906,7 @@ def _dkv_packed_kernel(
   # Static rungs, U at a time: the queries j0 + d_u + c of rungs u = 0 .. U - 1 (x G heads)
   # packed into one U * Q * G-row tile, query row c of each rung reading key row c.
   def rung_group(n, carry):
-    d_M, m_M, live_M = _group_rungs(read, size, n, group, block_q * groups, live)
+    d_M, m_M, live_M = _group_rungs(tables[0], n, group, block_q * groups, live)
     r_M, g_M = m_M // groups, m_M % groups
     rows_M = j0 + d_M + r_M
     valid = _and(live_M, rows_M < seq_len)
@@ -929,7 +919,6 @@ def _dkv_packed_kernel(
     keep = eye & valid[:, None]
     return _dkv_tile(*carry, q_M, do_M, lse_M, delta_M, k_CxD, v_CxD, keep, sm, kv_t)
 
-  read, size = _reader(tables), tables[0].shape[0]
   if not learned:
     live = _rungs_below(tables, False, seq_len - j0)
     dk, dv = lax.fori_loop(0, (live + group - 1) // group, rung_group, (dk, dv))
@@ -943,7 +932,7 @@ def _dkv_packed_kernel(
 
   def learned_rung(j, carry):
     dk, dv, dk_top, dv_top = carry  # [C, D] each ([D, C]: kv_t); the spills' only in key row 0
-    lo, f = read(0, j), read(1, j)
+    lo, f = tables[0][j], tables[1][j]
     r_M, _, valid, (q_M, do_M), (lse_M, delta_M) = queries(j0 + lo, block_q)
     floor = r_M[:, None] == c_C[None, :]
     k_b, v_b = _blend(k_CxD, k_prev, f), _blend(v_CxD, v_prev, f)
