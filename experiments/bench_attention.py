@@ -132,7 +132,12 @@ def main(argv=None):
     "kernel, whose compiles dominate the run) at the middle one",
   )
   ap.add_argument("--block-q", type=int, default=None)
-  ap.add_argument("--num-warps", type=int, default=None)
+  ap.add_argument(
+    "--num-warps",
+    type=int,
+    default=None,
+    help="the forward's (0: the kernel's: packed 4, row-wise 2)",
+  )
   ap.add_argument("--block-q-bwd", type=int, default=None)
   ap.add_argument("--num-warps-bwd", type=int, default=None)
   ap.add_argument("--num-stages", type=int, default=None, help="software pipelining depth")
@@ -152,10 +157,13 @@ def main(argv=None):
     "--rung-group",
     type=int,
     default=None,
-    help="the packed kernels' static rungs run this many to a tile (forward)",
+    help="the packed kernels' static rungs run this many to a tile (forward; 0: the kernel's, 2)",
   )
   ap.add_argument(
-    "--rung-group-bwd", type=int, default=None, help="the same for the backward kernels"
+    "--rung-group-bwd",
+    type=int,
+    default=None,
+    help="the same for the backward kernels (0: --rung-group if given, else 1)",
   )
   ap.add_argument(
     "--diagonal",
@@ -201,7 +209,9 @@ def main(argv=None):
     except ValueError as e:
       ap.error(f"{flag}: {e}")
     grouped = [
-      x for x, b in zip(given or (), specs[flag], strict=True) if b.group_bwd * b.rung_group > 1
+      x
+      for x, b in zip(given or (), specs[flag], strict=True)
+      if max(b.rung_group, b.rung_group_bwd) > 1
     ]
     if args.sweep_impl == "pallas" and grouped:
       ap.error(f"{flag} {grouped[0]}: rung groups are the packed kernel's (--sweep-impl pallas)")
@@ -320,8 +330,8 @@ def _spec(b: GpuBlocks) -> list[int]:
   """bq, warps, bq_bwd, warps_bwd, stages, stages_bwd, group, group_bwd, diagonal, dkv_t,
   stages_dkv, exp2 (resolved)."""
   return [
-    *(b.block_q, b.num_warps, b.block_q_bwd, b.num_warps_bwd, b.num_stages, b.stages_dq),
-    *(b.rung_group, b.group_bwd, b.diagonal, b.dkv_t, b.stages_dkv, b.exp2),
+    *(b.block_q, b.warps, b.block_q_bwd, b.num_warps_bwd, b.num_stages, b.stages_dq),
+    *(b.group, b.group_bwd, b.diagonal, b.dkv_t, b.stages_dkv, b.exp2),
   ]
 
 

@@ -84,7 +84,10 @@ class GpuBlocks:
   # bench_attention_h100.json, "autotune"): small query blocks keep the G = 4 heads'
   # accumulators in registers; the rungs are CUDA-core work, not tensor-core work.
   block_q: int = 16
-  num_warps: int = 2
+  # 0: the kernel's (row-wise 2; packed 4, a warpgroup, so the forward's score and value
+  # matmuls are wgmma: on an H200 with rung groups of 2 the forward 6-11% faster than at 2
+  # warps one rung a step, forward + backward 2-4%, experiments/results/speed_h200_dbf5e70/).
+  num_warps: int = 0
   num_stages: int = 2
   block_q_bwd: int = 16
   num_warps_bwd: int = 4
@@ -104,8 +107,10 @@ class GpuBlocks:
   kernel: str = "rowwise"
   # Packed kernels, static rungs: how many rungs one loop step of the forward runs as one
   # tile (their key rows stacked: one score matmul, one online-softmax update), and of the
-  # backward kernels (0: rung_group). Powers of two; learned rungs always go one at a time.
-  rung_group: int = 1
+  # backward kernels. Powers of two; learned rungs always go one at a time. rung_group 0: the
+  # kernel's (packed: 2 in the forward and 1 in the backward, timed with num_warps above; the
+  # row-wise kernel has none); rung_group_bwd 0: an explicit rung_group, else 1 (`group_bwd`).
+  rung_group: int = 0
   rung_group_bwd: int = 0
   # Packed kernels, one rung a loop step (static rungs ungrouped, and learned rungs): 1 takes
   # each packed row's one score of a rung tile from the tile's diagonal and runs the softmax
@@ -134,12 +139,13 @@ class GpuBlocks:
     for name, least in (
       ("block_q", 16),
       ("block_q_bwd", 16),
-      ("num_warps", 1),
       ("num_warps_bwd", 1),
     ):
       n = getattr(self, name)
       if n < least or n & (n - 1):  # Triton's tiles and warp counts are powers of two
         raise ValueError(f"{name}={n} must be a power of two >= {least}")
+    if self.num_warps < 0 or self.num_warps & (self.num_warps - 1):
+      raise ValueError(f"num_warps={self.num_warps} must be a power of two or 0 (the kernel's)")
     for name, least, zero in (
       ("num_stages", 1, ""),
       ("num_stages_bwd", 0, " (0: num_stages)"),
@@ -148,25 +154,34 @@ class GpuBlocks:
       if getattr(self, name) < least:
         raise ValueError(f"{name}={getattr(self, name)} must be >= {least}{zero}")
     for name, n, least in (
-      ("rung_group", self.rung_group, 1),
-      ("rung_group_bwd", self.rung_group_bwd, 0),
+      ("rung_group", self.rung_group, "the kernel's"),
+      ("rung_group_bwd", self.rung_group_bwd, "rung_group"),
     ):
-      if n < least or n & (n - 1):
-        raise ValueError(
-          f"{name}={n} must be a power of two" + (" or 0 (0: rung_group)" if least == 0 else "")
-        )
+      if n < 0 or n & (n - 1):
+        raise ValueError(f"{name}={n} must be a power of two or 0 ({least})")
     for name in ("diagonal", "dkv_t", "exp2"):
       if getattr(self, name) not in (0, 1):
         raise ValueError(f"{name}={getattr(self, name)} must be 0 or 1")
-    if self.kernel != "packed" and (self.rung_group, self.group_bwd) != (1, 1):
+    if self.kernel != "packed" and (self.group, self.group_bwd) != (1, 1):
       raise ValueError(
         f"rung_group={self.rung_group}, rung_group_bwd={self.rung_group_bwd}: rung groups are "
         f"the packed kernel's; kernel={self.kernel!r}"
       )
 
   @property
+  def warps(self) -> int:
+    """The forward's warps (num_warps, 0 resolved)."""
+    return self.num_warps or (4 if self.kernel == "packed" else 2)
+
+  @property
+  def group(self) -> int:
+    """The forward's rung group (rung_group, 0 resolved)."""
+    return self.rung_group or (2 if self.kernel == "packed" else 1)
+
+  @property
   def group_bwd(self) -> int:
-    return self.rung_group_bwd or self.rung_group
+    """The backward's rung group: rung_group_bwd, else an explicit rung_group, else 1."""
+    return self.rung_group_bwd or self.rung_group or 1
 
   @property
   def stages_dq(self) -> int:
@@ -178,7 +193,7 @@ class GpuBlocks:
 
   def for_kernel(self, kernel: str) -> GpuBlocks:
     """These blocks for `kernel`; the row-wise kernel's without the rung groups (it has none)."""
-    groups = {} if kernel == "packed" else dict(rung_group=1, rung_group_bwd=0)
+    groups = {} if kernel == "packed" else dict(rung_group=0, rung_group_bwd=0)
     return dataclasses.replace(self, kernel=kernel, **groups)
 
 
@@ -421,7 +436,7 @@ def forward(q, k, v, *, window, far, blocks: GpuBlocks, interpret: bool):
       jax.ShapeDtypeStruct(q.shape, q.dtype),
       jax.ShapeDtypeStruct((bsz, num_heads, seq_len), jnp.float32),
     ],
-    compiler_params=_params(blocks.num_warps, blocks.num_stages, interpret),
+    compiler_params=_params(blocks.warps, blocks.num_stages, interpret),
     interpret=interpret,
     name="fib_attention_fwd",
   )(q, k, v)
@@ -1010,7 +1025,7 @@ def _packed_forward(q, k, v, tables, *, window, blocks, interpret, num_rungs=Non
   sp = _packed_specs(seq_len, groups, head_dim, bq, tables)
   kernel = functools.partial(
     _fwd_packed_kernel, window=window, groups=groups, scale=head_dim**-0.5, block_q=bq,
-    group=blocks.rung_group, num_rungs=num_rungs, diagonal=blocks.diagonal, exp2=blocks.exp2,
+    group=blocks.group, num_rungs=num_rungs, diagonal=blocks.diagonal, exp2=blocks.exp2,
   )  # fmt: skip
   return pl.pallas_call(
     kernel,
@@ -1021,7 +1036,7 @@ def _packed_forward(q, k, v, tables, *, window, blocks, interpret, num_rungs=Non
       jax.ShapeDtypeStruct(q.shape, q.dtype),
       jax.ShapeDtypeStruct((bsz, num_heads, seq_len), jnp.float32),
     ],
-    compiler_params=_params(blocks.num_warps, blocks.num_stages, interpret),
+    compiler_params=_params(blocks.warps, blocks.num_stages, interpret),
     interpret=interpret,
     name="fib_attention_learned_fwd" if num_rungs is not None else "fib_attention_packed_fwd",
   )(*tables, q, k, v)

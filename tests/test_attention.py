@@ -227,7 +227,7 @@ def test_gpu_blocks_reach_every_pallas_gpu_call_inside_their_context(monkeypatch
   with attention.gpu_blocks(tuned):
     assert attention.gpu_blocks_for("gpu", "packed") == tuned
     rowwise = attention.gpu_blocks_for("gpu_interpret", None)
-    assert (rowwise.kernel, rowwise.num_warps, rowwise.rung_group, rowwise.group_bwd) == (
+    assert (rowwise.kernel, rowwise.num_warps, rowwise.group, rowwise.group_bwd) == (
       "rowwise", 8, 1, 1
     )  # fmt: skip
     assert attention.gpu_blocks_for("tpu", "packed") is None
@@ -264,7 +264,7 @@ def test_gpu_blocks_reach_every_pallas_gpu_call_inside_their_context(monkeypatch
       attention.learned(
         q, k, v, learned, jnp.float32(1.2), window_backend=backend, rungs_in_kernel=in_kernel
       )
-  assert [(n, b.kernel, b.num_warps, b.rung_group) for n, b in calls] == [
+  assert [(n, b.kernel, b.num_warps, b.group) for n, b in calls] == [
     ("fib_attention_learned", "packed", 8, 2),
     ("fib_attention_lse", "rowwise", 8, 1),
   ]

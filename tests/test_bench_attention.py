@@ -97,7 +97,7 @@ def test_parse_spec_reads_the_stages_when_given():
   assert bench_attention.parse_spec("32,4,16,8,3,2").num_stages_bwd == 2
   assert bench_attention._spec(bench_attention.parse_spec("32,4,16,8,3")) == [
     *(32, 4, 16, 8, 3, 3),
-    *(1, 1),  # one rung to a tile, forward and backward
+    *(2, 1),  # the packed kernel's: two rungs to a tile forward, one backward
     0,  # its softmax on the whole masked tile
     1,  # dk and dv accumulated transposed
     3,  # the dkv kernel's stages: the backward's
@@ -137,7 +137,8 @@ def test_parse_spec_names_a_bad_config(spec, why):
 @pytest.mark.parametrize(
   "argv, why",
   [
-    (["--rung-group", "0"], "rung_group=0 must be a power of two"),
+    (["--rung-group", "-2"], "rung_group=-2 must be a power of two or 0"),
+    (["--num-warps", "3"], "num_warps=3 must be a power of two or 0"),
     (["--rung-group", "3"], "rung_group=3 must be a power of two"),
     (["--block-q", "8"], "block_q=8 must be a power of two >= 16"),
     (["--num-warps-bwd", "6"], "num_warps_bwd=6 must be a power of two >= 1"),
@@ -162,6 +163,18 @@ def test_rung_groups_are_refused_for_the_rowwise_sweep(capsys):
   assert "--sweep 16,2,16,4,2,2,4: rung groups are the packed kernel's" in capsys.readouterr().err
 
 
+def test_the_rowwise_sweep_takes_specs_that_name_no_rung_groups(tmp_path, monkeypatch):
+  """A spec without groups means the row-wise kernel's own (none), not the packed default's 2."""
+  monkeypatch.setattr(bench_attention, "copy_bandwidth", lambda: 1e12)
+  out = tmp_path / "sweep.json"
+  bench_attention.main(
+    ["--sweep", "16,2,16,4", "--sweep-impl", "pallas", "--lengths", "64", "--tokens", "128",
+     "--out", str(out)]
+  )  # fmt: skip
+  rows = json.loads(out.read_text())["results"]
+  assert [r["impl"] for r in rows] == ["cudnn_window", "pallas"]
+
+
 def test_the_rowwise_kernel_gets_the_blocks_without_the_rung_groups(monkeypatch):
   seen = []
   monkeypatch.setattr(
@@ -171,7 +184,7 @@ def test_the_rowwise_kernel_gets_the_blocks_without_the_rung_groups(monkeypatch)
   impls = bench_attention.implementations(Pattern(2), blocks)
   impls["pallas"](None, None, None)
   impls["pallas_packed"](None, None, None)
-  assert (seen[0].kernel, seen[0].num_warps, seen[0].rung_group, seen[0].group_bwd) == (
+  assert (seen[0].kernel, seen[0].num_warps, seen[0].group, seen[0].group_bwd) == (
     "rowwise",
     8,
     1,
@@ -195,10 +208,10 @@ def test_sweep_writes_every_config_beside_the_window_at_each_length(tmp_path, mo
   assert report["blocks_fields"][9:] == ["dkv_t", "num_stages_dkv", "exp2"]  # names the list
   got = [(r["seq_len"], r["impl"], r.get("blocks")) for r in report["results"]]
   assert got == [
-    (64, "cudnn_window", None), (64, "pallas_packed", [16, 2, 16, 4, 2, 2, 1, 1, 0, 1, 2, 1]),
-    (64, "pallas_packed", [32, 4, 32, 4, 3, 3, 1, 1, 0, 1, 3, 1]),
-    (128, "cudnn_window", None), (128, "pallas_packed", [16, 2, 16, 4, 2, 2, 1, 1, 0, 1, 2, 1]),
-    (128, "pallas_packed", [32, 4, 32, 4, 3, 3, 1, 1, 0, 1, 3, 1]),
+    (64, "cudnn_window", None), (64, "pallas_packed", [16, 2, 16, 4, 2, 2, 2, 1, 0, 1, 2, 1]),
+    (64, "pallas_packed", [32, 4, 32, 4, 3, 3, 2, 1, 0, 1, 3, 1]),
+    (128, "cudnn_window", None), (128, "pallas_packed", [16, 2, 16, 4, 2, 2, 2, 1, 0, 1, 2, 1]),
+    (128, "pallas_packed", [32, 4, 32, 4, 3, 3, 2, 1, 0, 1, 3, 1]),
   ]  # fmt: skip
   assert report["copy_bandwidth_GBps"] == 1000
   floor = (2 * 128 * 8 + 2 * 128 * 2) * 64 * 2 / 1e12 * 1e3  # q, o, k, v bytes at T = 128

@@ -619,6 +619,20 @@ def test_the_same_inputs_give_bitwise_the_same_gradients(backend):
       assert np.asarray(x).tobytes() == np.asarray(y).tobytes()
 
 
+def test_the_kernels_defaults_resolve_per_kernel():
+  """num_warps and rung_group 0: the kernel's own (packed: 4 warps, rung groups of 2 forward and
+  1 backward; row-wise: 2 warps, no groups); an explicit rung_group is the backward's too."""
+  packed, rowwise = GpuBlocks(kernel="packed"), GpuBlocks()
+  assert (packed.warps, packed.group, packed.group_bwd) == (4, 2, 1)
+  assert (rowwise.warps, rowwise.group, rowwise.group_bwd) == (2, 1, 1)
+  assert rowwise.for_kernel("packed") == packed  # the packed kernel's own defaults
+  assert packed.for_kernel("rowwise") == rowwise
+  assert GpuBlocks(kernel="packed", num_warps=2).warps == 2
+  assert GpuBlocks(kernel="packed", rung_group=1).group_bwd == 1
+  assert GpuBlocks(kernel="packed", rung_group=4).group_bwd == 4
+  assert GpuBlocks(kernel="packed", rung_group_bwd=2).group == 2  # the forward: the default
+
+
 def test_rung_groups_are_checked():
   assert GpuBlocks(kernel="packed", rung_group=2).group_bwd == 2  # 0: the forward's
   assert GpuBlocks(kernel="packed", rung_group=2, rung_group_bwd=8).group_bwd == 8
@@ -634,8 +648,10 @@ def test_rung_groups_are_checked():
   assert grouped.for_kernel("rowwise") == GpuBlocks(num_warps=8)  # no rung groups there
   with pytest.raises(ValueError, match="block_q_bwd=24 must be a power of two >= 16"):
     GpuBlocks(block_q_bwd=24)
-  with pytest.raises(ValueError, match="num_warps=0 must be a power of two >= 1"):
-    GpuBlocks(num_warps=0)
+  with pytest.raises(ValueError, match=r"num_warps=3 must be a power of two or 0 \(the kernel's\)"):
+    GpuBlocks(num_warps=3)
+  with pytest.raises(ValueError, match="num_warps_bwd=0 must be a power of two >= 1"):
+    GpuBlocks(num_warps_bwd=0)
   with pytest.raises(ValueError, match="diagonal=2 must be 0 or 1"):
     GpuBlocks(kernel="packed", diagonal=2)
   with pytest.raises(ValueError, match="dkv_t=-1 must be 0 or 1"):

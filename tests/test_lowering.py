@@ -223,6 +223,25 @@ def test_the_dkv_kernel_takes_its_own_pipeline_depth(kernel):
   assert stages == {"fwd": "3", "dq": "4", "dkv": "2"}
 
 
+@pytest.mark.parametrize(
+  "kernel, warps",
+  [
+    ("rowwise", {"fwd": "2", "dq": "4", "dkv": "4"}),
+    ("packed", {"fwd": "4", "dq": "4", "dkv": "4"}),
+  ],
+)
+def test_each_kernel_launches_with_its_own_default_warps(kernel, warps):
+  """GpuBlocks' num_warps 0 resolves per kernel: the packed forward at 4 warps (one warpgroup),
+  the row-wise one at 2; the backward kernels at num_warps_bwd."""
+  text = _lowered_step("gpu", LAYERS[-1:], blocks=GpuBlocks(kernel=kernel))
+  got = dict(
+    re.findall(
+      r'name = "fib_attention_(?:packed_)?(\w+)", num_stages = \d+ : i32, num_warps = (\d+)', text
+    )
+  )
+  assert got == warps
+
+
 def _kernel_primitives(closed) -> dict[str, set[str]]:
   """Each pallas_call's name -> the primitives of its kernel body, nested jaxprs included."""
 
