@@ -386,9 +386,10 @@ def sweep(args, specs: list[GpuBlocks], lengths, alpha, floor_bw=None, on_row=No
       on_row(rows)
     for blocks in specs:
       impl = implementations(pattern, blocks)[args.sweep_impl]
-      row = {**bench_one(args.sweep_impl, impl, q, k, v, w), **base, "blocks": _spec(blocks)}
+      ran = _spec(blocks.for_kernel("rowwise") if args.sweep_impl == "pallas" else blocks)
+      row = {**bench_one(args.sweep_impl, impl, q, k, v, w), **base, "blocks": ran}
       rows.append(row)
-      print(f"T={seq_len} alpha={alpha} blocks={_spec(blocks)} {row}", flush=True)
+      print(f"T={seq_len} alpha={alpha} blocks={ran} {row}", flush=True)
       on_row(rows)
   return rows
 

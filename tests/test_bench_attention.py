@@ -163,16 +163,24 @@ def test_rung_groups_are_refused_for_the_rowwise_sweep(capsys):
   assert "--sweep 16,2,16,4,2,2,4: rung groups are the packed kernel's" in capsys.readouterr().err
 
 
-def test_the_rowwise_sweep_takes_specs_that_name_no_rung_groups(tmp_path, monkeypatch):
-  """A spec without groups means the row-wise kernel's own (none), not the packed default's 2."""
+def _sweep_on_cpu(tmp_path, monkeypatch, *argv) -> dict:
+  """bench_attention --sweep ... on a CPU: the GPU kernels and cuDNN cannot run, so their rows
+  carry the error, and the report is still written whole (the copy bandwidth, which takes
+  half a minute to measure on a CPU, is given)."""
   monkeypatch.setattr(bench_attention, "copy_bandwidth", lambda: 1e12)
   out = tmp_path / "sweep.json"
-  bench_attention.main(
-    ["--sweep", "16,2,16,4", "--sweep-impl", "pallas", "--lengths", "64", "--tokens", "128",
-     "--out", str(out)]
-  )  # fmt: skip
-  rows = json.loads(out.read_text())["results"]
-  assert [r["impl"] for r in rows] == ["cudnn_window", "pallas"]
+  bench_attention.main(["--sweep", *argv, "--tokens", "128", "--out", str(out)])
+  return json.loads(out.read_text())
+
+
+def test_the_rowwise_sweep_takes_specs_that_name_no_rung_groups(tmp_path, monkeypatch):
+  """A spec without groups means the row-wise kernel's own (none), not the packed default's 2,
+  and its row records the blocks the row-wise kernel ran with (0 warps: its own 2)."""
+  report = _sweep_on_cpu(
+    tmp_path, monkeypatch, "16,0,16,4", "--sweep-impl", "pallas", "--lengths", "64"
+  )
+  got = [(r["impl"], r.get("blocks")) for r in report["results"]]
+  assert got == [("cudnn_window", None), ("pallas", [16, 2, 16, 4, 2, 2, 1, 1, 0, 1, 2, 1])]
 
 
 def test_the_rowwise_kernel_gets_the_blocks_without_the_rung_groups(monkeypatch):
@@ -194,16 +202,10 @@ def test_the_rowwise_kernel_gets_the_blocks_without_the_rung_groups(monkeypatch)
 
 
 def test_sweep_writes_every_config_beside_the_window_at_each_length(tmp_path, monkeypatch):
-  """On a CPU the GPU kernels and cuDNN cannot run: their rows carry the error, and the
-  report is still written whole, with its command (the copy bandwidth, which takes half a
-  minute to measure on a CPU, is given)."""
-  monkeypatch.setattr(bench_attention, "copy_bandwidth", lambda: 1e12)
-  out = tmp_path / "sweep.json"
-  bench_attention.main(
-    ["--sweep", "16,2,16,4", "32,4,32,4,3", "--lengths", "64", "128", "--tokens", "128",
-     "--out", str(out)]
-  )  # fmt: skip
-  report = json.loads(out.read_text())
+  """Every row, each failing on a CPU, and the command in the report."""
+  report = _sweep_on_cpu(
+    tmp_path, monkeypatch, "16,2,16,4", "32,4,32,4,3", "--lengths", "64", "128"
+  )
   assert report["impl"] == "pallas_packed" and "--sweep" in report["command"]
   assert report["blocks_fields"][9:] == ["dkv_t", "num_stages_dkv", "exp2"]  # names the list
   got = [(r["seq_len"], r["impl"], r.get("blocks")) for r in report["results"]]
