@@ -163,7 +163,7 @@ def main(argv=None):
     "--rung-group-bwd",
     type=int,
     default=None,
-    help="the same for the backward kernels (0: --rung-group if given, else 1)",
+    help="the same for the backward kernels (0: one rung a step)",
   )
   ap.add_argument(
     "--diagonal",
@@ -274,6 +274,8 @@ def write_report(args, command, blocks, bw, tuned, results, started) -> dict:
     "versions": versions(),
     "copy_bandwidth_GBps": bw / 1e9,
     "blocks": blocks.__dict__,
+    # What each kernel ran with (0 fields resolved: the kernel's own), as SPEC_KEYS lists.
+    "blocks_resolved": {k: _spec(blocks.for_kernel(k)) for k in ("packed", "rowwise")},
     "shape": dict(
       heads=HEADS, kv_heads=KV_HEADS, head_dim=HEAD_DIM, window=WINDOW, tokens=args.tokens
     ),
@@ -349,8 +351,12 @@ def autotune(args, specs: list[GpuBlocks]) -> dict:
     num_stages=fwd["blocks"][4],
     num_stages_bwd=bwd["blocks"][5],
     kernel="packed",
-    rung_group=fwd["blocks"][6],
-    rung_group_bwd=bwd["blocks"][7],
+    # A row-wise sweep has no rung groups to choose from: the packed kernel keeps its own.
+    **(
+      dict(rung_group=0, rung_group_bwd=0)
+      if getattr(args, "sweep_impl", None) == "pallas"
+      else dict(rung_group=fwd["blocks"][6], rung_group_bwd=bwd["blocks"][7])
+    ),
     dkv_t=bwd["blocks"][9],
     num_stages_dkv=bwd["blocks"][10],
     exp2=fwd["blocks"][11],

@@ -463,7 +463,10 @@ def main(argv=None):
     "xla_flags": os.environ.get("XLA_FLAGS", ""),
     "tokens_per_step": args.tokens,
     "overrides": args.overrides,
-    "gpu_blocks": None if blocks is None else bench_attention._spec(blocks),
+    # The packed kernel's blocks, resolved (the defaults unless --blocks); a row-wise call
+    # (impl=pallas) takes them without rung groups and with its own warps where num_warps is 0.
+    "gpu_blocks": bench_attention._spec(blocks or bench_attention.GpuBlocks(kernel="packed")),
+    "gpu_blocks_given": blocks is not None,
     "gpu_blocks_fields": list(bench_attention.SPEC_KEYS),  # what each position is
     "batches": "random tokens"
     if args.data is None

@@ -28,6 +28,7 @@
 #                  with impl=pallas_packed, then with impl=pallas; a jax.profiler summary of
 #                  the top device operations of each (traces stay on the machine)
 #   tests_grouped  the packed kernels with static rungs grouped (GpuBlocks.rung_group), for real
+#   tests_ungrouped  the packed kernels at 2 warps, one rung a step (the default before 20e206b)
 #   tests_learned  the learned-rung kernels against the plain-JAX learned path, for real
 #                  (FIBAX_KERNEL_SHARD=i/n: every n-th case, so n GPUs can share them)
 #   tests_lse      the packed kernels with a cotangent of their lse as well, for real
@@ -46,7 +47,8 @@
 #                  (with command buffers, not op by op); TRAIN_CB=both also times each step
 #                  compiled without XLA's command buffers, in the same rounds
 #                  (bench_train.py --command-buffers)
-#   attention4     the packed kernel alone with 4 warps (wgmma instead of mma.sync)
+#   attention2     the packed kernel alone at 2 warps, one rung a step (mma.sync; the default
+#                  before 20e206b, which takes 4 warps and forward rung groups of 2)
 #   attention_sweep  bench_attention.py --sweep: the packed kernel's block rows, warps and
 #                  pipeline stages and rung groups (ATTN_SWEEP:
 #                  'bq,warps,bq_bwd,warps_bwd[,stages[,stages_bwd[,group[,group_bwd[,diagonal
@@ -87,7 +89,7 @@ step() {
 }
 
 suite() {
-  local steps=${SPEED_STEPS:-tests_packed attention train tests_learned attention4}
+  local steps=${SPEED_STEPS:-tests_packed attention train tests_learned attention2}
   local common=(--set model.embed_backward=sorted)
   for s in $steps; do
     case "$s" in
@@ -97,11 +99,11 @@ suite() {
       attention_sweep)
         # shellcheck disable=SC2086  # ATTN_SWEEP: several configs
         step attention_sweep 480 python experiments/bench_attention.py --sweep \
-          ${ATTN_SWEEP:-16,2,16,4 16,2,16,4,3,2 16,2,16,4,2,2,2,1 16,2,16,4,2,2,4,1 16,2,16,4,3,2,4,1 16,4,16,4,2,2,4,1 16,2,16,4,2,2,8,1 16,2,16,4,2,2,1,2 16,2,16,4,2,2,2,2 16,2,16,4,2,2,4,4} \
+          ${ATTN_SWEEP:-16,4,16,4 16,2,16,4,2,2,1,1 16,4,16,4,2,2,1,1 16,4,16,4,2,2,4,1 16,4,16,4,3,2,2,1 16,4,16,4,2,2,2,2 16,4,16,4,2,3,2,1 32,4,16,4} \
           --lengths 1024 16384 65536 --alphas 1.0 --out "$DIR/bench_attention_sweep.json" ;;
-      attention4)
-        step attention4 300 python experiments/bench_attention.py --impls pallas_packed \
-          cudnn_window --num-warps 4 --out "$DIR/bench_attention_packed_warps4.json" ;;
+      attention2)
+        step attention2 300 python experiments/bench_attention.py --impls pallas_packed \
+          cudnn_window --num-warps 2 --rung-group 1 --out "$DIR/bench_attention_packed_warps2.json" ;;
       train)
         for impl in pallas_packed pallas; do
           step "train_$impl" 600 python experiments/bench_train.py \
@@ -155,11 +157,12 @@ suite() {
             --seq-lens 1024 --impl pallas_packed --data "$SPEED_DATA" --set model.embed_backward="$e" \
             model.logits_grad=compute model.mlp_pad=128 --out "$DIR/bench_train_text_$e.json"
         done ;;
-      tests_packed | tests_grouped | tests_learned | tests_lse | tests_diagonal | tests_dkv_rows \
+      tests_packed | tests_grouped | tests_ungrouped | tests_learned | tests_lse | tests_diagonal | tests_dkv_rows \
         | tests_bitwise)
         local k=GpuPackedKernel
         [ "$s" = tests_learned ] && k="GpuLearnedRungs and not Diagonal and not DkvRows"
         [ "$s" = tests_grouped ] && k=GpuPackedGroupedKernel
+        [ "$s" = tests_ungrouped ] && k=GpuPackedUngroupedKernel
         [ "$s" = tests_lse ] && k=GpuPackedLse
         [ "$s" = tests_diagonal ] && k="GpuPackedDiagonalKernel or GpuLearnedRungsDiagonal"
         [ "$s" = tests_dkv_rows ] && k="GpuPackedDkvRowsKernel or GpuLearnedRungsDkvRows"

@@ -85,7 +85,7 @@ class GpuBlocks:
   # accumulators in registers; the rungs are CUDA-core work, not tensor-core work.
   block_q: int = 16
   # 0: the kernel's (row-wise 2; packed 4, a warpgroup, so the forward's score and value
-  # matmuls are wgmma: on an H200 with rung groups of 2 the forward 6-11% faster than at 2
+  # matmuls are wgmma: on an H200 with rung groups of 2 the forward 6-13% faster than at 2
   # warps one rung a step, forward + backward 2-4%, experiments/results/speed_h200_dbf5e70/).
   num_warps: int = 0
   num_stages: int = 2
@@ -108,8 +108,9 @@ class GpuBlocks:
   # Packed kernels, static rungs: how many rungs one loop step of the forward runs as one
   # tile (their key rows stacked: one score matmul, one online-softmax update), and of the
   # backward kernels. Powers of two; learned rungs always go one at a time. rung_group 0: the
-  # kernel's (packed: 2 in the forward and 1 in the backward, timed with num_warps above; the
-  # row-wise kernel has none); rung_group_bwd 0: an explicit rung_group, else 1 (`group_bwd`).
+  # kernel's (packed: 2, timed with num_warps above; the row-wise kernel has none);
+  # rung_group_bwd 0: one rung a step (backward groups of 2 made forward + backward 0-7% slower
+  # on an H200, of 4 16-20%: experiments/results/speed_h200_5fc79c6/, speed_h200_a89cff5/).
   rung_group: int = 0
   rung_group_bwd: int = 0
   # Packed kernels, one rung a loop step (static rungs ungrouped, and learned rungs): 1 takes
@@ -155,7 +156,7 @@ class GpuBlocks:
         raise ValueError(f"{name}={getattr(self, name)} must be >= {least}{zero}")
     for name, n, least in (
       ("rung_group", self.rung_group, "the kernel's"),
-      ("rung_group_bwd", self.rung_group_bwd, "rung_group"),
+      ("rung_group_bwd", self.rung_group_bwd, "one rung a step"),
     ):
       if n < 0 or n & (n - 1):
         raise ValueError(f"{name}={n} must be a power of two or 0 ({least})")
@@ -180,8 +181,8 @@ class GpuBlocks:
 
   @property
   def group_bwd(self) -> int:
-    """The backward's rung group: rung_group_bwd, else an explicit rung_group, else 1."""
-    return self.rung_group_bwd or self.rung_group or 1
+    """The backward's rung group (rung_group_bwd, 0: 1, whatever the forward's)."""
+    return self.rung_group_bwd or 1
 
   @property
   def stages_dq(self) -> int:

@@ -104,7 +104,7 @@ def test_parse_spec_reads_the_stages_when_given():
     1,  # the softmax in base 2
   ]
   b = bench_attention.parse_spec("16,2,16,4,2,2,4")
-  assert (b.kernel, b.rung_group, b.group_bwd) == ("packed", 4, 4)
+  assert (b.kernel, b.rung_group, b.group_bwd) == ("packed", 4, 1)  # backward: 0, one a step
   got = bench_attention._spec(bench_attention.parse_spec("16,2,16,4,2,2,4,2"))
   assert got[6:] == [4, 2, 0, 1, 2, 1]
   assert bench_attention.parse_spec("16,2,16,4,2,2,1,1,0").diagonal == 0
@@ -271,3 +271,6 @@ def test_autotune_takes_the_forward_from_the_fastest_forward_and_the_backward_fr
     64, 8, 4, 2,
   )  # fmt: skip
   assert (got.dkv_t, got.stages_dkv, got.exp2) == (0, 3, 0)  # exp2: the forward's row
+  args.sweep_impl = "pallas"  # the row-wise kernel's rows name no groups: the packed keeps its own
+  got = bench_attention.autotune(args, [])["blocks"]
+  assert (got.rung_group, got.rung_group_bwd, got.group, got.group_bwd) == (0, 0, 2, 1)

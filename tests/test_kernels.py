@@ -444,6 +444,29 @@ class TestGpuPackedInterpret(KernelTest):
     self.check(seed)
 
 
+# The forward one rung a step at 2 warps (the packed default before 20e206b; a setting).
+UNGROUPED = GpuBlocks(kernel="packed", num_warps=2, rung_group=1)
+
+
+@pytest.mark.gpu
+class TestGpuPackedUngroupedKernel(KernelTest):
+  BLOCKS = UNGROUPED
+
+  @pytest.mark.parametrize("seed", _gpu_seeds())
+  def test_matches_reference(self, seed):
+    self.check(seed)
+
+
+class TestGpuPackedUngroupedInterpret(KernelTest):
+  BACKEND = "gpu_interpret"
+  HEAD_DIMS = (16, 32, 64)
+  BLOCKS = UNGROUPED
+
+  @pytest.mark.parametrize("seed", _seeds())
+  def test_matches_reference(self, seed):
+    self.check(seed)
+
+
 # Static rungs several at a time (stacked key tiles in the forward and dq kernels, stacked
 # query tiles in dkv): groups straddle the program's last live rung and the table's padding.
 GROUPED = GpuBlocks(kernel="packed", rung_group=4, rung_group_bwd=2)
@@ -470,7 +493,8 @@ class TestGpuPackedGroupedInterpret(KernelTest):
 
 # One rung a step with its softmax on the tile's diagonal (GpuBlocks.diagonal=1), not on the
 # whole masked tile (the default).
-DIAGONAL = GpuBlocks(kernel="packed", diagonal=1)
+# (The diagonal is a path of one rung a step: rung_group=1, the packed default being 2.)
+DIAGONAL = GpuBlocks(kernel="packed", rung_group=1, diagonal=1)
 
 
 @pytest.mark.gpu
@@ -563,7 +587,7 @@ def test_dk_and_dv_accumulated_transposed_give_the_same_attention(seed):
   the same outputs and gradients to float32 rounding, for static rungs one and two to a loop
   step, with the diagonal softmax, and for learned ones (their spills onto the block before
   summed along the other axis)."""
-  for options in (dict(rung_group=1), dict(rung_group=2), dict(diagonal=1)):
+  for options in (dict(rung_group=1), dict(rung_group=2), dict(rung_group=1, diagonal=1)):
     trans = _packed_results(seed, dkv_t=1, **options)
     rows = _packed_results(seed, dkv_t=0, **options)
     for name, a, b in zip(PACKED_RESULTS, trans, rows, strict=True):
@@ -575,7 +599,7 @@ def test_the_softmax_in_base_2_gives_the_same_attention(seed):
   """GpuBlocks.exp2: every packed kernel's softmax in base 2 or in natural units: the same
   outputs and gradients (and the learned weights') to float32 rounding, static and learned
   rungs, with the diagonal softmax too."""
-  for options in (dict(), dict(diagonal=1)):
+  for options in (dict(), dict(rung_group=1), dict(rung_group=1, diagonal=1)):
     base2 = _packed_results(seed, exp2=1, **options)
     natural = _packed_results(seed, exp2=0, **options)
     for name, a, b in zip(PACKED_RESULTS, base2, natural, strict=True):
@@ -620,8 +644,8 @@ def test_the_same_inputs_give_bitwise_the_same_gradients(backend):
 
 
 def test_the_kernels_defaults_resolve_per_kernel():
-  """num_warps and rung_group 0: the kernel's own (packed: 4 warps, rung groups of 2 forward and
-  1 backward; row-wise: 2 warps, no groups); an explicit rung_group is the backward's too."""
+  """num_warps and rung_group 0: the kernel's own (packed: 4 warps, rung groups of 2 forward;
+  row-wise: 2 warps, no groups); rung_group_bwd 0: one rung a step, whatever the forward's."""
   packed, rowwise = GpuBlocks(kernel="packed"), GpuBlocks()
   assert (packed.warps, packed.group, packed.group_bwd) == (4, 2, 1)
   assert (rowwise.warps, rowwise.group, rowwise.group_bwd) == (2, 1, 1)
@@ -629,12 +653,12 @@ def test_the_kernels_defaults_resolve_per_kernel():
   assert packed.for_kernel("rowwise") == rowwise
   assert GpuBlocks(kernel="packed", num_warps=2).warps == 2
   assert GpuBlocks(kernel="packed", rung_group=1).group_bwd == 1
-  assert GpuBlocks(kernel="packed", rung_group=4).group_bwd == 4
+  assert GpuBlocks(kernel="packed", rung_group=4).group_bwd == 1
   assert GpuBlocks(kernel="packed", rung_group_bwd=2).group == 2  # the forward: the default
 
 
 def test_rung_groups_are_checked():
-  assert GpuBlocks(kernel="packed", rung_group=2).group_bwd == 2  # 0: the forward's
+  assert GpuBlocks(kernel="packed", rung_group=2).group_bwd == 1  # 0: one rung a step
   assert GpuBlocks(kernel="packed", rung_group=2, rung_group_bwd=8).group_bwd == 8
   with pytest.raises(ValueError, match="rung_group=3 must be a power of two"):
     GpuBlocks(kernel="packed", rung_group=3)

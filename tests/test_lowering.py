@@ -76,7 +76,13 @@ def test_packed_layers_share_their_kernels():
 
 @pytest.mark.parametrize(
   "options,changed",
-  [(dict(dkv_t=0), (1, 1)), (dict(dkv_t=0, rung_group=2), (3, 1)), (dict(diagonal=1), (3, 3))],
+  [
+    (dict(rung_group=2, rung_group_bwd=1), (0, 0)),  # the default
+    (dict(rung_group=1), (1, 0)),  # the forward one rung a step (learned rungs always are)
+    (dict(dkv_t=0), (1, 1)),
+    (dict(dkv_t=0, rung_group=4, rung_group_bwd=2), (3, 1)),
+    (dict(rung_group=1, diagonal=1), (3, 3)),
+  ],
 )
 def test_the_packed_kernels_options_lower_to_triton(options, changed):
   """Static and learned rungs, with dk and dv accumulated as [C, D] (the dkv kernel only),
