@@ -74,12 +74,13 @@ def test_when_runs_a_command_once_the_named_runs_have_ended(tmp_path):
   time.sleep(7)
   assert not marker.exists()  # a is still running
   write_status("done")
-  for _ in range(40):
-    if marker.exists():
+  log_file = scratch / "extra" / "when-0.log"
+  for _ in range(40):  # the command's output, then the log's line that it ended (just after)
+    if marker.exists() and "ended" in log_file.read_text():
       break
     time.sleep(0.5)
   assert marker.read_text().strip() == str(scratch / "code")
-  log = (scratch / "extra" / "when-0.log").read_text()
+  log = log_file.read_text()
   assert "ended" in log and "exit code 0" in log
 
   missing = _sh("when", "a", env=env)
