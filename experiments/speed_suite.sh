@@ -46,7 +46,9 @@
 #                  skips the profile, TRAIN_PROFILE=timed traces the step as timed
 #                  (with command buffers, not op by op); TRAIN_CB=both also times each step
 #                  compiled without XLA's command buffers, in the same rounds
-#                  (bench_train.py --command-buffers)
+#                  (bench_train.py --command-buffers); TRAIN_DUMP=1 keeps each compiled train
+#                  step's optimized HLO (hlo_I/*after_optimizations.txt.gz), to name the
+#                  profile's fusions
 #   attention2     the packed kernel alone at 2 warps, one rung a step (mma.sync; the default
 #                  before 20e206b, which takes 4 warps and forward rung groups of 2)
 #   attention_sweep  bench_attention.py --sweep: the packed kernel's block rows, warps and
@@ -116,14 +118,20 @@ suite() {
         for i in "${!sets[@]}"; do
           [ "${TRAIN_PROFILE:-1}" = 0 ] || prof=(--profile "$SCRATCH/trace/options_$i")
           [ "${TRAIN_PROFILE:-1}" = timed ] && prof+=(--profile-as-timed)
+          local dump=()
+          [ "${TRAIN_DUMP:-0}" = 1 ] && dump=(env "XLA_FLAGS=${XLA_FLAGS:-} --xla_dump_to=$DIR/hlo_$i --xla_dump_hlo_module_re=.*train_step.*")
           # shellcheck disable=SC2086  # one set is several overrides
           # shellcheck disable=SC2086  # TRAIN_RUNS, TRAIN_LENS: several words
-          step "train_options_$i" 600 python experiments/bench_train.py \
+          step "train_options_$i" 600 "${dump[@]}" python experiments/bench_train.py \
             --runs ${TRAIN_RUNS:-dense fib_stagger_w12 fib_learned_w12} \
             --seq-lens ${TRAIN_LENS:-1024} --impl pallas_packed \
             "${prof[@]}" --command-buffers "${TRAIN_CB:-default}" \
             ${TRAIN_BLOCKS:+--blocks "$TRAIN_BLOCKS"} \
             "${common[@]}" ${sets[$i]} --out "$DIR/bench_train_options_$i.json"
+          if [ -d "$DIR/hlo_$i" ]; then  # the optimized train steps only, compressed
+            find "$DIR/hlo_$i" -type f ! -name '*after_optimizations.txt' -delete
+            gzip -f "$DIR/hlo_$i"/*.txt 2>/dev/null || true
+          fi
         done ;;
       ncu)
         # shellcheck disable=SC2086  # NCU_ARGS: several words
