@@ -178,13 +178,20 @@ def main(argv=None):
     help="1: the packed dkv kernel accumulates dk and dv transposed, [D, block_q_bwd] (wgmma on "
     "a Hopper GPU; the default); 0: as [block_q_bwd, D]",
   )
+  ap.add_argument(
+    "--fold",
+    type=int,
+    default=None,
+    help="1: the packed kernels fold the static rungs the window's tile already holds into "
+    "its mask (the default); 0: every rung in the rung loops",
+  )
   ap.add_argument("--out", default=None)
   ap.add_argument(
     "--sweep",
     nargs="+",
     default=None,
     help=f"block configs {SPEC_FORMAT} (group: static rungs to a tile, packed kernel; diagonal, "
-    "dkv_t, exp2: 1 or 0, as --diagonal, --dkv-t, --exp2; stages_dkv: the dkv kernel's, 0: "
+    "dkv_t, exp2, fold: 1 or 0, as --diagonal, --dkv-t, --exp2, --fold; stages_dkv: the dkv kernel's, 0: "
     "stages_bwd) to time for --sweep-impl at each length and the first alpha, beside the "
     "cuDNN window, then write them (--out)",
   )
@@ -193,7 +200,7 @@ def main(argv=None):
     "--autotune",
     nargs="*",
     default=None,
-    help="pick block_q/warps/stages/group/exp2 (forward) and block_q_bwd/warps_bwd/stages/"
+    help="pick block_q/warps/stages/group/exp2/fold (forward) and block_q_bwd/warps_bwd/stages/"
     "group/dkv_t/stages_dkv separately from these "
     "configs, timed on --sweep-impl's kernel at the longest length, alpha 1, then run the "
     "benchmark (both kernels) with them",
@@ -305,10 +312,11 @@ SPEC_KEYS = (
   "dkv_t",
   "num_stages_dkv",
   "exp2",
+  "fold",
 )
 SPEC_FORMAT = (
   "'bq,warps,bq_bwd,warps_bwd[,stages[,stages_bwd[,group[,group_bwd[,diagonal[,dkv_t"
-  "[,stages_dkv[,exp2]]]]]]]]'"
+  "[,stages_dkv[,exp2[,fold]]]]]]]]]'"
 )
 
 
@@ -330,10 +338,11 @@ def parse_spec(spec: str) -> GpuBlocks:
 
 def _spec(b: GpuBlocks) -> list[int]:
   """bq, warps, bq_bwd, warps_bwd, stages, stages_bwd, group, group_bwd, diagonal, dkv_t,
-  stages_dkv, exp2 (resolved)."""
+  stages_dkv, exp2, fold (resolved; the row-wise kernel folds no rungs: 0)."""
   return [
     *(b.block_q, b.warps, b.block_q_bwd, b.num_warps_bwd, b.num_stages, b.stages_dq),
     *(b.group, b.group_bwd, b.diagonal, b.dkv_t, b.stages_dkv, b.exp2),
+    b.fold if b.kernel == "packed" else 0,
   ]
 
 
@@ -360,6 +369,7 @@ def autotune(args, specs: list[GpuBlocks]) -> dict:
     dkv_t=bwd["blocks"][9],
     num_stages_dkv=bwd["blocks"][10],
     exp2=fwd["blocks"][11],
+    fold=fwd["blocks"][12],  # one setting for the three kernels: the forward's row's
   )
   print(f"autotune chose {blocks}", flush=True)
   return {"rows": rows, "blocks": blocks}

@@ -133,6 +133,12 @@ class GpuBlocks:
   # (experiments/results/triton35_pipeline_cpu/output_exp2.txt). 1 stays the default unless a
   # GPU says otherwise. (The row-wise kernels always take base 2.)
   exp2: int = 1
+  # Packed kernels, static rungs: 1 folds the rungs whose keys the window's tile already holds
+  # for every row of a program (distance d <= the tile's reach: pow2(Q + W) - Q keys back in
+  # the forward and dq kernels, 16 at Q = 16, W = 12; the query chunks' in dkv) into the
+  # window's mask, so the rung loops start after them (8 of the stagger model's 144 rungs at
+  # T = 1,024, the fib model's rung 13); 0 runs every rung in the loops. The same sums.
+  fold: int = 1
 
   def __post_init__(self):
     if self.kernel not in KERNELS:
@@ -160,7 +166,7 @@ class GpuBlocks:
     ):
       if n < 0 or n & (n - 1):
         raise ValueError(f"{name}={n} must be a power of two or 0 ({least})")
-    for name in ("diagonal", "dkv_t", "exp2"):
+    for name in ("diagonal", "dkv_t", "exp2", "fold"):
       if getattr(self, name) not in (0, 1):
         raise ValueError(f"{name}={getattr(self, name)} must be 0 or 1")
     if self.kernel != "packed" and (self.group, self.group_bwd) != (1, 1):
@@ -577,14 +583,50 @@ def _gather_packed(rows_M, g_M, valid, cols, tiles, stats, seq_len=None):
   return tiles, stats
 
 
-def _window_keys(k_ref, v_ref, i0, rows_M, cols, window, block_q):
+def _window_keys(k_ref, v_ref, i0, rows_M, cols, window, block_q, bits=None):
   """The window's key tile: rows [i0 + Q - CW, i0 + Q), CW = pow2(Q + W), and its band mask
-  0 <= i - j <= W against the packed query rows."""
+  0 <= i - j <= W against the packed query rows, with the folded rungs' distances (`bits`,
+  `_folded`) as well."""
   cw = _pow2_at_least(block_q + window)
   kw_C = i0 + block_q - cw + jnp.arange(cw)
   rel = rows_M[:, None] - kw_C[None, :]
-  keep = (rel >= 0) & (rel <= window) & (kw_C >= 0)[None, :]
+  keep = _band(rel, window, bits) & (kw_C >= 0)[None, :]
   return _rows(k_ref, kw_C, cols, kw_C >= 0), _rows(v_ref, kw_C, cols, kw_C >= 0), keep
+
+
+def _window_reach(window, block_q):
+  """How far back the forward's and dq's window tile reaches for every row of a program:
+  pow2(Q + W) - Q (a rung that near is in the tile)."""
+  return _pow2_at_least(block_q + window) - block_q
+
+
+def _chunks_reach(window, block_q):
+  """The same for the dkv kernel's window, ceil((Q + W) / Q) chunks of Q query rows: every
+  key row of a block sees the queries up to (chunks - 1) Q rows on."""
+  return (-(-(block_q + window) // block_q) - 1) * block_q
+
+
+def _folded(table_ref, window, reach):
+  """The static rungs a window tile reaching `reach` rows back holds (distance d <= reach; the
+  table's first ones, as it is sorted): (how many, a bitmask of their distances), or (0,
+  None) where none can be (reach <= W). Distances above 31 are never folded (an int32 mask)."""
+  reach = min(reach, 31)
+  if reach <= window:
+    return 0, None
+  t = table_ref[...]
+  idx = jnp.arange(t.shape[0])
+  fold = (idx >= 1) & (idx < 1 + table_ref[0]) & (t <= reach)
+  bits = jnp.sum(jnp.where(fold, jnp.left_shift(1, jnp.clip(t, 0, 31)), 0))
+  return jnp.sum(fold.astype(jnp.int32)), bits
+
+
+def _band(rel, window, bits=None):
+  """0 <= rel <= W, or rel one of the folded rungs' distances (`bits`: bit d for d <= 31)."""
+  keep = (rel >= 0) & (rel <= window)
+  if bits is None:
+    return keep
+  on = (jnp.right_shift(bits, jnp.clip(rel, 0, 31)) & 1) == 1
+  return keep | ((rel >= 0) & (rel <= 31) & on)
 
 
 def _rung_keys(k_ref, v_ref, i0, lo, cols, block_q):
@@ -596,35 +638,42 @@ def _rung_keys(k_ref, v_ref, i0, lo, cols, block_q):
   return valid, [_rows(ref, r, cols, valid) for r in rows for ref in (k_ref, v_ref)]
 
 
-def _group_rungs(table_ref, n, group, per, live):
-  """Static rungs n * U .. n * U + U - 1 (U = `group`) laid out `per` rows (or columns) each:
-  for each row, its rung's distance, its index within the rung's rows, and whether the rung
-  is live (below `live`, the program's count; the padding's distances are 0), or None where
-  every one is (U = 1: the loop runs over the live rungs only). The U distances are scalar
-  loads (a vector gather of the table made the backward 13% slower at T = 16,384 on an H200)."""
+def _group_rungs(table_ref, n, group, per, live, first=0):
+  """Static rungs first + n * U .. first + n * U + U - 1 (U = `group`; `first`: the folded
+  ones) laid out `per` rows (or columns) each: for each row, its rung's distance, its index
+  within the rung's rows, and whether the rung is live (below `live`, the program's count; the
+  padding's distances are 0), or None where every one is (U = 1: the loop runs over the live
+  rungs only). The U distances are scalar loads (a vector gather of the table made the
+  backward 13% slower at T = 16,384 on an H200)."""
   m = jnp.arange(group * per)
+  at = 1 + first + n * group
   if group == 1:
-    return table_ref[1 + n], m, None
+    return table_ref[at], m, None
   u_M = m // per
-  d = table_ref[jnp.minimum(1 + n * group, table_ref.shape[0] - 1)]
+  d = table_ref[jnp.minimum(at, table_ref.shape[0] - 1)]
   for u in range(1, group):
-    d = jnp.where(u_M == u, table_ref[jnp.minimum(1 + n * group + u, table_ref.shape[0] - 1)], d)
-  return d, m % per, n * group + u_M < live
+    d = jnp.where(u_M == u, table_ref[jnp.minimum(at + u, table_ref.shape[0] - 1)], d)
+  return d, m % per, first + n * group + u_M < live
 
 
 def _and(live, cond):
   return cond if live is None else live & cond
 
 
-def _group_keys(table_ref, n, group, live, i0, r_M, k_ref, v_ref, cols, block_q):
+def _group_keys(table_ref, n, group, live, i0, r_M, k_ref, v_ref, cols, block_q, first=0):
   """A static rung group's key and value tiles [U * Q, D] for query rows i0 + c (rung u's Q
   rows stacked), and their mask against the packed query rows: query row r reads row r of
   each rung's tile (a diagonal per rung)."""
-  d_C, c_C, live_C = _group_rungs(table_ref, n, group, block_q, live)
+  d_C, c_C, live_C = _group_rungs(table_ref, n, group, block_q, live, first)
   rows_C = i0 + c_C - d_C
   valid = _and(live_C, rows_C >= 0)
   keep = (r_M[:, None] == c_C[None, :]) & valid[None, :]
   return _rows(k_ref, rows_C, cols, valid), _rows(v_ref, rows_C, cols, valid), keep
+
+
+def _steps(live, first, group):
+  """Loop steps of U = `group` rungs over the live rungs past the `first` (folded) ones."""
+  return (jnp.maximum(live - first, 0) + group - 1) // group
 
 
 def _rungs_below(tables, learned, limit):
@@ -723,7 +772,7 @@ def _dkv_diag(dk, dv, q_M, do_M, lse_M, delta_M, k_CxD, v_CxD, eye, valid_M, sm:
 
 
 def _fwd_packed_kernel(
-  *refs, window, groups, scale, block_q, group=1, num_rungs=None, diagonal=0, exp2=1
+  *refs, window, groups, scale, block_q, group=1, num_rungs=None, diagonal=0, exp2=1, fold=0
 ):
   # tables: [S] int32 (static: count, then distances) or lo/frac/count (learned);
   # q_ref/o_ref [Q, G, D]; k_ref/v_ref [T, D]; lse_ref [G, Q]
@@ -734,7 +783,11 @@ def _fwd_packed_kernel(
   r_M, _, _, (q_MxD,), _ = _load_packed(0, block_q, groups, cols, [q_ref], [])
   rows_M = i0 + r_M
   sm = _Softmax(scale, exp2)  # scores and maxima in the base's units: p = sm.exp(s - m)
-  carry = _fwd_window(q_MxD, *_window_keys(k_ref, v_ref, i0, rows_M, cols, window, block_q), sm)
+  first, bits = (0, None)
+  if fold and not learned:
+    first, bits = _folded(tables[0], window, _window_reach(window, block_q))
+  window_keys = _window_keys(k_ref, v_ref, i0, rows_M, cols, window, block_q, bits)
+  carry = _fwd_window(q_MxD, *window_keys, sm)
   diag = r_M[:, None] == jnp.arange(block_q)[None, :]
 
   def tile(carry, k_CxD, v_CxD, keep):  # the online softmax over one more key tile
@@ -767,15 +820,16 @@ def _fwd_packed_kernel(
 
   def rung_group(n, carry):
     if diagonal and group == 1:
-      return one_key(carry, *_static_rung(tables[0], n, i0, r_M, k_ref, v_ref, cols, block_q))
-    keys = _group_keys(tables[0], n, group, live, i0, r_M, k_ref, v_ref, cols, block_q)
+      keys = _static_rung(tables[0], first + n, i0, r_M, k_ref, v_ref, cols, block_q)
+      return one_key(carry, *keys)
+    keys = _group_keys(tables[0], n, group, live, i0, r_M, k_ref, v_ref, cols, block_q, first)
     return tile(carry, *keys)
 
   live = _rungs_below(tables, learned, i0 + block_q)
   if learned:
     acc, m_M, l_M = lax.fori_loop(0, live, rung, carry)
   else:
-    acc, m_M, l_M = lax.fori_loop(0, (live + group - 1) // group, rung_group, carry)
+    acc, m_M, l_M = lax.fori_loop(0, _steps(live, first, group), rung_group, carry)
   r_M, g_M = _packed(block_q, groups)
   o = (acc / l_M[:, None]).astype(o_ref.dtype)
   plgpu.store(o_ref.at[r_M[:, None], g_M[:, None], cols[None, :]], o)
@@ -793,6 +847,7 @@ def _dq_packed_kernel(
   with_dlse=False,
   diagonal=0,
   exp2=1,
+  fold=0,
 ):
   # q/o/do/dq [Q, G, D]; k/v [T, D]; lse/dlse/delta [G, Q]; learned: dfrac [R_pad], this
   # program's d loss / d f_r. delta_i = sum_d o_i do_i (- dlse_i) is formed here, from the
@@ -813,7 +868,10 @@ def _dq_packed_kernel(
   if with_dlse:
     delta_M = delta_M - stats[1]
   rows_M = i0 + r_M
-  k_CxD, v_CxD, keep = _window_keys(k_ref, v_ref, i0, rows_M, cols, window, block_q)
+  first, bits = (0, None)
+  if fold and not learned:
+    first, bits = _folded(tables[0], window, _window_reach(window, block_q))
+  k_CxD, v_CxD, keep = _window_keys(k_ref, v_ref, i0, rows_M, cols, window, block_q, bits)
   sm = _Softmax(scale, exp2)
   dq = _dq_tile(q_MxD, do_MxD, lse_M, delta_M, k_CxD, v_CxD, keep, sm)
   diag = r_M[:, None] == jnp.arange(block_q)[None, :]
@@ -823,9 +881,9 @@ def _dq_packed_kernel(
 
   def rung_group(n, dq):
     if diagonal and group == 1:
-      k_CxD, v_CxD, valid_M = _static_rung(tables[0], n, i0, r_M, k_ref, v_ref, cols, block_q)
-      return dq + _dq_diag(q_MxD, do_MxD, lse_M, delta_M, k_CxD, v_CxD, diag, valid_M, sm)
-    keys = _group_keys(tables[0], n, group, live, i0, r_M, k_ref, v_ref, cols, block_q)
+      keys = _static_rung(tables[0], first + n, i0, r_M, k_ref, v_ref, cols, block_q)
+      return dq + _dq_diag(q_MxD, do_MxD, lse_M, delta_M, *keys[:2], diag, keys[2], sm)
+    keys = _group_keys(tables[0], n, group, live, i0, r_M, k_ref, v_ref, cols, block_q, first)
     return dq + _dq_tile(q_MxD, do_MxD, lse_M, delta_M, *keys, sm)
 
   def rung(j, carry):
@@ -859,7 +917,7 @@ def _dq_packed_kernel(
     dq, dfrac = lax.fori_loop(0, live, rung, (dq, dfrac))
     outs[2][...] = jnp.sum(dfrac, axis=0)
   else:
-    dq = lax.fori_loop(0, (live + group - 1) // group, rung_group, dq)
+    dq = lax.fori_loop(0, _steps(live, first, group), rung_group, dq)
   r_M, g_M = _packed(block_q, groups)
   plgpu.store(
     outs[0].at[r_M[:, None], g_M[:, None], cols[None, :]], (dq * scale).astype(outs[0].dtype)
@@ -879,6 +937,7 @@ def _dkv_packed_kernel(
   diagonal=0,
   kv_t=0,
   exp2=1,
+  fold=0,
 ):
   # q/do [T, G, D]; k/v/dk/dv [C, D] (learned: also k/v [T, D], for the rows before the block,
   # and the spills dk_top/dv_top [D]); lse/delta [G, T]. Key block [j0, j0 + C). A static
@@ -900,10 +959,13 @@ def _dkv_packed_kernel(
   k_CxD, v_CxD = k_ref[...], v_ref[...]
   sm = _Softmax(scale, exp2)
   c_C = jnp.arange(block_q)
+  first, bits = (0, None)
+  if fold and not learned:
+    first, bits = _folded(tables[0], window, _chunks_reach(window, block_q))
 
-  def queries(first, rows):
+  def queries(row0, rows):
     return _load_packed(
-      first, rows, groups, cols, [q_ref, do_ref], [lse_ref, delta_ref], seq_len=seq_len
+      row0, rows, groups, cols, [q_ref, do_ref], [lse_ref, delta_ref], seq_len=seq_len
     )
 
   # The window: query rows j0 .. j0 + C - 1 + W, Q rows (x G heads) at a time, so the packed
@@ -911,7 +973,7 @@ def _dkv_packed_kernel(
   def window_chunk(n, carry):
     _, qr_M, valid, (q_w, do_w), (lse_w, delta_w) = queries(j0 + n * block_q, block_q)
     rel = qr_M[:, None] - (j0 + c_C)[None, :]
-    keep = (rel >= 0) & (rel <= window) & valid[:, None]
+    keep = _band(rel, window, bits) & valid[:, None]
     return _dkv_tile(*carry, q_w, do_w, lse_w, delta_w, k_CxD, v_CxD, keep, sm, kv_t)
 
   # The gradients accumulate as dk, dv [C, D], or (kv_t) transposed, [D, C].
@@ -922,7 +984,7 @@ def _dkv_packed_kernel(
   # Static rungs, U at a time: the queries j0 + d_u + c of rungs u = 0 .. U - 1 (x G heads)
   # packed into one U * Q * G-row tile, query row c of each rung reading key row c.
   def rung_group(n, carry):
-    d_M, m_M, live_M = _group_rungs(tables[0], n, group, block_q * groups, live)
+    d_M, m_M, live_M = _group_rungs(tables[0], n, group, block_q * groups, live, first)
     r_M, g_M = m_M // groups, m_M % groups
     rows_M = j0 + d_M + r_M
     valid = _and(live_M, rows_M < seq_len)
@@ -937,7 +999,7 @@ def _dkv_packed_kernel(
 
   if not learned:
     live = _rungs_below(tables, False, seq_len - j0)
-    dk, dv = lax.fori_loop(0, (live + group - 1) // group, rung_group, (dk, dv))
+    dk, dv = lax.fori_loop(0, _steps(live, first, group), rung_group, (dk, dv))
     dk_ref[...] = (_kv_rows(dk, kv_t) * scale).astype(dk_ref.dtype)
     dv_ref[...] = _kv_rows(dv, kv_t).astype(dv_ref.dtype)
     return
@@ -1027,6 +1089,7 @@ def _packed_forward(q, k, v, tables, *, window, blocks, interpret, num_rungs=Non
   kernel = functools.partial(
     _fwd_packed_kernel, window=window, groups=groups, scale=head_dim**-0.5, block_q=bq,
     group=blocks.group, num_rungs=num_rungs, diagonal=blocks.diagonal, exp2=blocks.exp2,
+    fold=blocks.fold,
   )  # fmt: skip
   return pl.pallas_call(
     kernel,
@@ -1053,7 +1116,7 @@ def _packed_backward(q, k, v, o, lse, do, tables, *, window, blocks, interpret, 
   params_dkv = _params(blocks.num_warps_bwd, blocks.stages_dkv, interpret)
   statics = dict(
     window=window, groups=groups, scale=head_dim**-0.5, block_q=bq, group=blocks.group_bwd,
-    num_rungs=num_rungs, diagonal=blocks.diagonal, exp2=blocks.exp2,
+    num_rungs=num_rungs, diagonal=blocks.diagonal, exp2=blocks.exp2, fold=blocks.fold,
   )  # fmt: skip
   sp = _packed_specs(seq_len, groups, head_dim, bq, tables)
   grid = (seq_len // bq, bsz, num_kv)

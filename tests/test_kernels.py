@@ -769,6 +769,39 @@ def test_a_programs_rung_loop_stops_at_the_rungs_that_reach_its_rows():
   assert got == [0, 1, 2, 3, 3]  # never past the count, though the padding floors are 0
 
 
+def test_the_rungs_the_window_tile_holds_are_folded_into_its_mask():
+  """`_folded`: the static rungs with W < d <= the tile's reach (the table's first ones) as a
+  count and a bitmask, which `_band` adds to the window's band; the reach of each kernel's
+  window (Q = 16, W = 12: 16 rows back for every row of a program in all three)."""
+  from kernels_pallas.gpu import _band, _chunks_reach, _folded, _window_reach, rung_table
+
+  assert _window_reach(12, 16) == _chunks_reach(12, 16) == 16
+  assert (_window_reach(20, 16), _chunks_reach(20, 16)) == (48, 32)  # 64-key tile; 3 chunks
+  assert (_window_reach(3, 32), _chunks_reach(3, 32)) == (32, 32)
+  table = rung_table((13, 16, 17, 40))
+  count, bits = _folded(table, 12, 16)
+  assert int(count) == 2 and int(bits) == (1 << 13) | (1 << 16)
+  assert int(_folded(table, 12, 100)[0]) == 3  # reach capped at 31: 40 stays a rung
+  assert _folded(table, 16, 16) == (0, None)  # a tile no further than the window: none
+  assert int(_folded(rung_table(()), 12, 16)[0]) == 0  # no rungs (zero padding is no rung)
+  rel = jnp.arange(-2, 40)
+  got = np.asarray(rel)[np.asarray(_band(rel, 12, bits))]
+  assert list(got) == [*range(13), 13, 16]  # the band 0..W and the folded distances only
+
+
+@pytest.mark.parametrize("seed", [1, 3, 4])  # folded rungs: (12), (3, 4, 7, 11), (20)
+def test_rungs_folded_into_the_window_give_the_same_attention(seed):
+  """GpuBlocks.fold: the static rungs the window's tile holds folded into its mask, or run in
+  the rung loops: the same outputs and gradients to float32 rounding, rungs two to a forward
+  step (the default), one, with the diagonal softmax, and two to a dkv step."""
+  options = (dict(), dict(rung_group=1), dict(rung_group=1, diagonal=1), dict(rung_group_bwd=2))
+  for option in options:
+    folded = _packed_results(seed, fold=1, **option)
+    looped = _packed_results(seed, fold=0, **option)
+    for name, a, b in zip(PACKED_RESULTS, folded, looped, strict=True):
+      assert _rel_err(a, b) < 1e-6, (name, option, seed)
+
+
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
 def test_the_learned_dkv_spill_is_added_to_the_row_before_each_block_without_a_scatter(dtype):
   """`_add_spill`: block n + 1's spill lands on block n's last row, added in float32 and

@@ -82,11 +82,12 @@ def test_packed_layers_share_their_kernels():
     (dict(dkv_t=0), (1, 1)),
     (dict(dkv_t=0, rung_group=4, rung_group_bwd=2), (3, 1)),
     (dict(rung_group=1, diagonal=1), (3, 3)),
+    (dict(fold=0), (3, 0)),  # static rungs only
   ],
 )
 def test_the_packed_kernels_options_lower_to_triton(options, changed):
   """Static and learned rungs, with dk and dv accumulated as [C, D] (the dkv kernel only),
-  rung groups (static rungs only), the diagonal: three kernels each, `changed` (static,
+  rung groups (static rungs only), the diagonal, no folded rungs: three kernels each, `changed` (static,
   learned) of them other than the default's (the option reaches them)."""
   blocks = GpuBlocks(kernel="packed", **options)
   default = GpuBlocks(kernel="packed")
