@@ -191,9 +191,9 @@ def main(argv=None):
     nargs="+",
     default=None,
     help=f"block configs {SPEC_FORMAT} (group: static rungs to a tile, packed kernel; diagonal, "
-    "dkv_t, exp2, fold: 1 or 0, as --diagonal, --dkv-t, --exp2, --fold; stages_dkv: the dkv kernel's, 0: "
-    "stages_bwd) to time for --sweep-impl at each length and the first alpha, beside the "
-    "cuDNN window, then write them (--out)",
+    "dkv_t, exp2, fold: 1 or 0, as --diagonal, --dkv-t, --exp2, --fold; stages_dkv: the dkv "
+    "kernel's, 0: stages_bwd) to time for --sweep-impl at each length and the first alpha, "
+    "beside the cuDNN window, then write them (--out)",
   )
   ap.add_argument("--sweep-impl", default="pallas_packed", choices=("pallas", "pallas_packed"))
   ap.add_argument(

@@ -87,8 +87,8 @@ def test_packed_layers_share_their_kernels():
 )
 def test_the_packed_kernels_options_lower_to_triton(options, changed):
   """Static and learned rungs, with dk and dv accumulated as [C, D] (the dkv kernel only),
-  rung groups (static rungs only), the diagonal, no folded rungs: three kernels each, `changed` (static,
-  learned) of them other than the default's (the option reaches them)."""
+  rung groups (static rungs only), the diagonal, no folded rungs: three kernels each,
+  `changed` (static, learned) of them other than the default's (the option reaches them)."""
   blocks = GpuBlocks(kernel="packed", **options)
   default = GpuBlocks(kernel="packed")
   for irs, n in zip((_static_irs, _learned_irs), changed, strict=True):
