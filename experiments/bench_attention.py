@@ -166,6 +166,12 @@ def main(argv=None):
     help="the same for the backward kernels (0: one rung a step)",
   )
   ap.add_argument(
+    "--rung-group-dkv",
+    type=int,
+    default=None,
+    help="the same for the dkv kernel alone (0: --rung-group-bwd's)",
+  )
+  ap.add_argument(
     "--diagonal",
     type=int,
     default=None,
@@ -192,7 +198,8 @@ def main(argv=None):
     default=None,
     help=f"block configs {SPEC_FORMAT} (group: static rungs to a tile, packed kernel; diagonal, "
     "dkv_t, exp2, fold: 1 or 0, as --diagonal, --dkv-t, --exp2, --fold; stages_dkv: the dkv "
-    "kernel's, 0: stages_bwd) to time for --sweep-impl at each length and the first alpha, "
+    "kernel's, 0: stages_bwd; group_dkv: the dkv kernel's group, 0: group_bwd) to time for "
+    "--sweep-impl at each length and the first alpha, "
     "beside the cuDNN window, then write them (--out)",
   )
   ap.add_argument("--sweep-impl", default="pallas_packed", choices=("pallas", "pallas_packed"))
@@ -201,7 +208,7 @@ def main(argv=None):
     nargs="*",
     default=None,
     help="pick block_q/warps/stages/group/exp2/fold (forward) and block_q_bwd/warps_bwd/stages/"
-    "group/dkv_t/stages_dkv separately from these "
+    "group/group_dkv/dkv_t/stages_dkv separately from these "
     "configs, timed on --sweep-impl's kernel at the longest length, alpha 1, then run the "
     "benchmark (both kernels) with them",
   )
@@ -218,7 +225,7 @@ def main(argv=None):
     grouped = [
       x
       for x, b in zip(given or (), specs[flag], strict=True)
-      if max(b.rung_group, b.rung_group_bwd) > 1
+      if max(b.rung_group, b.rung_group_bwd, b.rung_group_dkv) > 1
     ]
     if args.sweep_impl == "pallas" and grouped:
       ap.error(f"{flag} {grouped[0]}: rung groups are the packed kernel's (--sweep-impl pallas)")
@@ -313,10 +320,11 @@ SPEC_KEYS = (
   "num_stages_dkv",
   "exp2",
   "fold",
+  "rung_group_dkv",
 )
 SPEC_FORMAT = (
   "'bq,warps,bq_bwd,warps_bwd[,stages[,stages_bwd[,group[,group_bwd[,diagonal[,dkv_t"
-  "[,stages_dkv[,exp2[,fold]]]]]]]]]'"
+  "[,stages_dkv[,exp2[,fold[,group_dkv]]]]]]]]]]'"
 )
 
 
@@ -338,11 +346,11 @@ def parse_spec(spec: str) -> GpuBlocks:
 
 def _spec(b: GpuBlocks) -> list[int]:
   """bq, warps, bq_bwd, warps_bwd, stages, stages_bwd, group, group_bwd, diagonal, dkv_t,
-  stages_dkv, exp2, fold (resolved; the row-wise kernel folds no rungs: 0)."""
+  stages_dkv, exp2, fold, group_dkv (resolved; the row-wise kernel folds no rungs: 0)."""
   return [
     *(b.block_q, b.warps, b.block_q_bwd, b.num_warps_bwd, b.num_stages, b.stages_dq),
     *(b.group, b.group_bwd, b.diagonal, b.dkv_t, b.stages_dkv, b.exp2),
-    b.fold if b.kernel == "packed" else 0,
+    *(b.fold if b.kernel == "packed" else 0, b.group_dkv),
   ]
 
 
@@ -362,9 +370,13 @@ def autotune(args, specs: list[GpuBlocks]) -> dict:
     kernel="packed",
     # A row-wise sweep has no rung groups to choose from: the packed kernel keeps its own.
     **(
-      dict(rung_group=0, rung_group_bwd=0)
+      dict(rung_group=0, rung_group_bwd=0, rung_group_dkv=0)
       if getattr(args, "sweep_impl", None) == "pallas"
-      else dict(rung_group=fwd["blocks"][6], rung_group_bwd=bwd["blocks"][7])
+      else dict(
+        rung_group=fwd["blocks"][6],
+        rung_group_bwd=bwd["blocks"][7],
+        rung_group_dkv=bwd["blocks"][13],
+      )
     ),
     dkv_t=bwd["blocks"][9],
     num_stages_dkv=bwd["blocks"][10],

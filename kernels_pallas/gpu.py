@@ -113,6 +113,9 @@ class GpuBlocks:
   # on an H200, of 4 16-20%: experiments/results/speed_h200_5fc79c6/, speed_h200_a89cff5/).
   rung_group: int = 0
   rung_group_bwd: int = 0
+  # The dkv kernel's own (its groups stack query tiles, U * Q * G packed rows, where the dq
+  # kernel's stack key tiles as the forward's do); 0: rung_group_bwd's.
+  rung_group_dkv: int = 0
   # Packed kernels, one rung a loop step (static rungs ungrouped, and learned rungs): 1 takes
   # each packed row's one score of a rung tile from the tile's diagonal and runs the softmax
   # on those (one exp a row); 0 runs it on the whole masked tile (one exp an entry, the way
@@ -163,16 +166,18 @@ class GpuBlocks:
     for name, n, least in (
       ("rung_group", self.rung_group, "the kernel's"),
       ("rung_group_bwd", self.rung_group_bwd, "one rung a step"),
+      ("rung_group_dkv", self.rung_group_dkv, "rung_group_bwd's"),
     ):
       if n < 0 or n & (n - 1):
         raise ValueError(f"{name}={n} must be a power of two or 0 ({least})")
     for name in ("diagonal", "dkv_t", "exp2", "fold"):
       if getattr(self, name) not in (0, 1):
         raise ValueError(f"{name}={getattr(self, name)} must be 0 or 1")
-    if self.kernel != "packed" and (self.group, self.group_bwd) != (1, 1):
+    if self.kernel != "packed" and (self.group, self.group_bwd, self.group_dkv) != (1, 1, 1):
       raise ValueError(
-        f"rung_group={self.rung_group}, rung_group_bwd={self.rung_group_bwd}: rung groups are "
-        f"the packed kernel's; kernel={self.kernel!r}"
+        f"rung_group={self.rung_group}, rung_group_bwd={self.rung_group_bwd}, "
+        f"rung_group_dkv={self.rung_group_dkv}: rung groups are the packed kernel's; "
+        f"kernel={self.kernel!r}"
       )
 
   @property
@@ -187,8 +192,13 @@ class GpuBlocks:
 
   @property
   def group_bwd(self) -> int:
-    """The backward's rung group (rung_group_bwd, 0: 1, whatever the forward's)."""
+    """The backward's rung group, dq's (rung_group_bwd, 0: 1, whatever the forward's)."""
     return self.rung_group_bwd or 1
+
+  @property
+  def group_dkv(self) -> int:
+    """The dkv kernel's rung group (rung_group_dkv, 0: the backward's)."""
+    return self.rung_group_dkv or self.group_bwd
 
   @property
   def stages_dq(self) -> int:
@@ -200,7 +210,7 @@ class GpuBlocks:
 
   def for_kernel(self, kernel: str) -> GpuBlocks:
     """These blocks for `kernel`; the row-wise kernel's without the rung groups (it has none)."""
-    groups = {} if kernel == "packed" else dict(rung_group=0, rung_group_bwd=0)
+    groups = {} if kernel == "packed" else dict(rung_group=0, rung_group_bwd=0, rung_group_dkv=0)
     return dataclasses.replace(self, kernel=kernel, **groups)
 
 
@@ -1147,7 +1157,12 @@ def _packed_backward(q, k, v, o, lse, do, tables, *, window, blocks, interpret, 
   top_spec = pl.BlockSpec((None, None, None, head_dim), lambda i, b, h: (b, h, i, 0))
   top_shape = jax.ShapeDtypeStruct((bsz, num_kv, seq_len // bq, head_dim), jnp.float32)
   dkv = pl.pallas_call(
-    functools.partial(_dkv_packed_kernel, **statics, seq_len=seq_len, kv_t=blocks.dkv_t),
+    functools.partial(
+      _dkv_packed_kernel,
+      **{**statics, "group": blocks.group_dkv},
+      seq_len=seq_len,
+      kv_t=blocks.dkv_t,
+    ),
     grid=grid,
     in_specs=[*sp["table"], sp["q_all"], *kv_specs, sp["q_all"], sp["stat_all"], sp["stat_all"]],
     out_specs=[sp["kv_blk"], sp["kv_blk"], *([top_spec, top_spec] if learned else [])],

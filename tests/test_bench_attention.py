@@ -52,7 +52,7 @@ def test_a_bad_block_config_is_named_before_anything_runs(capsys):
   bad_configs = (
     "16,2,16",
     "16,2,x,4",
-    "16,2,16,4,2,1,1,1,1,1,1,1,1,1",
+    "16,2,16,4,2,1,1,1,1,1,1,1,1,1,1",
     "16,2,16,4,0",
     "16,2,16,4,2,-1",
   )
@@ -103,27 +103,31 @@ def test_parse_spec_reads_the_stages_when_given():
     3,  # the dkv kernel's stages: the backward's
     1,  # the softmax in base 2
     1,  # the rungs in the window's tile folded into its mask
+    1,  # the dkv kernel's rung group: the backward's
   ]
   b = bench_attention.parse_spec("16,2,16,4,2,2,4")
   assert (b.kernel, b.rung_group, b.group_bwd) == ("packed", 4, 1)  # backward: 0, one a step
   got = bench_attention._spec(bench_attention.parse_spec("16,2,16,4,2,2,4,2"))
-  assert got[6:] == [4, 2, 0, 1, 2, 1, 1]
+  assert got[6:] == [4, 2, 0, 1, 2, 1, 1, 2]  # group_dkv: the backward's
   assert bench_attention.parse_spec("16,2,16,4,2,2,1,1,0").diagonal == 0
   assert bench_attention.parse_spec("16,2,16,4,2,2,1,1,0").dkv_t == 1  # the default
   assert bench_attention.parse_spec("16,2,16,4,2,2,1,1,0,0").dkv_t == 0
   b = bench_attention.parse_spec("16,2,16,4,2,3,1,1,0,1,2")
   assert (b.stages_dq, b.stages_dkv) == (3, 2)  # dq 3 stages, dkv 2
-  assert bench_attention._spec(b)[4:] == [2, 3, 1, 1, 0, 1, 2, 1, 1]
+  assert bench_attention._spec(b)[4:] == [2, 3, 1, 1, 0, 1, 2, 1, 1, 1]
   assert bench_attention.parse_spec("16,2,16,4,2,2,1,1,0,1,0,0").exp2 == 0
   assert bench_attention.parse_spec("16,2,16,4,2,2,1,1,0,1,0,1").fold == 1  # the default
   assert bench_attention.parse_spec("16,2,16,4,2,2,1,1,0,1,0,1,0").fold == 0
+  b = bench_attention.parse_spec("16,2,16,4,2,2,2,2,0,1,0,1,1,1")
+  assert (b.group_bwd, b.group_dkv) == (2, 1)  # dq two rungs a step, dkv one
 
 
 @pytest.mark.parametrize(
   "spec, why",
   [
     ("16,2,16", "of integers"),
-    ("16,2,16,4,2,2,4,2,1,1,1,1,1,1", "of integers"),
+    ("16,2,16,4,2,2,4,2,1,1,1,1,1,1,1", "of integers"),
+    ("16,2,16,4,2,2,1,1,0,1,0,1,1,3", "rung_group_dkv=3 must be a power of two"),
     ("16,2,16,4,2,2,1,1,0,1,0,1,2", "fold=2 must be 0 or 1"),
     ("16,2,16,4,2,2,1,1,0,1,0,2", "exp2=2 must be 0 or 1"),
     ("16,2,16,4,2,2,1,1,0,1,-1", "num_stages_dkv=-1 must be >= 0"),
@@ -185,7 +189,8 @@ def test_the_rowwise_sweep_takes_specs_that_name_no_rung_groups(tmp_path, monkey
     tmp_path, monkeypatch, "16,0,16,4", "--sweep-impl", "pallas", "--lengths", "64"
   )
   got = [(r["impl"], r.get("blocks")) for r in report["results"]]
-  assert got == [("cudnn_window", None), ("pallas", [16, 2, 16, 4, 2, 2, 1, 1, 0, 1, 2, 1, 0])]
+  want = [16, 2, 16, 4, 2, 2, 1, 1, 0, 1, 2, 1, 0, 1]
+  assert got == [("cudnn_window", None), ("pallas", want)]
 
 
 def test_the_rowwise_kernel_gets_the_blocks_without_the_rung_groups(monkeypatch):
@@ -212,13 +217,15 @@ def test_sweep_writes_every_config_beside_the_window_at_each_length(tmp_path, mo
     tmp_path, monkeypatch, "16,2,16,4", "32,4,32,4,3", "--lengths", "64", "128"
   )
   assert report["impl"] == "pallas_packed" and "--sweep" in report["command"]
-  assert report["blocks_fields"][9:] == ["dkv_t", "num_stages_dkv", "exp2", "fold"]  # the list
+  assert report["blocks_fields"][9:] == [
+    "dkv_t", "num_stages_dkv", "exp2", "fold", "rung_group_dkv"
+  ]  # fmt: skip
   got = [(r["seq_len"], r["impl"], r.get("blocks")) for r in report["results"]]
+  default = [16, 2, 16, 4, 2, 2, 2, 1, 0, 1, 2, 1, 1, 1]
+  big = [32, 4, 32, 4, 3, 3, 2, 1, 0, 1, 3, 1, 1, 1]
   assert got == [
-    (64, "cudnn_window", None), (64, "pallas_packed", [16, 2, 16, 4, 2, 2, 2, 1, 0, 1, 2, 1, 1]),
-    (64, "pallas_packed", [32, 4, 32, 4, 3, 3, 2, 1, 0, 1, 3, 1, 1]),
-    (128, "cudnn_window", None), (128, "pallas_packed", [16, 2, 16, 4, 2, 2, 2, 1, 0, 1, 2, 1, 1]),
-    (128, "pallas_packed", [32, 4, 32, 4, 3, 3, 2, 1, 0, 1, 3, 1, 1]),
+    (64, "cudnn_window", None), (64, "pallas_packed", default), (64, "pallas_packed", big),
+    (128, "cudnn_window", None), (128, "pallas_packed", default), (128, "pallas_packed", big),
   ]  # fmt: skip
   assert report["copy_bandwidth_GBps"] == 1000
   floor = (2 * 128 * 8 + 2 * 128 * 2) * 64 * 2 / 1e12 * 1e3  # q, o, k, v bytes at T = 128
@@ -264,9 +271,9 @@ def test_autotune_takes_the_forward_from_the_fastest_forward_and_the_backward_fr
   fastest forward; the backward's (rows, warps, stages, group, dkv_t, the dkv kernel's
   stages) from the one with the fastest forward + backward less its forward."""
   rows = [
-    {"fwd_ms": 0.1, "fwdbwd_ms": 0.9, "blocks": [32, 4, 16, 4, 3, 2, 2, 1, 0, 1, 2, 0, 0]},
-    {"fwd_ms": 0.3, "fwdbwd_ms": 0.5, "blocks": [16, 2, 64, 8, 2, 4, 1, 2, 0, 0, 3, 1, 1]},
-    {"error": "ValueError: too big", "blocks": [64, 8, 64, 8, 1, 1, 1, 1, 0, 1, 1, 1, 1]},
+    {"fwd_ms": 0.1, "fwdbwd_ms": 0.9, "blocks": [32, 4, 16, 4, 3, 2, 2, 1, 0, 1, 2, 0, 0, 1]},
+    {"fwd_ms": 0.3, "fwdbwd_ms": 0.5, "blocks": [16, 2, 64, 8, 2, 4, 1, 2, 0, 0, 3, 1, 1, 1]},
+    {"error": "ValueError: too big", "blocks": [64, 8, 64, 8, 1, 1, 1, 1, 0, 1, 1, 1, 1, 1]},
   ]
   monkeypatch.setattr(bench_attention, "sweep", lambda *a, **k: rows)
   args = argparse.Namespace(lengths=[1024])
@@ -276,6 +283,8 @@ def test_autotune_takes_the_forward_from_the_fastest_forward_and_the_backward_fr
     64, 8, 4, 2,
   )  # fmt: skip
   assert (got.dkv_t, got.stages_dkv, got.exp2, got.fold) == (0, 3, 0, 0)  # exp2, fold: forward's
+  assert (got.rung_group_dkv, got.group_dkv) == (1, 1)  # the backward's row's
   args.sweep_impl = "pallas"  # the row-wise kernel's rows name no groups: the packed keeps its own
   got = bench_attention.autotune(args, [])["blocks"]
   assert (got.rung_group, got.rung_group_bwd, got.group, got.group_bwd) == (0, 0, 2, 1)
+  assert (got.rung_group_dkv, got.group_dkv) == (0, 1)

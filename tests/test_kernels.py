@@ -667,7 +667,17 @@ def test_rung_groups_are_checked():
   with pytest.raises(ValueError, match="rung groups are the packed kernel's; kernel='rowwise'"):
     GpuBlocks(rung_group=2)
   assert GpuBlocks(rung_group_bwd=1).group_bwd == 1  # one rung a step: no group, any kernel
-  grouped = GpuBlocks(kernel="packed", num_warps=8, rung_group=4, rung_group_bwd=2)
+  assert GpuBlocks(kernel="packed", rung_group_bwd=2).group_dkv == 2  # 0: the backward's
+  assert GpuBlocks(kernel="packed", rung_group_bwd=2, rung_group_dkv=1).group_dkv == 1
+  with pytest.raises(ValueError, match="rung_group_dkv=6 must be a power of two or 0"):
+    GpuBlocks(kernel="packed", rung_group_dkv=6)
+  with pytest.raises(ValueError, match="rung groups are the packed kernel's; kernel='rowwise'"):
+    GpuBlocks(rung_group_dkv=2)
+  with pytest.raises(ValueError, match="fold=2 must be 0 or 1"):
+    GpuBlocks(kernel="packed", fold=2)
+  grouped = GpuBlocks(
+    kernel="packed", num_warps=8, rung_group=4, rung_group_bwd=2, rung_group_dkv=1
+  )
   assert grouped.for_kernel("packed") == grouped
   assert grouped.for_kernel("rowwise") == GpuBlocks(num_warps=8)  # no rung groups there
   with pytest.raises(ValueError, match="block_q_bwd=24 must be a power of two >= 16"):
@@ -796,9 +806,19 @@ def test_rungs_folded_into_the_window_give_the_same_attention(seed):
   step (the default), one, with the diagonal softmax, and two to a dkv step."""
   options = (dict(), dict(rung_group=1), dict(rung_group=1, diagonal=1), dict(rung_group_bwd=2))
   for option in options:
-    folded = _packed_results(seed, fold=1, **option)
+    folded = _packed_results(seed, fold=1, **option)  # (the default)
     looped = _packed_results(seed, fold=0, **option)
     for name, a, b in zip(PACKED_RESULTS, folded, looped, strict=True):
+      assert _rel_err(a, b) < 1e-6, (name, option, seed)
+
+
+@pytest.mark.parametrize("seed", [1, 3])
+def test_dq_and_dkv_take_rung_groups_of_their_own(seed):
+  """GpuBlocks.rung_group_dkv: dq two rungs a step with dkv one, and the reverse, give the
+  backward of one rung a step in both to float32 rounding."""
+  one = _packed_results(seed, rung_group_bwd=1)
+  for option in (dict(rung_group_bwd=2, rung_group_dkv=1), dict(rung_group_dkv=2)):
+    for name, a, b in zip(PACKED_RESULTS, _packed_results(seed, **option), one, strict=True):
       assert _rel_err(a, b) < 1e-6, (name, option, seed)
 
 

@@ -83,6 +83,7 @@ def test_packed_layers_share_their_kernels():
     (dict(dkv_t=0, rung_group=4, rung_group_bwd=2), (3, 1)),
     (dict(rung_group=1, diagonal=1), (3, 3)),
     (dict(fold=0), (3, 0)),  # static rungs only
+    (dict(rung_group_bwd=2, rung_group_dkv=1), (1, 0)),  # dq's groups only
   ],
 )
 def test_the_packed_kernels_options_lower_to_triton(options, changed):
