@@ -151,9 +151,18 @@ def top_device_ops(
   for key, ns in totals.most_common(top):
     row = {"op": key[0], "ms_per_step": round(ns / 1e6 / steps, 3), "share": round(ns / total, 4)}
     row.update(stats[key])
-    source = (sources or {}).get(row.get("hlo_op", key[0]))
+    sources = sources or {}
+    source = sources.get(row.get("hlo_op", key[0])) or sources.get(kernel_instruction(key[0]))
     rows.append({**row, "source": source} if source else row)
   return rows
+
+
+def kernel_instruction(name: str) -> str:
+  """The instruction a fusion's kernel is named after: XLA writes its ".N" as "_N"
+  (loop_add_multiply_fusion_15 runs loop_add_multiply_fusion.15). A trace taken inside
+  command buffers names the buffer as each kernel's `hlo_op`, so the kernel's name is what
+  finds its source there."""
+  return re.sub(r"_(\d+)$", r".\1", name)
 
 
 # What each device op is, first match wins: (kind, where to look, pattern).
@@ -171,7 +180,11 @@ OP_KINDS = (
   ),
   ("memset_copy", "op", r"^(Memset|Memcpy|memcpy|copy)"),
   ("loss", "source", r"output_losses|_classification\.py|_losses_compute|_logits"),
-  ("optimizer", "source", r"optax|optim\.py|adam|clip"),
+  ("optimizer", "source", r"optax|optim\.py|adam|clip|apply_updates|_tree_math\.py"),
+  # The model's elementwise and reduction passes, by the module they come from.
+  ("mlp_elementwise", "source", r"\(SwiGLU\.__call__\)"),
+  ("norm", "source", r"\(RMSNorm\.__call__\)"),
+  ("rope", "source", r"\(rope\)"),
 )
 
 

@@ -131,6 +131,29 @@ def test_top_device_ops_attach_the_events_hlo_op_and_its_source():
   ]  # fmt: skip
 
 
+def test_a_kernel_inside_a_command_buffer_finds_its_source_by_its_name():
+  """Traced inside XLA's command buffers, a fusion's `hlo_op` is the buffer: its kernel's
+  name (the instruction's, ".N" written "_N") finds the source."""
+  from types import SimpleNamespace as NS
+
+  events = [
+    NS(name="loop_multiply_fusion_15", duration_ns=2e6, stats=[("hlo_op", "command_buffer_6")]),
+    NS(name="loop_convert_fusion", duration_ns=1e6, stats=[("hlo_op", "command_buffer_6")]),
+    NS(name="nvjet_sm90_tst_128x128_64x6_1x2_h_bz_NNT", duration_ns=1e6, stats=[]),
+  ]
+  planes = [NS(name="/device:GPU:0", lines=[NS(name="XLA Ops", events=events)])]
+  sources = {
+    "loop_multiply_fusion.15": "jit(train_step)/layer_0/mlp/mul @ model.py:178 (SwiGLU.__call__)",
+    "loop_convert_fusion": "jit(train_step)/convert_element_type @ steps.py:83 (output_losses)",
+  }
+  rows = bench_train.top_device_ops(planes, steps=1, sources=sources)
+  assert [r.get("source") for r in rows] == [*sources.values(), None]
+  assert bench_train.kernel_instruction("input_reduce_fusion_65") == "input_reduce_fusion.65"
+  assert bench_train.kernel_instruction("memcpy128") == "memcpy128"  # no "_N": as it is
+  kinds = bench_train.op_kinds(rows)
+  assert (kinds["mlp_elementwise"], kinds["loss"], kinds["matmul"]) == (2.0, 1.0, 1.0)
+
+
 def test_one_kernel_run_for_two_instructions_is_a_row_for_each():
   """A kernel name the trace gives several instructions' work (cuDNN's and a sort's memsets
   are all "Memset 3") is split by `hlo_op`, so each row's source and kind are its own."""
@@ -291,15 +314,21 @@ def test_op_kinds_sort_every_op_into_one_kind_and_sum_the_device_time():
     row("Memset 4", 1.0, "jit(argsort)/sort @ model.py:347 (Transformer.__call__)"),  # sorted grad
     row("loop_add_fusion", 0.125, "a @ model.py:178 (SwiGLU.__call__)"),
     row("input_scatter_fusion", 0.5, "b @ model.py:90 (embedding_grad_sorted)"),
+    row("input_reduce_fusion_3", 0.25, "c @ model.py:73 (RMSNorm.__call__)"),
+    row("input_concatenate_fusion_2", 0.5, "d @ model.py:86 (rope)"),
+    row("input_concatenate_fusion", 0.125),
   ]
   assert bench_train.op_kinds(rows) == {
     "attention": 7.5,
-    "device": 15.375,
+    "device": 16.25,
     "embedding": 1.5,
     "loss": 2.5,
     "matmul": 3.5,
     "memset_copy": 0.25,
+    "mlp_elementwise": 0.125,
+    "norm": 0.25,
     "other": 0.125,
+    "rope": 0.5,
   }
 
 
