@@ -523,6 +523,9 @@ def backward(q, k, v, o, lse, do, *, window, far, blocks: GpuBlocks, interpret: 
 # U static rungs at once: their Q-row key tiles stacked into one U * Q-row tile (one score
 # matmul and one online-softmax update for U rungs; a diagonal mask per rung, rungs past the
 # program's count masked), and in dkv their query tiles stacked into U * Q * G packed rows.
+# With `GpuBlocks.fold` (the default) the static rungs the window's tile already holds for every
+# row of a program (W < d <= its reach, `_window_reach` / `_chunks_reach`) are masked into that
+# tile instead (`_folded`, `_band`), and the rung loops start after them.
 #
 # Learned layers use the same kernels with run-time rungs: rung r has a floor lo_r and a weight
 # f_r, and query i reads the key (1 - f) k[i - lo] + f k[max(i - lo - 1, 0)] (and the same blend
