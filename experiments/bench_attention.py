@@ -368,7 +368,8 @@ def autotune(args, specs: list[GpuBlocks]) -> dict:
     num_stages=fwd["blocks"][4],
     num_stages_bwd=bwd["blocks"][5],
     kernel="packed",
-    # A row-wise sweep has no rung groups to choose from: the packed kernel keeps its own.
+    # A row-wise sweep has no rung groups or folded rungs to choose from (its rows record
+    # none): the packed kernel keeps its own.
     **(
       dict(rung_group=0, rung_group_bwd=0, rung_group_dkv=0)
       if getattr(args, "sweep_impl", None) == "pallas"
@@ -376,12 +377,12 @@ def autotune(args, specs: list[GpuBlocks]) -> dict:
         rung_group=fwd["blocks"][6],
         rung_group_bwd=bwd["blocks"][7],
         rung_group_dkv=bwd["blocks"][13],
+        fold=fwd["blocks"][12],  # one setting for the three kernels: the forward's row's
       )
     ),
     dkv_t=bwd["blocks"][9],
     num_stages_dkv=bwd["blocks"][10],
     exp2=fwd["blocks"][11],
-    fold=fwd["blocks"][12],  # one setting for the three kernels: the forward's row's
   )
   print(f"autotune chose {blocks}", flush=True)
   return {"rows": rows, "blocks": blocks}

@@ -147,12 +147,15 @@ def top_device_ops(
         if key not in stats:
           stats[key] = {k: str(found[k]) for k in EVENT_STATS if k in found}
   total = sum(totals.values())
+  sources = sources or {}
   rows = []
   for key, ns in totals.most_common(top):
     row = {"op": key[0], "ms_per_step": round(ns / 1e6 / steps, 3), "share": round(ns / total, 4)}
     row.update(stats[key])
-    sources = sources or {}
-    source = sources.get(row.get("hlo_op", key[0])) or sources.get(kernel_instruction(key[0]))
+    # The event's instruction, else (inside a command buffer) the kernel's own name, as it is
+    # and as the instruction it is named after.
+    names = (row.get("hlo_op"), key[0], kernel_instruction(key[0]))
+    source = next((sources[n] for n in names if n in sources), None)
     rows.append({**row, "source": source} if source else row)
   return rows
 

@@ -47,8 +47,9 @@
 #                  (with command buffers, not op by op); TRAIN_CB=both also times each step
 #                  compiled without XLA's command buffers, in the same rounds
 #                  (bench_train.py --command-buffers); TRAIN_DUMP=1 keeps each compiled train
-#                  step's optimized HLO (hlo_I/*after_optimizations.txt.gz), to name the
-#                  profile's fusions
+#                  step's optimized HLO (hlo_I/*after_optimizations.txt.gz; bench_train.py
+#                  names the profile's fusions itself since 6f7d4e7: for a closer look, or
+#                  experiments/profile_sources.py on an older result)
 #   attention2     the packed kernel alone at 2 warps, one rung a step (mma.sync; the default
 #                  before 20e206b, which takes 4 warps and forward rung groups of 2)
 #   attention_sweep  bench_attention.py --sweep: the packed kernel's block rows, warps and

@@ -140,7 +140,8 @@ class GpuBlocks:
   # for every row of a program (distance d <= the tile's reach: pow2(Q + W) - Q keys back in
   # the forward and dq kernels, 16 at Q = 16, W = 12; the query chunks' in dkv) into the
   # window's mask, so the rung loops start after them (8 of the stagger model's 144 rungs at
-  # T = 1,024, the fib model's rung 13); 0 runs every rung in the loops. The same sums.
+  # T = 1,024, the fib model's rung 13; distances above 31 never fold, the set is an int32
+  # bitmask); 0 runs every rung in the loops. The same sums.
   fold: int = 1
 
   def __post_init__(self):
@@ -427,7 +428,7 @@ def forward(q, k, v, *, window, far, blocks: GpuBlocks, interpret: bool):
   """q [B,T,H,D], k/v [B,T,K,D] with T a multiple of block_q -> (o, lse [B,H,T])."""
   if blocks.kernel == "packed":
     return _forward_packed(
-      q, k, v, rung_table(far), window=window, blocks=blocks, interpret=interpret
+      q, k, v, rung_table(far, window), window=window, blocks=blocks, interpret=interpret
     )
   bsz, seq_len, num_heads, head_dim = q.shape
   num_kv = k.shape[2]
@@ -465,7 +466,8 @@ def backward(q, k, v, o, lse, do, *, window, far, blocks: GpuBlocks, interpret: 
   the forward's lse as well (it is subtracted from delta)."""
   if blocks.kernel == "packed":
     return _backward_packed(
-      q, k, v, o, lse, do, rung_table(far), window=window, blocks=blocks, interpret=interpret,
+      q, k, v, o, lse, do, rung_table(far, window), window=window, blocks=blocks,
+      interpret=interpret,
       dlse=dlse,
     )  # fmt: skip
   bsz, seq_len, num_heads, head_dim = q.shape
@@ -535,10 +537,13 @@ def backward(q, k, v, o, lse, do, *, window, far, blocks: GpuBlocks, interpret: 
 # program's d loss / d f_r, which reaches alpha through f = alpha b - lo.
 
 
-def rung_table(far: tuple[int, ...]) -> jax.Array:
+def rung_table(far: tuple[int, ...], window: int = 0) -> jax.Array:
   """int32 [1 + R rounded up to a power of two >= 16]: the rung count, then the rung
   distances in increasing order (zero padding, never read). Layers whose R + 1 round to the
-  same length share one compiled kernel."""
+  same length share one compiled kernel. The distances are distinct and beyond the window
+  (a `Pattern`'s are), as the kernels' folded rungs need: their bitmask is a sum of bits."""
+  if len(set(far)) != len(far) or any(d <= window for d in far):
+    raise ValueError(f"far={far} must be distinct distances > window={window}")
   size = _pow2_at_least(len(far) + 1)
   return jnp.asarray([len(far), *sorted(far)] + [0] * (size - 1 - len(far)), jnp.int32)
 

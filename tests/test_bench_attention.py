@@ -288,3 +288,4 @@ def test_autotune_takes_the_forward_from_the_fastest_forward_and_the_backward_fr
   got = bench_attention.autotune(args, [])["blocks"]
   assert (got.rung_group, got.rung_group_bwd, got.group, got.group_bwd) == (0, 0, 2, 1)
   assert (got.rung_group_dkv, got.group_dkv) == (0, 1)
+  assert got.fold == 1  # the rows record fold 0 (the row-wise kernel folds none): not taken

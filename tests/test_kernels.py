@@ -517,10 +517,11 @@ class TestGpuPackedDiagonalInterpret(KernelTest):
 
 
 @functools.cache  # the equality tests share their runs (each a few compiles on CPU)
-def _packed_results(seed: int, **blocks) -> tuple:
+def _packed_results(seed: int, with_learned: bool = True, **blocks) -> tuple:
   """The packed kernels' outputs and gradients, in the GPU interpreter, on random case `seed`
   (float32) with GpuBlocks(kernel="packed", **blocks): static rungs (o, dq, dk, dv), then
-  learned ones at alpha 0.5 + seed / 2 (o, dq, dk, dv, d loss / d frac)."""
+  (with_learned) learned ones at alpha 0.5 + seed / 2 (o, dq, dk, dv, d loss / d
+  frac)."""
   case = {**random_case(seed, (16, 32)), "dtype": jnp.float32}
   assert case["pattern"].far  # the static rungs' loop runs
   q, k, v, w = _inputs(case, seed)
@@ -539,6 +540,8 @@ def _packed_results(seed: int, **blocks) -> tuple:
     return (o * w).sum(), o
 
   (_, o_s), g_s = jax.jit(jax.value_and_grad(static, argnums=(0, 1, 2), has_aux=True))(q, k, v)
+  if not with_learned:
+    return o_s, *g_s
   (_, o_l), g_l = jax.jit(jax.value_and_grad(learned, argnums=(0, 1, 2, 3), has_aux=True))(
     q, k, v, frac
   )
@@ -788,6 +791,10 @@ def test_the_rungs_the_window_tile_holds_are_folded_into_its_mask():
   assert _window_reach(12, 16) == _chunks_reach(12, 16) == 16
   assert (_window_reach(20, 16), _chunks_reach(20, 16)) == (48, 32)  # 64-key tile; 3 chunks
   assert (_window_reach(3, 32), _chunks_reach(3, 32)) == (32, 32)
+  with pytest.raises(ValueError, match=r"far=\(13, 13\) must be distinct distances > window=12"):
+    rung_table((13, 13), 12)  # a repeated bit would carry into the next distance's
+  with pytest.raises(ValueError, match="must be distinct distances > window=12"):
+    rung_table((12, 20), 12)
   table = rung_table((13, 16, 17, 40))
   count, bits = _folded(table, 12, 16)
   assert int(count) == 2 and int(bits) == (1 << 13) | (1 << 16)
@@ -797,18 +804,28 @@ def test_the_rungs_the_window_tile_holds_are_folded_into_its_mask():
   rel = jnp.arange(-2, 40)
   got = np.asarray(rel)[np.asarray(_band(rel, 12, bits))]
   assert list(got) == [*range(13), 13, 16]  # the band 0..W and the folded distances only
+  count, bits = _folded(rung_table((21, 29, 31, 40)), 20, 48)  # bit 31: the int32's sign
+  assert int(count) == 3 and int(bits) < 0
+  got = np.asarray(rel)[np.asarray(_band(rel, 20, bits))]
+  assert list(got) == [*range(21), 21, 29, 31]
 
 
 @pytest.mark.parametrize("seed", [1, 3, 4])  # folded rungs: (12), (3, 4, 7, 11), (20)
 def test_rungs_folded_into_the_window_give_the_same_attention(seed):
   """GpuBlocks.fold: the static rungs the window's tile holds folded into its mask, or run in
   the rung loops: the same outputs and gradients to float32 rounding, rungs two to a forward
-  step (the default), one, with the diagonal softmax, and two to a dkv step."""
+  step (the default), one, with the diagonal softmax, and two to a dkv step (static rungs:
+  learned ones never fold)."""
+  from kernels_pallas.gpu import _folded, _window_reach, rung_table
+
+  pattern = random_case(seed, (16, 32))["pattern"]
+  reach = _window_reach(pattern.window, 16)
+  assert int(_folded(rung_table(pattern.far), pattern.window, reach)[0]) > 0  # the case folds
   options = (dict(), dict(rung_group=1), dict(rung_group=1, diagonal=1), dict(rung_group_bwd=2))
   for option in options:
-    folded = _packed_results(seed, fold=1, **option)  # (the default)
-    looped = _packed_results(seed, fold=0, **option)
-    for name, a, b in zip(PACKED_RESULTS, folded, looped, strict=True):
+    folded = _packed_results(seed, with_learned=False, fold=1, **option)  # (the default)
+    looped = _packed_results(seed, with_learned=False, fold=0, **option)
+    for name, a, b in zip(PACKED_RESULTS[:4], folded, looped, strict=True):
       assert _rel_err(a, b) < 1e-6, (name, option, seed)
 
 
@@ -816,9 +833,10 @@ def test_rungs_folded_into_the_window_give_the_same_attention(seed):
 def test_dq_and_dkv_take_rung_groups_of_their_own(seed):
   """GpuBlocks.rung_group_dkv: dq two rungs a step with dkv one, and the reverse, give the
   backward of one rung a step in both to float32 rounding."""
-  one = _packed_results(seed, rung_group_bwd=1)
+  one = _packed_results(seed, with_learned=False, rung_group_bwd=1)  # learned rungs: one a step
   for option in (dict(rung_group_bwd=2, rung_group_dkv=1), dict(rung_group_dkv=2)):
-    for name, a, b in zip(PACKED_RESULTS, _packed_results(seed, **option), one, strict=True):
+    got = _packed_results(seed, with_learned=False, **option)
+    for name, a, b in zip(PACKED_RESULTS[:4], got, one, strict=True):
       assert _rel_err(a, b) < 1e-6, (name, option, seed)
 
 
