@@ -8,7 +8,9 @@
 #   bash experiments/speed_suite.sh poll SECONDS OUT   # wait up to SECONDS; pack to OUT/<name>.tar.gz
 #   bash experiments/speed_suite.sh stop               # kill the suite
 # SPEED_NAME=NAME (default speed) names the suite, its folder $SCRATCH/NAME and its archive
-# NAME.tar.gz, so suites of different steps can run on different GPUs at once.
+# NAME.tar.gz, so suites of different steps can run on different GPUs at once. The suite's
+# commit.txt is SPEED_COMMIT where given (a runner that copies the working tree but not the
+# repository's current HEAD: name the commit the tree is), else the checkout's HEAD.
 #
 #   bash experiments/speed_suite.sh queue GPU FILE     # detached: FILE's suites one after another
 #                                                      # (after the GPU's earlier queues)
@@ -192,7 +194,11 @@ case "${1:-}" in
     source experiments/gpu_env.sh
     mkdir -p "$DIR"
     nvidia-smi --query-gpu=index,name,driver_version --format=csv,noheader > "$DIR/card.txt" || true
-    git rev-parse HEAD > "$DIR/commit.txt" 2>/dev/null || true
+    if [ -n "${SPEED_COMMIT:-}" ]; then
+      echo "$SPEED_COMMIT" > "$DIR/commit.txt"
+    else
+      git rev-parse HEAD > "$DIR/commit.txt" 2>/dev/null || true
+    fi
     export CUDA_VISIBLE_DEVICES=$gpu SPEED_STEPS=${SPEED_STEPS:-}
     setsid nohup bash "$0" _suite > "$DIR/suite.log" 2>&1 < /dev/null &
     echo $! > "$DIR.pid"

@@ -153,6 +153,7 @@ def test_speed_suite_runs_its_steps_detached_and_packs_what_they_wrote(tmp_path)
     os.environ, FIBAX_SCRATCH=str(tmp_path / "s"), SPEED_STEPS="bogus train_text tests_packed"
   )
   env["SPEED_NAME"] = "suite_a"
+  env["SPEED_COMMIT"] = "abc1234"  # the tree's commit, named by whoever copied it there
   env.pop("SPEED_DATA", None)
   env["PATH"] = f"{pathlib.Path(sys.executable).parent}:{env['PATH']}"  # `python`: this one
 
@@ -177,6 +178,7 @@ def test_speed_suite_runs_its_steps_detached_and_packs_what_they_wrote(tmp_path)
   with tarfile.open(tmp_path / "out" / "suite_a.tar.gz") as tar:
     names = tar.getnames()
   assert {"suite_a/log.txt", "suite_a/tests_packed.log", "suite_a/tests_packed.xml"} <= set(names)
+  assert (tmp_path / "s" / "suite_a" / "commit.txt").read_text() == "abc1234\n"  # SPEED_COMMIT
   again = sh("start", 0)
   assert again.returncode == 1 and "was already started" in again.stderr
 
