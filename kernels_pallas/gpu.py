@@ -624,12 +624,13 @@ def _chunks_reach(window, block_q):
   return (-(-(block_q + window) // block_q) - 1) * block_q
 
 
-def _folded(table_ref, window, reach):
+def _folded(table_ref, window, reach, on=True):
   """The static rungs a window tile reaching `reach` rows back holds (distance d <= reach; the
   table's first ones, as it is sorted): (how many, a bitmask of their distances), or (0,
-  None) where none can be (reach <= W). Distances above 31 are never folded (an int32 mask)."""
+  None) where none can be (reach <= W) or folding is off (not `on`: `GpuBlocks.fold` 0, or
+  learned rungs). Distances above 31 are never folded (an int32 mask)."""
   reach = min(reach, 31)
-  if reach <= window:
+  if not on or reach <= window:
     return 0, None
   t = table_ref[...]
   idx = jnp.arange(t.shape[0])
@@ -801,9 +802,7 @@ def _fwd_packed_kernel(
   r_M, _, _, (q_MxD,), _ = _load_packed(0, block_q, groups, cols, [q_ref], [])
   rows_M = i0 + r_M
   sm = _Softmax(scale, exp2)  # scores and maxima in the base's units: p = sm.exp(s - m)
-  first, bits = (0, None)
-  if fold and not learned:
-    first, bits = _folded(tables[0], window, _window_reach(window, block_q))
+  first, bits = _folded(tables[0], window, _window_reach(window, block_q), fold and not learned)
   window_keys = _window_keys(k_ref, v_ref, i0, rows_M, cols, window, block_q, bits)
   carry = _fwd_window(q_MxD, *window_keys, sm)
   diag = r_M[:, None] == jnp.arange(block_q)[None, :]
@@ -886,9 +885,7 @@ def _dq_packed_kernel(
   if with_dlse:
     delta_M = delta_M - stats[1]
   rows_M = i0 + r_M
-  first, bits = (0, None)
-  if fold and not learned:
-    first, bits = _folded(tables[0], window, _window_reach(window, block_q))
+  first, bits = _folded(tables[0], window, _window_reach(window, block_q), fold and not learned)
   k_CxD, v_CxD, keep = _window_keys(k_ref, v_ref, i0, rows_M, cols, window, block_q, bits)
   sm = _Softmax(scale, exp2)
   dq = _dq_tile(q_MxD, do_MxD, lse_M, delta_M, k_CxD, v_CxD, keep, sm)
@@ -977,9 +974,7 @@ def _dkv_packed_kernel(
   k_CxD, v_CxD = k_ref[...], v_ref[...]
   sm = _Softmax(scale, exp2)
   c_C = jnp.arange(block_q)
-  first, bits = (0, None)
-  if fold and not learned:
-    first, bits = _folded(tables[0], window, _chunks_reach(window, block_q))
+  first, bits = _folded(tables[0], window, _chunks_reach(window, block_q), fold and not learned)
 
   def queries(row0, rows):
     return _load_packed(
