@@ -38,6 +38,9 @@
 #                  (FIBAX_KERNEL_SHARD as for tests_learned)
 #   tests_dkv_rows the same with GpuBlocks.dkv_t=0 (dk, dv accumulated as [C, D], not transposed)
 #   tests_bitwise  the packed kernels' gradients twice from the same inputs: bitwise the same
+#   tests_norm     the fused RMSNorm kernel against plain JAX, for real (tests/test_norm.py)
+#   norm_loss      bench_norm_loss.py: the fused RMSNorm against XLA's, the one-pass
+#                  log-sum-exp against the two-pass one, beside their HBM floors
 #   train_options  bench_train.py, dense, fib_stagger_w12 and fib_learned_w12 at T = 1,024 with
 #                  pallas_packed and a profile, once per override set of TRAIN_SETS
 #                  (';'-separated; default: the logits' backward in bf16 with the MLP's
@@ -106,6 +109,11 @@ suite() {
         step attention_sweep 480 python experiments/bench_attention.py --sweep \
           ${ATTN_SWEEP:-16,4,16,4 16,2,16,4,2,2,1,1 16,4,16,4,2,2,1,1 16,4,16,4,2,2,4,1 16,4,16,4,3,2,2,1 16,4,16,4,2,2,2,2 16,4,16,4,2,3,2,1 32,4,16,4} \
           --lengths 1024 16384 65536 --alphas 1.0 --out "$DIR/bench_attention_sweep.json" ;;
+      norm_loss)
+        step norm_loss 300 python experiments/bench_norm_loss.py --out "$DIR/bench_norm_loss.json" ;;
+      tests_norm)
+        step tests_norm 300 env FIBAX_GPU_TESTS=1 python -m pytest -m gpu tests/test_norm.py \
+          -vv -p no:cacheprovider --junitxml "$DIR/tests_norm.xml" ;;
       attention2)
         step attention2 300 python experiments/bench_attention.py --impls pallas_packed \
           cudnn_window --num-warps 2 --rung-group 1 --out "$DIR/bench_attention_packed_warps2.json" ;;

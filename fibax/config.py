@@ -115,6 +115,17 @@ class ModelConfig:
   # parameters, function and gradients (the padded units are silu(0) * 0 = 0 and get zero
   # gradients), in tensor-core-aligned matmuls. 0: no padding.
   mlp_pad: int = 0
+  # How the RMSNorms run: "xla" (plain JAX; XLA reads x twice forward and runs the backward
+  # as several passes) or "pallas", a fused kernel (`kernels_pallas.norm`, GPU: one pass each
+  # way, the residual stream's cotangent added in the backward's pass; d_model a power of
+  # two); "pallas_interpret" runs that kernel in Pallas' interpreter (CPU tests). The same
+  # function either way (to float32 rounding of its statistics).
+  norm_impl: Literal["xla", "pallas", "pallas_interpret"] = "xla"
+  # How the loss forms each position's log-sum-exp over the vocabulary, the logits being in
+  # memory: "two_pass" (a max, then a sum of exp: the logits read twice, what optax does) or
+  # "online" (one pass of a running (max, sum) pair, one exp an entry; `fibax.steps`). Only
+  # with `logits_grad="compute"` (its custom backward); the same values to float32 rounding.
+  loss_lse: Literal["two_pass", "online"] = "two_pass"
   attention: AttentionConfig = AttentionConfig()
 
   def __post_init__(self):
@@ -140,6 +151,21 @@ class ModelConfig:
       raise ValueError(f"logits_dtype={self.logits_dtype!r} must be 'float32' or 'compute'")
     if self.mlp_pad < 0:
       raise ValueError(f"mlp_pad={self.mlp_pad} must be >= 0 (0: no padding)")
+    if self.norm_impl not in ("xla", "pallas", "pallas_interpret"):
+      raise ValueError(
+        f"norm_impl={self.norm_impl!r} must be 'xla', 'pallas' or 'pallas_interpret'"
+      )
+    if self.norm_impl != "xla" and self.d_model & (self.d_model - 1):
+      raise ValueError(
+        f"d_model={self.d_model} must be a power of two for norm_impl={self.norm_impl!r}"
+      )
+    if self.loss_lse not in ("two_pass", "online"):
+      raise ValueError(f"loss_lse={self.loss_lse!r} must be 'two_pass' or 'online'")
+    if self.loss_lse == "online" and self.logits_grad != "compute":
+      raise ValueError(
+        f"loss_lse='online' needs logits_grad='compute' (its custom backward); got "
+        f"logits_grad={self.logits_grad!r}"
+      )
     if self.loss_chunk < 0:
       raise ValueError(f"loss_chunk={self.loss_chunk} must be >= 0 (0: no chunks)")
     if self.attention.window >= self.seq_len:

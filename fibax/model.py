@@ -63,15 +63,48 @@ def _init(std: float, axes: tuple[str, ...]):
 class RMSNorm(nn.Module):
   eps: float
   dtype: jnp.dtype
+  # `ModelConfig.norm_impl`: "xla" (plain JAX, XLA's fusions) or a fused Pallas kernel,
+  # "pallas" (GPU) / "pallas_interpret" (its interpreter): the same function.
+  impl: str = "xla"
 
   @nn.compact
-  def __call__(self, x_BxTxE: Array) -> Array:
+  def __call__(self, x_BxTxE: Array, residual: bool = False):
+    """The normalized x in `dtype`; with `residual`, (x, that): x passed on for the residual
+    stream, whose cotangent the fused backward adds in its own pass."""
     scale_E = self.param(
       "scale", nn.with_logical_partitioning(nn.initializers.ones, ("norm",)), (x_BxTxE.shape[-1],)
     )
-    x32 = x_BxTxE.astype(jnp.float32)
-    x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
-    return (x32 * scale_E[None, None, :]).astype(self.dtype)
+    if self.impl == "xla":
+      y_BxTxE = _rms_norm_xla(x_BxTxE, scale_E, self.eps, self.dtype)
+      return (x_BxTxE, y_BxTxE) if residual else y_BxTxE
+    return _rms_norm_pallas(x_BxTxE, scale_E, self.eps, self.dtype, self.impl, residual)
+
+
+def _rms_norm_xla(x_BxTxE, scale_E, eps, dtype):
+  x32 = x_BxTxE.astype(jnp.float32)
+  x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
+  return (x32 * scale_E[None, None, :]).astype(dtype)
+
+
+def _rms_norm_pallas(x_BxTxE, scale_E, eps, dtype, impl, residual):
+  """`kernels_pallas.norm`'s RMSNorm; inside `attention.kernel_mesh`, per batch shard (a
+  custom call XLA's partitioner cannot split), the scale whole on every device."""
+  from fibax.sharding import DATA
+  from kernels_pallas import norm
+
+  fn = norm.rms_norm_residual if residual else norm.rms_norm
+  fn = functools.partial(fn, eps=eps, dtype=dtype, interpret=impl == "pallas_interpret")
+  mesh = attention.traced_mesh()
+  if mesh is None or mesh.shape[DATA] == 1 or x_BxTxE.shape[0] % mesh.shape[DATA]:
+    return fn(x_BxTxE, scale_E)
+  P = jax.sharding.PartitionSpec
+  rows = P(DATA, None, None)
+  # check_vma=False: pallas_call has no replication rule; the scale's cotangent is then summed
+  # over the devices, which is its gradient.
+  return jax.shard_map(
+    fn, mesh=mesh, in_specs=(rows, P()), out_specs=(rows, rows) if residual else rows,
+    check_vma=False,
+  )(x_BxTxE, scale_E)  # fmt: skip
 
 
 def rope(x_BxTxHxD: Array, theta: float, positions_BxT: Array | None = None) -> Array:
@@ -185,10 +218,11 @@ class Block(nn.Module):
   @nn.compact
   def __call__(self, x_BxTxE: Array) -> Array:
     cfg, dtype = self.cfg, jnp.dtype(self.cfg.compute_dtype)
-    x_BxTxE = x_BxTxE + Attention(cfg, self.pattern, name="attn")(
-      RMSNorm(cfg.norm_eps, dtype, name="attn_norm")(x_BxTxE)
-    )
-    return x_BxTxE + SwiGLU(cfg, name="mlp")(RMSNorm(cfg.norm_eps, dtype, name="mlp_norm")(x_BxTxE))
+    norm = functools.partial(RMSNorm, cfg.norm_eps, dtype, cfg.norm_impl)
+    x_BxTxE, h_BxTxE = norm(name="attn_norm")(x_BxTxE, residual=True)
+    x_BxTxE = x_BxTxE + Attention(cfg, self.pattern, name="attn")(h_BxTxE)
+    x_BxTxE, h_BxTxE = norm(name="mlp_norm")(x_BxTxE, residual=True)
+    return x_BxTxE + SwiGLU(cfg, name="mlp")(h_BxTxE)
 
 
 _REMAT_POLICIES = {
@@ -354,7 +388,7 @@ class Transformer(nn.Module):
       x_BxTxE = block(cfg, pattern, name=f"layer_{layer}")(x_BxTxE)
     if logits_at_B is not None:
       x_BxTxE = jnp.take_along_axis(x_BxTxE, logits_at_B[:, None, None], axis=1)
-    x_BxTxE = RMSNorm(cfg.norm_eps, dtype, name="final_norm")(x_BxTxE)
+    x_BxTxE = RMSNorm(cfg.norm_eps, dtype, cfg.norm_impl, name="final_norm")(x_BxTxE)
     if not output_layer:
       return x_BxTxE, embed.embedding.astype(dtype)
     logits = output_logits(

@@ -61,52 +61,77 @@ class Steps:
 def token_losses(params, model: Transformer, inputs_BxT, targets_BxT):
   """Cross-entropy at every position, float32[B, T]; with `model.cfg.loss_chunk` = C > 0 the
   logits exist only [B, C, V] at a time (`chunked_losses`)."""
-  chunk, grad = model.cfg.loss_chunk, model.cfg.logits_grad
+  chunk, grad, lse = model.cfg.loss_chunk, model.cfg.logits_grad, model.cfg.loss_lse
   dtype = model_lib.logits_dtype(model.cfg)
   if not chunk and grad == "float32" and dtype == jnp.float32:
     logits_BxTxV = model.apply({"params": params}, inputs_BxT)
     return optax.softmax_cross_entropy_with_integer_labels(logits_BxTxV, targets_BxT)
   x_BxTxE, embed_VxE = model.apply({"params": params}, inputs_BxT, output_layer=False)
   if not chunk:
-    return output_losses(x_BxTxE, embed_VxE, targets_BxT, grad, dtype)
-  return chunked_losses(x_BxTxE, embed_VxE, targets_BxT, chunk, grad, dtype)
+    return output_losses(x_BxTxE, embed_VxE, targets_BxT, grad, dtype, lse)
+  return chunked_losses(x_BxTxE, embed_VxE, targets_BxT, chunk, grad, dtype, lse)
 
 
 def output_losses(
-  x_BxTxE, embed_VxE, targets_BxT, logits_grad: str = "float32", logits_dtype=jnp.float32
-):
+  x_BxTxE, embed_VxE, targets_BxT, logits_grad: str = "float32", logits_dtype=jnp.float32,
+  loss_lse: str = "two_pass",
+):  # fmt: skip
   """The tied output layer and its cross-entropy, float32[B, T], of logits written in
   `logits_dtype` (`ModelConfig.logits_dtype`) and read as float32. `logits_grad="compute"`:
-  one custom VJP for both (`_losses_compute_grad`), the same forward."""
+  one custom VJP for both (`_losses_compute_grad`), the same forward, its log-sum-exp in two
+  passes or one (`ModelConfig.loss_lse`)."""
   logits_dtype = jnp.dtype(logits_dtype)
   if logits_grad == "compute":
-    return _losses_compute_grad(x_BxTxE, embed_VxE, targets_BxT, logits_dtype)
+    return _losses_compute_grad(x_BxTxE, embed_VxE, targets_BxT, logits_dtype, loss_lse)
+  if loss_lse != "two_pass":
+    raise ValueError(f"loss_lse={loss_lse!r} needs logits_grad='compute'")
   logits_BxTxV = model_lib.output_logits(x_BxTxE, embed_VxE, logits_grad, logits_dtype)
   return optax.softmax_cross_entropy_with_integer_labels(
     logits_BxTxV.astype(jnp.float32), targets_BxT
   )
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
-def _losses_compute_grad(x_BxTxE, embed_VxE, targets_BxT, logits_dtype):
+def logsumexp_online(x_NxV: jax.Array) -> jax.Array:
+  """log sum exp over the last axis in float32, in one pass over x: a reduction of running
+  (max, sum) pairs, each pair rescaled to the larger max (one exp an entry, as the two-pass
+  form's sum takes; the online softmax's normalizer, Milakov & Gimelshein 2018)."""
+  x32 = x_NxV.astype(jnp.float32)
+
+  def combine(a, b):
+    (m_a, s_a), (m_b, s_b) = a, b
+    # exp(smaller max - larger max); 0 apart where both are -inf (the reduction's init).
+    e = jnp.exp(jnp.where(m_a == m_b, 0.0, -jnp.abs(m_a - m_b)))
+    return jnp.maximum(m_a, m_b), jnp.where(m_a >= m_b, s_a + s_b * e, s_b + s_a * e)
+
+  init = (jnp.array(-jnp.inf, jnp.float32), jnp.array(0.0, jnp.float32))
+  m, s = jax.lax.reduce((x32, jnp.ones_like(x32)), init, combine, (x32.ndim - 1,))
+  return m + jnp.log(s)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
+def _losses_compute_grad(x_BxTxE, embed_VxE, targets_BxT, logits_dtype, loss_lse):
   """Cross-entropy of the logits x E^T (written in `logits_dtype`, read as float32); its
   backward forms the logits' cotangent (softmax - one-hot) x g directly in the compute dtype,
   in one pass over the saved logits, then runs the output layer's two matmuls at that
   dtype's rate (`ModelConfig.logits_grad`: what autodiff followed by a rounding gives, up to
   rounding, with no float32 cotangent of [B, T, V] written and read again)."""
-  return _losses_compute_fwd(x_BxTxE, embed_VxE, targets_BxT, logits_dtype)[0]
+  return _losses_compute_fwd(x_BxTxE, embed_VxE, targets_BxT, logits_dtype, loss_lse)[0]
 
 
-def _losses_compute_fwd(x_BxTxE, embed_VxE, targets_BxT, logits_dtype):
+def _losses_compute_fwd(x_BxTxE, embed_VxE, targets_BxT, logits_dtype, loss_lse):
   logits_BxTxV = model_lib.output_logits(x_BxTxE, embed_VxE, dtype=logits_dtype)
   logits32 = logits_BxTxV.astype(jnp.float32)
-  losses_BxT = optax.softmax_cross_entropy_with_integer_labels(logits32, targets_BxT)
   label_BxT = jnp.take_along_axis(logits32, targets_BxT[..., None], axis=-1)[..., 0]
-  lse_BxT = losses_BxT + label_BxT  # the loss is lse - the target's logit
+  if loss_lse == "online":
+    lse_BxT = logsumexp_online(logits_BxTxV)
+    losses_BxT = lse_BxT - label_BxT
+  else:
+    losses_BxT = optax.softmax_cross_entropy_with_integer_labels(logits32, targets_BxT)
+    lse_BxT = losses_BxT + label_BxT  # the loss is lse - the target's logit
   return losses_BxT, (x_BxTxE, embed_VxE, targets_BxT, logits_BxTxV, lse_BxT)
 
 
-def _losses_compute_bwd(logits_dtype, res, g_BxT):
+def _losses_compute_bwd(logits_dtype, loss_lse, res, g_BxT):
   x_BxTxE, embed_VxE, targets_BxT, logits_BxTxV, lse_BxT = res
   onehot = jax.nn.one_hot(targets_BxT, logits_BxTxV.shape[-1], dtype=jnp.bool_)
   p_BxTxV = jnp.exp(logits_BxTxV.astype(jnp.float32) - lse_BxT[..., None])
@@ -119,7 +144,7 @@ _losses_compute_grad.defvjp(_losses_compute_fwd, _losses_compute_bwd)
 
 def chunked_losses(
   x_BxTxE, embed_VxE, targets_BxT, chunk: int, logits_grad: str = "float32",
-  logits_dtype=jnp.float32,
+  logits_dtype=jnp.float32, loss_lse: str = "two_pass",
 ):  # fmt: skip
   """The output layer and its cross-entropy over chunks of `chunk` positions (the last one
   padded), in a `lax.scan` whose body is rematerialized: the backward recomputes a chunk's
@@ -135,7 +160,7 @@ def chunked_losses(
   @jax.checkpoint
   def body(_, chunk_in):
     x_BxCxE, targets_BxC = chunk_in
-    return None, output_losses(x_BxCxE, embed_VxE, targets_BxC, logits_grad, logits_dtype)
+    return None, output_losses(x_BxCxE, embed_VxE, targets_BxC, logits_grad, logits_dtype, loss_lse)
 
   _, losses_NxBxC = jax.lax.scan(body, None, (x_NxBxCxE, targets_NxBxC))
   return losses_NxBxC.swapaxes(0, 1).reshape(bsz, num * chunk)[:, :seq_len]
