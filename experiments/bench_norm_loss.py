@@ -7,7 +7,9 @@
   plain JAX (`ModelConfig.norm_impl="xla"`'s formula, `kernels_pallas.norm.rms_norm_reference`)
   against the fused Pallas kernel ("pallas").
 - The loss's log-sum-exp over bf16 logits [B*T, V] (V = 32,768): optax's max then sum
-  (`ModelConfig.loss_lse="two_pass"`) against one pass ("online").
+  (`ModelConfig.loss_lse="two_pass"`) against XLA's one-pass reduction ("online") and the
+  Pallas kernel ("pallas", `kernels_pallas.logsumexp`) at each of `--lse-blocks`' rows,
+  chunk, stages.
 
 Each beside its HBM floor (the bytes it must move once, over a copy bandwidth measured in the
 same run). Prints a table and writes JSON whose `summary` holds the ratios.
@@ -16,6 +18,7 @@ same run). Prints a table and writes JSON whose `summary` holds the ratios.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import sys
 import time
@@ -27,6 +30,7 @@ import optax
 from experiments.bench_attention import copy_bandwidth, timeit, versions
 from fibax.data.files import atomic_write_json
 from fibax.steps import logsumexp_online
+from kernels_pallas import logsumexp as lse_kernel
 from kernels_pallas import norm
 
 
@@ -51,9 +55,15 @@ def _norm_forward(impl: str, interpret: bool):
   return jax.jit(lambda x, s: norm.rms_norm(x, s, 1e-6, interpret=interpret))
 
 
-def _lse(kind: str):
+def _lse(kind: str, interpret: bool = False, rows=2, chunk=1024, stages=2):
   if kind == "online":
     return jax.jit(logsumexp_online)
+  if kind == "pallas":
+    return jax.jit(
+      functools.partial(
+        lse_kernel.logsumexp, rows=rows, chunk=chunk, num_stages=stages, interpret=interpret
+      )
+    )
   # optax's loss reads the logits twice (a max, then a sum of exp): its lse as the loss forms it
   return jax.jit(
     lambda x: (
@@ -71,6 +81,12 @@ def main(argv=None):
   p.add_argument("--d-model", type=int, default=512)
   p.add_argument("--vocab", type=int, default=32_768)
   p.add_argument("--interpret", action="store_true", help="the kernel's interpreter (CPU check)")
+  p.add_argument(
+    "--lse-blocks",
+    nargs="+",
+    default=["2,1024,2", "1,2048,2", "4,1024,3", "1,4096,3", "8,512,2"],
+    help="the log-sum-exp kernel's rows,chunk,stages to time (the first is its default)",
+  )
   p.add_argument("--out", default=None)
   args = p.parse_args(argv)
   for name in ("tokens", "d_model", "vocab"):
@@ -97,13 +113,24 @@ def main(argv=None):
   for kind in ("two_pass", "online"):
     results[f"lse_{kind}"] = timeit(_lse(kind), logits)
   want = _lse("two_pass")(logits)
-  got = _lse("online")(logits)
-  lse_max_diff = float(jnp.max(jnp.abs(got - want)))
+  lse_max_diff = {"online": float(jnp.max(jnp.abs(_lse("online")(logits) - want)))}
+  for spec in args.lse_blocks:
+    rows, chunk, stages = (int(t) for t in spec.split(","))
+    fn = _lse("pallas", args.interpret, rows, chunk, stages)
+    results[f"lse_pallas_{rows}_{chunk}_{stages}"] = timeit(fn, logits)
+    lse_max_diff[f"pallas_{rows}_{chunk}_{stages}"] = float(jnp.max(jnp.abs(fn(logits) - want)))
+  pallas = {k: ms for k, ms in results.items() if k.startswith("lse_pallas_")}
+  best = min(pallas, key=pallas.get)
   floor_ms = {k: b / bw * 1e3 for k, b in floors.items()}
   summary = {
     "norm_fwd_pallas_vs_xla": results["norm_fwd_pallas"] / results["norm_fwd_xla"],
     "norm_fwd_bwd_pallas_vs_xla": results["norm_fwd_bwd_pallas"] / results["norm_fwd_bwd_xla"],
     "lse_online_vs_two_pass": results["lse_online"] / results["lse_two_pass"],
+    "lse_pallas_default_vs_two_pass": pallas[f"lse_pallas_{args.lse_blocks[0].replace(',', '_')}"]
+    / results["lse_two_pass"],
+    "lse_pallas_best": best.removeprefix("lse_pallas_"),
+    "lse_pallas_best_vs_two_pass": pallas[best] / results["lse_two_pass"],
+    "lse_pallas_best_vs_floor": pallas[best] / floor_ms["lse"],
     "norm_fwd_bwd_pallas_vs_floor": results["norm_fwd_bwd_pallas"] / floor_ms["norm_fwd_bwd"],
     "lse_online_vs_floor": results["lse_online"] / floor_ms["lse"],
   }
@@ -114,7 +141,7 @@ def main(argv=None):
     "copy_bandwidth_tb_s": bw / 1e12,
     "ms": results,
     "hbm_floor_ms": floor_ms,
-    "lse_max_abs_diff": lse_max_diff,
+    "lse_max_abs_diff_vs_two_pass": lse_max_diff,
     "summary": summary,
     "wall_s": round(time.time() - started, 1),
   }

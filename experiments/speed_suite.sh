@@ -38,7 +38,7 @@
 #                  (FIBAX_KERNEL_SHARD as for tests_learned)
 #   tests_dkv_rows the same with GpuBlocks.dkv_t=0 (dk, dv accumulated as [C, D], not transposed)
 #   tests_bitwise  the packed kernels' gradients twice from the same inputs: bitwise the same
-#   tests_norm     the fused RMSNorm kernel against plain JAX, for real (tests/test_norm.py)
+#   tests_norm     the fused RMSNorm and log-sum-exp kernels against plain JAX, for real
 #   norm_loss      bench_norm_loss.py: the fused RMSNorm against XLA's, the one-pass
 #                  log-sum-exp against the two-pass one, beside their HBM floors
 #   train_options  bench_train.py, dense, fib_stagger_w12 and fib_learned_w12 at T = 1,024 with
@@ -112,7 +112,7 @@ suite() {
       norm_loss)
         step norm_loss 300 python experiments/bench_norm_loss.py --out "$DIR/bench_norm_loss.json" ;;
       tests_norm)
-        step tests_norm 300 env FIBAX_GPU_TESTS=1 python -m pytest -m gpu tests/test_norm.py \
+        step tests_norm 300 env FIBAX_GPU_TESTS=1 python -m pytest -m gpu tests/test_norm.py tests/test_logsumexp.py \
           -vv -p no:cacheprovider --junitxml "$DIR/tests_norm.xml" ;;
       attention2)
         step attention2 300 python experiments/bench_attention.py --impls pallas_packed \

@@ -122,10 +122,13 @@ class ModelConfig:
   # function either way (to float32 rounding of its statistics).
   norm_impl: Literal["xla", "pallas", "pallas_interpret"] = "xla"
   # How the loss forms each position's log-sum-exp over the vocabulary, the logits being in
-  # memory: "two_pass" (a max, then a sum of exp: the logits read twice, what optax does) or
-  # "online" (one pass of a running (max, sum) pair, one exp an entry; `fibax.steps`). Only
-  # with `logits_grad="compute"` (its custom backward); the same values to float32 rounding.
-  loss_lse: Literal["two_pass", "online"] = "two_pass"
+  # memory: "two_pass" (a max, then a sum of exp: the logits read twice, what optax does),
+  # "online" (XLA's one-pass reduction of running (max, sum) pairs: compute-bound, 1.18x the
+  # two passes' time on an H200, experiments/results/speed_h200_91d8bd8/), or "pallas", a
+  # kernel that reads them once, a chunk at a time (`kernels_pallas.logsumexp`, GPU;
+  # "pallas_interpret": its interpreter). Only with `logits_grad="compute"` (its custom
+  # backward); the same values to float32 rounding.
+  loss_lse: Literal["two_pass", "online", "pallas", "pallas_interpret"] = "two_pass"
   attention: AttentionConfig = AttentionConfig()
 
   def __post_init__(self):
@@ -159,11 +162,13 @@ class ModelConfig:
       raise ValueError(
         f"d_model={self.d_model} must be a power of two for norm_impl={self.norm_impl!r}"
       )
-    if self.loss_lse not in ("two_pass", "online"):
-      raise ValueError(f"loss_lse={self.loss_lse!r} must be 'two_pass' or 'online'")
-    if self.loss_lse == "online" and self.logits_grad != "compute":
+    if self.loss_lse not in ("two_pass", "online", "pallas", "pallas_interpret"):
       raise ValueError(
-        f"loss_lse='online' needs logits_grad='compute' (its custom backward); got "
+        f"loss_lse={self.loss_lse!r} must be 'two_pass', 'online', 'pallas' or 'pallas_interpret'"
+      )
+    if self.loss_lse != "two_pass" and self.logits_grad != "compute":
+      raise ValueError(
+        f"loss_lse={self.loss_lse!r} needs logits_grad='compute' (its custom backward); got "
         f"logits_grad={self.logits_grad!r}"
       )
     if self.loss_chunk < 0:

@@ -82,7 +82,10 @@ def output_losses(
   passes or one (`ModelConfig.loss_lse`)."""
   logits_dtype = jnp.dtype(logits_dtype)
   if logits_grad == "compute":
-    return _losses_compute_grad(x_BxTxE, embed_VxE, targets_BxT, logits_dtype, loss_lse)
+    # The mesh as an argument: custom_vjp caches its traces by their arguments, not by the
+    # context a kernel's shard_map reads.
+    mesh = attention.traced_mesh() if loss_lse.startswith("pallas") else None
+    return _losses_compute_grad(x_BxTxE, embed_VxE, targets_BxT, logits_dtype, loss_lse, mesh)
   if loss_lse != "two_pass":
     raise ValueError(f"loss_lse={loss_lse!r} needs logits_grad='compute'")
   logits_BxTxV = model_lib.output_logits(x_BxTxE, embed_VxE, logits_grad, logits_dtype)
@@ -108,22 +111,57 @@ def logsumexp_online(x_NxV: jax.Array) -> jax.Array:
   return m + jnp.log(s)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
-def _losses_compute_grad(x_BxTxE, embed_VxE, targets_BxT, logits_dtype, loss_lse):
+def _logsumexp_pallas(logits_BxTxV: jax.Array, mesh, interpret: bool = False) -> jax.Array:
+  """`kernels_pallas.logsumexp` of the logits; on a `mesh` (`attention.kernel_mesh`'s), per
+  device (a custom call XLA's partitioner cannot split): rows split over `data`, the
+  vocabulary over `model` where they divide, each shard's log-sum-exp then combined over
+  `model`."""
+  from kernels_pallas.logsumexp import logsumexp
+
+  fn = functools.partial(logsumexp, interpret=interpret)
+  if mesh is None:
+    return fn(logits_BxTxV)
+  bsz, _, vocab = logits_BxTxV.shape
+  data = sharding.DATA if bsz % mesh.shape[sharding.DATA] == 0 else None
+  split = vocab % mesh.shape[sharding.MODEL] == 0 and mesh.shape[sharding.MODEL] > 1
+  model = sharding.MODEL if split else None
+
+  def per_device(x_BxTxV):
+    lse_BxT = fn(x_BxTxV)
+    if model is None:
+      return lse_BxT
+    m_BxT = jax.lax.pmax(lse_BxT, model)
+    return m_BxT + jnp.log(jax.lax.psum(jnp.exp(lse_BxT - m_BxT), model))
+
+  return jax.shard_map(
+    per_device, mesh=mesh, in_specs=PartitionSpec(data, None, model),
+    out_specs=PartitionSpec(data, None), check_vma=False,
+  )(logits_BxTxV)  # fmt: skip
+
+
+_LSE = {
+  "online": lambda logits, mesh: logsumexp_online(logits),
+  "pallas": _logsumexp_pallas,
+  "pallas_interpret": functools.partial(_logsumexp_pallas, interpret=True),
+}
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
+def _losses_compute_grad(x_BxTxE, embed_VxE, targets_BxT, logits_dtype, loss_lse, mesh):
   """Cross-entropy of the logits x E^T (written in `logits_dtype`, read as float32); its
   backward forms the logits' cotangent (softmax - one-hot) x g directly in the compute dtype,
   in one pass over the saved logits, then runs the output layer's two matmuls at that
   dtype's rate (`ModelConfig.logits_grad`: what autodiff followed by a rounding gives, up to
   rounding, with no float32 cotangent of [B, T, V] written and read again)."""
-  return _losses_compute_fwd(x_BxTxE, embed_VxE, targets_BxT, logits_dtype, loss_lse)[0]
+  return _losses_compute_fwd(x_BxTxE, embed_VxE, targets_BxT, logits_dtype, loss_lse, mesh)[0]
 
 
-def _losses_compute_fwd(x_BxTxE, embed_VxE, targets_BxT, logits_dtype, loss_lse):
+def _losses_compute_fwd(x_BxTxE, embed_VxE, targets_BxT, logits_dtype, loss_lse, mesh):
   logits_BxTxV = model_lib.output_logits(x_BxTxE, embed_VxE, dtype=logits_dtype)
   logits32 = logits_BxTxV.astype(jnp.float32)
   label_BxT = jnp.take_along_axis(logits32, targets_BxT[..., None], axis=-1)[..., 0]
-  if loss_lse == "online":
-    lse_BxT = logsumexp_online(logits_BxTxV)
+  if loss_lse != "two_pass":
+    lse_BxT = _LSE[loss_lse](logits_BxTxV, mesh)
     losses_BxT = lse_BxT - label_BxT
   else:
     losses_BxT = optax.softmax_cross_entropy_with_integer_labels(logits32, targets_BxT)
@@ -131,7 +169,7 @@ def _losses_compute_fwd(x_BxTxE, embed_VxE, targets_BxT, logits_dtype, loss_lse)
   return losses_BxT, (x_BxTxE, embed_VxE, targets_BxT, logits_BxTxV, lse_BxT)
 
 
-def _losses_compute_bwd(logits_dtype, loss_lse, res, g_BxT):
+def _losses_compute_bwd(logits_dtype, loss_lse, mesh, res, g_BxT):
   x_BxTxE, embed_VxE, targets_BxT, logits_BxTxV, lse_BxT = res
   onehot = jax.nn.one_hot(targets_BxT, logits_BxTxV.shape[-1], dtype=jnp.bool_)
   p_BxTxV = jnp.exp(logits_BxTxV.astype(jnp.float32) - lse_BxT[..., None])

@@ -39,10 +39,9 @@ def rms_norm_reference(
   return (x32 * scale_E[None, :]).astype(dtype or x_NxE.dtype)
 
 
-def _rows_per_program(num_rows: int, features: int, elems: int) -> int:
-  """The largest power of two <= elems / E that divides N (Triton's blocks are powers of two)."""
-  rows = max(1, elems // features)
-  rows = 1 << (rows.bit_length() - 1)
+def pow2_rows(num_rows: int, most: int) -> int:
+  """The largest power of two <= `most` that divides N (Triton's blocks are powers of two)."""
+  rows = 1 << (max(1, most).bit_length() - 1)
   while num_rows % rows:
     rows //= 2
   return rows
@@ -88,7 +87,7 @@ def _params(interpret):
 
 def _forward(x_NxE, scale_E, eps, dtype, interpret):
   n, e = _check(x_NxE, scale_E)
-  rows = _rows_per_program(n, e, _FWD_ELEMS)
+  rows = pow2_rows(n, _FWD_ELEMS // e)
   return pl.pallas_call(
     functools.partial(_fwd_kernel, eps=eps),
     grid=(n // rows,),
@@ -106,7 +105,7 @@ def _forward(x_NxE, scale_E, eps, dtype, interpret):
 
 def _backward(x_NxE, scale_E, rstd_N, gy_NxE, gx_NxE, interpret):
   n, e = x_NxE.shape
-  rows = _rows_per_program(n, e, _BWD_ELEMS)
+  rows = pow2_rows(n, _BWD_ELEMS // e)
   residual = gx_NxE is not None
   row_spec = pl.BlockSpec((rows, e), lambda i: (i, 0))
   dx_NxE, dscale_PxE = pl.pallas_call(

@@ -222,24 +222,51 @@ def test_logsumexp_online_is_logsumexp_in_one_pass():
   assert not any(e.primitive.name in ("reduce_max", "reduce_sum") for e in eqns)
 
 
-def test_online_loss_is_the_two_pass_loss():
-  """ModelConfig.loss_lse='online': the same losses and gradients as 'two_pass' (float32
-  rounding), and a config error without logits_grad='compute'."""
+@pytest.mark.parametrize("lse", ["online", "pallas_interpret"])
+def test_one_pass_losses_are_the_two_pass_loss(lse):
+  """ModelConfig.loss_lse 'online' (XLA) and 'pallas' (the kernel): the same losses and
+  gradients as 'two_pass' (float32 rounding), and a config error without
+  logits_grad='compute'."""
   keys = jax.random.split(jax.random.key(4), 3)
   x = jax.random.normal(keys[0], (2, 16, 32), jnp.bfloat16)
   embed = jax.random.normal(keys[1], (300, 32), jnp.bfloat16)
   targets = jax.random.randint(keys[2], (2, 16), 0, 300)
   got, want = (
     jax.value_and_grad(
-      lambda x, e, lse=lse: output_losses(x, e, targets, "compute", jnp.bfloat16, lse).mean(),
+      lambda x, e, kind=kind: output_losses(x, e, targets, "compute", jnp.bfloat16, kind).mean(),
       (0, 1),
     )(x, embed)
-    for lse in ("online", "two_pass")
+    for kind in (lse, "two_pass")
   )
   assert float(got[0]) == pytest.approx(float(want[0]), rel=1e-6)
   for a, b in zip(got[1], want[1], strict=True):
     np.testing.assert_allclose(np.asarray(a, np.float32), np.asarray(b, np.float32), atol=1e-2)
   with pytest.raises(ValueError, match="logits_grad='float32'"):
-    ModelConfig(loss_lse="online")
+    ModelConfig(loss_lse=lse)
   with pytest.raises(ValueError, match="loss_lse='fused'"):
     ModelConfig(loss_lse="fused", logits_grad="compute")
+
+
+@pytest.mark.parametrize("data, model", [(8, 1), (2, 4)])
+def test_pallas_lse_runs_per_device_under_a_mesh(data, model):
+  """Inside `attention.kernel_mesh` the log-sum-exp kernel runs per device, rows over `data`
+  and the vocabulary over `model` (the shards' results combined): the one-device losses."""
+  from fibax import attention
+  from fibax.sharding import make_mesh
+
+  keys = jax.random.split(jax.random.key(5), 3)
+  x = jax.random.normal(keys[0], (8, 8, 32), jnp.bfloat16)
+  embed = jax.random.normal(keys[1], (96, 32), jnp.bfloat16)
+  targets = jax.random.randint(keys[2], (8, 8), 0, 96)
+
+  def losses():  # a new function each time: jit caches traces by function, not by context
+    return lambda x, e: output_losses(x, e, targets, "compute", jnp.bfloat16, "pallas_interpret")
+
+  want = jax.jit(losses())(x, embed)
+  mesh = make_mesh(data=data, model=model)
+  with attention.kernel_mesh(mesh):
+    jaxpr = str(jax.make_jaxpr(losses())(x, embed))
+    got = jax.jit(losses())(x, embed)
+  assert "shard_map" in jaxpr
+  assert ("psum" in jaxpr) == (model > 1)
+  np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-6)
