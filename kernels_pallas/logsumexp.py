@@ -56,10 +56,10 @@ def _kernel(x_ref, lse_ref, *, vocab, chunk, masked):
 def logsumexp(
   x: Float[Array, "... V"],
   *,
-  rows: int = 2,
-  chunk: int = 1024,
+  rows: int = 1,
+  chunk: int = 4096,
   num_warps: int = 4,
-  num_stages: int = 2,
+  num_stages: int = 3,
   interpret: bool = False,
 ) -> Float[Array, " ..."]:
   """log(sum(exp(x))) over the last axis in float32, reading x once: `rows` rows a program
