@@ -182,11 +182,16 @@ OP_KINDS = (
     r"model\.py:\d+ \(Transformer\.__call__\)",
   ),
   ("memset_copy", "op", r"^(Memset|Memcpy|memcpy|copy)"),
-  ("loss", "source", r"output_losses|_classification\.py|_losses_compute|_logits|logsumexp_online"),
+  # The Pallas passes name their kernels: logsumexp (the loss), rms_norm_* (`norm_impl`).
+  (
+    "loss",
+    "op source",
+    r"^logsumexp$|output_losses|_classification\.py|_losses_compute|_logits|logsumexp_online",
+  ),
   ("optimizer", "source", r"optax|optim\.py|adam|clip|apply_updates|_tree_math\.py"),
   # The model's elementwise and reduction passes, by the module they come from.
   ("mlp_elementwise", "source", r"\(SwiGLU\.__call__\)"),
-  ("norm", "source", r"\(RMSNorm\.__call__\)"),
+  ("norm", "op source", r"^rms_norm_(fwd|bwd)|\(RMSNorm\.__call__\)"),
   ("rope", "source", r"\(rope\)"),
 )
 
