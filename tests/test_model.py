@@ -492,3 +492,43 @@ def test_mlp_pad_is_the_same_model_in_aligned_matmuls():
   assert 96 in widths(padded) and 86 not in widths(padded) and 86 in widths(base)
   with pytest.raises(ValueError, match="mlp_pad=-1"):
     dataclasses.replace(base, mlp_pad=-1)
+
+
+def test_qkv_projections_are_one_matmul_with_the_dense_generals_values():
+  """The query, key and value projections run as one matmul against their kernels side by
+  side (its backward forms x's gradient in one matmul too): DenseGeneral's values and
+  gradients; on a mesh that splits heads over `model`, three matmuls (kernels stay put)."""
+  from fibax import attention
+  from fibax.sharding import make_mesh
+
+  keys = jax.random.split(jax.random.key(7), 4)
+  x = jax.random.normal(keys[0], (2, 8, 32))
+  kernels = [jax.random.normal(k, (32, n, 8)) for k, n in zip(keys[1:], (4, 2, 2), strict=True)]
+
+  def dense(x, w):
+    return nn.DenseGeneral(w.shape[1:], use_bias=False).apply({"params": {"kernel": w}}, x)
+
+  def loss(fn):
+    return lambda x, ws: sum(jnp.sum(jnp.sin(o)) for o in fn(x, ws))
+
+  def fused(x, ws):
+    return M._project_qkv(x, ws, jnp.float32)
+
+  def separate(x, ws):
+    return [dense(x, w) for w in ws]
+
+  for got, want in zip(fused(x, kernels), separate(x, kernels), strict=True):
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-5)
+  g_fused = jax.grad(loss(fused), (0, 1))(x, kernels)
+  g_separate = jax.grad(loss(separate), (0, 1))(x, kernels)
+  for a, b in zip(jax.tree.leaves(g_fused), jax.tree.leaves(g_separate), strict=True):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-5)
+
+  def dots(fn):
+    jaxpr = jax.make_jaxpr(jax.grad(loss(fn), (0, 1)))(x, kernels)
+    return str(jaxpr).count("dot_general[")
+
+  assert dots(fused) == 3  # one forward, x's and the kernels' gradients
+  assert dots(separate) == 9
+  with attention.kernel_mesh(make_mesh(data=4, model=2)):
+    assert dots(lambda x, ws: M._project_qkv(x, ws, jnp.float32)) == 9
