@@ -55,7 +55,7 @@ def _norm_forward(impl: str, interpret: bool):
   return jax.jit(lambda x, s: norm.rms_norm(x, s, 1e-6, interpret=interpret))
 
 
-def _lse(kind: str, interpret: bool = False, rows=2, chunk=1024, stages=2):
+def _lse(kind: str, interpret: bool = False, rows=1, chunk=4096, stages=3):
   if kind == "online":
     return jax.jit(logsumexp_online)
   if kind == "pallas":
@@ -84,7 +84,7 @@ def main(argv=None):
   p.add_argument(
     "--lse-blocks",
     nargs="+",
-    default=["2,1024,2", "1,2048,2", "4,1024,3", "1,4096,3", "8,512,2"],
+    default=["1,4096,3", "2,1024,2", "1,2048,2", "4,1024,3", "8,512,2"],
     help="the log-sum-exp kernel's rows,chunk,stages to time (the first is its default)",
   )
   p.add_argument("--out", default=None)

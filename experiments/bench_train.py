@@ -191,7 +191,13 @@ OP_KINDS = (
   ("optimizer", "source", r"optax|optim\.py|adam|clip|apply_updates|_tree_math\.py"),
   # The model's elementwise and reduction passes, by the module they come from.
   ("mlp_elementwise", "source", r"\(SwiGLU\.__call__\)"),
-  ("norm", "op source", r"^rms_norm_(fwd|bwd)|\(RMSNorm\.__call__\)"),
+  # (The fused norm's own passes, the scale's partial sums, by its wrapper's frame: XLA's
+  # q/k/v-gradient concatenation carries the norm kernel's metadata, but not that frame.)
+  (
+    "norm",
+    "op source",
+    r"^rms_norm_(fwd|bwd)|\(RMSNorm\.__call__\)|\(rms_norm(_residual)?\)",
+  ),
   ("rope", "source", r"\(rope\)"),
 )
 

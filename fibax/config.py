@@ -124,7 +124,7 @@ class ModelConfig:
   # How the loss forms each position's log-sum-exp over the vocabulary, the logits being in
   # memory: "two_pass" (a max, then a sum of exp: the logits read twice, what optax does),
   # "online" (XLA's one-pass reduction of running (max, sum) pairs: compute-bound, 1.18x the
-  # two passes' time on an H200, experiments/results/speed_h200_91d8bd8/), or "pallas", a
+  # two passes' time on an H200, experiments/results/speed_h200_52513de/), or "pallas", a
   # kernel that reads them once, a chunk at a time (`kernels_pallas.logsumexp`, GPU;
   # "pallas_interpret": its interpreter). Only with `logits_grad="compute"` (its custom
   # backward); the same values to float32 rounding.

@@ -88,13 +88,21 @@ def _rms_norm_xla(x_BxTxE, scale_E, eps, dtype):
 
 def _rms_norm_pallas(x_BxTxE, scale_E, eps, dtype, impl, residual):
   """`kernels_pallas.norm`'s RMSNorm; inside `attention.kernel_mesh`, per batch shard (a
-  custom call XLA's partitioner cannot split), the scale whole on every device."""
-  from fibax.sharding import DATA
+  custom call XLA's partitioner cannot split), the scale whole on every device. On a mesh
+  that splits `model` the plain-JAX norm runs instead: each `model` device would run the
+  kernel on the same rows, and shard_map's backward would all-reduce x's gradient over
+  `model` (one more all-reduce of the residual stream a norm)."""
+  from fibax.sharding import DATA, MODEL
   from kernels_pallas import norm
 
+  if impl not in ("pallas", "pallas_interpret"):
+    raise ValueError(f"norm impl={impl!r} must be 'xla', 'pallas' or 'pallas_interpret'")
+  mesh = attention.traced_mesh()
+  if mesh is not None and mesh.shape[MODEL] > 1:
+    y_BxTxE = _rms_norm_xla(x_BxTxE, scale_E, eps, dtype)
+    return (x_BxTxE, y_BxTxE) if residual else y_BxTxE
   fn = norm.rms_norm_residual if residual else norm.rms_norm
   fn = functools.partial(fn, eps=eps, dtype=dtype, interpret=impl == "pallas_interpret")
-  mesh = attention.traced_mesh()
   if mesh is None or mesh.shape[DATA] == 1 or x_BxTxE.shape[0] % mesh.shape[DATA]:
     return fn(x_BxTxE, scale_E)
   P = jax.sharding.PartitionSpec

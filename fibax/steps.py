@@ -81,6 +81,8 @@ def output_losses(
   one custom VJP for both (`_losses_compute_grad`), the same forward, its log-sum-exp in two
   passes or one (`ModelConfig.loss_lse`)."""
   logits_dtype = jnp.dtype(logits_dtype)
+  if loss_lse != "two_pass" and loss_lse not in _LSE:
+    raise ValueError(f"loss_lse={loss_lse!r} must be 'two_pass' or one of {sorted(_LSE)}")
   if logits_grad == "compute":
     # The mesh as an argument: custom_vjp caches its traces by their arguments, not by the
     # context a kernel's shard_map reads.
@@ -131,6 +133,7 @@ def _logsumexp_pallas(logits_BxTxV: jax.Array, mesh, interpret: bool = False) ->
     if model is None:
       return lse_BxT
     m_BxT = jax.lax.pmax(lse_BxT, model)
+    m_BxT = jnp.where(jnp.isfinite(m_BxT), m_BxT, 0.0)  # every shard -inf: -inf, not NaN
     return m_BxT + jnp.log(jax.lax.psum(jnp.exp(lse_BxT - m_BxT), model))
 
   return jax.shard_map(

@@ -63,6 +63,8 @@ OPERATIONAL_FIELDS = frozenset(
     "model.embed_backward",
     "model.mlp_pad",
     "model.loss_chunk",
+    "model.norm_impl",
+    "model.loss_lse",
     "model.remat",
     *(
       f"train.{name}"

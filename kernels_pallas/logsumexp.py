@@ -43,8 +43,9 @@ def _kernel(x_ref, lse_ref, *, vocab, chunk, masked):
       x_RxC = x_ref[:, pl.ds(start, chunk)]
     x_RxC = x_RxC.astype(jnp.float32)
     m_new_R = jnp.maximum(m_R, jnp.max(x_RxC, axis=1))
-    # 0 where every entry so far is -inf: exp(-inf - 0) = 0, where -inf - -inf would be NaN.
-    m_safe_R = jnp.where(m_new_R == -jnp.inf, 0.0, m_new_R)
+    # 0 where the max so far is not finite: exp(x - 0) then gives 0 for -inf entries and inf
+    # for +inf ones, where -inf - -inf or inf - inf would be NaN.
+    m_safe_R = jnp.where(jnp.abs(m_new_R) == jnp.inf, 0.0, m_new_R)
     s_R = s_R * jnp.exp(m_R - m_safe_R) + jnp.sum(jnp.exp(x_RxC - m_safe_R[:, None]), axis=1)
     return m_new_R, s_R
 

@@ -66,6 +66,16 @@ class LogsumexpTest:
     assert got[0] == 3.5 and got[2] == -jnp.inf and got[3] == -2.0
     _close(got, _reference(x))
 
+  def test_default_blocks_and_infinite_entries(self):
+    """The default blocks (4,096 entries a step) on a vocabulary that is a multiple of them
+    and one that is not; a row with a +inf entry gives +inf, as jax.nn.logsumexp does."""
+    for vocab in (8192, 9000):
+      x = jax.random.normal(jax.random.key(vocab), (3, vocab), jnp.bfloat16) * 8
+      _close(logsumexp(x, interpret=self.INTERPRET), _reference(x))
+    x = jax.random.normal(jax.random.key(1), (2, 300)).at[1, 5].set(jnp.inf)
+    got = logsumexp(x, chunk=CHUNK, interpret=self.INTERPRET)
+    assert float(got[1]) == jnp.inf and np.isfinite(float(got[0]))
+
 
 class TestLogsumexpInterpret(LogsumexpTest):
   INTERPRET = True

@@ -532,3 +532,6 @@ def test_qkv_projections_are_one_matmul_with_the_dense_generals_values():
   assert dots(separate) == 9
   with attention.kernel_mesh(make_mesh(data=4, model=2)):
     assert dots(lambda x, ws: M._project_qkv(x, ws, jnp.float32)) == 9
+    split = M._project_qkv(x, kernels, jnp.float32)
+  for got, want in zip(split, separate(x, kernels), strict=True):
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-5)

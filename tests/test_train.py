@@ -165,3 +165,21 @@ def test_pallas_kernels_run_per_device_on_a_mesh(tmp_path_factory, impl, schedul
   if schedule == "learned":
     theta = state.params["layer_0"]["attn"]["theta"]
     assert theta.sharding.is_fully_replicated
+
+
+def test_resume_allows_the_operational_fields_and_a_checkpoint_written_before_them():
+  """How the norms and the loss's log-sum-exp run (`model.norm_impl`, `model.loss_lse`) may
+  change between a run's starts, and a checkpoint's config that predates them (no such keys)
+  does not contradict them; a field of what the model computes still does."""
+  from configs.tiny import get_config
+  from fibax.train import contradictions
+
+  cfg = get_config()
+  saved = json.loads(json.dumps(dataclasses.asdict(cfg)))
+  del saved["model"]["norm_impl"], saved["model"]["loss_lse"]
+  fast = dataclasses.replace(
+    cfg, model=dataclasses.replace(cfg.model, norm_impl="pallas_interpret", logits_grad="compute")
+  )
+  fast = dataclasses.replace(fast, model=dataclasses.replace(fast.model, loss_lse="online"))
+  assert contradictions(fast, saved) == ["model.logits_grad='compute' (checkpoints: 'float32')"]
+  assert contradictions(cfg, saved) == []
