@@ -97,6 +97,8 @@ def _rms_norm_pallas(x_BxTxE, scale_E, eps, dtype, impl, residual):
 
   if impl not in ("pallas", "pallas_interpret"):
     raise ValueError(f"norm impl={impl!r} must be 'xla', 'pallas' or 'pallas_interpret'")
+  if impl == "pallas" and jax.default_backend() != "gpu":
+    raise ValueError(f"norm impl='pallas' is a GPU kernel; the backend is {jax.default_backend()}")
   mesh = attention.traced_mesh()
   if mesh is not None and mesh.shape[MODEL] > 1:
     y_BxTxE = _rms_norm_xla(x_BxTxE, scale_E, eps, dtype)

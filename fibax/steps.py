@@ -120,6 +120,8 @@ def _logsumexp_pallas(logits_BxTxV: jax.Array, mesh, interpret: bool = False) ->
   `model`."""
   from kernels_pallas.logsumexp import logsumexp
 
+  if not interpret and jax.default_backend() != "gpu":
+    raise ValueError(f"loss_lse='pallas' is a GPU kernel; the backend is {jax.default_backend()}")
   fn = functools.partial(logsumexp, interpret=interpret)
   if mesh is None:
     return fn(logits_BxTxV)

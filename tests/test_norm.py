@@ -217,7 +217,15 @@ def test_fused_norm_runs_per_batch_shard_under_a_mesh(data, model):
 
 
 def test_bad_impls_raise():
+  """A misspelt impl, or a GPU kernel asked for on another backend: a one-line error."""
   x = jnp.ones((1, 4, 32))
+  if jax.default_backend() != "gpu":
+    with pytest.raises(ValueError, match="norm impl='pallas' is a GPU kernel; the backend is"):
+      M.RMSNorm(1e-6, jnp.float32, "pallas").init(jax.random.key(0), x)
+    with pytest.raises(ValueError, match="loss_lse='pallas' is a GPU kernel"):
+      output_losses(
+        x, jnp.ones((8, 32)), jnp.zeros((1, 4), jnp.int32), "compute", jnp.float32, "pallas"
+      )
   with pytest.raises(ValueError, match="impl='triton'"):
     M.RMSNorm(1e-6, jnp.float32, "triton").init(jax.random.key(0), x)
   with pytest.raises(ValueError, match="loss_lse='fused'"):
