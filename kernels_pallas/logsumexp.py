@@ -64,7 +64,9 @@ def logsumexp(
   interpret: bool = False,
 ) -> Float[Array, " ..."]:
   """log(sum(exp(x))) over the last axis in float32, reading x once: `rows` rows a program
-  (the largest power of two <= rows dividing N), `chunk` entries (a power of two) a step."""
+  (the largest power of two <= rows dividing N), `chunk` entries (a power of two) a step. The
+  defaults were the fastest of five blocks on an H200 at [32,768, 32,768] bf16: 0.594 ms, 1.04x
+  the HBM floor (experiments/results/speed_h200_52513de/bench_norm_loss.json)."""
   if x.ndim < 1:
     raise ValueError(f"logsumexp needs at least one axis: {x.shape=}")
   if not jnp.issubdtype(x.dtype, jnp.floating):

@@ -10,7 +10,8 @@ backward reads x, the rows' rsqrt and y's cotangent once and writes x's.
 `rms_norm_residual` returns (x, y): x passed through for the residual stream, so that the
 backward, given both cotangents, adds the residual's to the norm's input gradient in the same
 pass (the add XLA would otherwise run as a pass of its own: in a pre-norm block the residual
-stream's cotangent and the norm's meet at x).
+stream's cotangent and the norm's meet at x). Measured in the paper model's train step on an
+H200: experiments/results/speed_h200_52513de/.
 """
 
 from __future__ import annotations
