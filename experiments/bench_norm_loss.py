@@ -92,6 +92,12 @@ def main(argv=None):
   for name in ("tokens", "d_model", "vocab"):
     if getattr(args, name) < 1:
       p.error(f"--{name.replace('_', '-')}={getattr(args, name)} must be >= 1")
+  for spec in args.lse_blocks:
+    parts = spec.split(",")
+    if len(parts) != 3 or not all(t.isdigit() and int(t) > 0 for t in parts):
+      p.error(f"--lse-blocks {spec!r} must be rows,chunk,stages (positive integers)")
+    if int(parts[1]) & (int(parts[1]) - 1):
+      p.error(f"--lse-blocks {spec!r}: chunk={parts[1]} must be a power of two")
   started = time.time()
   keys = jax.random.split(jax.random.key(0), 5)
   n, e, v = args.tokens, args.d_model, args.vocab
