@@ -191,6 +191,13 @@ def main(argv=None):
     help="1: the packed kernels fold the static rungs the window's tile already holds into "
     "its mask (the default); 0: every rung in the rung loops",
   )
+  ap.add_argument(
+    "--ew-rungs",
+    type=int,
+    default=None,
+    help="the packed kernels whose static rungs run on CUDA cores (row dot products, no "
+    "tensor-core tiles), a bitmask: 1 forward, 2 dq, 4 dkv; 0 none (the default)",
+  )
   ap.add_argument("--out", default=None)
   ap.add_argument(
     "--sweep",
@@ -198,7 +205,8 @@ def main(argv=None):
     default=None,
     help=f"block configs {SPEC_FORMAT} (group: static rungs to a tile, packed kernel; diagonal, "
     "dkv_t, exp2, fold: 1 or 0, as --diagonal, --dkv-t, --exp2, --fold; stages_dkv: the dkv "
-    "kernel's, 0: stages_bwd; group_dkv: the dkv kernel's group, 0: group_bwd) to time for "
+    "kernel's, 0: stages_bwd; group_dkv: the dkv kernel's group, 0: group_bwd; ew: the kernels "
+    "whose static rungs run on CUDA cores, a bitmask, 1 fwd, 2 dq, 4 dkv) to time for "
     "--sweep-impl at each length and the first alpha, "
     "beside the cuDNN window, then write them (--out)",
   )
@@ -207,8 +215,8 @@ def main(argv=None):
     "--autotune",
     nargs="*",
     default=None,
-    help="pick block_q/warps/stages/group/exp2/fold (forward) and block_q_bwd/warps_bwd/stages/"
-    "group/group_dkv/dkv_t/stages_dkv separately from these "
+    help="pick block_q/warps/stages/group/exp2/fold/ew bit 1 (forward) and block_q_bwd/"
+    "warps_bwd/stages/group/group_dkv/dkv_t/stages_dkv/ew bits 2, 4 separately from these "
     "configs, timed on --sweep-impl's kernel at the longest length, alpha 1, then run the "
     "benchmark (both kernels) with them",
   )
@@ -321,10 +329,11 @@ SPEC_KEYS = (
   "exp2",
   "fold",
   "rung_group_dkv",
+  "ew_rungs",
 )
 SPEC_FORMAT = (
   "'bq,warps,bq_bwd,warps_bwd[,stages[,stages_bwd[,group[,group_bwd[,diagonal[,dkv_t"
-  "[,stages_dkv[,exp2[,fold[,group_dkv]]]]]]]]]]'"
+  "[,stages_dkv[,exp2[,fold[,group_dkv[,ew]]]]]]]]]]]'"
 )
 
 
@@ -346,11 +355,13 @@ def parse_spec(spec: str) -> GpuBlocks:
 
 def _spec(b: GpuBlocks) -> list[int]:
   """bq, warps, bq_bwd, warps_bwd, stages, stages_bwd, group, group_bwd, diagonal, dkv_t,
-  stages_dkv, exp2, fold, group_dkv (resolved; the row-wise kernel folds no rungs: 0)."""
+  stages_dkv, exp2, fold, group_dkv, ew (resolved; the row-wise kernel folds no rungs and
+  takes no tiles to leave: 0)."""
+  packed = b.kernel == "packed"
   return [
     *(b.block_q, b.warps, b.block_q_bwd, b.num_warps_bwd, b.num_stages, b.stages_dq),
     *(b.group, b.group_bwd, b.diagonal, b.dkv_t, b.stages_dkv, b.exp2),
-    *(b.fold if b.kernel == "packed" else 0, b.group_dkv),
+    *(b.fold if packed else 0, b.group_dkv, b.ew_rungs if packed else 0),
   ]
 
 
@@ -378,6 +389,8 @@ def autotune(args, specs: list[GpuBlocks]) -> dict:
         rung_group_bwd=bwd["blocks"][7],
         rung_group_dkv=bwd["blocks"][13],
         fold=fwd["blocks"][12],  # one setting for the three kernels: the forward's row's
+        # each kernel's bit from its row (rows of older runs have none)
+        ew_rungs=(fwd["blocks"][14:15] or [0])[0] & 1 | (bwd["blocks"][14:15] or [0])[0] & 6,
       )
     ),
     dkv_t=bwd["blocks"][9],

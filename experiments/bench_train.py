@@ -399,6 +399,24 @@ def bench(
   }
 
 
+def parse_xla_variant(spec: str) -> tuple[str, dict]:
+  """'NAME=OPTION:VALUE[,OPTION:VALUE]' -> (NAME, {OPTION: VALUE}), VALUE true/false as a bool,
+  an integer as an int, else the string; a ValueError naming `spec` otherwise."""
+  name, sep, rest = spec.partition("=")
+  pairs = [x.partition(":") for x in rest.split(",")] if rest else []
+  if not sep or not re.fullmatch(r"[a-z0-9_]+", name) or not pairs:
+    raise ValueError(f"bad variant {spec!r}: expected NAME=OPTION:VALUE[,OPTION:VALUE]")
+  options = {}
+  for key, colon, value in pairs:
+    if not colon or not re.fullmatch(r"xla_[a-z0-9_]+", key) or not value:
+      raise ValueError(f"bad option {key}{colon}{value!r} in {spec!r}: expected xla_...:VALUE")
+    low = value.lower()
+    options[key] = (
+      low == "true" if low in ("true", "false") else int(value) if value.isdigit() else value
+    )
+  return name, options
+
+
 def summarize(results: list[dict]) -> dict:
   by = {(r["run"], r["seq_len"]): r for r in results}
   summary = {}
@@ -446,6 +464,15 @@ def main(argv=None):
     help="both: also time each step compiled without XLA's command buffers, in the same rounds",
   )
   p.add_argument(
+    "--xla-variant",
+    action="append",
+    default=[],
+    metavar="NAME=OPTION:VALUE[,OPTION:VALUE]",
+    help="also time each step compiled with these XLA debug options (e.g. "
+    "cub_sort_off=xla_gpu_enable_cub_radix_sort:false), in the same rounds, as "
+    "ms_per_step_NAME; repeatable",
+  )
+  p.add_argument(
     "--blocks",
     default=None,
     help=f"the Pallas GPU kernels' blocks, {bench_attention.SPEC_FORMAT} as "
@@ -460,6 +487,12 @@ def main(argv=None):
     blocks = None if args.blocks is None else bench_attention.parse_spec(args.blocks)
   except ValueError as e:
     p.error(f"--blocks: {e}")
+  try:
+    xla_variants = dict(parse_xla_variant(x) for x in args.xla_variant)
+  except ValueError as e:
+    p.error(f"--xla-variant: {e}")
+  if args.command_buffers == "both" and "no_command_buffers" in xla_variants:
+    p.error("--xla-variant: no_command_buffers is --command-buffers both's name")
   if args.data is not None and not (Path(args.data) / "manifest.json").is_file():
     raise FileNotFoundError(
       f"--data {args.data} has no manifest.json (python -m fibax.data prepare)"
@@ -510,7 +543,7 @@ def main(argv=None):
       "batch": cfg.train.batch_size,
     }
     both = args.command_buffers == "both"
-    variants = {"no_command_buffers": NO_COMMAND_BUFFERS} if both else None
+    variants = {**({"no_command_buffers": NO_COMMAND_BUFFERS} if both else {}), **xla_variants}
     with attention.gpu_blocks(blocks):
       r.update(
         bench(

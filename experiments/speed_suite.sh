@@ -38,6 +38,7 @@
 #                  (FIBAX_KERNEL_SHARD as for tests_learned)
 #   tests_dkv_rows the same with GpuBlocks.dkv_t=0 (dk, dv accumulated as [C, D], not transposed)
 #   tests_bitwise  the packed kernels' gradients twice from the same inputs: bitwise the same
+#   tests_ew       the packed kernels with every static rung on CUDA cores (GpuBlocks.ew_rungs=7)
 #   tests_norm     the fused RMSNorm and log-sum-exp kernels against plain JAX, for real
 #   norm_loss      bench_norm_loss.py: the fused RMSNorm against XLA's, the one-pass
 #                  log-sum-exp against the two-pass one, beside their HBM floors
@@ -51,7 +52,9 @@
 #                  skips the profile, TRAIN_PROFILE=timed traces the step as timed
 #                  (with command buffers, not op by op); TRAIN_CB=both also times each step
 #                  compiled without XLA's command buffers, in the same rounds
-#                  (bench_train.py --command-buffers); TRAIN_DUMP=1 keeps each compiled train
+#                  (bench_train.py --command-buffers); TRAIN_VARIANT=NAME=OPTION:VALUE,...
+#                  also times each step compiled with those XLA options, in the same rounds
+#                  (bench_train.py --xla-variant); TRAIN_DUMP=1 keeps each compiled train
 #                  step's optimized HLO (hlo_I/*after_optimizations.txt.gz; bench_train.py
 #                  names the profile's fusions itself since 6f7d4e7: for a closer look, or
 #                  experiments/profile_sources.py on an older result)
@@ -137,7 +140,7 @@ suite() {
             --runs ${TRAIN_RUNS:-dense fib_stagger_w12 fib_learned_w12} \
             --seq-lens ${TRAIN_LENS:-1024} --impl pallas_packed \
             "${prof[@]}" --command-buffers "${TRAIN_CB:-default}" \
-            ${TRAIN_BLOCKS:+--blocks "$TRAIN_BLOCKS"} \
+            ${TRAIN_BLOCKS:+--blocks "$TRAIN_BLOCKS"} ${TRAIN_VARIANT:+--xla-variant "$TRAIN_VARIANT"} \
             "${common[@]}" ${sets[$i]} --out "$DIR/bench_train_options_$i.json"
           if [ -d "$DIR/hlo_$i" ]; then  # the optimized train steps only, compressed
             find "$DIR/hlo_$i" -type f ! -name '*after_optimizations.txt' -delete
@@ -177,7 +180,7 @@ suite() {
             model.logits_grad=compute model.mlp_pad=128 --out "$DIR/bench_train_text_$e.json"
         done ;;
       tests_packed | tests_grouped | tests_ungrouped | tests_learned | tests_lse | tests_diagonal | tests_dkv_rows \
-        | tests_bitwise)
+        | tests_bitwise | tests_ew)
         local k=GpuPackedKernel
         [ "$s" = tests_learned ] && k="GpuLearnedRungs and not Diagonal and not DkvRows"
         [ "$s" = tests_grouped ] && k=GpuPackedGroupedKernel
@@ -186,6 +189,7 @@ suite() {
         [ "$s" = tests_diagonal ] && k="GpuPackedDiagonalKernel or GpuLearnedRungsDiagonal"
         [ "$s" = tests_dkv_rows ] && k="GpuPackedDkvRowsKernel or GpuLearnedRungsDkvRows"
         [ "$s" = tests_bitwise ] && k="bitwise_the_same_gradients"
+        [ "$s" = tests_ew ] && k=GpuPackedEwKernel
         local per=(); python -c "import pytest_timeout" 2>/dev/null && per=(--timeout "${PER_TEST_S:-240}")
         step "$s" "${TEST_LIMIT_S:-900}" env FIBAX_GPU_TESTS=1 python -m pytest -m gpu tests/test_kernels.py -k "$k" \
           -vv -p no:cacheprovider "${per[@]}" --junitxml "$DIR/$s.xml" ;;  # -vv: the -q of addopts

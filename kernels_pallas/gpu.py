@@ -143,6 +143,16 @@ class GpuBlocks:
   # T = 1,024, the fib model's rung 13; distances above 31 never fold, the set is an int32
   # bitmask); 0 runs every rung in the loops. The same sums.
   fold: int = 1
+  # Packed kernels, static rungs: which kernels run them on CUDA cores, a bitmask (1 the
+  # forward, 2 dq, 4 dkv). A static rung gives each packed row one key, so its score is a row's
+  # dot product with its own key row (gathered a packed row at a time, [Q * G, D]), and its
+  # online-softmax update, dq, dk and dv are elementwise: no tensor-core tile of which one
+  # entry a row is used, no shared-memory staging of its operands. The dkv kernel takes its
+  # rungs a head at a time ([Q, D] rows into its [Q, D] dk and dv).
+  # A kernel whose bit is set runs one rung a step (its rung group does not apply); learned
+  # rungs always take tiles. The same sums to float32 rounding; 0 stays the default until a
+  # GPU times it.
+  ew_rungs: int = 0
 
   def __post_init__(self):
     if self.kernel not in KERNELS:
@@ -174,6 +184,8 @@ class GpuBlocks:
     for name in ("diagonal", "dkv_t", "exp2", "fold"):
       if getattr(self, name) not in (0, 1):
         raise ValueError(f"{name}={getattr(self, name)} must be 0 or 1")
+    if not 0 <= self.ew_rungs <= 7:
+      raise ValueError(f"ew_rungs={self.ew_rungs} must be a bitmask 0..7 (1 fwd, 2 dq, 4 dkv)")
     if self.kernel != "packed" and (self.group, self.group_bwd, self.group_dkv) != (1, 1, 1):
       raise ValueError(
         f"rung_group={self.rung_group}, rung_group_bwd={self.rung_group_bwd}, "
@@ -714,6 +726,19 @@ def _blend(a_CxD, b_CxD, f):
   return mix.astype(a_CxD.dtype)
 
 
+def _rowdot(x_MxD, y_MxD):
+  """Each row's dot product, in float32: [M]."""
+  return jnp.sum(x_MxD.astype(jnp.float32) * y_MxD.astype(jnp.float32), axis=1)
+
+
+def _ew_keys(table_ref, n, rows_M, k_ref, v_ref, cols):
+  """Static rung n's key and value rows for each packed query row (row rows_M - d, gathered a
+  packed row at a time: [M, D] each, zero before row 0) and whether each exists: [M]."""
+  rows = rows_M - table_ref[1 + n]
+  valid = rows >= 0
+  return _rows(k_ref, rows, cols, valid), _rows(v_ref, rows, cols, valid), valid
+
+
 def _diag(x_MxC, eye):
   """Each row's one entry on `eye` (a rung tile's diagonal: packed row m's key): [M]."""
   return jnp.sum(jnp.where(eye, x_MxC, 0.0), axis=1)
@@ -791,8 +816,9 @@ def _dkv_diag(dk, dv, q_M, do_M, lse_M, delta_M, k_CxD, v_CxD, eye, valid_M, sm:
 
 
 def _fwd_packed_kernel(
-  *refs, window, groups, scale, block_q, group=1, num_rungs=None, diagonal=0, exp2=1, fold=0
-):
+  *refs, window, groups, scale, block_q, group=1, num_rungs=None, diagonal=0, exp2=1, fold=0,
+  ew=0,
+):  # fmt: skip
   # tables: [S] int32 (static: count, then distances) or lo/frac/count (learned);
   # q_ref/o_ref [Q, G, D]; k_ref/v_ref [T, D]; lse_ref [G, Q]
   learned = num_rungs is not None
@@ -842,9 +868,21 @@ def _fwd_packed_kernel(
     keys = _group_keys(tables[0], n, group, live, i0, r_M, k_ref, v_ref, cols, block_q, first)
     return tile(carry, *keys)
 
+  def ew_rung(n, carry):  # `one_key` on CUDA cores: each packed row's own key and value row
+    acc, m, l = carry
+    k_M, v_M, valid_M = _ew_keys(tables[0], first + n, rows_M, k_ref, v_ref, cols)
+    s_M = jnp.where(valid_M, _rowdot(q_MxD, k_M) * sm.score_scale, MASK_VALUE)
+    m_new = jnp.maximum(m, s_M)
+    corr = sm.exp(m - m_new)
+    p_M = sm.exp(s_M - m_new)
+    acc = acc * corr[:, None] + p_M[:, None] * v_M.astype(jnp.float32)
+    return acc, m_new, l * corr + p_M
+
   live = _rungs_below(tables, learned, i0 + block_q)
   if learned:
     acc, m_M, l_M = lax.fori_loop(0, live, rung, carry)
+  elif ew:
+    acc, m_M, l_M = lax.fori_loop(0, _steps(live, first, 1), ew_rung, carry)
   else:
     acc, m_M, l_M = lax.fori_loop(0, _steps(live, first, group), rung_group, carry)
   r_M, g_M = _packed(block_q, groups)
@@ -865,6 +903,7 @@ def _dq_packed_kernel(
   diagonal=0,
   exp2=1,
   fold=0,
+  ew=0,
 ):
   # q/o/do/dq [Q, G, D]; k/v [T, D]; lse/dlse/delta [G, Q]; learned: dfrac [R_pad], this
   # program's d loss / d f_r. delta_i = sum_d o_i do_i (- dlse_i) is formed here, from the
@@ -901,6 +940,12 @@ def _dq_packed_kernel(
     keys = _group_keys(tables[0], n, group, live, i0, r_M, k_ref, v_ref, cols, block_q, first)
     return dq + _dq_tile(q_MxD, do_MxD, lse_M, delta_M, *keys, sm)
 
+  def ew_rung(n, dq):  # `_dq_diag` on CUDA cores: each packed row's own key and value row
+    k_M, v_M, valid_M = _ew_keys(tables[0], first + n, rows_M, k_ref, v_ref, cols)
+    p_M = jnp.where(valid_M, sm.probs(_rowdot(q_MxD, k_M), lse_M), 0.0)
+    ds_M = p_M * (_rowdot(do_MxD, v_M) - delta_M)
+    return dq + ds_M[:, None] * k_M.astype(jnp.float32)
+
   def rung(j, carry):
     dq, dfrac = carry
     lo, f = tables[0][j], tables[1][j]
@@ -931,6 +976,8 @@ def _dq_packed_kernel(
     dfrac = jnp.zeros((q_MxD.shape[0], outs[-1].shape[0]), jnp.float32)
     dq, dfrac = lax.fori_loop(0, live, rung, (dq, dfrac))
     outs[2][...] = jnp.sum(dfrac, axis=0)
+  elif ew:
+    dq = lax.fori_loop(0, _steps(live, first, 1), ew_rung, dq)
   else:
     dq = lax.fori_loop(0, _steps(live, first, group), rung_group, dq)
   r_M, g_M = _packed(block_q, groups)
@@ -953,6 +1000,7 @@ def _dkv_packed_kernel(
   kv_t=0,
   exp2=1,
   fold=0,
+  ew=0,
 ):
   # q/do [T, G, D]; k/v/dk/dv [C, D] (learned: also k/v [T, D], for the rows before the block,
   # and the spills dk_top/dv_top [D]); lse/delta [G, T]. Key block [j0, j0 + C). A static
@@ -1010,11 +1058,40 @@ def _dkv_packed_kernel(
     keep = eye & valid[:, None]
     return _dkv_tile(*carry, q_M, do_M, lse_M, delta_M, k_CxD, v_CxD, keep, sm, kv_t)
 
+  def ew_rungs(live):
+    # Static rungs on CUDA cores, head by head: rung d's query rows j0 + d + c of head g read
+    # key row c, so dk, dv [C, D] take each head's rows elementwise (no [C * G, D] tiles: a
+    # packed version of this loop held 254 registers a thread at 4 warps in Triton 3.5's passes).
+    c_C = jnp.arange(block_q)
+
+    def ew_rung(n, carry):
+      dk_C, dv_C = carry
+      rows_C = j0 + tables[0][1 + first + n] + c_C
+      valid = rows_C < seq_len
+      for g in range(groups):
+        g_C = jnp.full((block_q,), g, jnp.int32)
+        (q_C, do_C), (lse_C, delta_C) = _gather_packed(
+          rows_C, g_C, valid, cols, [q_ref, do_ref], [lse_ref, delta_ref], seq_len
+        )
+        p_C = jnp.where(valid, sm.probs(_rowdot(q_C, k_CxD), lse_C), 0.0)
+        ds_C = p_C * (_rowdot(do_C, v_CxD) - delta_C)
+        dk_C = dk_C + ds_C[:, None] * q_C.astype(jnp.float32)
+        dv_C = dv_C + p_C[:, None] * do_C.astype(jnp.float32)
+      return dk_C, dv_C
+
+    zeros_C = jnp.zeros((block_q, k_ref.shape[1]), jnp.float32)
+    return lax.fori_loop(0, _steps(live, first, 1), ew_rung, (zeros_C, zeros_C))
+
   if not learned:
     live = _rungs_below(tables, False, seq_len - j0)
-    dk, dv = lax.fori_loop(0, _steps(live, first, group), rung_group, (dk, dv))
-    dk_ref[...] = (_kv_rows(dk, kv_t) * scale).astype(dk_ref.dtype)
-    dv_ref[...] = _kv_rows(dv, kv_t).astype(dv_ref.dtype)
+    if ew:
+      dk_r, dv_r = ew_rungs(live)
+      dk, dv = _kv_rows(dk, kv_t) + dk_r, _kv_rows(dv, kv_t) + dv_r
+    else:
+      dk, dv = lax.fori_loop(0, _steps(live, first, group), rung_group, (dk, dv))
+      dk, dv = _kv_rows(dk, kv_t), _kv_rows(dv, kv_t)
+    dk_ref[...] = (dk * scale).astype(dk_ref.dtype)
+    dv_ref[...] = dv.astype(dv_ref.dtype)
     return
 
   rows = jnp.maximum(j0 + c_C - 1, 0)  # each row's neighbour in a blend: the row before
@@ -1102,7 +1179,7 @@ def _packed_forward(q, k, v, tables, *, window, blocks, interpret, num_rungs=Non
   kernel = functools.partial(
     _fwd_packed_kernel, window=window, groups=groups, scale=head_dim**-0.5, block_q=bq,
     group=blocks.group, num_rungs=num_rungs, diagonal=blocks.diagonal, exp2=blocks.exp2,
-    fold=blocks.fold,
+    fold=blocks.fold, ew=blocks.ew_rungs & 1,
   )  # fmt: skip
   return pl.pallas_call(
     kernel,
@@ -1139,7 +1216,9 @@ def _packed_backward(q, k, v, o, lse, do, tables, *, window, blocks, interpret, 
   dfrac_spec = pl.BlockSpec((None, None, None, rungs_pad), lambda i, b, h: (b, h, i, 0))
   dfrac_shape = jax.ShapeDtypeStruct((bsz, num_kv, seq_len // bq, rungs_pad), jnp.float32)
   dq_out = pl.pallas_call(
-    functools.partial(_dq_packed_kernel, **statics, with_dlse=dlse is not None),
+    functools.partial(
+      _dq_packed_kernel, **statics, with_dlse=dlse is not None, ew=blocks.ew_rungs >> 1 & 1
+    ),
     grid=grid,
     in_specs=[*sp["table"], sp["q_blk"], sp["kv_all"], sp["kv_all"], sp["q_blk"], sp["q_blk"]]
     + [sp["stat_blk"]] * (1 if dlse is None else 2),
@@ -1165,6 +1244,7 @@ def _packed_backward(q, k, v, o, lse, do, tables, *, window, blocks, interpret, 
       **{**statics, "group": blocks.group_dkv},
       seq_len=seq_len,
       kv_t=blocks.dkv_t,
+      ew=blocks.ew_rungs >> 2 & 1,
     ),
     grid=grid,
     in_specs=[*sp["table"], sp["q_all"], *kv_specs, sp["q_all"], sp["stat_all"], sp["stat_all"]],

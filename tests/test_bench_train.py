@@ -230,13 +230,13 @@ def test_blocks_reach_the_kernels_of_every_run_and_the_report(tmp_path, monkeypa
     (3, 2, 4, 2)
   ] * 2
   report = json.loads(out.read_text())
-  assert report["gpu_blocks"] == [16, 2, 16, 4, 3, 2, 4, 2, 0, 1, 2, 1, 1, 2]
+  assert report["gpu_blocks"] == [16, 2, 16, 4, 3, 2, 4, 2, 0, 1, 2, 1, 1, 2, 0]
   assert report["gpu_blocks_fields"][6:8] == ["rung_group", "rung_group_bwd"]  # names the list
   assert attention.gpu_blocks_for("gpu", "packed") == GpuBlocks(kernel="packed")  # context ended
   assert report["gpu_blocks_given"]
   bench_train.main(argv)  # no --blocks: the packed kernel's defaults, resolved, are recorded
   report = json.loads(out.read_text())
-  assert report["gpu_blocks"] == [16, 4, 16, 4, 2, 2, 2, 1, 0, 1, 2, 1, 1, 1]
+  assert report["gpu_blocks"] == [16, 4, 16, 4, 2, 2, 2, 1, 0, 1, 2, 1, 1, 1, 0]
   assert not report["gpu_blocks_given"] and len(seen) == 4
   with pytest.raises(SystemExit):
     bench_train.main([*argv, "--blocks", "16,2,16,4,2,2,3"])
@@ -352,7 +352,40 @@ def test_both_settings_name_the_defaults_time_too(tmp_path, monkeypatch):
   assert seen == [{"no_command_buffers": bench_train.NO_COMMAND_BUFFERS}]  # the default has them
   assert r["ms_per_step_command_buffers"] == 10.0 and r["ms_per_step_no_command_buffers"] == 12.0
   bench_train.main(argv[:-2])
-  assert seen[-1] is None
+  assert seen[-1] == {}
+  variant = ["--xla-variant", "cub_off=xla_gpu_enable_cub_radix_sort:false,xla_gpu_x:7"]
+  bench_train.main([*argv, *variant])
+  assert seen[-1] == {
+    "no_command_buffers": bench_train.NO_COMMAND_BUFFERS,
+    "cub_off": {"xla_gpu_enable_cub_radix_sort": False, "xla_gpu_x": 7},
+  }
+
+
+def test_xla_variants_are_parsed_and_bad_ones_are_one_line_errors(tmp_path, capsys):
+  parse = bench_train.parse_xla_variant
+  assert parse("a=xla_b:true") == ("a", {"xla_b": True})
+  assert parse("a_2=xla_b:False,xla_c:12,xla_d:x") == (
+    "a_2",
+    {"xla_b": False, "xla_c": 12, "xla_d": "x"},
+  )
+  out = tmp_path / "x.json"
+  for bad, why in (
+    ("nothing", "bad variant 'nothing'"),
+    ("A=xla_b:1", "bad variant 'A=xla_b:1'"),
+    ("a=", "bad variant 'a='"),
+    ("a=b:1", "bad option b:'1' in 'a=b:1'"),
+    ("a=xla_b", "bad option xla_b'' in 'a=xla_b'"),
+    ("no_command_buffers=xla_b:1", None),
+  ):
+    argv = ["--runs", "dense", "--xla-variant", bad, "--out", str(out)]
+    if why is None:  # taken by --command-buffers both only
+      argv += ["--command-buffers", "both"]
+      why = "no_command_buffers is --command-buffers both's name"
+    with pytest.raises(SystemExit):
+      bench_train.main(argv)
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert f"error: --xla-variant: {why}" in err, err
+    assert not out.exists()
 
 
 def test_profile_as_timed_needs_a_profile_folder(tmp_path, capsys):

@@ -597,6 +597,52 @@ def test_dk_and_dv_accumulated_transposed_give_the_same_attention(seed):
       assert _rel_err(a, b) < 1e-6, (name, options, seed)
 
 
+# Static rungs on CUDA cores in all three kernels (GpuBlocks.ew_rungs): each packed row's own
+# key row, no tensor-core tiles.
+EW_RUNGS = GpuBlocks(kernel="packed", ew_rungs=7)
+
+
+@pytest.mark.gpu
+class TestGpuPackedEwKernel(KernelTest):
+  BLOCKS = EW_RUNGS
+
+  @pytest.mark.parametrize("seed", _gpu_seeds())
+  def test_matches_reference(self, seed):
+    self.check(seed)
+
+
+class TestGpuPackedEwInterpret(KernelTest):
+  BACKEND = "gpu_interpret"
+  HEAD_DIMS = (16, 32, 64)
+  BLOCKS = EW_RUNGS
+
+  # CI runs the first 2 (pytest -m slow the rest of the 50): the equality test below covers
+  # each kernel's bit on its own.
+  @pytest.mark.parametrize(
+    "seed", [pytest.param(s, marks=[] if s < 2 else [pytest.mark.slow]) for s in range(NUM_CASES)]
+  )
+  def test_matches_reference(self, seed):
+    self.check(seed)
+
+
+@pytest.mark.parametrize("seed", [1, pytest.param(2, marks=pytest.mark.slow), 3])
+def test_static_rungs_on_cuda_cores_give_the_same_attention(seed):
+  """GpuBlocks.ew_rungs: each kernel's static rungs as row dot products and elementwise
+  updates, or as tensor-core tiles: the same outputs and gradients to float32 rounding, one
+  kernel at a time and all three, dk and dv accumulated either way, with and without folded
+  rungs."""
+  tiles = _packed_results(seed, False)
+  for options in (
+    dict(ew_rungs=1),
+    dict(ew_rungs=2),
+    dict(ew_rungs=4),
+    dict(ew_rungs=7, dkv_t=0, fold=0),
+  ):
+    ew = _packed_results(seed, False, **options)
+    for name, a, b in zip(PACKED_RESULTS, ew, tiles, strict=False):
+      assert _rel_err(a, b) < 1e-5, (name, options, seed)
+
+
 @pytest.mark.parametrize("seed", [1, 2, 3])  # cases with rungs (seed 0's is a window only)
 def test_the_softmax_in_base_2_gives_the_same_attention(seed):
   """GpuBlocks.exp2: every packed kernel's softmax in base 2 or in natural units: the same
@@ -691,6 +737,8 @@ def test_rung_groups_are_checked():
     GpuBlocks(num_warps_bwd=0)
   with pytest.raises(ValueError, match="diagonal=2 must be 0 or 1"):
     GpuBlocks(kernel="packed", diagonal=2)
+  with pytest.raises(ValueError, match="ew_rungs=8 must be a bitmask"):
+    GpuBlocks(kernel="packed", ew_rungs=8)
   with pytest.raises(ValueError, match="dkv_t=-1 must be 0 or 1"):
     GpuBlocks(kernel="packed", dkv_t=-1)
   with pytest.raises(ValueError, match="exp2=2 must be 0 or 1"):

@@ -84,6 +84,10 @@ def test_packed_layers_share_their_kernels():
     (dict(rung_group=1, diagonal=1), (3, 3)),
     (dict(fold=0), (3, 0)),  # static rungs only
     (dict(rung_group_bwd=2, rung_group_dkv=1), (1, 0)),  # dq's groups only
+    (dict(ew_rungs=1), (1, 0)),  # static rungs on CUDA cores: each bit one kernel
+    (dict(ew_rungs=2), (1, 0)),
+    (dict(ew_rungs=4), (1, 0)),
+    (dict(ew_rungs=7), (3, 0)),
   ],
 )
 def test_the_packed_kernels_options_lower_to_triton(options, changed):
