@@ -10,7 +10,8 @@ matmul peak measured in the same run, before and after the runs, the higher of t
 run cut short counts against the first only: `matmul_peak_tflops_used`; and, for reference,
 the card's vendor peak). Results are written after every measurement, so a run
 cut short keeps what it measured. The process runs with fibax's XLA defaults
-(`fibax.cli.XLA_DEFAULTS`: cuBLAS for the matmuls on a GPU) unless XLA_FLAGS names them.
+(`fibax.cli.XLA_DEFAULTS`: cuBLAS for the matmuls, XLA's own sort, on a GPU) unless XLA_FLAGS
+names them.
 
 With `--profile DIR`, a few more steps of each run are traced with `jax.profiler` into
 DIR/<run>_T<T>/, and the result gets `profile_kinds` (device time per step by kind of op:

@@ -150,8 +150,10 @@ class GpuBlocks:
   # entry a row is used, no shared-memory staging of its operands. The dkv kernel takes its
   # rungs a head at a time ([Q, D] rows into its [Q, D] dk and dv).
   # A kernel whose bit is set runs one rung a step (its rung group does not apply); learned
-  # rungs always take tiles. The same sums to float32 rounding; 0 stays the default until a
-  # GPU times it.
+  # rungs always take tiles. The same sums to float32 rounding. Slower in every kernel on an
+  # H200 (forward 1.75-1.84x; backward +0.04-0.10 ms with dkv's bit, +0.12-0.18 with dq's, at
+  # B T = 65,536): the loops' loads feed no dot, so Triton pipelines none of them, and they
+  # hold more registers (experiments/results/speed_h200x2_4aef62b/). 0 is the default.
   ew_rungs: int = 0
 
   def __post_init__(self):

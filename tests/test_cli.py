@@ -40,16 +40,15 @@ def test_bad_input_is_one_line_with_exit_2(tmp_path, module, args, message):
 
 
 def test_xla_defaults_are_added_unless_xla_flags_names_them(monkeypatch):
+  ours = "--xla_gpu_enable_triton_gemm=false --xla_gpu_enable_cub_radix_sort=false"
   monkeypatch.setenv("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
-  assert cli.set_xla_defaults() == (
-    "--xla_force_host_platform_device_count=8 --xla_gpu_enable_triton_gemm=false"
-  )
+  assert cli.set_xla_defaults() == f"--xla_force_host_platform_device_count=8 {ours}"
   assert cli.set_xla_defaults() == os.environ["XLA_FLAGS"]  # added once
   monkeypatch.setenv("XLA_FLAGS", "--xla_gpu_enable_triton_gemm=true")
-  assert cli.set_xla_defaults() == "--xla_gpu_enable_triton_gemm=true"  # the user's choice
-  monkeypatch.setenv("XLA_FLAGS", "--xla_gpu_enable_triton_gemm_int4=true")  # another flag
-  assert cli.set_xla_defaults() == (
-    "--xla_gpu_enable_triton_gemm_int4=true --xla_gpu_enable_triton_gemm=false"
+  assert cli.set_xla_defaults() == (  # the user's choice, and the other default
+    "--xla_gpu_enable_triton_gemm=true --xla_gpu_enable_cub_radix_sort=false"
   )
+  monkeypatch.setenv("XLA_FLAGS", "--xla_gpu_enable_triton_gemm_int4=true")  # another flag
+  assert cli.set_xla_defaults() == f"--xla_gpu_enable_triton_gemm_int4=true {ours}"
   monkeypatch.delenv("XLA_FLAGS")
-  assert cli.set_xla_defaults() == "--xla_gpu_enable_triton_gemm=false"
+  assert cli.set_xla_defaults() == ours
