@@ -237,6 +237,9 @@ def main(argv=None):
     ]
     if args.sweep_impl == "pallas" and grouped:
       ap.error(f"{flag} {grouped[0]}: rung groups are the packed kernel's (--sweep-impl pallas)")
+    ew = [x for x, b in zip(given or (), specs[flag], strict=True) if b.ew_rungs]
+    if args.sweep_impl == "pallas" and ew:
+      ap.error(f"{flag} {ew[0]}: ew_rungs is the packed kernel's option (--sweep-impl pallas)")
   if args.sweep:
     return sweep_report(args, specs["--sweep"], command)
   given = {k: getattr(args, k) for k in SPEC_KEYS if getattr(args, k) is not None}

@@ -26,8 +26,10 @@ step (XLA's defaults: on a GPU, with command buffers, which hold the Pallas kern
 a dump of the stagger step's thunks showed: experiments/results/speed_h200_8ec1543/). Their
 `device` total is to be set against `ms_per_step_no_command_buffers`: `--command-buffers both`
 times the step with and without command buffers in the same rounds (summary: each
-sparse/dense ratio for both settings, and `_fastest`, each model at its faster one). The JSON
-records XLA_FLAGS as the backend read them (when `main` starts the backend).
+sparse/dense ratio for both settings, and `_fastest`, each model at its faster one);
+`--xla-variant NAME=OPTION:VALUE,...` likewise times the step compiled with other XLA options
+as `ms_per_step_NAME`. The JSON records XLA_FLAGS as the backend read them (when `main` starts
+the backend).
 """
 
 from __future__ import annotations
@@ -400,22 +402,48 @@ def bench(
   }
 
 
+# Names a variant may not take: the command-buffer setting's own, and the summary's.
+RESERVED_VARIANTS = ("no_command_buffers", "command_buffers", "fastest")
+
+
 def parse_xla_variant(spec: str) -> tuple[str, dict]:
   """'NAME=OPTION:VALUE[,OPTION:VALUE]' -> (NAME, {OPTION: VALUE}), VALUE true/false as a bool,
-  an integer as an int, else the string; a ValueError naming `spec` otherwise."""
+  an integer as an int, else the string; a ValueError naming `spec` otherwise (a reserved
+  NAME, an option named twice)."""
   name, sep, rest = spec.partition("=")
   pairs = [x.partition(":") for x in rest.split(",")] if rest else []
   if not sep or not re.fullmatch(r"[a-z0-9_]+", name) or not pairs:
     raise ValueError(f"bad variant {spec!r}: expected NAME=OPTION:VALUE[,OPTION:VALUE]")
+  if name in RESERVED_VARIANTS:
+    raise ValueError(
+      f"variant name {name!r} in {spec!r} is reserved ({', '.join(RESERVED_VARIANTS)})"
+    )
   options = {}
   for key, colon, value in pairs:
     if not colon or not re.fullmatch(r"xla_[a-z0-9_]+", key) or not value:
-      raise ValueError(f"bad option {key}{colon}{value!r} in {spec!r}: expected xla_...:VALUE")
+      raise ValueError(f"bad option {key + colon + value!r} in {spec!r}: expected xla_...:VALUE")
+    if key in options:
+      raise ValueError(f"option {key} named twice in {spec!r}")
     low = value.lower()
     options[key] = (
-      low == "true" if low in ("true", "false") else int(value) if value.isdigit() else value
+      low == "true"
+      if low in ("true", "false")
+      else int(value)
+      if re.fullmatch(r"-?[0-9]+", value)
+      else value
     )
   return name, options
+
+
+def parse_xla_variants(specs: list[str]) -> dict[str, dict]:
+  """Every --xla-variant, by name; a ValueError for a name given twice."""
+  variants = {}
+  for spec in specs:
+    name, options = parse_xla_variant(spec)
+    if name in variants:
+      raise ValueError(f"variant name {name!r} given twice")
+    variants[name] = options
+  return variants
 
 
 def summarize(results: list[dict]) -> dict:
@@ -470,7 +498,7 @@ def main(argv=None):
     default=[],
     metavar="NAME=OPTION:VALUE[,OPTION:VALUE]",
     help="also time each step compiled with these XLA debug options (e.g. "
-    "cub_sort_off=xla_gpu_enable_cub_radix_sort:false), in the same rounds, as "
+    "cub_sort=xla_gpu_enable_cub_radix_sort:true), in the same rounds, as "
     "ms_per_step_NAME; repeatable",
   )
   p.add_argument(
@@ -489,11 +517,9 @@ def main(argv=None):
   except ValueError as e:
     p.error(f"--blocks: {e}")
   try:
-    xla_variants = dict(parse_xla_variant(x) for x in args.xla_variant)
+    xla_variants = parse_xla_variants(args.xla_variant)
   except ValueError as e:
     p.error(f"--xla-variant: {e}")
-  if args.command_buffers == "both" and "no_command_buffers" in xla_variants:
-    p.error("--xla-variant: no_command_buffers is --command-buffers both's name")
   if args.data is not None and not (Path(args.data) / "manifest.json").is_file():
     raise FileNotFoundError(
       f"--data {args.data} has no manifest.json (python -m fibax.data prepare)"

@@ -213,7 +213,7 @@ def write_atomic(path: Path, text: str) -> None:
 
 
 def main(argv=None):
-  cli.set_xla_defaults()  # what `python -m fibax.train` runs with: cuBLAS matmuls on a GPU
+  cli.set_xla_defaults()  # as `python -m fibax.train` runs: cuBLAS matmuls, XLA's sort (GPU)
   p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   p.add_argument("--config", required=True, help="a config file whose get_config takes a run name")
   p.add_argument("--runs", nargs="+", required=True)

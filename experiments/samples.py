@@ -158,7 +158,7 @@ def markdown(report: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-  cli.set_xla_defaults()  # what `python -m fibax.train` runs with: cuBLAS matmuls on a GPU
+  cli.set_xla_defaults()  # as `python -m fibax.train` runs: cuBLAS matmuls, XLA's sort (GPU)
   p = cli.Parser(prog="experiments/samples.py", description=__doc__.split("\n")[0])
   p.add_argument("--runs", nargs="+", required=True, help="run workdirs or checkpoint dirs")
   p.add_argument("--out", required=True, help="folder for samples.json and samples.md")

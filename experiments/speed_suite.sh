@@ -63,7 +63,7 @@
 #   attention_sweep  bench_attention.py --sweep: the packed kernel's block rows, warps and
 #                  pipeline stages and rung groups (ATTN_SWEEP:
 #                  'bq,warps,bq_bwd,warps_bwd[,stages[,stages_bwd[,group[,group_bwd[,diagonal
-#                  [,dkv_t[,stages_dkv[,exp2[,fold[,group_dkv]]]]]]]]]]')
+#                  [,dkv_t[,stages_dkv[,exp2[,fold[,group_dkv[,ew]]]]]]]]]]]')
 #                  at T = 1K, 16K, 64K beside the cuDNN window and the HBM floor
 #   ncu            profile_kernels.py: Nsight Compute's counters (throughputs, hit rates, occupancy,
 #                  warp stalls) of the packed kernels and the cuDNN window at T = 1K and 16K, op
@@ -74,7 +74,7 @@
 #   train_xla      bench_train.py, dense and fib_stagger_w12 at T = 1,024 with pallas_packed,
 #                  logits_grad=compute and a profile, once per XLA_FLAGS set of XLA_SETS
 #                  (';'-separated; default: XLA's Triton GEMM fusions on, then off, so the
-#                  matmuls go to cuBLAS, fibax's default on a GPU: fibax.cli.XLA_DEFAULTS)
+#                  matmuls go to cuBLAS, one of fibax's defaults on a GPU: fibax.cli.XLA_DEFAULTS)
 #   train_text     bench_train.py on real batches (SPEED_DATA: a prepared data directory on
 #                  the machine), fib_stagger_w12 at T = 1,024, once per input-embedding
 #                  gradient of EMBED_SETS (default: sorted onehot scatter), one process each

@@ -29,10 +29,12 @@ def fail(prog: str, error: BaseException | str, code: int) -> int:
 # XLA flags every command sets unless XLA_FLAGS already names them. Triton GEMM fusions off:
 # XLA then sends the matmuls to cuBLAS, which ran the paper model's train step on an H200 in
 # 45.0 ms instead of 57.7 ms (experiments/results/bench_train_h200_options/). CUB's radix sort
-# off: the sorted input-embedding gradient's argsort is then XLA's own sort kernel, inside the
-# step's command buffer, where CUB's, a thunk of its own, left the GPU idle 0.47-0.62 ms a step
-# before the command buffer started; the sparse step 0.15-1.11 ms faster in 6 of 6 runs, the
-# dense step -0.75..+0.56 ms (experiments/results/speed_h200x2_4aef62b/). GPU flags only:
+# off: the sorted input-embedding gradient's argsort is then XLA's own sort kernel, where
+# CUB's, a thunk of its own, left the GPU idle 0.47-0.62 ms a step before the step's command
+# buffer started; with it the sparse train step was 0.15-1.11 ms faster in 6 of 6 runs, the
+# dense one -0.75..+0.56 ms (XLA's sort minus CUB's; experiments/results/speed_h200x2_4aef62b/).
+# It applies to every sort of a command (e.g. top-p sampling's in generation), timed only in
+# the train step. GPU flags only:
 # other backends read and ignore them (every jaxlib build knows XLA's GPU flags).
 XLA_DEFAULTS = {
   "--xla_gpu_enable_triton_gemm": "false",

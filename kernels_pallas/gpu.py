@@ -150,8 +150,9 @@ class GpuBlocks:
   # entry a row is used, no shared-memory staging of its operands. The dkv kernel takes its
   # rungs a head at a time ([Q, D] rows into its [Q, D] dk and dv).
   # A kernel whose bit is set runs one rung a step (its rung group does not apply); learned
-  # rungs always take tiles. The same sums to float32 rounding. Slower in every kernel on an
-  # H200 (forward 1.75-1.84x; backward +0.04-0.10 ms with dkv's bit, +0.12-0.18 with dq's, at
+  # rungs always take tiles. The same sums to float32 rounding for float32 inputs (bf16 ones
+  # differ by the tiles' bf16 rounding of p and ds). Slower in every kernel on an H200
+  # (forward 1.75-1.83x; backward +0.04-0.10 ms with dkv's bit, +0.12-0.18 with dq's, at
   # B T = 65,536): the loops' loads feed no dot, so Triton pipelines none of them, and they
   # hold more registers (experiments/results/speed_h200x2_4aef62b/). 0 is the default.
   ew_rungs: int = 0
@@ -188,6 +189,11 @@ class GpuBlocks:
         raise ValueError(f"{name}={getattr(self, name)} must be 0 or 1")
     if not 0 <= self.ew_rungs <= 7:
       raise ValueError(f"ew_rungs={self.ew_rungs} must be a bitmask 0..7 (1 fwd, 2 dq, 4 dkv)")
+    if self.kernel != "packed" and self.ew_rungs:
+      raise ValueError(
+        f"ew_rungs={self.ew_rungs}: static rungs on CUDA cores are the packed kernel's option; "
+        f"kernel={self.kernel!r}"
+      )
     if self.kernel != "packed" and (self.group, self.group_bwd, self.group_dkv) != (1, 1, 1):
       raise ValueError(
         f"rung_group={self.rung_group}, rung_group_bwd={self.rung_group_bwd}, "
@@ -224,8 +230,13 @@ class GpuBlocks:
     return self.num_stages_dkv or self.stages_dq
 
   def for_kernel(self, kernel: str) -> GpuBlocks:
-    """These blocks for `kernel`; the row-wise kernel's without the rung groups (it has none)."""
-    groups = {} if kernel == "packed" else dict(rung_group=0, rung_group_bwd=0, rung_group_dkv=0)
+    """These blocks for `kernel`; the row-wise kernel's without the rung groups and ew_rungs
+    (it has neither)."""
+    groups = (
+      {}
+      if kernel == "packed"
+      else dict(rung_group=0, rung_group_bwd=0, rung_group_dkv=0, ew_rungs=0)
+    )
     return dataclasses.replace(self, kernel=kernel, **groups)
 
 
@@ -1062,8 +1073,8 @@ def _dkv_packed_kernel(
 
   def ew_rungs(live):
     # Static rungs on CUDA cores, head by head: rung d's query rows j0 + d + c of head g read
-    # key row c, so dk, dv [C, D] take each head's rows elementwise (no [C * G, D] tiles: a
-    # packed version of this loop held 254 registers a thread at 4 warps in Triton 3.5's passes).
+    # key row c, so dk, dv [C, D] take each head's rows elementwise (no [C * G, D]
+    # accumulators: fewer registers).
     c_C = jnp.arange(block_q)
 
     def ew_rung(n, carry):

@@ -5,8 +5,9 @@ import os
 # Cheaper XLA:CPU compiles: Pallas interpret mode compiles every kernel pattern, and
 # compile time, not run time, dominates the CPU suite.
 # FIBAX_GPU_TESTS=1 runs on the accelerator with the XLA flags every fibax command sets
-# (fibax.cli.XLA_DEFAULTS: matmuls through cuBLAS, not XLA's Triton GEMMs, whose autotuning
-# compiles several kernels for each new matmul shape, and every random case has new ones).
+# (fibax.cli.XLA_DEFAULTS: XLA's own sort, and matmuls through cuBLAS, not XLA's Triton
+# GEMMs, whose autotuning compiles several kernels for each new matmul shape, and every random
+# case has new ones).
 if os.environ.get("FIBAX_GPU_TESTS") == "1":
   from fibax.cli import set_xla_defaults
 

@@ -160,6 +160,11 @@ def test_parse_spec_names_a_bad_config(spec, why):
     (["--fold", "-1"], "fold=-1 must be 0 or 1"),
     (["--autotune", "16,2,16,4,2,2,1,2", "--sweep-impl", "pallas"], "rung groups are the packed"),
     (["--autotune", "16,2,16"], "--autotune: bad block config '16,2,16'"),
+    (["--ew-rungs", "9"], "ew_rungs=9 must be a bitmask"),
+    (
+      ["--sweep", "16,2,16,4,2,2,1,1,0,1,2,1,1,0,4", "--sweep-impl", "pallas"],
+      "ew_rungs is the packed kernel's option",
+    ),
   ],
 )
 def test_bad_blocks_of_the_benchmark_are_one_line_errors_before_anything_runs(argv, why, capsys):

@@ -364,26 +364,25 @@ def test_both_settings_name_the_defaults_time_too(tmp_path, monkeypatch):
 def test_xla_variants_are_parsed_and_bad_ones_are_one_line_errors(tmp_path, capsys):
   parse = bench_train.parse_xla_variant
   assert parse("a=xla_b:true") == ("a", {"xla_b": True})
-  assert parse("a_2=xla_b:False,xla_c:12,xla_d:x") == (
-    "a_2",
-    {"xla_b": False, "xla_c": 12, "xla_d": "x"},
-  )
+  got = parse("a_2=xla_b:False,xla_c:12,xla_d:x,xla_e:-3,xla_f:1.5")
+  assert got == ("a_2", {"xla_b": False, "xla_c": 12, "xla_d": "x", "xla_e": -3, "xla_f": "1.5"})
   out = tmp_path / "x.json"
   for bad, why in (
-    ("nothing", "bad variant 'nothing'"),
-    ("A=xla_b:1", "bad variant 'A=xla_b:1'"),
-    ("a=", "bad variant 'a='"),
-    ("a=b:1", "bad option b:'1' in 'a=b:1'"),
-    ("a=xla_b", "bad option xla_b'' in 'a=xla_b'"),
-    ("no_command_buffers=xla_b:1", None),
+    (["nothing"], "bad variant 'nothing'"),
+    (["A=xla_b:1"], "bad variant 'A=xla_b:1'"),
+    (["a="], "bad variant 'a='"),
+    (["a=b:1"], "bad option 'b:1' in 'a=b:1'"),
+    (["a=xla_b"], "bad option 'xla_b' in 'a=xla_b'"),
+    (["a=xla_b:1,xla_b:2"], "option xla_b named twice"),
+    (["a=xla_b:1", "a=xla_c:1"], "variant name 'a' given twice"),
+    *(([f"{n}=xla_b:1"], f"variant name '{n}'") for n in bench_train.RESERVED_VARIANTS),
   ):
-    argv = ["--runs", "dense", "--xla-variant", bad, "--out", str(out)]
-    if why is None:  # taken by --command-buffers both only
-      argv += ["--command-buffers", "both"]
-      why = "no_command_buffers is --command-buffers both's name"
+    argv = ["--runs", "dense", "--out", str(out)]
+    for spec in bad:
+      argv += ["--xla-variant", spec]
     with pytest.raises(SystemExit):
       bench_train.main(argv)
-    err = capsys.readouterr().err.strip().splitlines()[-1]
+    err = capsys.readouterr().err.strip().splitlines()[-1]  # (argparse's usage before it)
     assert f"error: --xla-variant: {why}" in err, err
     assert not out.exists()
 

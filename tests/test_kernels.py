@@ -729,6 +729,9 @@ def test_rung_groups_are_checked():
   )
   assert grouped.for_kernel("packed") == grouped
   assert grouped.for_kernel("rowwise") == GpuBlocks(num_warps=8)  # no rung groups there
+  with pytest.raises(ValueError, match="ew_rungs=1: static rungs on CUDA cores are the packed"):
+    GpuBlocks(ew_rungs=1)
+  assert GpuBlocks(kernel="packed", ew_rungs=4).for_kernel("rowwise") == GpuBlocks()
   with pytest.raises(ValueError, match="block_q_bwd=24 must be a power of two >= 16"):
     GpuBlocks(block_q_bwd=24)
   with pytest.raises(ValueError, match=r"num_warps=3 must be a power of two or 0 \(the kernel's\)"):

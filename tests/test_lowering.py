@@ -84,10 +84,7 @@ def test_packed_layers_share_their_kernels():
     (dict(rung_group=1, diagonal=1), (3, 3)),
     (dict(fold=0), (3, 0)),  # static rungs only
     (dict(rung_group_bwd=2, rung_group_dkv=1), (1, 0)),  # dq's groups only
-    (dict(ew_rungs=1), (1, 0)),  # static rungs on CUDA cores: each bit one kernel
-    (dict(ew_rungs=2), (1, 0)),
-    (dict(ew_rungs=4), (1, 0)),
-    (dict(ew_rungs=7), (3, 0)),
+    (dict(ew_rungs=7), (3, 0)),  # static rungs on CUDA cores (each bit's kernel: below)
   ],
 )
 def test_the_packed_kernels_options_lower_to_triton(options, changed):
@@ -99,6 +96,18 @@ def test_the_packed_kernels_options_lower_to_triton(options, changed):
   for irs, n in zip((_static_irs, _learned_irs), changed, strict=True):
     assert len(irs(blocks)) == 3
     assert len(irs(blocks) - irs(default)) == n, irs.__name__
+
+
+@pytest.mark.parametrize("bit, kernel", [(1, "fwd"), (2, "dq"), (4, "dkv")])
+def test_each_ew_rungs_bit_reaches_its_own_kernel(bit, kernel):
+  """GpuBlocks.ew_rungs: bit 1 changes the forward kernel only, 2 dq's, 4 dkv's."""
+
+  def kernels(blocks) -> set[tuple[str, str]]:  # (name, Triton module) of each launch
+    text = _lowered_step("gpu", LAYERS, blocks=blocks)
+    return set(re.findall(r'ir = "(.*?)", name = "(\w+)"', text, re.S))
+
+  changed = kernels(GpuBlocks(kernel="packed", ew_rungs=bit)) - kernels(GpuBlocks(kernel="packed"))
+  assert {name for _, name in changed} == {f"fib_attention_packed_{kernel}"}
 
 
 def _static_irs(blocks) -> set[str]:
