@@ -267,7 +267,7 @@ class LearnedRungsTest:
     )  # fmt: skip
     q, k, v, w = _inputs(case, seed)
 
-    def loss(q, k, v, a, in_kernel):
+    def loss(q, k, v, a, in_kernel, w):
       backend = self.BACKEND if in_kernel else None
       o = attention.learned(q, k, v, lp, a, backend, rungs_in_kernel=in_kernel)
       return (o.astype(jnp.float32) * w).sum(), o
@@ -279,10 +279,16 @@ class LearnedRungsTest:
     exact = jax.default_matmul_precision("highest")
     with exact if dtype == jnp.float32 else contextlib.nullcontext():
       with attention.gpu_blocks(self.BLOCKS):  # traced inside: the kernels take them
-        (_, o), g_got = jax.jit(grad, static_argnums=4)(q, k, v, alpha, True)
-    f32 = (x.astype(jnp.float32) for x in (q, k, v))
+        (_, o), g_got = jax.jit(grad, static_argnums=4)(q, k, v, alpha, True, w)
+    # The plain-JAX reference runs on the CPU: XLA's GPU compile of it took over 170 s for
+    # case 2 on an H200 (its slow-compile alarm; experiments/results/speed_h200x2_4aef62b/),
+    # seconds on a CPU.
+    cpu = jax.devices("cpu")[0]
+    f32 = [jax.device_put(x.astype(jnp.float32), cpu) for x in (q, k, v)]
     with exact:
-      (_, r_o), g_want = jax.jit(grad, static_argnums=4)(*f32, alpha, False)
+      (_, r_o), g_want = jax.jit(grad, static_argnums=4)(
+        *f32, jax.device_put(alpha, cpu), False, jax.device_put(w, cpu)
+      )
     assert o.shape == q.shape and o.dtype == dtype
     tol = TOL[dtype]
     assert _rel_err(o, r_o) < tol, (case, float(alpha))
