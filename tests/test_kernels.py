@@ -590,7 +590,8 @@ class TestGpuLearnedRungsDkvRows(LearnedRungsTest):
     self.check(seed)
 
 
-@pytest.mark.parametrize("seed", [1, 2, 3])  # cases with rungs (seed 0's is a window only)
+# CI runs seed 1 (pytest -m slow seeds 2 and 3: CI time)
+@pytest.mark.parametrize("seed", [1, *(pytest.param(s, marks=pytest.mark.slow) for s in (2, 3))])
 def test_dk_and_dv_accumulated_transposed_give_the_same_attention(seed):
   """GpuBlocks.dkv_t: the dkv kernel's dk and dv accumulated as [C, D] or transposed, [D, C]:
   the same outputs and gradients to float32 rounding, for static rungs one and two to a loop
@@ -650,7 +651,8 @@ def test_static_rungs_on_cuda_cores_give_the_same_attention(seed):
       assert _rel_err(a, b) < 1e-5, (name, options, seed)
 
 
-@pytest.mark.parametrize("seed", [1, 2, 3])  # cases with rungs (seed 0's is a window only)
+# CI runs seed 1 (pytest -m slow seeds 2 and 3: CI time)
+@pytest.mark.parametrize("seed", [1, *(pytest.param(s, marks=pytest.mark.slow) for s in (2, 3))])
 def test_the_softmax_in_base_2_gives_the_same_attention(seed):
   """GpuBlocks.exp2: every packed kernel's softmax in base 2 or in natural units: the same
   outputs and gradients (and the learned weights') to float32 rounding, static and learned
