@@ -392,8 +392,7 @@ def autotune(args, specs: list[GpuBlocks]) -> dict:
         rung_group_bwd=bwd["blocks"][7],
         rung_group_dkv=bwd["blocks"][13],
         fold=fwd["blocks"][12],  # one setting for the three kernels: the forward's row's
-        # each kernel's bit from its row (rows of older runs have none)
-        ew_rungs=(fwd["blocks"][14:15] or [0])[0] & 1 | (bwd["blocks"][14:15] or [0])[0] & 6,
+        ew_rungs=fwd["blocks"][14] & 1 | bwd["blocks"][14] & 6,  # each kernel's bit, its row's
       )
     ),
     dkv_t=bwd["blocks"][9],
