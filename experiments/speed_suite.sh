@@ -78,8 +78,14 @@
 #   train_text     bench_train.py on real batches (SPEED_DATA: a prepared data directory on
 #                  the machine), fib_stagger_w12 at T = 1,024, once per input-embedding
 #                  gradient of EMBED_SETS (default: sorted onehot scatter), one process each
+#   latency        python -m fibax.eval latency: the paper model's forward with a static
+#                  (fixed), the learned (alpha on its dynamic path) and the frozen learned
+#                  schedule, freshly initialised (every alpha 1), at batch LAT_BATCH (default
+#                  1 32), once per attention impl of LAT_IMPLS (default pallas_packed xla) and
+#                  length of LAT_LENS (default 1024 4096), one process each
 # The test steps stop a case after PER_TEST_S (240) where pytest-timeout is installed, and the
-# whole step after TEST_LIMIT_S (900).
+# whole step after TEST_LIMIT_S (900); TEST_K replaces a test step's pytest -k expression
+# (e.g. a few of its cases: "GpuPackedDiagonalKernel and (44] or 45])").
 set -euo pipefail
 cd "$(dirname "$0")/.."
 SCRATCH=${FIBAX_SCRATCH:-/root/fibax}
@@ -179,6 +185,15 @@ suite() {
             --seq-lens 1024 --impl pallas_packed --data "$SPEED_DATA" --set model.embed_backward="$e" \
             model.logits_grad=compute model.mlp_pad=128 --out "$DIR/bench_train_text_$e.json"
         done ;;
+      latency)
+        # shellcheck disable=SC2086  # LAT_BATCH: several numbers
+        for impl in ${LAT_IMPLS:-pallas_packed xla}; do
+          for t in ${LAT_LENS:-1024 4096}; do
+            step "latency_${impl}_T$t" 600 python -m fibax.eval latency \
+              --config configs/paper.py:fib_learned_w12 --impl "$impl" --seq-len "$t" \
+              --batch ${LAT_BATCH:-1 32} --out "$DIR/latency_${impl}_T$t.json"
+          done
+        done ;;
       tests_packed | tests_grouped | tests_ungrouped | tests_learned | tests_lse | tests_diagonal | tests_dkv_rows \
         | tests_bitwise | tests_ew)
         local k=GpuPackedKernel
@@ -190,6 +205,7 @@ suite() {
         [ "$s" = tests_dkv_rows ] && k="GpuPackedDkvRowsKernel or GpuLearnedRungsDkvRows"
         [ "$s" = tests_bitwise ] && k="bitwise_the_same_gradients"
         [ "$s" = tests_ew ] && k=GpuPackedEwKernel
+        k=${TEST_K:-$k}
         local per=(); python -c "import pytest_timeout" 2>/dev/null && per=(--timeout "${PER_TEST_S:-240}")
         step "$s" "${TEST_LIMIT_S:-900}" env FIBAX_GPU_TESTS=1 python -m pytest -m gpu tests/test_kernels.py -k "$k" \
           -vv -p no:cacheprovider "${per[@]}" --junitxml "$DIR/$s.xml" ;;  # -vv: the -q of addopts

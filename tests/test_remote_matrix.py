@@ -183,6 +183,54 @@ def test_speed_suite_runs_its_steps_detached_and_packs_what_they_wrote(tmp_path)
   assert again.returncode == 1 and "was already started" in again.stderr
 
 
+def test_speed_suite_latency_step_and_a_test_step_with_its_own_cases(tmp_path):
+  """speed_suite.sh: `latency` runs `fibax.eval latency` once per impl and length, each into
+  its own JSON; TEST_K replaces a test step's -k expression. `python` is a stand-in that logs
+  its calls."""
+  suite = SCRIPT.with_name("speed_suite.sh")
+  calls = tmp_path / "calls.txt"
+  fake = tmp_path / "bin" / "python"
+  fake.parent.mkdir()
+  fake.write_text(f'#!/bin/sh\nprintf "%s|" "$@" >> {calls}\necho >> {calls}\n')
+  fake.chmod(0o755)
+  env = dict(
+    os.environ,
+    FIBAX_SCRATCH=str(tmp_path / "s"),
+    SPEED_NAME="lat",
+    SPEED_STEPS="latency tests_diagonal",
+    LAT_IMPLS="pallas_packed xla",
+    LAT_LENS="1024",
+    LAT_BATCH="1 8",
+    TEST_K="GpuPackedDiagonalKernel and (44] or 45])",
+    PATH=f"{fake.parent}:{os.environ['PATH']}",
+  )
+
+  def sh(*args):
+    return subprocess.run(
+      ["bash", str(suite), *map(str, args)], capture_output=True, text=True, env=env, timeout=120
+    )
+
+  assert sh("start", 0).returncode == 0
+  proc = sh("poll", 60, tmp_path / "out")
+  assert proc.returncode == 0, proc.stderr
+  argvs = [line.rstrip("|").split("|") for line in calls.read_text().splitlines()]
+  out = str(tmp_path / "s" / "lat")
+  assert [a[:3] + a[a.index("--impl") : a.index("--impl") + 2] for a in argvs[:2]] == [
+    ["-m", "fibax.eval", "latency", "--impl", "pallas_packed"],
+    ["-m", "fibax.eval", "latency", "--impl", "xla"],
+  ]
+  assert argvs[1][argvs[1].index("--batch") :] == [
+    "--batch",
+    "1",
+    "8",
+    "--out",
+    f"{out}/latency_xla_T1024.json",
+  ]
+  assert "--seq-len" in argvs[0] and argvs[0][argvs[0].index("--seq-len") + 1] == "1024"
+  tests = [a for a in argvs if "pytest" in a][-1]
+  assert tests[tests.index("-k") + 1] == "GpuPackedDiagonalKernel and (44] or 45])"
+
+
 def test_start_with_sharding_first_runs_the_check_then_the_queue_within_the_deadline(tmp_path):
   """SHARDING_FIRST=1: tokenize, the sharding check on every GPU, then the queue, whose
   deadline is what is left of the one given to `start` (tokenizing and the check come out of
