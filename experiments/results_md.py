@@ -32,6 +32,10 @@ DEFAULT_RESULTS = REPO / "experiments" / "results" / "gpu_matrix_100m"
 DEFAULT_OUT = REPO / "experiments" / "RESULTS.md"
 DEFAULT_FULL = REPO / "experiments" / "results" / "gpu_full_recipe"
 DEFAULT_SHARDING = REPO / "experiments" / "results" / "gpu_sharding"
+DEFAULT_LATENCY = REPO / "experiments" / "results" / "gpu_latency"
+# The paper's "about 5x": a learned / static forward ratio at or above this at every measured
+# batch and length reads as holding, below it at every one as not holding.
+LATENCY_CLAIM_RATIO = 2.5
 WINDOWS = (6, 8, 10, 12)
 FLAT = 0.03  # a change within +-3% at 4x counts as holding perplexity
 PAPER_SEEDS = {  # the paper, W = 12: mean +- spread over seeds
@@ -554,6 +558,78 @@ def sharding_md(report: dict, plot: str | None) -> list[str]:
   return md + ([f"![loss_curves]({plot})", ""] if plot else [])
 
 
+def load_latency(folder: Path | None) -> list[dict]:
+  """`python -m fibax.eval latency --out` tables (latency_*.json) in `folder`, if any."""
+  if folder is None or not folder.is_dir():
+    return []
+  return [json.loads(p.read_text()) for p in sorted(folder.glob("latency_*.json"))]
+
+
+def _ratio_range(tables: list[dict], variant: str, impl: str | None = None) -> str:
+  ratios = [
+    r["vs_static"]
+    for t in tables
+    if impl is None or t["impl"] == impl
+    for r in t["rows"]
+    if r["variant"] == variant
+  ]
+  lo, hi = min(ratios), max(ratios)
+  return f"{lo:.2f}x" if f"{lo:.2f}" == f"{hi:.2f}" else f"{lo:.2f}x-{hi:.2f}x"
+
+
+def latency_claim(tables: list[dict]) -> tuple[str, str, str]:
+  """The paper's latency claim against the measured tables: (claim, verdict, numbers)."""
+  learned = [r["vs_static"] for t in tables for r in t["rows"] if r["variant"] == "learned"]
+  if min(learned) >= LATENCY_CLAIM_RATIO:
+    verdict = "holds"
+  elif max(learned) < LATENCY_CLAIM_RATIO:
+    verdict = "does not hold"
+  else:
+    verdict = "unresolved"
+  impls = sorted({t["impl"] for t in tables})
+  per_impl = "; ".join(f"`{i}` {_ratio_range(tables, 'learned', i)}" for i in impls)
+  lengths = ", ".join(f"{n:,}" for n in sorted({t["seq_len"] for t in tables}))
+  batches = ", ".join(str(b) for b in sorted({r["batch_size"] for t in tables for r in t["rows"]}))
+  return (
+    "Learned alpha costs about 5x the inference latency of an integer-offset schedule",
+    verdict,
+    f"forward, learned / static: {per_impl} (T = {lengths}, batch {batches}, "
+    f"{', '.join(sorted({t['device'] for t in tables}))}); frozen learned / static "
+    f"{_ratio_range(tables, 'frozen')} (see 'Inference latency')",
+  )
+
+
+def latency_md(tables: list[dict]) -> list[str]:
+  """Every measured latency row: ms per forward of each schedule, the ratio to static."""
+  md = [
+    "## Inference latency",
+    "",
+    "The paper model's forward (logits) with the `fixed` schedule (static), learned alpha on "
+    "its dynamic path (learned) and the learned alphas frozen into integer offsets (frozen), "
+    "timed in one process per table: ms per forward, the median of rounds of back-to-back "
+    "calls. Freshly initialised (every alpha 1, so frozen has static's offsets), not a "
+    "trained checkpoint: trained alphas change which rungs a layer keeps, and so its work, a "
+    "little.",
+    "",
+    "| impl | T | batch | static ms | learned ms (x static) | frozen ms (x static) | device |",
+    "|---|---|---|---|---|---|---|",
+  ]
+  for t in sorted(tables, key=lambda t: (t["impl"], t["seq_len"])):
+    for batch in sorted({r["batch_size"] for r in t["rows"]}):
+      row = {r["variant"]: r for r in t["rows"] if r["batch_size"] == batch}
+      cells = [f"{row['static']['ms']:.2f}"] + [
+        f"{row[v]['ms']:.2f} ({row[v]['vs_static']:.3f}x)" if v in row else "-"
+        for v in ("learned", "frozen")
+      ]
+      md.append(
+        f"| `{t['impl']}` | {t['seq_len']:,} | {batch} | "
+        + " | ".join(cells)
+        + f" | {t['device']} |"
+      )
+  md += ["", "```bash", *sorted({t["command"] for t in tables if "command" in t}), "```", ""]
+  return md
+
+
 def build(
   runs: dict,
   results: Path,
@@ -562,6 +638,7 @@ def build(
   full: dict | None = None,
   full_dir: Path | None = None,
   sharding_dir: Path | None = None,
+  latency: list[dict] | None = None,
 ) -> str:
   rel = lambda p: Path(os.path.relpath(Path(p).resolve(), out.resolve().parent)).as_posix()  # noqa: E731
   devices = sorted({e["report"].get("device", "?") for es in runs.values() for e in es})
@@ -640,12 +717,15 @@ def build(
 
   md += ["## The paper's claims", "", "| claim | verdict | numbers (ours, Gutenberg validation) |"]
   md += ["|---|---|---|"]
-  md += [f"| {c} | **{v}** | {e} |" for c, v, e in claims(runs)]
+  rows = claims(runs) + ([latency_claim(latency)] if latency else [])
+  md += [f"| {c} | **{v}** | {e} |" for c, v, e in rows]
   md += [
     "",
-    not_yet_run(runs),
+    not_yet_run(runs, latency_measured=bool(latency)),
     "",
   ]
+  if latency:
+    md += latency_md(latency)
   samples = full_dir / "samples" / "samples.md" if full_dir else None
   if full:
     md += full_recipe_md(full, rel(samples) if samples and samples.is_file() else None)
@@ -699,8 +779,9 @@ def build(
   return "\n".join(md) + "\n"
 
 
-def not_yet_run(runs: dict) -> str:
-  """The paper's runs (configs/paper.py) with no report here, so that no claim reads as final."""
+def not_yet_run(runs: dict, latency_measured: bool = False) -> str:
+  """The paper's runs (configs/paper.py) with no report here, so that no claim reads as final,
+  and the latency claim when no latency table is here."""
   from configs.paper import RUNS
 
   present = {e["name"] for es in runs.values() for e in es}
@@ -712,6 +793,8 @@ def not_yet_run(runs: dict) -> str:
   if seeds:
     parts.append(f"{len(seeds)} seed replicates ({', '.join(sorted(seeds))})")
   text = "Not yet trained here: " + " and ".join(parts) + "." if parts else "Every run is here."
+  if latency_measured:
+    return text
   return (
     text + " Not measured in this file: the paper's claim that the learned path costs about "
     "5x the inference latency of the integer-offset variants (a speed claim, for "
@@ -729,6 +812,12 @@ def main(argv=None) -> int:
   p.add_argument(
     "--sharding", type=Path, default=DEFAULT_SHARDING, help="the sharding check's output, if any"
   )
+  p.add_argument(
+    "--latency",
+    type=Path,
+    default=DEFAULT_LATENCY,
+    help="`fibax.eval latency` tables (latency_*.json), if any",
+  )
   p.add_argument("--plots", type=Path, default=None, help="default: <results>/plots")
   p.add_argument("--check", action="store_true", help="compare with --out; write nothing")
   args = p.parse_args(argv)
@@ -738,12 +827,13 @@ def main(argv=None) -> int:
   if not runs:
     sys.exit(f"results_md.py: error: no results-cap_run.json under {args.results}")
   full = load_runs(args.full) if args.full.is_dir() else {}
+  latency = load_latency(args.latency)
   plots = args.plots or args.results / "plots"
   names = [plots / "ppl_vs_length.png", plots / "position_bins.png"]
   if any(e["alphas"] for es in runs.values() for e in es):
     names.append(plots / "learned_alphas.png")
   if args.check:
-    text = build(runs, args.results, args.out, names, full, args.full, args.sharding)
+    text = build(runs, args.results, args.out, names, full, args.full, args.sharding, latency)
     if not args.out.is_file() or args.out.read_text() != text:
       sys.exit(
         f"results_md.py: error: {args.out} is out of date; run python experiments/results_md.py"
@@ -751,7 +841,7 @@ def main(argv=None) -> int:
     print(f"{args.out} is up to date ({sum(map(len, runs.values()))} runs)")
     return 0
   made = plot(runs, plots)
-  text = build(runs, args.results, args.out, made, full, args.full, args.sharding)
+  text = build(runs, args.results, args.out, made, full, args.full, args.sharding, latency)
   tmp = args.out.with_name(args.out.name + ".tmp")
   tmp.write_text(text)
   tmp.replace(args.out)

@@ -231,3 +231,50 @@ def test_the_seed_difference_reads_the_replicates(tmp_path):
   assert "One seed so far" in results_md.seeds_md(
     {"fib_fixed_w12": runs["fib_fixed_w12"]}
   )  # fmt: skip
+
+
+def test_latency_tables_give_the_latency_claim_and_their_own_section(tmp_path):
+  """`fibax.eval latency` tables, when present, decide the paper's 5x claim from their
+  learned / static ratios and are listed row by row; without them the claim is named as not
+  measured."""
+  matrix, lat = tmp_path / "matrix", tmp_path / "latency"
+  _write_run(matrix, "fib_stagger_w12", {1: 49.0})
+  out = tmp_path / "RESULTS.md"
+  args = ["--results", matrix, "--latency", lat, "--out", out, "--plots", tmp_path / "plots"]
+
+  def build():
+    proc = subprocess.run(
+      [sys.executable, str(PATH), *map(str, args)], capture_output=True, text=True
+    )
+    assert proc.returncode == 0, proc.stderr
+    return out.read_text()
+
+  assert "## Inference latency" not in build() and "Not measured in this file" in out.read_text()
+
+  def table(impl, seq_len, learned_ratios):
+    rows = []
+    for batch, ratio in zip((1, 32), learned_ratios, strict=True):
+      rows += [
+        {"variant": "static", "batch_size": batch, "ms": 2.0, "vs_static": 1.0},
+        {"variant": "learned", "batch_size": batch, "ms": 2.0 * ratio, "vs_static": ratio},
+        {"variant": "frozen", "batch_size": batch, "ms": 2.1, "vs_static": 1.05},
+      ]
+    return {"device": "Test GPU (gpu)", "seq_len": seq_len, "impl": impl, "rows": rows,
+            "command": f"python -m fibax.eval latency --impl {impl}"}  # fmt: skip
+
+  lat.mkdir()
+  (lat / "latency_a.json").write_text(json.dumps(table("pallas_packed", 1024, (1.4, 1.1))))
+  (lat / "latency_b.json").write_text(json.dumps(table("xla", 4096, (0.9, 1.2))))
+  text = build()
+  assert (
+    "| Learned alpha costs about 5x the inference latency of an integer-offset schedule | "
+    "**does not hold** | forward, learned / static: `pallas_packed` 1.10x-1.40x; `xla` "
+    "0.90x-1.20x (T = 1,024, 4,096, batch 1, 32, Test GPU (gpu)); frozen learned / static "
+    "1.05x" in text
+  )
+  assert "| `pallas_packed` | 1,024 | 32 | 2.00 | 2.20 (1.100x) | 2.10 (1.050x) | Test GPU" in text
+  assert "Not measured in this file" not in text
+  (lat / "latency_b.json").write_text(json.dumps(table("xla", 4096, (5.0, 6.0))))
+  assert "| **unresolved** |" in build()  # 1.1x-1.4x with one impl, 5x-6x with the other
+  (lat / "latency_a.json").unlink()
+  assert "| **holds** | forward, learned / static: `xla` 5.00x-6.00x" in build()
