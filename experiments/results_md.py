@@ -559,44 +559,71 @@ def sharding_md(report: dict, plot: str | None) -> list[str]:
 
 
 def load_latency(folder: Path | None) -> list[dict]:
-  """`python -m fibax.eval latency --out` tables (latency_*.json) in `folder`, if any."""
+  """`python -m fibax.eval latency --out` tables (latency_*.json) in `folder`, if any: the rows
+  timed against a static forward (a row without its ratio, from a table that did not time
+  static first, is left out), and only tables that keep a static row."""
   if folder is None or not folder.is_dir():
     return []
-  return [json.loads(p.read_text()) for p in sorted(folder.glob("latency_*.json"))]
+  tables = []
+  for path in sorted(folder.glob("latency_*.json")):
+    table = json.loads(path.read_text())
+    rows = [r for r in table["rows"] if r.get("vs_static") is not None]
+    if any(r["variant"] == "static" for r in rows):
+      tables.append({**table, "rows": rows})
+  return tables
 
 
-def _ratio_range(tables: list[dict], variant: str, impl: str | None = None) -> str:
-  ratios = [
+def _ratios(tables: list[dict], variant: str, impl: str | None = None) -> list[float]:
+  return [
     r["vs_static"]
     for t in tables
     if impl is None or t["impl"] == impl
     for r in t["rows"]
     if r["variant"] == variant
   ]
+
+
+def _ratio_range(ratios: list[float]) -> str:
   lo, hi = min(ratios), max(ratios)
   return f"{lo:.2f}x" if f"{lo:.2f}" == f"{hi:.2f}" else f"{lo:.2f}x-{hi:.2f}x"
 
 
-def latency_claim(tables: list[dict]) -> tuple[str, str, str]:
-  """The paper's latency claim against the measured tables: (claim, verdict, numbers)."""
-  learned = [r["vs_static"] for t in tables for r in t["rows"] if r["variant"] == "learned"]
+def latency_claim(tables: list[dict]) -> tuple[str, str, str] | None:
+  """The paper's latency claim (a GPU speed claim) against the GPU tables: (claim, verdict,
+  numbers), or None where no GPU table has a learned row."""
+  tables = [t for t in tables if t["device"].endswith("(gpu)")]
+  learned = _ratios(tables, "learned")
+  if not learned:
+    return None
   if min(learned) >= LATENCY_CLAIM_RATIO:
     verdict = "holds"
   elif max(learned) < LATENCY_CLAIM_RATIO:
     verdict = "does not hold"
   else:
     verdict = "unresolved"
-  impls = sorted({t["impl"] for t in tables})
-  per_impl = "; ".join(f"`{i}` {_ratio_range(tables, 'learned', i)}" for i in impls)
+  impls = sorted({t["impl"] for t in tables if _ratios([t], "learned")})
+  per_impl = "; ".join(f"`{i}` {_ratio_range(_ratios(tables, 'learned', i))}" for i in impls)
   lengths = ", ".join(f"{n:,}" for n in sorted({t["seq_len"] for t in tables}))
   batches = ", ".join(str(b) for b in sorted({r["batch_size"] for t in tables for r in t["rows"]}))
+  frozen = _ratios(tables, "frozen")
   return (
     "Learned alpha costs about 5x the inference latency of an integer-offset schedule",
     verdict,
-    f"forward, learned / static: {per_impl} (T = {lengths}, batch {batches}, "
-    f"{', '.join(sorted({t['device'] for t in tables}))}); frozen learned / static "
-    f"{_ratio_range(tables, 'frozen')} (see 'Inference latency')",
+    f"forward latency, learned / static: {per_impl} (T = {lengths}, batch {batches}, "
+    f"{', '.join(sorted({t['device'] for t in tables}))})"
+    + (f"; frozen learned / static {_ratio_range(frozen)}" if frozen else "")
+    + " (see 'Inference latency')",
   )
+
+
+def _alphas(table: dict) -> str:
+  """Where a latency table's learned alphas came from: a checkpoint, or a fresh model."""
+  alphas = table.get("frozen_alphas") or []
+  if "--checkpoint" in table.get("command", ""):
+    return f"checkpoint ({min(alphas):.3f}-{max(alphas):.3f})" if alphas else "checkpoint"
+  if alphas and all(a == 1.0 for a in alphas):
+    return "fresh (every alpha 1)"
+  return f"{min(alphas):.3f}-{max(alphas):.3f}" if alphas else "-"
 
 
 def latency_md(tables: list[dict]) -> list[str]:
@@ -604,27 +631,30 @@ def latency_md(tables: list[dict]) -> list[str]:
   md = [
     "## Inference latency",
     "",
-    "The paper model's forward (logits) with the `fixed` schedule (static), learned alpha on "
-    "its dynamic path (learned) and the learned alphas frozen into integer offsets (frozen), "
-    "timed in one process per table: ms per forward, the median of rounds of back-to-back "
-    "calls. Freshly initialised (every alpha 1, so frozen has static's offsets), not a "
-    "trained checkpoint: trained alphas change which rungs a layer keeps, and so its work, a "
-    "little.",
+    "The paper model's forward (logits) with an integer-offset schedule (static: the table's "
+    "schedule), learned alpha on its dynamic path (learned) and the learned alphas frozen "
+    "into integer offsets (frozen), timed in one process per table (`python -m fibax.eval "
+    "latency`): ms per forward, the median of rounds of back-to-back calls. The alphas column "
+    "says where the learned alphas came from; with every alpha 1, frozen has `fixed`'s "
+    "offsets, and trained alphas change which rungs a layer keeps (and so its work) a little.",
     "",
-    "| impl | T | batch | static ms | learned ms (x static) | frozen ms (x static) | device |",
-    "|---|---|---|---|---|---|---|",
+    "| impl | T | batch | static | static ms | learned ms (x static) | frozen ms (x static) "
+    "| alphas | device |",
+    "|---|---|---|---|---|---|---|---|---|",
   ]
-  for t in sorted(tables, key=lambda t: (t["impl"], t["seq_len"])):
+  for t in sorted(tables, key=lambda t: (t["impl"], t["seq_len"], t["device"])):
     for batch in sorted({r["batch_size"] for r in t["rows"]}):
       row = {r["variant"]: r for r in t["rows"] if r["batch_size"] == batch}
-      cells = [f"{row['static']['ms']:.2f}"] + [
+      if "static" not in row:
+        continue
+      cells = [t.get("static_schedule", "-"), f"{row['static']['ms']:.2f}"] + [
         f"{row[v]['ms']:.2f} ({row[v]['vs_static']:.3f}x)" if v in row else "-"
         for v in ("learned", "frozen")
       ]
       md.append(
         f"| `{t['impl']}` | {t['seq_len']:,} | {batch} | "
         + " | ".join(cells)
-        + f" | {t['device']} |"
+        + f" | {_alphas(t)} | {t['device']} |"
       )
   md += ["", "```bash", *sorted({t["command"] for t in tables if "command" in t}), "```", ""]
   return md
@@ -715,13 +745,18 @@ def build(
     md.append(f"| paper {name} | " + " | ".join(f"{x:.3f}" for x in row) + " |")
   md.append("")
 
-  md += ["## The paper's claims", "", "| claim | verdict | numbers (ours, Gutenberg validation) |"]
+  md += [
+    "## The paper's claims",
+    "",
+    "| claim | verdict | numbers (ours; perplexities on Gutenberg validation) |",
+  ]
   md += ["|---|---|---|"]
-  rows = claims(runs) + ([latency_claim(latency)] if latency else [])
+  latency_row = latency_claim(latency) if latency else None
+  rows = claims(runs) + ([latency_row] if latency_row else [])
   md += [f"| {c} | **{v}** | {e} |" for c, v, e in rows]
   md += [
     "",
-    not_yet_run(runs, latency_measured=bool(latency)),
+    not_yet_run(runs, latency_measured=latency_row is not None),
     "",
   ]
   if latency:

@@ -84,8 +84,10 @@
 #                  1 32), once per attention impl of LAT_IMPLS (default pallas_packed xla) and
 #                  length of LAT_LENS (default 1024 4096), one process each
 # The test steps stop a case after PER_TEST_S (240) where pytest-timeout is installed, and the
-# whole step after TEST_LIMIT_S (900); TEST_K replaces a test step's pytest -k expression
-# (e.g. a few of its cases: "GpuPackedDiagonalKernel and (44] or 45])").
+# whole step after TEST_LIMIT_S (900); TEST_K replaces the pytest -k expression of every test
+# step of the suite (so give it to a suite of one test step: e.g. a few of its cases,
+# "GpuPackedDiagonalKernel and (44] or 45])"; in a queue file, in double quotes, without $,
+# backquotes or double quotes inside, as the line is evaluated).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 SCRATCH=${FIBAX_SCRATCH:-/root/fibax}

@@ -185,8 +185,8 @@ def test_speed_suite_runs_its_steps_detached_and_packs_what_they_wrote(tmp_path)
 
 def test_speed_suite_latency_step_and_a_test_step_with_its_own_cases(tmp_path):
   """speed_suite.sh: `latency` runs `fibax.eval latency` once per impl and length, each into
-  its own JSON; TEST_K replaces a test step's -k expression. `python` is a stand-in that logs
-  its calls."""
+  its own JSON; TEST_K replaces the suite's test steps' -k expression, its brackets and
+  parentheses kept through a queue file's line. `python` is a stand-in that logs its calls."""
   suite = SCRIPT.with_name("speed_suite.sh")
   calls = tmp_path / "calls.txt"
   fake = tmp_path / "bin" / "python"
@@ -194,15 +194,12 @@ def test_speed_suite_latency_step_and_a_test_step_with_its_own_cases(tmp_path):
   fake.write_text(f'#!/bin/sh\nprintf "%s|" "$@" >> {calls}\necho >> {calls}\n')
   fake.chmod(0o755)
   env = dict(
-    os.environ,
-    FIBAX_SCRATCH=str(tmp_path / "s"),
-    SPEED_NAME="lat",
-    SPEED_STEPS="latency tests_diagonal",
-    LAT_IMPLS="pallas_packed xla",
-    LAT_LENS="1024",
-    LAT_BATCH="1 8",
-    TEST_K="GpuPackedDiagonalKernel and (44] or 45])",
-    PATH=f"{fake.parent}:{os.environ['PATH']}",
+    os.environ, FIBAX_SCRATCH=str(tmp_path / "s"), PATH=f"{fake.parent}:{os.environ['PATH']}"
+  )
+  queue = tmp_path / "queue.txt"
+  queue.write_text(
+    'lat SPEED_STEPS="latency tests_diagonal" LAT_IMPLS="pallas_packed xla" LAT_LENS=1024 '
+    'LAT_BATCH="1 8" TEST_K="GpuPackedDiagonalKernel and (44] or 45])"\n'
   )
 
   def sh(*args):
@@ -210,8 +207,8 @@ def test_speed_suite_latency_step_and_a_test_step_with_its_own_cases(tmp_path):
       ["bash", str(suite), *map(str, args)], capture_output=True, text=True, env=env, timeout=120
     )
 
-  assert sh("start", 0).returncode == 0
-  proc = sh("poll", 60, tmp_path / "out")
+  assert sh("queue", 0, queue).returncode == 0
+  proc = sh("poll-all", 60, tmp_path / "out")
   assert proc.returncode == 0, proc.stderr
   argvs = [line.rstrip("|").split("|") for line in calls.read_text().splitlines()]
   out = str(tmp_path / "s" / "lat")
@@ -219,13 +216,8 @@ def test_speed_suite_latency_step_and_a_test_step_with_its_own_cases(tmp_path):
     ["-m", "fibax.eval", "latency", "--impl", "pallas_packed"],
     ["-m", "fibax.eval", "latency", "--impl", "xla"],
   ]
-  assert argvs[1][argvs[1].index("--batch") :] == [
-    "--batch",
-    "1",
-    "8",
-    "--out",
-    f"{out}/latency_xla_T1024.json",
-  ]
+  tail = ["--batch", "1", "8", "--out", f"{out}/latency_xla_T1024.json"]
+  assert argvs[1][argvs[1].index("--batch") :] == tail
   assert "--seq-len" in argvs[0] and argvs[0][argvs[0].index("--seq-len") + 1] == "1024"
   tests = [a for a in argvs if "pytest" in a][-1]
   assert tests[tests.index("-k") + 1] == "GpuPackedDiagonalKernel and (44] or 45])"

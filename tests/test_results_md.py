@@ -107,6 +107,7 @@ def test_full_recipe_runs_get_their_own_section(tmp_path):
   _write_run(full, "fib_stagger_w12", {1: 44.0, 4: 43.0, 64: 42.0})
   out = tmp_path / "RESULTS.md"
   args = ["--results", matrix, "--full", full, "--out", out, "--plots", tmp_path / "plots"]
+  args += ["--latency", tmp_path / "none"]  # not the committed tables
   proc = subprocess.run(
     [sys.executable, str(PATH), *map(str, args)], capture_output=True, text=True
   )
@@ -129,6 +130,7 @@ def test_sharding_check_and_samples_are_linked_when_present(tmp_path):
   _write_run(full, "fib_stagger_w12", {1: 44.0})
   out = tmp_path / "RESULTS.md"
   args = ["--results", matrix, "--full", full, "--sharding", shard, "--out", out]
+  args += ["--latency", tmp_path / "none"]
   args += ["--plots", tmp_path / "plots"]
 
   def build():
@@ -234,9 +236,9 @@ def test_the_seed_difference_reads_the_replicates(tmp_path):
 
 
 def test_latency_tables_give_the_latency_claim_and_their_own_section(tmp_path):
-  """`fibax.eval latency` tables, when present, decide the paper's 5x claim from their
-  learned / static ratios and are listed row by row; without them the claim is named as not
-  measured."""
+  """`fibax.eval latency` tables, when present, decide the paper's 5x claim from their GPU
+  learned / static ratios (2.5x and up: holds) and are listed row by row; without them, or
+  with no GPU table that timed learned against static, the claim is named as not measured."""
   matrix, lat = tmp_path / "matrix", tmp_path / "latency"
   _write_run(matrix, "fib_stagger_w12", {1: 49.0})
   out = tmp_path / "RESULTS.md"
@@ -251,30 +253,60 @@ def test_latency_tables_give_the_latency_claim_and_their_own_section(tmp_path):
 
   assert "## Inference latency" not in build() and "Not measured in this file" in out.read_text()
 
-  def table(impl, seq_len, learned_ratios):
+  def table(impl, seq_len, learned_ratios, device="Test GPU (gpu)", frozen=True):
     rows = []
     for batch, ratio in zip((1, 32), learned_ratios, strict=True):
       rows += [
         {"variant": "static", "batch_size": batch, "ms": 2.0, "vs_static": 1.0},
         {"variant": "learned", "batch_size": batch, "ms": 2.0 * ratio, "vs_static": ratio},
-        {"variant": "frozen", "batch_size": batch, "ms": 2.1, "vs_static": 1.05},
       ]
-    return {"device": "Test GPU (gpu)", "seq_len": seq_len, "impl": impl, "rows": rows,
-            "command": f"python -m fibax.eval latency --impl {impl}"}  # fmt: skip
+      if frozen:
+        rows.append({"variant": "frozen", "batch_size": batch, "ms": 2.1, "vs_static": 1.05})
+    command = f"python -m fibax.eval latency --config c.py --impl {impl}"
+    return dict(
+      device=device, seq_len=seq_len, impl=impl, rows=rows, static_schedule="fixed",
+      frozen_alphas=[1.0, 1.0], command=command,
+    )  # fmt: skip
+
+  def write(name, t):
+    (lat / f"latency_{name}.json").write_text(json.dumps(t))
 
   lat.mkdir()
-  (lat / "latency_a.json").write_text(json.dumps(table("pallas_packed", 1024, (1.4, 1.1))))
-  (lat / "latency_b.json").write_text(json.dumps(table("xla", 4096, (0.9, 1.2))))
+  write("a", table("pallas_packed", 1024, (1.4, 1.1)))
+  write("b", table("xla", 4096, (0.9, 1.2)))
   text = build()
   assert (
     "| Learned alpha costs about 5x the inference latency of an integer-offset schedule | "
-    "**does not hold** | forward, learned / static: `pallas_packed` 1.10x-1.40x; `xla` "
+    "**does not hold** | forward latency, learned / static: `pallas_packed` 1.10x-1.40x; `xla` "
     "0.90x-1.20x (T = 1,024, 4,096, batch 1, 32, Test GPU (gpu)); frozen learned / static "
     "1.05x" in text
   )
-  assert "| `pallas_packed` | 1,024 | 32 | 2.00 | 2.20 (1.100x) | 2.10 (1.050x) | Test GPU" in text
+  assert (
+    "| `pallas_packed` | 1,024 | 32 | fixed | 2.00 | 2.20 (1.100x) | 2.10 (1.050x) | "
+    "fresh (every alpha 1) | Test GPU (gpu) |" in text
+  )
+  assert "| `xla` | 4,096 | 1 | fixed | 2.00 | 1.80 (0.900x) | 2.10 (1.050x) |" in text
   assert "Not measured in this file" not in text
-  (lat / "latency_b.json").write_text(json.dumps(table("xla", 4096, (5.0, 6.0))))
+  write("b", table("xla", 4096, (5.0, 6.0)))
   assert "| **unresolved** |" in build()  # 1.1x-1.4x with one impl, 5x-6x with the other
+  write("a", table("pallas_packed", 1024, (2.5, 3.0), frozen=False))  # 2.5x: holds
+  text = build()
+  assert (
+    "| **holds** | forward latency, learned / static: `pallas_packed` 2.50x-3.00x; `xla`" in text
+  )
+  assert "frozen learned / static 1.05x" in text  # the xla table's frozen rows only
+  write("a", table("pallas_packed", 1024, (2.49, 3.0)))
+  assert "| **unresolved** |" in build()
+
+  # A CPU table does not decide a GPU speed claim; rows without a ratio (static not timed
+  # first) are left out, and a table without its static row altogether.
   (lat / "latency_a.json").unlink()
-  assert "| **holds** | forward, learned / static: `xla` 5.00x-6.00x" in build()
+  (lat / "latency_b.json").unlink()
+  write("cpu", table("xla", 1024, (5.0, 5.0), device="cpu (cpu)"))
+  no_static = table("pallas_packed", 1024, (1.2, 1.2))
+  no_static["rows"] = [{**r, "vs_static": None} for r in no_static["rows"]]
+  write("gpu", no_static)
+  text = build()
+  assert "Learned alpha costs about 5x" not in text and "Not measured in this file" in text
+  assert "| `xla` | 1,024 | 1 | fixed | 2.00 | 10.00 (5.000x) |" in text  # listed all the same
+  assert "| `pallas_packed` |" not in text
