@@ -40,6 +40,9 @@
 #   tests_bitwise  the packed kernels' gradients twice from the same inputs: bitwise the same
 #   tests_ew       the packed kernels with every static rung on CUDA cores (GpuBlocks.ew_rungs=7)
 #   tests_norm     the fused RMSNorm and log-sum-exp kernels against plain JAX, for real
+#   tests_model    the model's and the train step's GPU tests, for real: a train step with the
+#                  Pallas kernels against XLA's (tests/test_model.py), the kernels under
+#                  shard_map on a mesh of the machine's GPUs against one GPU (tests/test_train.py)
 #   norm_loss      bench_norm_loss.py: the fused RMSNorm against XLA's, the one-pass
 #                  log-sum-exp against the two-pass one, beside their HBM floors
 #   train_options  bench_train.py, dense, fib_stagger_w12 and fib_learned_w12 at T = 1,024 with
@@ -125,6 +128,11 @@ suite() {
       tests_norm)
         step tests_norm 300 env FIBAX_GPU_TESTS=1 python -m pytest -m gpu tests/test_norm.py tests/test_logsumexp.py \
           -vv -p no:cacheprovider --junitxml "$DIR/tests_norm.xml" ;;
+      tests_model)
+        local per=(); python -c "import pytest_timeout" 2>/dev/null && per=(--timeout "${PER_TEST_S:-240}")
+        step tests_model "${TEST_LIMIT_S:-900}" env FIBAX_GPU_TESTS=1 python -m pytest -m gpu \
+          tests/test_model.py tests/test_train.py ${TEST_K:+-k "$TEST_K"} -vv -p no:cacheprovider \
+          "${per[@]}" --junitxml "$DIR/tests_model.xml" ;;
       attention2)
         step attention2 300 python experiments/bench_attention.py --impls pallas_packed \
           cudnn_window --num-warps 2 --rung-group 1 --out "$DIR/bench_attention_packed_warps2.json" ;;
