@@ -239,19 +239,7 @@ def test_latency_tables_give_the_latency_claim_and_their_own_section(tmp_path):
   """`fibax.eval latency` tables, when present, decide the paper's 5x claim from their GPU
   learned / static ratios (2.5x and up: holds) and are listed row by row; without them, or
   with no GPU table that timed learned against static, the claim is named as not measured."""
-  matrix, lat = tmp_path / "matrix", tmp_path / "latency"
-  _write_run(matrix, "fib_stagger_w12", {1: 49.0})
-  out = tmp_path / "RESULTS.md"
-  args = ["--results", matrix, "--latency", lat, "--out", out, "--plots", tmp_path / "plots"]
-
-  def build():
-    proc = subprocess.run(
-      [sys.executable, str(PATH), *map(str, args)], capture_output=True, text=True
-    )
-    assert proc.returncode == 0, proc.stderr
-    return out.read_text()
-
-  assert "## Inference latency" not in build() and "Not measured in this file" in out.read_text()
+  lat = tmp_path / "latency"
 
   def table(impl, seq_len, learned_ratios, device="Test GPU (gpu)", frozen=True):
     rows = []
@@ -271,42 +259,54 @@ def test_latency_tables_give_the_latency_claim_and_their_own_section(tmp_path):
   def write(name, t):
     (lat / f"latency_{name}.json").write_text(json.dumps(t))
 
+  def verdict():
+    claim = results_md.latency_claim(results_md.load_latency(lat))
+    return claim and claim[1:]
+
+  assert results_md.load_latency(lat) == [] and verdict() is None  # no folder
   lat.mkdir()
   write("a", table("pallas_packed", 1024, (1.4, 1.1)))
   write("b", table("xla", 4096, (0.9, 1.2)))
-  text = build()
-  assert (
-    "| Learned alpha costs about 5x the inference latency of an integer-offset schedule | "
-    "**does not hold** | forward latency, learned / static: `pallas_packed` 1.10x-1.40x; `xla` "
-    "0.90x-1.20x (T = 1,024, 4,096, batch 1, 32, Test GPU (gpu)); frozen learned / static "
-    "1.05x" in text
+  assert verdict() == (
+    "does not hold",
+    "forward latency, learned / static: `pallas_packed` 1.10x-1.40x; `xla` 0.90x-1.20x (T = "
+    "1,024, 4,096, batch 1, 32, Test GPU (gpu)); frozen learned / static 1.05x (see 'Inference "
+    "latency')",
   )
+  section = "\n".join(results_md.latency_md(results_md.load_latency(lat)))
   assert (
     "| `pallas_packed` | 1,024 | 32 | fixed | 2.00 | 2.20 (1.100x) | 2.10 (1.050x) | "
-    "fresh (every alpha 1) | Test GPU (gpu) |" in text
+    "fresh (every alpha 1) | Test GPU (gpu) |" in section
   )
-  assert "| `xla` | 4,096 | 1 | fixed | 2.00 | 1.80 (0.900x) | 2.10 (1.050x) |" in text
-  assert "Not measured in this file" not in text
+  assert "| `xla` | 4,096 | 1 | fixed | 2.00 | 1.80 (0.900x) | 2.10 (1.050x) |" in section
   write("b", table("xla", 4096, (5.0, 6.0)))
-  assert "| **unresolved** |" in build()  # 1.1x-1.4x with one impl, 5x-6x with the other
+  assert verdict()[0] == "unresolved"  # 1.1x-1.4x with one impl, 5x-6x with the other
   write("a", table("pallas_packed", 1024, (2.5, 3.0), frozen=False))  # 2.5x: holds
-  text = build()
-  assert (
-    "| **holds** | forward latency, learned / static: `pallas_packed` 2.50x-3.00x; `xla`" in text
-  )
-  assert "frozen learned / static 1.05x" in text  # the xla table's frozen rows only
+  assert verdict()[0] == "holds" and "frozen learned / static 1.05x" in verdict()[1]
   write("a", table("pallas_packed", 1024, (2.49, 3.0)))
-  assert "| **unresolved** |" in build()
+  assert verdict()[0] == "unresolved"
 
-  # A CPU table does not decide a GPU speed claim; rows without a ratio (static not timed
-  # first) are left out, and a table without its static row altogether.
-  (lat / "latency_a.json").unlink()
-  (lat / "latency_b.json").unlink()
+  # The command line: the claim and the section in RESULTS.md, the "not measured" sentence
+  # gone. A CPU table does not decide a GPU speed claim (listed all the same); rows without a
+  # ratio (static not timed first) are left out, and a table without its static row.
+  matrix, out = tmp_path / "matrix", tmp_path / "RESULTS.md"
+  _write_run(matrix, "fib_stagger_w12", {1: 49.0})
+  args = ["--results", matrix, "--latency", lat, "--out", out, "--plots", tmp_path / "plots"]
+  proc = subprocess.run([sys.executable, str(PATH), *map(str, args)], capture_output=True)
+  assert proc.returncode == 0, proc.stderr
+  text = out.read_text()
+  assert "| Learned alpha costs about 5x the inference latency of an integer-offset " in text
+  assert "| **unresolved** |" in text and "## Inference latency" in text
+  assert "Not measured in this file" not in text
+  for name in ("a", "b"):
+    (lat / f"latency_{name}.json").unlink()
   write("cpu", table("xla", 1024, (5.0, 5.0), device="cpu (cpu)"))
   no_static = table("pallas_packed", 1024, (1.2, 1.2))
   no_static["rows"] = [{**r, "vs_static": None} for r in no_static["rows"]]
   write("gpu", no_static)
-  text = build()
-  assert "Learned alpha costs about 5x" not in text and "Not measured in this file" in text
-  assert "| `xla` | 1,024 | 1 | fixed | 2.00 | 10.00 (5.000x) |" in text  # listed all the same
-  assert "| `pallas_packed` |" not in text
+  tables = results_md.load_latency(lat)
+  assert [t["impl"] for t in tables] == ["xla"] and results_md.latency_claim(tables) is None
+  assert "Not measured in this file" in results_md.not_yet_run({}, latency_measured=False)
+  assert "| `xla` | 1,024 | 1 | fixed | 2.00 | 10.00 (5.000x) |" in "\n".join(
+    results_md.latency_md(tables)
+  )
