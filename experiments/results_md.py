@@ -591,7 +591,7 @@ def _ratio_range(ratios: list[float]) -> str:
 def latency_claim(tables: list[dict]) -> tuple[str, str, str] | None:
   """The paper's latency claim (a GPU speed claim) against the GPU tables: (claim, verdict,
   numbers), or None where no GPU table has a learned row."""
-  tables = [t for t in tables if t["device"].endswith("(gpu)")]
+  tables = [t for t in tables if t["device"].endswith("(gpu)") and _ratios([t], "learned")]
   learned = _ratios(tables, "learned")
   if not learned:
     return None
@@ -601,7 +601,7 @@ def latency_claim(tables: list[dict]) -> tuple[str, str, str] | None:
     verdict = "does not hold"
   else:
     verdict = "unresolved"
-  impls = sorted({t["impl"] for t in tables if _ratios([t], "learned")})
+  impls = sorted({t["impl"] for t in tables})
   per_impl = "; ".join(f"`{i}` {_ratio_range(_ratios(tables, 'learned', i))}" for i in impls)
   lengths = ", ".join(f"{n:,}" for n in sorted({t["seq_len"] for t in tables}))
   batches = ", ".join(str(b) for b in sorted({r["batch_size"] for t in tables for r in t["rows"]}))
@@ -617,13 +617,16 @@ def latency_claim(tables: list[dict]) -> tuple[str, str, str] | None:
 
 
 def _alphas(table: dict) -> str:
-  """Where a latency table's learned alphas came from: a checkpoint, or a fresh model."""
+  """Where a latency table's learned alphas came from (its `learned_alphas`; a table from
+  before that key: every alpha 1 is a fresh model's) and their range."""
   alphas = table.get("frozen_alphas") or []
-  if "--checkpoint" in table.get("command", ""):
-    return f"checkpoint ({min(alphas):.3f}-{max(alphas):.3f})" if alphas else "checkpoint"
-  if alphas and all(a == 1.0 for a in alphas):
+  span = f"{min(alphas):.3f}-{max(alphas):.3f}" if alphas else "-"
+  source = table.get("learned_alphas")
+  if source is None and alphas and all(a == 1.0 for a in alphas):
+    source = "initial"
+  if source == "initial":
     return "fresh (every alpha 1)"
-  return f"{min(alphas):.3f}-{max(alphas):.3f}" if alphas else "-"
+  return f"trained ({span})" if source == "given" else span
 
 
 def latency_md(tables: list[dict]) -> list[str]:
@@ -816,7 +819,7 @@ def build(
 
 def not_yet_run(runs: dict, latency_measured: bool = False) -> str:
   """The paper's runs (configs/paper.py) with no report here, so that no claim reads as final,
-  and the latency claim when no latency table is here."""
+  and the latency claim when no GPU latency table with a learned ratio is here."""
   from configs.paper import RUNS
 
   present = {e["name"] for es in runs.values() for e in es}

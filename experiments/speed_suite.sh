@@ -42,7 +42,9 @@
 #   tests_norm     the fused RMSNorm and log-sum-exp kernels against plain JAX, for real
 #   tests_model    the model's and the train step's GPU tests, for real: a train step with the
 #                  Pallas kernels against XLA's (tests/test_model.py), the kernels under
-#                  shard_map on a mesh of the machine's GPUs against one GPU (tests/test_train.py)
+#                  shard_map on a mesh against one GPU (tests/test_train.py: it needs 2 GPUs,
+#                  so start such a suite on two, `start 0,1`; a queue's suites see one GPU and
+#                  skip it)
 #   norm_loss      bench_norm_loss.py: the fused RMSNorm against XLA's, the one-pass
 #                  log-sum-exp against the two-pass one, beside their HBM floors
 #   train_options  bench_train.py, dense, fib_stagger_w12 and fib_learned_w12 at T = 1,024 with
@@ -127,7 +129,7 @@ suite() {
         step norm_loss 300 python experiments/bench_norm_loss.py --out "$DIR/bench_norm_loss.json" ;;
       tests_norm)
         step tests_norm 300 env FIBAX_GPU_TESTS=1 python -m pytest -m gpu tests/test_norm.py tests/test_logsumexp.py \
-          -vv -p no:cacheprovider --junitxml "$DIR/tests_norm.xml" ;;
+          ${TEST_K:+-k "$TEST_K"} -vv -p no:cacheprovider --junitxml "$DIR/tests_norm.xml" ;;
       tests_model)
         local per=(); python -c "import pytest_timeout" 2>/dev/null && per=(--timeout "${PER_TEST_S:-240}")
         step tests_model "${TEST_LIMIT_S:-900}" env FIBAX_GPU_TESTS=1 python -m pytest -m gpu \

@@ -88,7 +88,8 @@ def latency_table(
 
   Returns:
     {"device", "jax_version", "seq_len", "impl", "static_schedule", "frozen_alphas",
-     "rows": [{"variant", "batch_size", "ms", "tokens_per_s", "vs_static"}]}.
+     "learned_alphas" ("given": `learned_params`' alphas; "initial": a fresh model's, every
+     alpha 1), "rows": [{"variant", "batch_size", "ms", "tokens_per_s", "vs_static"}]}.
   """
   for v in variants:
     if v not in LATENCY_VARIANTS:
@@ -121,6 +122,7 @@ def latency_table(
     "impl": cfg.attention.impl,
     "static_schedule": static_schedule,
     "frozen_alphas": list(models["frozen"][0].attention.frozen_alphas),
+    "learned_alphas": "initial" if learned_params is None else "given",
     "config": dataclasses.asdict(cfg),
     "rows": rows,
   }

@@ -185,9 +185,9 @@ def test_speed_suite_runs_its_steps_detached_and_packs_what_they_wrote(tmp_path)
 
 def test_speed_suite_latency_step_and_a_test_step_with_its_own_cases(tmp_path):
   """speed_suite.sh: `latency` runs `fibax.eval latency` once per impl and length, each into
-  its own JSON; TEST_K replaces the suite's test steps' -k expression (tests_model's too), its
-  brackets and parentheses kept through a queue file's line. `python` is a stand-in that logs
-  its calls."""
+  its own JSON; TEST_K replaces the -k expression of the suite's test steps (tests_model's
+  and tests_norm's too), its brackets and parentheses kept through a queue file's line.
+  `python` is a stand-in that logs its calls."""
   suite = SCRIPT.with_name("speed_suite.sh")
   calls = tmp_path / "calls.txt"
   fake = tmp_path / "bin" / "python"
@@ -199,7 +199,8 @@ def test_speed_suite_latency_step_and_a_test_step_with_its_own_cases(tmp_path):
   )
   queue = tmp_path / "queue.txt"
   queue.write_text(
-    'lat SPEED_STEPS="latency tests_diagonal tests_model" LAT_IMPLS="pallas_packed xla" '
+    'lat SPEED_STEPS="latency tests_diagonal tests_model tests_norm" '
+    'LAT_IMPLS="pallas_packed xla" '
     "LAT_LENS=1024 "
     'LAT_BATCH="1 8" TEST_K="GpuPackedDiagonalKernel and (44] or 45])"\n'
   )
@@ -221,11 +222,12 @@ def test_speed_suite_latency_step_and_a_test_step_with_its_own_cases(tmp_path):
   tail = ["--batch", "1", "8", "--out", f"{out}/latency_xla_T1024.json"]
   assert argvs[1][argvs[1].index("--batch") :] == tail
   assert "--seq-len" in argvs[0] and argvs[0][argvs[0].index("--seq-len") + 1] == "1024"
-  kernels, model = [a for a in argvs if "pytest" in a][-2:]
+  kernels, model, norm = [a for a in argvs if "pytest" in a][-3:]
   assert kernels[kernels.index("-k") + 1] == "GpuPackedDiagonalKernel and (44] or 45])"
   at = model.index("tests/test_model.py")
   k = "GpuPackedDiagonalKernel and (44] or 45])"
   assert model[at : at + 4] == ["tests/test_model.py", "tests/test_train.py", "-k", k]
+  assert norm[norm.index("-k") + 1] == k and "tests/test_norm.py" in norm
 
 
 def test_start_with_sharding_first_runs_the_check_then_the_queue_within_the_deadline(tmp_path):

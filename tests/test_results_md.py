@@ -304,9 +304,26 @@ def test_latency_tables_give_the_latency_claim_and_their_own_section(tmp_path):
   no_static = table("pallas_packed", 1024, (1.2, 1.2))
   no_static["rows"] = [{**r, "vs_static": None} for r in no_static["rows"]]
   write("gpu", no_static)
+  # A table timed learned before static: its learned rows have no ratio and are left out,
+  # its static and frozen rows stay; a trained model's alphas are named with their range.
+  late = table("pallas_packed", 4096, (1.3, 1.3))
+  late["rows"] = [
+    {**r, "vs_static": None} if r["variant"] == "learned" else r for r in late["rows"]
+  ]
+  late.update(learned_alphas="given", frozen_alphas=[0.98, 1.02])
+  write("late", late)
   tables = results_md.load_latency(lat)
-  assert [t["impl"] for t in tables] == ["xla"] and results_md.latency_claim(tables) is None
-  assert "Not measured in this file" in results_md.not_yet_run({}, latency_measured=False)
-  assert "| `xla` | 1,024 | 1 | fixed | 2.00 | 10.00 (5.000x) |" in "\n".join(
-    results_md.latency_md(tables)
+  assert [t["impl"] for t in tables] == ["xla", "pallas_packed"]  # latency_cpu, latency_late
+  assert {r["variant"] for r in tables[1]["rows"]} == {"static", "frozen"}
+  assert results_md.latency_claim(tables) is None  # no GPU learned ratio left
+  section = "\n".join(results_md.latency_md(tables))
+  assert "| `xla` | 1,024 | 1 | fixed | 2.00 | 10.00 (5.000x) |" in section
+  assert (
+    "| `pallas_packed` | 4,096 | 1 | fixed | 2.00 | - | 2.10 (1.050x) | trained (0.980-1.020) |"
+    in section
   )
+  proc = subprocess.run([sys.executable, str(PATH), *map(str, args)], capture_output=True)
+  assert proc.returncode == 0, proc.stderr
+  text = out.read_text()
+  assert "Learned alpha costs about 5x" not in text and "Not measured in this file" in text
+  assert "## Inference latency" in text  # listed all the same
