@@ -433,7 +433,9 @@ def test_learned_window_jax_is_the_plain_jax_computation_under_a_pallas_impl():
 )
 def test_remat_is_the_same_function_with_the_same_parameters_and_keeps_less(remat, schedule):
   """model.remat: the same parameter tree, loss and gradients (alpha's too) as keeping every
-  activation; the compiled gradient of a deeper, wider model keeps less memory."""
+  activation; the compiled gradient of a deeper, wider model keeps less memory (checked with
+  the static schedule: what a policy keeps does not depend on how the offsets are set, and
+  the learned model's compile of it was half of its 38-44 s)."""
   from fibax.steps import token_losses
 
   keep = _small(schedule)
@@ -458,7 +460,8 @@ def test_remat_is_the_same_function_with_the_same_parameters_and_keeps_less(rema
     fn = jax.jit(jax.grad(lambda p, t: token_losses(p, M.Transformer(big), t, t).mean()))
     return fn.lower(p, toks).compile().memory_analysis().temp_size_in_bytes
 
-  assert temp_bytes(recompute) < temp_bytes(keep)
+  if schedule != "learned":
+    assert temp_bytes(recompute) < temp_bytes(keep)
   with pytest.raises(ValueError, match="remat='all'"):
     dataclasses.replace(keep, remat="all")
 
