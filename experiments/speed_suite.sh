@@ -115,6 +115,8 @@ step() {
 suite() {
   local steps=${SPEED_STEPS:-tests_packed attention train tests_learned attention2}
   local common=(--set model.embed_backward=sorted)
+  # The test steps' per-case limit, where pytest-timeout is installed.
+  local per=(); python -c "import pytest_timeout" 2>/dev/null && per=(--timeout "${PER_TEST_S:-240}")
   for s in $steps; do
     case "$s" in
       attention)
@@ -131,7 +133,6 @@ suite() {
         step tests_norm 300 env FIBAX_GPU_TESTS=1 python -m pytest -m gpu tests/test_norm.py tests/test_logsumexp.py \
           ${TEST_K:+-k "$TEST_K"} -vv -p no:cacheprovider --junitxml "$DIR/tests_norm.xml" ;;
       tests_model)
-        local per=(); python -c "import pytest_timeout" 2>/dev/null && per=(--timeout "${PER_TEST_S:-240}")
         step tests_model "${TEST_LIMIT_S:-900}" env FIBAX_GPU_TESTS=1 python -m pytest -m gpu \
           tests/test_model.py tests/test_train.py ${TEST_K:+-k "$TEST_K"} -vv -p no:cacheprovider \
           "${per[@]}" --junitxml "$DIR/tests_model.xml" ;;
@@ -218,7 +219,6 @@ suite() {
         [ "$s" = tests_bitwise ] && k="bitwise_the_same_gradients"
         [ "$s" = tests_ew ] && k=GpuPackedEwKernel
         k=${TEST_K:-$k}
-        local per=(); python -c "import pytest_timeout" 2>/dev/null && per=(--timeout "${PER_TEST_S:-240}")
         step "$s" "${TEST_LIMIT_S:-900}" env FIBAX_GPU_TESTS=1 python -m pytest -m gpu tests/test_kernels.py -k "$k" \
           -vv -p no:cacheprovider "${per[@]}" --junitxml "$DIR/$s.xml" ;;  # -vv: the -q of addopts
       *) echo "$(date +%s) unknown step $s" >> "$DIR/log.txt" ;;
