@@ -566,9 +566,16 @@ def load_latency(folder: Path | None) -> list[dict]:
     return []
   tables = []
   for path in sorted(folder.glob("latency_*.json")):
-    table = json.loads(path.read_text())
-    rows = [r for r in table["rows"] if r.get("vs_static") is not None]
-    if any(r["variant"] == "static" for r in rows):
+    try:
+      table = json.loads(path.read_text())
+      missing = sorted({"device", "impl", "seq_len", "rows"} - set(table))
+      if missing:
+        raise KeyError(", ".join(missing))
+      rows = [r for r in table["rows"] if r.get("vs_static") is not None]
+      keep = any(r["variant"] == "static" for r in rows)
+    except (ValueError, KeyError, TypeError, AttributeError) as e:
+      raise ValueError(f"{path} is not a `fibax.eval latency` table ({e!r})") from None
+    if keep:
       tables.append({**table, "rows": rows})
   return tables
 
@@ -865,7 +872,10 @@ def main(argv=None) -> int:
   if not runs:
     sys.exit(f"results_md.py: error: no results-cap_run.json under {args.results}")
   full = load_runs(args.full) if args.full.is_dir() else {}
-  latency = load_latency(args.latency)
+  try:
+    latency = load_latency(args.latency)
+  except ValueError as e:
+    sys.exit(f"results_md.py: error: {e}")
   plots = args.plots or args.results / "plots"
   names = [plots / "ppl_vs_length.png", plots / "position_bins.png"]
   if any(e["alphas"] for es in runs.values() for e in es):

@@ -327,3 +327,20 @@ def test_latency_tables_give_the_latency_claim_and_their_own_section(tmp_path):
   text = out.read_text()
   assert "Learned alpha costs about 5x" not in text and "Not measured in this file" in text
   assert "## Inference latency" in text  # listed all the same
+
+
+def test_a_broken_latency_table_is_a_one_line_error_and_writes_nothing(tmp_path):
+  matrix, lat, out = tmp_path / "matrix", tmp_path / "latency", tmp_path / "RESULTS.md"
+  _write_run(matrix, "fib_stagger_w12", {1: 49.0})
+  lat.mkdir()
+  for text, why in (("{not json", "JSONDecodeError"), ('{"rows": []}', "device, impl, seq_len")):
+    (lat / "latency_x.json").write_text(text)
+    args = ["--results", matrix, "--latency", lat, "--out", out, "--plots", tmp_path / "plots"]
+    proc = subprocess.run(
+      [sys.executable, str(PATH), *map(str, args)], capture_output=True, text=True
+    )
+    assert proc.returncode == 1 and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+    assert (
+      "latency_x.json is not a `fibax.eval latency` table" in proc.stderr and why in proc.stderr
+    )
+    assert not out.exists() and not (tmp_path / "plots").exists()
