@@ -1,29 +1,37 @@
-"""The packed kernels' key-major backward (dk, dv of static rungs) in Mosaic GPU, for Hopper.
+"""A prototype, not part of fibax: the packed kernels' dkv (dk, dv of static rungs) in Mosaic
+GPU with TMA copies, and a check that runs it on a GPU beside the Triton kernel.
 
-The Triton dkv kernel (`kernels_pallas.gpu`, `_dkv_packed_kernel`) gathers, for each rung d of
-a key block [j0, j0 + C), the query and dO rows j0 + d .. j0 + d + C - 1 of the G heads with
-per-thread loads through L1: on an H200 that kernel is bound by its L1 / load-store traffic
-(Nsight Compute: 79-85% of the LSU's peak, L2 at 54%). This one moves the same rows with the
-Hopper tensor-memory accelerator (TMA): one copy a head and tensor per loop step, issued by one
-thread, into shared memory, the next step's copies in flight while the tensor cores work on
-this one's (two buffers). The arithmetic is the Triton kernel's with `dkv_t=1`:
+Why: the Triton dkv kernel (`kernels_pallas.gpu._dkv_packed_kernel`, 2.05 ms of the stagger
+model's 32.6 ms train step at T = 1,024 on an H200) gathers, for each rung d of a key block
+[j0, j0 + C), the query and dO rows j0 + d .. j0 + d + C - 1 of the G heads with per-thread
+loads through L1, and Nsight Compute finds it bound there (79-85% of the LSU's peak, L2 at
+54%). Here each step's tiles come by the Hopper tensor-memory accelerator (TMA) instead: one
+copy a head and tensor, issued by one thread, the next step's copies in flight while the
+tensor cores work on this one's (two buffers). The arithmetic is the Triton kernel's with
+`dkv_t=1`:
 
   packed rows m = g * C + r (head g, query row base + r), C = 64 / G key rows a program, so a
   step's tiles are [64, D] (one warpgroup's wgmma);
   s = q k^T and dp = dO v^T, [64, C]; p = 2^(s * scale * log2 e - lse * log2 e) where the
   step's mask keeps (row m reads key c), 0 elsewhere; ds = p (dp - delta);
-  dv^T [D, C] += dO^T p and dk^T [D, C] += q^T ds (p and ds through shared memory).
+  dv^T [D, C] += dO^T p and dk^T [D, C] += q^T ds (p and ds through shared memory);
 
-The steps: the window's query chunks j0 + n C (a band mask 0 <= i - j <= W), then the rungs
-below T - j0 (distances from the int32 table `gpu.rung_table` builds, read from shared
-memory, so every layer shares one compiled kernel). A step's copy starts at row
-min(j0 + offset, T - C), inside the array; the mask is written in absolute rows, so a
-clamped start only leaves rows unused. At the end, dk = (dk^T)^T through one more wgmma with
-an identity tile (exact), then one copy out.
+the window's query chunks j0 + n C (a band mask), then the rungs below T - j0 (distances from
+`gpu.rung_table`'s int32 table, read from shared memory); a copy starts at row min(j0 +
+offset, T - C), the mask is in absolute rows; at the end dk = (dk^T)^T through one wgmma with an
+identity tile (exact), then one copy out.
 
-Scope: static rungs, 16-bit inputs, G in {1, 2, 4} (C = 64, 32, 16), D a multiple of 64, T a
-multiple of C. `supported` says whether a call fits; `kernels_pallas.gpu` falls back to the
-Triton kernel where it does not.
+Status (experiments/results/mosaic_dkv_h200x2/): in Pallas' Mosaic GPU interpreter it matches
+the Triton kernel (in its interpreter) on every shape tried, rungs included; it lowers on a
+CPU-only machine (Lane semantics; Warpgroup semantics' layout inference refuses the copies'
+row offsets). On an H200 it matches the Triton kernel bitwise where every copy starts on a
+multiple of 8 rows (window chunks; rungs 24, 32, 64) and is wrong at rung 20 (relative error
+0.27) and stops the GPU with an illegal instruction at rung 17: Mosaic GPU copies into a tiled
+shared-memory buffer (8-row tiles, which wgmma needs) through a tiled view of the GMEM array,
+so a start row that is not a tile's is not expressible (launch_context.py's TileTransform
+divides the start by 8). The paper's rungs start anywhere. What would lift it: copies into an
+untiled buffer with 128-byte swizzle (for D = 64 the same bytes as the tiled layout) aliased as
+the wgmma operand, p and ds stored transposed so every operand takes that swizzle.
 """
 
 from __future__ import annotations
@@ -41,7 +49,7 @@ _ROWS = 64  # packed rows of a step's tile: one warpgroup's wgmma M
 _SWIZZLE = 32  # bytes: shared-memory tiles 16 bf16 wide, which the [64, C] p and ds tiles need
 
 
-def supported(q_shape, kv_heads: int, dtype) -> str | None:
+def supported(q_shape, kv_heads: int, dtype) -> str | None:  # the prototype's scope
   """None where the kernel runs a (q [B, T, H, D], K kv heads, dtype) call; else why not."""
   _, seq_len, heads, dim = q_shape
   groups = heads // kv_heads
@@ -183,8 +191,9 @@ def _kernel(
 
 def dkv(q, k, v, do, lse, delta, table, *, window: int, interpret: bool = False):
   """(dk, dv) [B, T, K, D] of the packed kernels' static rungs: q/do [B, T, H, D], k/v
-  [B, T, K, D], lse/delta float32 [B, H, T], `table` `gpu.rung_table`'s. dk carries the
-  1 / sqrt(D) scale."""
+  [B, T, K, D], lse/delta float32 [B, H, T], `table` from `kernels_pallas.gpu.rung_table`.
+  dk carries the 1 / sqrt(D) scale. On a GPU, right only where every rung is a multiple of 8
+  (module docstring)."""
   bsz, padded, heads, dim = q.shape
   kv_heads = k.shape[2]
   why = supported(q.shape, kv_heads, q.dtype)
@@ -225,3 +234,45 @@ def dkv(q, k, v, do, lse, delta, table, *, window: int, interpret: bool = False)
     compiler_params=params,
     interpret=plgpu.InterpretGPUParams() if interpret else False,
   )(table, q, k, v, do, lse, delta)
+
+
+def check(batch, seq_len, heads, kv_heads, head_dim, window, far) -> list[float]:
+  """Relative errors of this kernel's dk, dv against the Triton packed kernel's, bf16 inputs
+  (on a CPU: both in their interpreters)."""
+  from kernels_pallas import gpu
+
+  interpret = jax.default_backend() == "cpu"
+  ks = jax.random.split(jax.random.key(0), 4)
+  shape_q = (batch, seq_len, heads, head_dim)
+  shape_kv = (batch, seq_len, kv_heads, head_dim)
+  q, do = (jax.random.normal(k, shape_q, jnp.bfloat16) for k in ks[:2])
+  k, v = (jax.random.normal(k, shape_kv, jnp.bfloat16) for k in ks[2:])
+  blocks = gpu.GpuBlocks(kernel="packed")
+  table = gpu.rung_table(far, window)
+  kw = dict(window=window, blocks=blocks, interpret=interpret)
+  o, lse = gpu._forward_packed(q, k, v, table, **kw)
+  _, dk, dv = gpu._backward_packed(q, k, v, o, lse, do, table, **kw)
+  delta = jnp.einsum("bthd,bthd->bht", o.astype(jnp.float32), do.astype(jnp.float32))
+  ours = jax.jit(functools.partial(dkv, window=window, interpret=interpret))
+  dk2, dv2 = ours(q, k, v, do, lse, delta, table)
+  return [
+    float(jnp.linalg.norm((a - b).astype(jnp.float32)) / jnp.linalg.norm(a.astype(jnp.float32)))
+    for a, b in ((dk, dk2), (dv, dv2))
+  ]
+
+
+def main(argv=None) -> None:
+  """python experiments/mosaic_dkv.py B T H K D W [d1,d2,...]: one check, one line."""
+  import sys
+
+  args = sys.argv[1:] if argv is None else argv
+  if len(args) not in (6, 7):
+    raise SystemExit("usage: mosaic_dkv.py B T H K D W [d1,d2,...] (rung distances > W)")
+  shape = [int(x) for x in args[:6]]
+  far = tuple(int(x) for x in args[6].split(",") if x) if len(args) == 7 else ()
+  errs = check(*shape, far)
+  print(" ".join(args), "OK" if max(errs) < 1e-2 else "WRONG", errs, flush=True)
+
+
+if __name__ == "__main__":
+  main()

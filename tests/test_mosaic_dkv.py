@@ -1,0 +1,32 @@
+"""experiments/mosaic_dkv.py, the Mosaic GPU dkv prototype, in Pallas' Mosaic GPU interpreter
+against the Triton packed kernel in its interpreter (the GPU's verdict is in its docstring)."""
+
+import jax.numpy as jnp
+import pytest
+
+from experiments import mosaic_dkv
+
+
+@pytest.mark.parametrize(
+  "shape, window, far",
+  [
+    ((1, 128, 8, 2, 64), 12, (13, 21, 34, 55, 89)),  # G = 4, rungs past T - j0 skipped
+    ((1, 128, 4, 2, 64), 3, (20,)),  # G = 2, a rung that starts off an 8-row tile
+    ((1, 128, 2, 2, 64), 70, ()),  # G = 1: 64-row key blocks, two window chunks
+  ],
+)
+def test_the_prototype_gives_the_triton_kernels_dk_and_dv(shape, window, far):
+  assert max(mosaic_dkv.check(*shape, window, far)) < 1e-5
+
+
+def test_the_prototype_names_the_calls_it_does_not_take():
+  assert mosaic_dkv.supported((2, 128, 8, 64), 2, jnp.bfloat16) is None
+  assert "float32" in mosaic_dkv.supported((2, 128, 8, 64), 2, jnp.float32)
+  assert "8 query heads" in mosaic_dkv.supported((2, 128, 16, 64), 2, jnp.bfloat16)
+  assert "head_dim 32" in mosaic_dkv.supported((2, 128, 8, 32), 2, jnp.bfloat16)
+  assert "T = 80" in mosaic_dkv.supported((2, 80, 2, 64), 2, jnp.bfloat16)
+  q = jnp.zeros((1, 64, 8, 32), jnp.bfloat16)
+  kv = jnp.zeros((1, 64, 2, 32), jnp.bfloat16)
+  st = jnp.zeros((1, 8, 64), jnp.float32)
+  with pytest.raises(ValueError, match="head_dim 32"):
+    mosaic_dkv.dkv(q, kv, kv, q, st, st, jnp.zeros((16,), jnp.int32), window=4, interpret=True)
