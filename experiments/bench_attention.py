@@ -198,6 +198,13 @@ def main(argv=None):
     help="the packed kernels whose static rungs run on CUDA cores (row dot products, no "
     "tensor-core tiles), a bitmask: 1 forward, 2 dq, 4 dkv; 0 none (the default)",
   )
+  ap.add_argument(
+    "--dkv-tma",
+    type=int,
+    default=None,
+    help="1: the packed kernels' static dk and dv through the Mosaic GPU kernel (TMA copies; "
+    "16-bit inputs, G <= 4, D = 64); 0: the Triton kernel (the default)",
+  )
   ap.add_argument("--out", default=None)
   ap.add_argument(
     "--sweep",
@@ -206,7 +213,8 @@ def main(argv=None):
     help=f"block configs {SPEC_FORMAT} (group: static rungs to a tile, packed kernel; diagonal, "
     "dkv_t, exp2, fold: 1 or 0, as --diagonal, --dkv-t, --exp2, --fold; stages_dkv: the dkv "
     "kernel's, 0: stages_bwd; group_dkv: the dkv kernel's group, 0: group_bwd; ew: the kernels "
-    "whose static rungs run on CUDA cores, a bitmask, 1 fwd, 2 dq, 4 dkv) to time for "
+    "whose static rungs run on CUDA cores, a bitmask, 1 fwd, 2 dq, 4 dkv; dkv_tma: 1 or 0, as "
+    "--dkv-tma) to time for "
     "--sweep-impl at each length and the first alpha, "
     "beside the cuDNN window, then write them (--out)",
   )
@@ -333,10 +341,11 @@ SPEC_KEYS = (
   "fold",
   "rung_group_dkv",
   "ew_rungs",
+  "dkv_tma",
 )
 SPEC_FORMAT = (
   "'bq,warps,bq_bwd,warps_bwd[,stages[,stages_bwd[,group[,group_bwd[,diagonal[,dkv_t"
-  "[,stages_dkv[,exp2[,fold[,group_dkv[,ew]]]]]]]]]]]'"
+  "[,stages_dkv[,exp2[,fold[,group_dkv[,ew[,dkv_tma]]]]]]]]]]]]'"
 )
 
 
@@ -358,13 +367,14 @@ def parse_spec(spec: str) -> GpuBlocks:
 
 def _spec(b: GpuBlocks) -> list[int]:
   """bq, warps, bq_bwd, warps_bwd, stages, stages_bwd, group, group_bwd, diagonal, dkv_t,
-  stages_dkv, exp2, fold, group_dkv, ew (resolved; the row-wise kernel folds no rungs and
+  stages_dkv, exp2, fold, group_dkv, ew, dkv_tma (resolved; the row-wise kernel folds no rungs and
   takes no tiles to leave: 0)."""
   packed = b.kernel == "packed"
   return [
     *(b.block_q, b.warps, b.block_q_bwd, b.num_warps_bwd, b.num_stages, b.stages_dq),
     *(b.group, b.group_bwd, b.diagonal, b.dkv_t, b.stages_dkv, b.exp2),
     *(b.fold if packed else 0, b.group_dkv, b.ew_rungs if packed else 0),
+    b.dkv_tma if packed else 0,
   ]
 
 
@@ -396,6 +406,7 @@ def autotune(args, specs: list[GpuBlocks]) -> dict:
       )
     ),
     dkv_t=bwd["blocks"][9],
+    dkv_tma=bwd["blocks"][15],
     num_stages_dkv=bwd["blocks"][10],
     exp2=fwd["blocks"][11],
   )

@@ -39,6 +39,7 @@
 #   tests_dkv_rows the same with GpuBlocks.dkv_t=0 (dk, dv accumulated as [C, D], not transposed)
 #   tests_bitwise  the packed kernels' gradients twice from the same inputs: bitwise the same
 #   tests_ew       the packed kernels with every static rung on CUDA cores (GpuBlocks.ew_rungs=7)
+#   tests_dkv_tma  the packed kernels with dk, dv from the Mosaic GPU kernel (GpuBlocks.dkv_tma=1)
 #   tests_norm     the fused RMSNorm and log-sum-exp kernels against plain JAX, for real
 #   tests_model    the model's and the train step's GPU tests, for real: a train step with the
 #                  Pallas kernels against XLA's (tests/test_model.py), the kernels under
@@ -68,7 +69,7 @@
 #   attention_sweep  bench_attention.py --sweep: the packed kernel's block rows, warps and
 #                  pipeline stages and rung groups (ATTN_SWEEP:
 #                  'bq,warps,bq_bwd,warps_bwd[,stages[,stages_bwd[,group[,group_bwd[,diagonal
-#                  [,dkv_t[,stages_dkv[,exp2[,fold[,group_dkv[,ew]]]]]]]]]]]')
+#                  [,dkv_t[,stages_dkv[,exp2[,fold[,group_dkv[,ew[,dkv_tma]]]]]]]]]]]]')
 #                  at T = 1K, 16K, 64K beside the cuDNN window and the HBM floor
 #   ncu            profile_kernels.py: Nsight Compute's counters (throughputs, hit rates, occupancy,
 #                  warp stalls) of the packed kernels and the cuDNN window at T = 1K and 16K, op
@@ -208,7 +209,7 @@ suite() {
           done
         done ;;
       tests_packed | tests_grouped | tests_ungrouped | tests_learned | tests_lse | tests_diagonal | tests_dkv_rows \
-        | tests_bitwise | tests_ew)
+        | tests_bitwise | tests_ew | tests_dkv_tma)
         local k=GpuPackedKernel
         [ "$s" = tests_learned ] && k="GpuLearnedRungs and not Diagonal and not DkvRows"
         [ "$s" = tests_grouped ] && k=GpuPackedGroupedKernel
@@ -218,6 +219,7 @@ suite() {
         [ "$s" = tests_dkv_rows ] && k="GpuPackedDkvRowsKernel or GpuLearnedRungsDkvRows"
         [ "$s" = tests_bitwise ] && k="bitwise_the_same_gradients"
         [ "$s" = tests_ew ] && k=GpuPackedEwKernel
+        [ "$s" = tests_dkv_tma ] && k=GpuPackedDkvTmaKernel
         k=${TEST_K:-$k}
         step "$s" "${TEST_LIMIT_S:-900}" env FIBAX_GPU_TESTS=1 python -m pytest -m gpu tests/test_kernels.py -k "$k" \
           -vv -p no:cacheprovider "${per[@]}" --junitxml "$DIR/$s.xml" ;;  # -vv: the -q of addopts

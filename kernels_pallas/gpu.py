@@ -29,6 +29,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
+from kernels_pallas import mosaic
 from kernels_pallas.reference import MASK_VALUE
 
 LOG2E = 1.4426950408889634  # log2(e)
@@ -156,6 +157,12 @@ class GpuBlocks:
   # B T = 65,536): the loops' loads feed no dot, so Triton pipelines none of them, and they
   # hold more registers (experiments/results/speed_h200x2_4aef62b/). 0 is the default.
   ew_rungs: int = 0
+  # Packed kernels, static rungs: 1 takes dk and dv from `kernels_pallas.mosaic`'s Mosaic GPU
+  # kernel (Hopper: the query and dO tiles of each step moved by the TMA engine instead of
+  # per-thread loads through L1, which bound the Triton dkv kernel), where it takes the call
+  # (16-bit inputs, G <= 4, D = 64; `mosaic.supported`); the Triton kernel
+  # elsewhere and for learned rungs. The same sums up to the order of float32 additions.
+  dkv_tma: int = 0
 
   def __post_init__(self):
     if self.kernel not in KERNELS:
@@ -184,11 +191,15 @@ class GpuBlocks:
     ):
       if n < 0 or n & (n - 1):
         raise ValueError(f"{name}={n} must be a power of two or 0 ({least})")
-    for name in ("diagonal", "dkv_t", "exp2", "fold"):
+    for name in ("diagonal", "dkv_t", "exp2", "fold", "dkv_tma"):
       if getattr(self, name) not in (0, 1):
         raise ValueError(f"{name}={getattr(self, name)} must be 0 or 1")
     if not 0 <= self.ew_rungs <= 7:
       raise ValueError(f"ew_rungs={self.ew_rungs} must be a bitmask 0..7 (1 fwd, 2 dq, 4 dkv)")
+    if self.kernel != "packed" and self.dkv_tma:
+      raise ValueError(f"dkv_tma=1 is the packed kernel's option; kernel={self.kernel!r}")
+    if self.dkv_tma and self.ew_rungs & 4:
+      raise ValueError(f"dkv_tma=1 and ew_rungs={self.ew_rungs} (bit 4) both set the dkv kernel")
     if self.kernel != "packed" and self.ew_rungs:
       raise ValueError(
         f"ew_rungs={self.ew_rungs}: static rungs on CUDA cores are the packed kernel's option; "
@@ -230,12 +241,12 @@ class GpuBlocks:
     return self.num_stages_dkv or self.stages_dq
 
   def for_kernel(self, kernel: str) -> GpuBlocks:
-    """These blocks for `kernel`; the row-wise kernel's without the rung groups and ew_rungs
-    (it has neither)."""
+    """These blocks for `kernel`; the row-wise kernel's without the rung groups, ew_rungs and
+    dkv_tma (it has none of them)."""
     groups = (
       {}
       if kernel == "packed"
-      else dict(rung_group=0, rung_group_bwd=0, rung_group_dkv=0, ew_rungs=0)
+      else dict(rung_group=0, rung_group_bwd=0, rung_group_dkv=0, ew_rungs=0, dkv_tma=0)
     )
     return dataclasses.replace(self, kernel=kernel, **groups)
 
@@ -1248,6 +1259,9 @@ def _packed_backward(q, k, v, o, lse, do, tables, *, window, blocks, interpret, 
   delta = dq_out[1]
   # Learned: K and V also whole, for the rows before the block (a blend's other row), and
   # each program's spill onto the row before its block.
+  if blocks.dkv_tma and not learned and mosaic.supported(q.shape, num_kv, q.dtype) is None:
+    dk, dv = mosaic.dkv(q, k, v, do, lse, delta, tables[0], window=window, interpret=interpret)
+    return dq_out[0], dk, dv
   kv_specs = [sp["kv_blk"], sp["kv_blk"], *([sp["kv_all"], sp["kv_all"]] if learned else [])]
   top_spec = pl.BlockSpec((None, None, None, head_dim), lambda i, b, h: (b, h, i, 0))
   top_shape = jax.ShapeDtypeStruct((bsz, num_kv, seq_len // bq, head_dim), jnp.float32)

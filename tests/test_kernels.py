@@ -95,9 +95,12 @@ class KernelTest:
   BACKEND = "gpu"
   HEAD_DIMS = (16, 32, 64, 128)
   BLOCKS = None  # the op's default kernel and blocks
+  DTYPE = None  # None: the case's own (bf16 or f32)
 
   def check(self, seed):
     case = random_case(seed, self.HEAD_DIMS)
+    if self.DTYPE is not None:
+      case["dtype"] = self.DTYPE
     q, k, v, w = _inputs(case, seed)
     pattern = case["pattern"]
 
@@ -587,6 +590,51 @@ class TestGpuLearnedRungsDkvRows(LearnedRungsTest):
 
   @pytest.mark.parametrize("seed", _gpu_seeds())
   def test_matches_plain_jax(self, seed):
+    self.check(seed)
+
+
+# dk and dv of static rungs from the Mosaic GPU kernel (kernels_pallas/mosaic.py: TMA copies),
+# on the cases it takes: bf16, head dim 64 (G is 1, 2 or 4 in every case). Each check
+# counts the kernel's traces: with dkv_tma the op pads T to a multiple of 64, so every case
+# runs it.
+DKV_TMA = GpuBlocks(kernel="packed", dkv_tma=1)
+
+
+class DkvTmaTest(KernelTest):
+  BLOCKS = DKV_TMA
+  DTYPE = jnp.bfloat16
+  HEAD_DIMS = (64,)
+
+  def check(self, seed):
+    from kernels_pallas import mosaic
+
+    calls = []
+    traced = mosaic.dkv
+
+    def counted(*args, **kwargs):
+      calls.append(args[0].shape)
+      return traced(*args, **kwargs)
+
+    with pytest.MonkeyPatch.context() as mp:
+      mp.setattr(mosaic, "dkv", counted)
+      super().check(seed)
+    assert calls, random_case(seed, self.HEAD_DIMS)
+
+
+@pytest.mark.gpu
+class TestGpuPackedDkvTmaKernel(DkvTmaTest):
+  @pytest.mark.parametrize("seed", _gpu_seeds())
+  def test_matches_reference(self, seed):
+    self.check(seed)
+
+
+class TestGpuPackedDkvTmaInterpret(DkvTmaTest):
+  """The Mosaic GPU kernel in Pallas' Mosaic GPU interpreter (the Triton ones in theirs)."""
+
+  BACKEND = "gpu_interpret"
+
+  @pytest.mark.parametrize("seed", _seeds())
+  def test_matches_reference(self, seed):
     self.check(seed)
 
 
