@@ -8,8 +8,8 @@ L2 at 54%). Here each step's tiles come by the tensor-memory accelerator (TMA): 
 and tensor, issued by one thread, the next step's copies in flight while the tensor cores work
 on this one's (two buffers). The arithmetic is the Triton kernel's with `dkv_t=1`:
 
-  packed rows m = g * C + r (head g, query row base + r), C = 64 / G key rows a program, so a
-  step's tiles are [64, D] (one warpgroup's wgmma);
+  packed rows m = r * G + g (query row base + r, head g; G = 4), C = 16 key rows a program,
+  so a step's tiles are [64, D] (one warpgroup's wgmma), each one copy of [C, G, D];
   s = q k^T and dp = dO v^T, [64, C]; p = 2^(s * scale * log2 e - lse * log2 e) where the
   step's mask keeps (row m reads key c), 0 elsewhere; ds = p (dp - delta);
   dv^T [D, C] += dO^T p and dk^T [D, C] += q^T ds (p and ds through shared memory);
@@ -25,8 +25,8 @@ on an H200 only from 8-row-aligned starts (wrong at rung 20, an illegal instruct
 experiments/results/mosaic_dkv_h200x2/). So the query-side buffers are also viewed untiled
 (`_TILED`, `_SWIZZLED` below), which a copy may start anywhere.
 
-Scope: static rungs, 16-bit inputs, G in {1, 2, 4} (C = 64, 32, 16), D = 64, T a multiple of
-C (`supported`); `gpu` falls back to the Triton kernel elsewhere.
+Scope: static rungs, 16-bit inputs, G = 4, D = 64, T a multiple of 16 (`supported`); `gpu`
+falls back to the Triton kernel elsewhere.
 """
 
 from __future__ import annotations
@@ -50,8 +50,8 @@ def supported(q_shape, kv_heads: int, dtype) -> str | None:
   groups = heads // kv_heads
   if jnp.dtype(dtype) not in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)):
     return f"dtype {jnp.dtype(dtype).name} (16-bit only)"
-  if groups not in (1, 2, 4):
-    return f"{groups} query heads a kv head (1, 2 or 4)"
+  if groups != 4:
+    return f"{groups} query heads a kv head (4 only)"
   if dim != _DIM:
     return f"head_dim {dim} (64 only)"
   if seq_len % (_ROWS // groups):
@@ -107,29 +107,31 @@ def _kernel(
   def issue(n):
     slot, row0 = n % 2, start(n)
     bar = bars.at[slot]
-    for g in range(groups):
-      head = h * groups + g
-      rows = pl.ds(g * block, block)
-      plgpu.copy_gmem_to_smem(q_ref.at[b, pl.ds(row0, block), head], q_in.at[slot, rows], bar)
-      plgpu.copy_gmem_to_smem(do_ref.at[b, pl.ds(row0, block), head], do_in.at[slot, rows], bar)
-    # The G heads' statistics as one [G, C] box: packed row m = g * C + r in order (a copy
-    # moves a multiple of 128 bytes; C rows of one head are 64 at C = 16). Pallas' GPU
-    # interpreter takes no reshaped destination: there, one copy a head, the same bytes.
+    heads = pl.ds(h * groups, groups)
+    if interpret:  # Pallas' interpreter takes no reshaped destination: a copy a query row
+      for r in range(block):
+        rows = pl.ds(r * groups, groups)
+        for ref, dst in ((q_ref, q_in), (do_ref, do_in)):
+          plgpu.copy_gmem_to_smem(ref.at[b, row0 + r, heads], dst.at[slot, rows], bar)
+        for ref, dst in ((lse_ref, lse_s), (delta_ref, delta_s)):
+          plgpu.copy_gmem_to_smem(ref.at[b, h, row0 + r], dst.at[slot, rows], bar)
+      return
+    # One copy a tensor: C query rows x the G heads, packed row m = r * G + g in order. The
+    # statistics come as [B, K, T, G] (16 bytes a row at G = 4: a copy's start must be
+    # 16-byte aligned, which a [B, H, T] row starting at an odd position is not).
+    for ref, dst in ((q_ref, q_in), (do_ref, do_in)):
+      box = dst.at[slot].reshape(block, groups, _DIM)
+      plgpu.copy_gmem_to_smem(ref.at[b, pl.ds(row0, block), heads], box, bar)
     for ref, dst in ((lse_ref, lse_s), (delta_ref, delta_s)):
-      if interpret:
-        for g in range(groups):
-          src = ref.at[b, h * groups + g, pl.ds(row0, block)]
-          plgpu.copy_gmem_to_smem(src, dst.at[slot, pl.ds(g * block, block)], bar)
-      else:
-        src = ref.at[b, pl.ds(h * groups, groups), pl.ds(row0, block)]
-        plgpu.copy_gmem_to_smem(src, dst.at[slot].reshape(groups, block), bar)
+      box = dst.at[slot].reshape(block, groups)
+      plgpu.copy_gmem_to_smem(ref.at[b, h, pl.ds(row0, block)], box, bar)
 
   issue(0)
   plgpu.barrier_wait(kv_bar)
   shape = (_ROWS, block)
   m_i = plgpu.broadcasted_iota(jnp.int32, shape, 0, layout=plgpu.Layout.WGMMA)
   c_i = plgpu.broadcasted_iota(jnp.int32, shape, 1, layout=plgpu.Layout.WGMMA)
-  r_i = m_i % block  # the packed row's query row within the step's tile
+  r_i = m_i // groups  # the packed row's query row within the step's tile
   sc = scale * LOG2E
   # p and ds [64, C] are stored transposed, [C, 64] tiles, so that every wgmma operand takes
   # the 128-byte swizzle (Mosaic GPU: a wgmma's two shared-memory operands share one).
@@ -197,6 +199,9 @@ def dkv(q, k, v, do, lse, delta, table, *, window: int, interpret: bool = False)
   groups = heads // kv_heads
   block = _ROWS // groups
   table = jnp.pad(table, (0, -table.shape[0] % 32))  # a copy moves a multiple of 128 bytes
+  lse, delta = (  # [B, K, T, G]
+    x.reshape(bsz, kv_heads, groups, padded).transpose(0, 1, 3, 2) for x in (lse, delta)
+  )
   kernel = functools.partial(
     _kernel, window=window, groups=groups, block=block, scale=dim**-0.5, interpret=interpret
   )
@@ -217,9 +222,7 @@ def dkv(q, k, v, do, lse, delta, table, *, window: int, interpret: bool = False)
     plgpu.SMEM((2, _ROWS), jnp.float32),  # delta
     plgpu.SMEM((block, _ROWS), q.dtype, transforms=_TILED),  # p^T, then dk
     plgpu.SMEM((block, _ROWS), q.dtype, transforms=_TILED),  # ds^T, then dv
-    plgpu.Barrier(
-      num_arrivals=(4 if interpret else 2) * groups + (0 if interpret else 2), num_barriers=2
-    ),
+    plgpu.Barrier(num_arrivals=4 * block if interpret else 4, num_barriers=2),
     plgpu.Barrier(num_arrivals=2),
     plgpu.Barrier(num_arrivals=1),
   ]

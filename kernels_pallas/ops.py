@@ -42,8 +42,7 @@ def _blocks_for(backend: str, seq_len: int, blocks):
     # Triton tiles need power-of-two sides >= 16; shrink blocks for short sequences.
     cap = max(16, 1 << max(seq_len - 1, 1).bit_length())
     b = dataclasses.replace(b, block_q=min(b.block_q, cap), block_q_bwd=min(b.block_q_bwd, cap))
-    # The Mosaic dkv kernel's key blocks are 64 / G rows (`mosaic.supported`): 64 fits every G.
-    return b, max(b.block_q, b.block_q_bwd, 64 if b.dkv_tma else 0)
+    return b, max(b.block_q, b.block_q_bwd)
   from kernels_pallas import tpu
 
   b = blocks or tpu.TpuBlocks()
