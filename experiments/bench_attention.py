@@ -203,7 +203,7 @@ def main(argv=None):
     type=int,
     default=None,
     help="1: the packed kernels' static dk and dv through the Mosaic GPU kernel (TMA copies; "
-    "16-bit inputs, G <= 4, D = 64); 0: the Triton kernel (the default)",
+    "bf16, G = 4, D = 64, a Hopper GPU); 0: the Triton kernel (the default)",
   )
   ap.add_argument("--out", default=None)
   ap.add_argument(
@@ -248,6 +248,9 @@ def main(argv=None):
     ew = [x for x, b in zip(given or (), specs[flag], strict=True) if b.ew_rungs]
     if args.sweep_impl == "pallas" and ew:
       ap.error(f"{flag} {ew[0]}: ew_rungs is the packed kernel's option (--sweep-impl pallas)")
+    tma = [x for x, b in zip(given or (), specs[flag], strict=True) if b.dkv_tma]
+    if args.sweep_impl == "pallas" and tma:
+      ap.error(f"{flag} {tma[0]}: dkv_tma is the packed kernel's option (--sweep-impl pallas)")
   if args.sweep:
     return sweep_report(args, specs["--sweep"], command)
   given = {k: getattr(args, k) for k in SPEC_KEYS if getattr(args, k) is not None}

@@ -39,15 +39,21 @@ def check(batch, seq_len, heads, kv_heads, head_dim, window, far) -> list[float]
   ]
 
 
+USAGE = "usage: mosaic_dkv_check.py B T H K D W [d1,d2,...] (integers; rung distances > W)"
+
+
 def main(argv=None) -> None:
-  """python experiments/mosaic_dkv.py B T H K D W [d1,d2,...]: one check, one line."""
+  """python experiments/mosaic_dkv_check.py B T H K D W [d1,d2,...]: one check, one line."""
   import sys
 
   args = sys.argv[1:] if argv is None else argv
   if len(args) not in (6, 7):
-    raise SystemExit("usage: mosaic_dkv.py B T H K D W [d1,d2,...] (rung distances > W)")
-  shape = [int(x) for x in args[:6]]
-  far = tuple(int(x) for x in args[6].split(",") if x) if len(args) == 7 else ()
+    raise SystemExit(USAGE)
+  try:
+    shape = [int(x) for x in args[:6]]
+    far = tuple(int(x) for x in args[6].split(",") if x) if len(args) == 7 else ()
+  except ValueError:
+    raise SystemExit(f"mosaic_dkv_check.py: not integers: {' '.join(args)!r}; {USAGE}") from None
   errs = check(*shape, far)
   print(" ".join(args), "OK" if max(errs) < 1e-2 else "WRONG", errs, flush=True)
 

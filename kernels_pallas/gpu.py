@@ -30,9 +30,8 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from kernels_pallas import mosaic
-from kernels_pallas.reference import MASK_VALUE
+from kernels_pallas.reference import LOG2E, MASK_VALUE
 
-LOG2E = 1.4426950408889634  # log2(e)
 LN2 = 0.6931471805599453
 
 
@@ -160,7 +159,7 @@ class GpuBlocks:
   # Packed kernels, static rungs: 1 takes dk and dv from `kernels_pallas.mosaic`'s Mosaic GPU
   # kernel (Hopper: the query and dO tiles of each step moved by the TMA engine instead of
   # per-thread loads through L1, which bound the Triton dkv kernel), where it takes the call
-  # (16-bit inputs, G <= 4, D = 64; `mosaic.supported`); the Triton kernel
+  # (bf16 inputs, G = 4, D = 64, a Hopper GPU; `mosaic.supported`); the Triton kernel
   # elsewhere and for learned rungs. The same sums up to the order of float32 additions.
   dkv_tma: int = 0
 
@@ -1257,11 +1256,11 @@ def _packed_backward(q, k, v, o, lse, do, tables, *, window, blocks, interpret, 
     name=f"fib_attention_{kind}_dq",
   )(*tables, q, k, v, o, do, lse, *([] if dlse is None else [dlse]))
   delta = dq_out[1]
-  # Learned: K and V also whole, for the rows before the block (a blend's other row), and
-  # each program's spill onto the row before its block.
   if blocks.dkv_tma and not learned and mosaic.supported(q.shape, num_kv, q.dtype) is None:
     dk, dv = mosaic.dkv(q, k, v, do, lse, delta, tables[0], window=window, interpret=interpret)
     return dq_out[0], dk, dv
+  # Learned: K and V also whole, for the rows before the block (a blend's other row), and
+  # each program's spill onto the row before its block.
   kv_specs = [sp["kv_blk"], sp["kv_blk"], *([sp["kv_all"], sp["kv_all"]] if learned else [])]
   top_spec = pl.BlockSpec((None, None, None, head_dim), lambda i, b, h: (b, h, i, 0))
   top_shape = jax.ShapeDtypeStruct((bsz, num_kv, seq_len // bq, head_dim), jnp.float32)

@@ -25,8 +25,8 @@ on an H200 only from 8-row-aligned starts (wrong at rung 20, an illegal instruct
 experiments/results/mosaic_dkv_h200x2/). So the query-side buffers are also viewed untiled
 (`_TILED`, `_SWIZZLED` below), which a copy may start anywhere.
 
-Scope: static rungs, 16-bit inputs, G = 4, D = 64, T a multiple of 16 (`supported`); `gpu`
-falls back to the Triton kernel elsewhere.
+Scope: static rungs, bf16 inputs, G = 4, D = 64, T a multiple of 16, a Hopper GPU (`supported`);
+`gpu` falls back to the Triton kernel elsewhere.
 """
 
 from __future__ import annotations
@@ -39,23 +39,30 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
-LOG2E = 1.4426950408889634
+from kernels_pallas.reference import LOG2E
+
 _ROWS = 64  # packed rows of a step's tile: one warpgroup's wgmma M
 _DIM = 64  # head dim: a row is the 128-byte swizzle, so a tiled tile is row-major (below)
+# p^T and ds^T [C, 64 packed rows] buffers hold dk and dv [C, D] at the end: the same shape.
+assert _ROWS == _DIM
 
 
 def supported(q_shape, kv_heads: int, dtype) -> str | None:
   """None where the kernel runs a (q [B, T, H, D], K kv heads, dtype) call; else why not."""
   _, seq_len, heads, dim = q_shape
   groups = heads // kv_heads
-  if jnp.dtype(dtype) not in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)):
-    return f"dtype {jnp.dtype(dtype).name} (16-bit only)"
+  if jnp.dtype(dtype) != jnp.dtype(jnp.bfloat16):
+    return f"dtype {jnp.dtype(dtype).name} (bf16 only: the one run)"
   if groups != 4:
     return f"{groups} query heads a kv head (4 only)"
   if dim != _DIM:
     return f"head_dim {dim} (64 only)"
   if seq_len % (_ROWS // groups):
-    return f"T = {seq_len} (a multiple of {_ROWS // groups})"
+    return f"T = {seq_len} must be a multiple of {_ROWS // groups}"
+  if jax.default_backend() == "gpu":  # (interpreted or lowered on a CPU: no device to ask)
+    cc = getattr(jax.devices()[0], "compute_capability", None)
+    if cc is not None and float(cc) < 9.0:
+      return f"a GPU of compute capability {cc} (TMA and wgmma: 9.0, Hopper)"
   return None
 
 

@@ -12,6 +12,8 @@ from jaxtyping import Array, Float
 
 from fibax.patterns import Pattern
 
+LOG2E = 1.4426950408889634  # log2(e): the GPU kernels' softmax in base 2
+
 # The one mask value of every attention path (oracle, XLA, learned, Pallas GPU and TPU, decode):
 # large, finite and negative. Finite (as the paper's §3 asks of the learned path) so that a
 # fully masked tile of an online softmax gives exp(0) = 1 instead of exp(-inf + inf) = NaN;

@@ -167,6 +167,12 @@ def test_parse_spec_names_a_bad_config(spec, why):
       ["--sweep", "16,2,16,4,2,2,1,1,0,1,2,1,1,0,4", "--sweep-impl", "pallas"],
       "ew_rungs is the packed kernel's option",
     ),
+    (["--dkv-tma", "2"], "dkv_tma=2 must be 0 or 1"),
+    (
+      ["--sweep", "16,2,16,4,2,2,1,1,0,1,2,1,1,0,0,1", "--sweep-impl", "pallas"],
+      "dkv_tma is the packed kernel's option",
+    ),
+    (["--dkv-tma", "1", "--ew-rungs", "4"], "both set the dkv kernel"),
   ],
 )
 def test_bad_blocks_of_the_benchmark_are_one_line_errors_before_anything_runs(argv, why, capsys):

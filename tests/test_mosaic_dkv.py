@@ -1,11 +1,18 @@
 """kernels_pallas/mosaic.py, the Mosaic GPU dkv kernel, in Pallas' Mosaic GPU interpreter against
-the Triton packed kernel in its interpreter (experiments/mosaic_dkv_check.py)."""
+the Triton packed kernel in its interpreter (experiments/mosaic_dkv_check.py). The interpreter
+gets the query-side tiles a row at a time into the tiled buffers (it takes no reshaped copy
+destination and keeps a RefUnion's views apart); the GPU path's copies (one [16, 4, 64] box a
+tensor into the untiled swizzled view, the [B, K, T, G] statistics) run only on a GPU
+(`TestGpuPackedDkvTmaKernel` in tests/test_kernels.py, `speed_suite.sh`'s `tests_dkv_tma`)."""
 
+import jax
 import jax.numpy as jnp
+import numpy as np
 import pytest
 
 from experiments import mosaic_dkv_check
-from kernels_pallas import mosaic
+from fibax.patterns import Pattern
+from kernels_pallas import fib_attention_lse, mosaic
 from kernels_pallas.gpu import GpuBlocks
 
 
@@ -24,6 +31,7 @@ def test_the_mosaic_kernel_gives_the_triton_kernels_dk_and_dv(shape, window, far
 def test_the_mosaic_kernel_names_the_calls_it_does_not_take():
   assert mosaic.supported((2, 128, 8, 64), 2, jnp.bfloat16) is None
   assert "float32" in mosaic.supported((2, 128, 8, 64), 2, jnp.float32)
+  assert "float16" in mosaic.supported((2, 128, 8, 64), 2, jnp.float16)
   assert "8 query heads" in mosaic.supported((2, 128, 16, 64), 2, jnp.bfloat16)
   assert "2 query heads" in mosaic.supported((2, 128, 4, 64), 2, jnp.bfloat16)
   assert "head_dim 32" in mosaic.supported((2, 128, 8, 32), 2, jnp.bfloat16)
@@ -41,3 +49,55 @@ def test_dkv_tma_is_the_packed_kernels_option_and_not_with_ew_dkv():
     GpuBlocks(dkv_tma=1)
   with pytest.raises(ValueError, match="ew_rungs=4"):
     GpuBlocks(kernel="packed", dkv_tma=1, ew_rungs=4)
+
+
+def test_the_check_script_names_bad_arguments():
+  with pytest.raises(SystemExit, match="usage"):
+    mosaic_dkv_check.main(["1", "2"])
+  with pytest.raises(SystemExit, match="not integers: '1 128 8 2 64 x'"):
+    mosaic_dkv_check.main(["1", "128", "8", "2", "64", "x"])
+
+
+def _grads(blocks, q, k, v, pattern):
+  """Gradients of a loss of o and lse (so the dq kernel's delta carries -dlse) in the GPU
+  interpreters."""
+  w = jax.random.normal(jax.random.key(7), q.shape, jnp.float32)
+  w_lse = jax.random.normal(jax.random.key(8), (q.shape[0], q.shape[2], q.shape[1]))
+
+  def loss(q, k, v):
+    o, lse = fib_attention_lse(q, k, v, pattern, backend="gpu_interpret", blocks=blocks)
+    return (o.astype(jnp.float32) * w).sum() + (lse * w_lse).sum()
+
+  return jax.jit(jax.grad(loss, argnums=(0, 1, 2)))(q, k, v)
+
+
+@pytest.mark.parametrize(
+  "heads, dtype, takes",
+  [(8, jnp.bfloat16, True), (4, jnp.bfloat16, False), (8, jnp.float32, False)],
+)
+def test_dkv_tma_gives_the_default_gradients_or_falls_back(heads, dtype, takes):
+  """GpuBlocks.dkv_tma=1 against 0, with an lse cotangent: the Mosaic kernel where it takes
+  the call (G = 4, bf16; the same sums in another order), the Triton kernel's own results
+  (bitwise) where it does not (G = 2; float32)."""
+  pattern = Pattern.build(base="fib", alpha=1.0, window=6, seq_len=96)
+  ks = jax.random.split(jax.random.key(3), 3)
+  q = jax.random.normal(ks[0], (1, 96, heads, 64), dtype)
+  k, v = (jax.random.normal(x, (1, 96, 2, 64), dtype) for x in ks[1:])
+  calls = []
+  traced = mosaic.dkv
+
+  def counted(*args, **kwargs):
+    calls.append(1)
+    return traced(*args, **kwargs)
+
+  with pytest.MonkeyPatch.context() as mp:
+    mp.setattr(mosaic, "dkv", counted)
+    tma = _grads(GpuBlocks(kernel="packed", dkv_tma=1), q, k, v, pattern)
+  base = _grads(GpuBlocks(kernel="packed"), q, k, v, pattern)
+  assert bool(calls) == takes
+  for a, b in zip(tma, base, strict=True):
+    a, b = np.asarray(a, np.float32), np.asarray(b, np.float32)
+    if takes:
+      np.testing.assert_allclose(a, b, rtol=1e-2, atol=1e-2 * np.abs(b).max())
+    else:
+      np.testing.assert_array_equal(a, b)
