@@ -5,6 +5,8 @@ destination and keeps a RefUnion's views apart); the GPU path's copies (one [16,
 tensor into the untiled swizzled view, the [B, K, T, G] statistics) run only on a GPU
 (`TestGpuPackedDkvTmaKernel` in tests/test_kernels.py, `speed_suite.sh`'s `tests_dkv_tma`)."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -101,3 +103,17 @@ def test_dkv_tma_gives_the_default_gradients_or_falls_back(heads, dtype, takes):
       np.testing.assert_allclose(a, b, rtol=1e-2, atol=1e-2 * np.abs(b).max())
     else:
       np.testing.assert_array_equal(a, b)
+
+
+def test_the_gpu_path_lowers_on_a_cpu_and_names_its_kernel():
+  """The kernel as a GPU runs it (the untiled swizzled copy views, the [16, 4, 64] boxes, the
+  [B, K, T, G] statistics), lowered to Mosaic GPU's module on a CPU-only machine; its name is
+  the one profiles and Nsight Compute's filter (experiments/profile_kernels.py) look for."""
+  q = jax.ShapeDtypeStruct((2, 256, 8, 64), jnp.bfloat16)
+  kv = jax.ShapeDtypeStruct((2, 256, 2, 64), jnp.bfloat16)
+  stats = jax.ShapeDtypeStruct((2, 8, 256), jnp.float32)
+  table = jax.ShapeDtypeStruct((16,), jnp.int32)
+  fn = jax.jit(functools.partial(mosaic.dkv, window=12))
+  lowered = fn.trace(q, kv, kv, q, stats, stats, table).lower(lowering_platforms=("cuda",))
+  text = lowered.as_text()
+  assert "mosaic_gpu" in text and "fib_attention_packed_dkv_tma" in text
