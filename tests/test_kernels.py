@@ -725,12 +725,13 @@ def test_the_softmax_in_base_2_gives_the_same_attention(seed):
       assert _rel_err(a, b) < 1e-5, (name, options, seed)
 
 
+@pytest.mark.parametrize("dkv_tma", [0, 1])
 @pytest.mark.parametrize("backend", [pytest.param("gpu", marks=pytest.mark.gpu), "gpu_interpret"])
-def test_the_same_inputs_give_bitwise_the_same_gradients(backend):
+def test_the_same_inputs_give_bitwise_the_same_gradients(backend, dkv_tma):
   """The packed kernels' backward has no atomics (dk, dv are summed key block by key block): the
   same inputs give bitwise the same dq, dk, dv and alpha's weights' gradient, run after run, for
   static rungs and learned ones; on a GPU at the paper's shape (T = 1,024, 8 / 2 heads, D = 64,
-  W = 12, bf16)."""
+  W = 12, bf16). With dkv_tma=1 the static rungs' dk, dv come from the Mosaic GPU kernel."""
   seq_len, batch = (1024, 4) if backend == "gpu" else (64, 1)
   ks = jax.random.split(jax.random.key(7), 4)
   q = jax.random.normal(ks[0], (batch, seq_len, 8, 64), jnp.bfloat16)
@@ -740,7 +741,7 @@ def test_the_same_inputs_give_bitwise_the_same_gradients(backend):
   pattern = Pattern.build(base="fib", alpha=1.3, window=12, seq_len=seq_len)
   lp = LearnedPattern.build(base="fib", window=12, seq_len=seq_len)
   lo, frac, keep = attention.learned_table(lp, 1.3)
-  blocks = GpuBlocks(kernel="packed")
+  blocks = GpuBlocks(kernel="packed", dkv_tma=dkv_tma)
 
   def static(q, k, v):
     o = fib_attention(q, k, v, pattern, backend=backend, blocks=blocks)
