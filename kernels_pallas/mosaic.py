@@ -161,8 +161,8 @@ def _kernel(
 
     s, dp = pl.run_scoped(scores, plgpu.ACC(shape, jnp.float32), plgpu.ACC(shape, jnp.float32))
     row_layout = plgpu.Layout.WGMMA.reduce(1)
-    lse = lax.broadcast_in_dim(plgpu.load(lse_s.at[slot], (), layout=row_layout), shape, [0])
-    delta = lax.broadcast_in_dim(plgpu.load(delta_s.at[slot], (), layout=row_layout), shape, [0])
+    lse = lax.broadcast_in_dim(plgpu.load(lse_s.at[slot], layout=row_layout), shape, [0])
+    delta = lax.broadcast_in_dim(plgpu.load(delta_s.at[slot], layout=row_layout), shape, [0])
     off, row0 = offset(n), start(n)
     rows = row0 + r_i
     rel = rows - (j0 + c_i)
