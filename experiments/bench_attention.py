@@ -205,6 +205,14 @@ def main(argv=None):
     help="1: the packed kernels' static dk and dv through the Mosaic GPU kernel (TMA copies; "
     "bf16, G = 4, D = 64, a Hopper GPU); 0: the Triton kernel (the default)",
   )
+  ap.add_argument(
+    "--q-tma",
+    type=int,
+    default=None,
+    help="the packed kernels' static forward (1) and dq (2) through the Mosaic GPU kernel, a "
+    "bitmask (TMA copies; bf16, G = 4, D = 64, a Hopper GPU); 0: the Triton kernels (the "
+    "default)",
+  )
   ap.add_argument("--out", default=None)
   ap.add_argument(
     "--sweep",
@@ -214,7 +222,7 @@ def main(argv=None):
     "dkv_t, exp2, fold: 1 or 0, as --diagonal, --dkv-t, --exp2, --fold; stages_dkv: the dkv "
     "kernel's, 0: stages_bwd; group_dkv: the dkv kernel's group, 0: group_bwd; ew: the kernels "
     "whose static rungs run on CUDA cores, a bitmask, 1 fwd, 2 dq, 4 dkv; dkv_tma: 1 or 0, as "
-    "--dkv-tma) to time for "
+    "--dkv-tma; q_tma: a bitmask, as --q-tma) to time for "
     "--sweep-impl at each length and the first alpha, "
     "beside the cuDNN window, then write them (--out)",
   )
@@ -251,6 +259,9 @@ def main(argv=None):
     tma = [x for x, b in zip(given or (), specs[flag], strict=True) if b.dkv_tma]
     if args.sweep_impl == "pallas" and tma:
       ap.error(f"{flag} {tma[0]}: dkv_tma is the packed kernel's option (--sweep-impl pallas)")
+    tma = [x for x, b in zip(given or (), specs[flag], strict=True) if b.q_tma]
+    if args.sweep_impl == "pallas" and tma:
+      ap.error(f"{flag} {tma[0]}: q_tma is the packed kernel's option (--sweep-impl pallas)")
   if args.sweep:
     return sweep_report(args, specs["--sweep"], command)
   given = {k: getattr(args, k) for k in SPEC_KEYS if getattr(args, k) is not None}
@@ -345,10 +356,11 @@ SPEC_KEYS = (
   "rung_group_dkv",
   "ew_rungs",
   "dkv_tma",
+  "q_tma",
 )
 SPEC_FORMAT = (
   "'bq,warps,bq_bwd,warps_bwd[,stages[,stages_bwd[,group[,group_bwd[,diagonal[,dkv_t"
-  "[,stages_dkv[,exp2[,fold[,group_dkv[,ew[,dkv_tma]]]]]]]]]]]]'"
+  "[,stages_dkv[,exp2[,fold[,group_dkv[,ew[,dkv_tma[,q_tma]]]]]]]]]]]]]'"
 )
 
 
@@ -370,14 +382,15 @@ def parse_spec(spec: str) -> GpuBlocks:
 
 def _spec(b: GpuBlocks) -> list[int]:
   """bq, warps, bq_bwd, warps_bwd, stages, stages_bwd, group, group_bwd, diagonal, dkv_t,
-  stages_dkv, exp2, fold, group_dkv, ew, dkv_tma (resolved; the row-wise kernel folds no rungs and
-  takes no tiles to leave: 0)."""
+  stages_dkv, exp2, fold, group_dkv, ew, dkv_tma, q_tma (resolved; the row-wise kernel folds no
+  rungs and takes no tiles to leave: 0)."""
   packed = b.kernel == "packed"
   return [
     *(b.block_q, b.warps, b.block_q_bwd, b.num_warps_bwd, b.num_stages, b.stages_dq),
     *(b.group, b.group_bwd, b.diagonal, b.dkv_t, b.stages_dkv, b.exp2),
     *(b.fold if packed else 0, b.group_dkv, b.ew_rungs if packed else 0),
     b.dkv_tma if packed else 0,
+    b.q_tma if packed else 0,
   ]
 
 
@@ -406,6 +419,7 @@ def autotune(args, specs: list[GpuBlocks]) -> dict:
         rung_group_dkv=bwd["blocks"][13],
         fold=fwd["blocks"][12],  # one setting for the three kernels: the forward's row's
         ew_rungs=fwd["blocks"][14] & 1 | bwd["blocks"][14] & 6,  # each kernel's bit, its row's
+        q_tma=fwd["blocks"][16] & 1 | bwd["blocks"][16] & 2,
       )
     ),
     dkv_t=bwd["blocks"][9],

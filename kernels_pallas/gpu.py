@@ -162,6 +162,13 @@ class GpuBlocks:
   # (bf16 inputs, G = 4, D = 64, a Hopper GPU; `mosaic.supported`); the Triton kernel
   # elsewhere and for learned rungs. The same sums up to the order of float32 additions.
   dkv_tma: int = 0
+  # Packed kernels, static rungs: which query-major kernels run in `kernels_pallas.mosaic`'s
+  # Mosaic GPU kernel, a bitmask (1 the forward, 2 dq): k and v tiles by TMA copies, four
+  # key tiles of 16 rows (window chunks or rungs) a step, where it takes the call (as
+  # `dkv_tma`); the Triton kernels elsewhere and for learned rungs. The same attention up to the
+  # order of float32 sums (and, in the forward, the bf16 rounding of p under another running
+  # max).
+  q_tma: int = 0
 
   def __post_init__(self):
     if self.kernel not in KERNELS:
@@ -193,6 +200,15 @@ class GpuBlocks:
     for name in ("diagonal", "dkv_t", "exp2", "fold", "dkv_tma"):
       if getattr(self, name) not in (0, 1):
         raise ValueError(f"{name}={getattr(self, name)} must be 0 or 1")
+    if not 0 <= self.q_tma <= 3:
+      raise ValueError(f"q_tma={self.q_tma} must be a bitmask 0..3 (1 fwd, 2 dq)")
+    if self.kernel != "packed" and self.q_tma:
+      raise ValueError(f"q_tma={self.q_tma} is the packed kernel's option; kernel={self.kernel!r}")
+    if self.q_tma & self.ew_rungs & 3:
+      raise ValueError(
+        f"q_tma={self.q_tma} and ew_rungs={self.ew_rungs} both set the "
+        f"{'forward' if self.q_tma & self.ew_rungs & 1 else 'dq'} kernel"
+      )
     if not 0 <= self.ew_rungs <= 7:
       raise ValueError(f"ew_rungs={self.ew_rungs} must be a bitmask 0..7 (1 fwd, 2 dq, 4 dkv)")
     if self.kernel != "packed" and self.dkv_tma:
@@ -240,12 +256,12 @@ class GpuBlocks:
     return self.num_stages_dkv or self.stages_dq
 
   def for_kernel(self, kernel: str) -> GpuBlocks:
-    """These blocks for `kernel`; the row-wise kernel's without the rung groups, ew_rungs and
-    dkv_tma (it has none of them)."""
+    """These blocks for `kernel`; the row-wise kernel's without the rung groups, ew_rungs,
+    dkv_tma and q_tma (it has none of them)."""
     groups = (
       {}
       if kernel == "packed"
-      else dict(rung_group=0, rung_group_bwd=0, rung_group_dkv=0, ew_rungs=0, dkv_tma=0)
+      else dict(rung_group=0, rung_group_bwd=0, rung_group_dkv=0, ew_rungs=0, dkv_tma=0, q_tma=0)
     )
     return dataclasses.replace(self, kernel=kernel, **groups)
 
@@ -1198,6 +1214,8 @@ def _packed_forward(q, k, v, tables, *, window, blocks, interpret, num_rungs=Non
   num_kv = k.shape[2]
   groups = num_heads // num_kv
   bq = blocks.block_q
+  if blocks.q_tma & 1 and num_rungs is None and mosaic.supported(q.shape, num_kv, q.dtype) is None:
+    return mosaic.forward(q, k, v, tables[0], window=window, interpret=interpret)
   sp = _packed_specs(seq_len, groups, head_dim, bq, tables)
   kernel = functools.partial(
     _fwd_packed_kernel, window=window, groups=groups, scale=head_dim**-0.5, block_q=bq,
@@ -1238,25 +1256,31 @@ def _packed_backward(q, k, v, o, lse, do, tables, *, window, blocks, interpret, 
   rungs_pad = tables[0].shape[0]
   dfrac_spec = pl.BlockSpec((None, None, None, rungs_pad), lambda i, b, h: (b, h, i, 0))
   dfrac_shape = jax.ShapeDtypeStruct((bsz, num_kv, seq_len // bq, rungs_pad), jnp.float32)
-  dq_out = pl.pallas_call(
-    functools.partial(
-      _dq_packed_kernel, **statics, with_dlse=dlse is not None, ew=blocks.ew_rungs >> 1 & 1
-    ),
-    grid=grid,
-    in_specs=[*sp["table"], sp["q_blk"], sp["kv_all"], sp["kv_all"], sp["q_blk"], sp["q_blk"]]
-    + [sp["stat_blk"]] * (1 if dlse is None else 2),
-    out_specs=[sp["q_blk"], sp["stat_blk"], *([dfrac_spec] if learned else [])],
-    out_shape=[
-      jax.ShapeDtypeStruct(q.shape, q.dtype),
-      jax.ShapeDtypeStruct(lse.shape, jnp.float32),  # delta
-      *([dfrac_shape] if learned else []),
-    ],
-    compiler_params=params_dq,
-    interpret=interpret,
-    name=f"fib_attention_{kind}_dq",
-  )(*tables, q, k, v, o, do, lse, *([] if dlse is None else [dlse]))
+  takes = not learned and mosaic.supported(q.shape, num_kv, q.dtype) is None
+  if blocks.q_tma & 2 and takes:
+    dq_out = mosaic.dq(
+      q, k, v, o, do, lse, tables[0], window=window, dlse=dlse, interpret=interpret
+    )
+  else:
+    dq_out = pl.pallas_call(
+      functools.partial(
+        _dq_packed_kernel, **statics, with_dlse=dlse is not None, ew=blocks.ew_rungs >> 1 & 1
+      ),
+      grid=grid,
+      in_specs=[*sp["table"], sp["q_blk"], sp["kv_all"], sp["kv_all"], sp["q_blk"], sp["q_blk"]]
+      + [sp["stat_blk"]] * (1 if dlse is None else 2),
+      out_specs=[sp["q_blk"], sp["stat_blk"], *([dfrac_spec] if learned else [])],
+      out_shape=[
+        jax.ShapeDtypeStruct(q.shape, q.dtype),
+        jax.ShapeDtypeStruct(lse.shape, jnp.float32),  # delta
+        *([dfrac_shape] if learned else []),
+      ],
+      compiler_params=params_dq,
+      interpret=interpret,
+      name=f"fib_attention_{kind}_dq",
+    )(*tables, q, k, v, o, do, lse, *([] if dlse is None else [dlse]))
   delta = dq_out[1]
-  if blocks.dkv_tma and not learned and mosaic.supported(q.shape, num_kv, q.dtype) is None:
+  if blocks.dkv_tma and takes:
     dk, dv = mosaic.dkv(q, k, v, do, lse, delta, tables[0], window=window, interpret=interpret)
     return dq_out[0], dk, dv
   # Learned: K and V also whole, for the rows before the block (a blend's other row), and

@@ -42,6 +42,7 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 from kernels_pallas.reference import LOG2E
 
 _ROWS = 64  # packed rows of a step's tile: one warpgroup's wgmma M
+_KEYS = 64  # key rows of the query-major kernels' step: wgmma's K for p v and ds k
 _DIM = 64  # head dim: a row is the 128-byte swizzle, so a tiled tile is row-major (below)
 # p^T and ds^T [C, 64 packed rows] buffers hold dk and dv [C, D] at the end: the same shape.
 assert _ROWS == _DIM
@@ -192,6 +193,253 @@ def _kernel(
   plgpu.copy_smem_to_gmem(p_s, dk_ref.at[kv_rows])
   plgpu.copy_smem_to_gmem(ds_s, dv_ref.at[kv_rows])
   plgpu.wait_smem_to_gmem(0)
+
+
+def _query_kernel(
+  table_ref, q_ref, k_ref, v_ref, *refs, dq_mode, window, groups, block, scale, with_dlse,
+  interpret,
+):  # fmt: skip
+  """The forward (o, lse) or dq (dq, delta) of one query block [j0, j0 + C) x the G heads of
+  kv head h, 64 packed rows. Its key tiles of C rows are units: the window's chunks (keys from
+  j0 - n C, a band mask), then one a live rung (a diagonal mask); a step takes 4 units as one
+  [64, D] key tile (64 keys: the contraction of p v and ds k, wgmma's K at the 128-byte
+  swizzle), each unit one TMA copy of k and of v into the step's buffer, the next step's in
+  flight during this one's wgmmas."""
+  n_in = (3 + with_dlse) if dq_mode else 0  # o, do, lse[, dlse]
+  ins, (out_a, out_b), scratch = refs[:n_in], refs[n_in : n_in + 2], refs[n_in + 2 :]
+  tab_s, q_u, *side, k_u, v_u, stat_s, out_s, bars, q_bar, tab_bar = scratch[: 9 + 2 * dq_mode]
+  a_s = scratch[-1] if interpret else None  # the interpreter's wgmma A operand
+  (q_in, q_s), (k_in, k_s), (v_in, v_s) = q_u, k_u, v_u  # each buffer's copy and wgmma views
+  side = [(u[1] if interpret else u[0], u[1]) for u in side]  # dq: o, do
+  if interpret:
+    q_in, k_in, v_in = q_s, k_s, v_s
+  units = _KEYS // block
+  j0 = lax.axis_index("j") * block
+  b, h = lax.axis_index("b"), lax.axis_index("h")
+  heads = pl.ds(h * groups, groups)
+  rows_g = pl.ds(j0 * groups, _ROWS)  # the block's packed rows of [B, K, T * G] statistics
+  plgpu.copy_gmem_to_smem(table_ref, tab_s, tab_bar)
+  tiles = [(q_ref, q_in), *((ref, buf[0]) for ref, buf in zip(ins[:2], side, strict=True))]
+  for ref, dst in tiles:  # one [C, G, D] box a tensor (interpreter: a copy a query row)
+    if interpret:
+      for r in range(block):
+        src = ref.at[b, j0 + r, heads]
+        plgpu.copy_gmem_to_smem(src, dst.at[pl.ds(r * groups, groups)], q_bar)
+    else:
+      box = dst.reshape(block, groups, _DIM)
+      plgpu.copy_gmem_to_smem(ref.at[b, pl.ds(j0, block), heads], box, q_bar)
+  for n, ref in enumerate(ins[2:]):  # lse[, dlse]
+    plgpu.copy_gmem_to_smem(ref.at[b, h, rows_g], stat_s.at[n], q_bar)
+  plgpu.barrier_wait(tab_bar)
+  chunks = 1 + -(-window // block)
+  count = tab_s[0]
+  last = tab_s.shape[0] - 2
+
+  # Rungs that reach a row of the block (d <= j0 + C - 1); the table is sorted.
+  def more(n):
+    return (n < count) & (tab_s[1 + jnp.minimum(n, last)] < j0 + block)
+
+  live = lax.while_loop(more, lambda n: n + 1, jnp.int32(0))
+  steps = (chunks + live + units - 1) // units
+
+  def unit(i):
+    """Unit i's (first key row, the kept distances lo..hi of query row - key row)."""
+    rung = tab_s[1 + jnp.clip(i - chunks, 0, last)]
+    off = jnp.where(i < chunks, i * block, rung)
+    # A chunk whose start would be below row 0 lies wholly before it; units past the last
+    # live rung keep nothing (lo > hi).
+    ok = jnp.where(i < chunks, j0 >= off, i < chunks + live)
+    lo = jnp.where(ok, jnp.where(i < chunks, 0, off), 1)
+    hi = jnp.where(ok, jnp.where(i < chunks, window, off), 0)
+    return jnp.maximum(j0 - off, 0), lo, hi
+
+  def issue(n):
+    slot = n % 2
+    for u in range(units):
+      rows = pl.ds(unit(n * units + u)[0], block)
+      for ref, dst in ((k_ref, k_in), (v_ref, v_in)):
+        dst_u = dst.at[slot, pl.ds(u * block, block)]
+        plgpu.copy_gmem_to_smem(ref.at[b, rows, h], dst_u, bars.at[slot])
+
+  issue(0)
+  plgpu.barrier_wait(q_bar)
+  shape = (_ROWS, _KEYS)
+  m_i = plgpu.broadcasted_iota(jnp.int32, shape, 0, layout=plgpu.Layout.WGMMA)
+  c_i = plgpu.broadcasted_iota(jnp.int32, shape, 1, layout=plgpu.Layout.WGMMA)
+  rows = j0 + m_i // groups  # the packed row's query row
+  u_i, c_u = c_i // block, c_i % block  # the key column's unit, its row in the unit
+  row_layout = plgpu.Layout.WGMMA.reduce(1)
+  sc = scale * LOG2E  # scores in base 2
+
+  def wgmma_value(a, b_ref, out_shape=shape):
+    def body(acc_ref):
+      plgpu.wgmma(acc_ref, a, b_ref)
+      return acc_ref[...]
+
+    return pl.run_scoped(body, plgpu.ACC(out_shape, jnp.float32))
+
+  def accumulate(acc, a, b_ref):  # acc + a @ b, a [64, 64] from registers
+    if interpret:  # Pallas' interpreter takes a wgmma's A operand from shared memory only,
+      a_s[...] = a  # and no accumulator given a value (`ACC.init`): a product, then a sum
+      return acc + wgmma_value(a_s, b_ref, acc.shape)
+    return pl.run_state(lambda acc_ref: plgpu.wgmma(acc_ref, a, b_ref))(plgpu.ACC.init(acc))
+
+  def prologue(n):
+    """Issue step n + 1's copies, wait for step n's; its mask [64 packed rows, 64 keys]."""
+    slot = n % 2
+
+    @pl.when(n + 1 < steps)
+    def _():
+      issue(n + 1)
+
+    plgpu.barrier_wait(bars.at[slot])
+    start, lo, hi = 0, 1, 0
+    for u in range(units):
+      start_u, lo_u, hi_u = unit(n * units + u)
+      pairs = ((start_u, start), (lo_u, lo), (hi_u, hi))
+      start, lo, hi = (jnp.where(u_i == u, x, y) for x, y in pairs)
+    rel = rows - (start + c_u)
+    return slot, (rel >= lo) & (rel <= hi)
+
+  zeros = plgpu.layout_cast(jnp.zeros((_ROWS, _DIM), jnp.float32), plgpu.Layout.WGMMA)
+  if dq_mode:
+    (_, o_s), (_, do_s) = side
+    o = plgpu.load(o_s, (), layout=plgpu.Layout.WGMMA).astype(jnp.float32)
+    do = plgpu.load(do_s, (), layout=plgpu.Layout.WGMMA).astype(jnp.float32)
+    delta = jnp.sum(o * do, axis=1)  # FlashAttention-2's D_i, here rather than in XLA
+    if with_dlse:
+      delta = delta - plgpu.load(stat_s.at[1], (), layout=row_layout)
+    lse2 = plgpu.load(stat_s.at[0], (), layout=row_layout) * LOG2E
+    lse2_b, delta_b = (lax.broadcast_in_dim(x, shape, [0]) for x in (lse2, delta))
+
+    def step(n, dq):
+      slot, keep = prologue(n)
+      s = wgmma_value(q_s, k_s.at[slot].transpose((1, 0)))
+      dp = wgmma_value(do_s, v_s.at[slot].transpose((1, 0)))
+      p = jnp.where(keep, jnp.exp2(s * sc - lse2_b), 0.0)
+      ds = p * (dp - delta_b)
+      return accumulate(dq, ds.astype(q_s.dtype), k_s.at[slot])
+
+    acc = lax.fori_loop(0, steps, step, zeros) * scale
+    stat = delta
+  else:
+    m0, l0 = (
+      plgpu.layout_cast(jnp.full((_ROWS,), x, jnp.float32), row_layout) for x in (-jnp.inf, 0.0)
+    )
+
+    def step(n, carry):
+      acc, m, l = carry
+      slot, keep = prologue(n)
+      s = jnp.where(keep, wgmma_value(q_s, k_s.at[slot].transpose((1, 0))) * sc, -jnp.inf)
+      # Step 0 holds every row's own key (unit 0, distance 0): m is finite after it.
+      m_new = jnp.maximum(m, jnp.max(s, axis=1))
+      corr = jnp.exp2(m - m_new)
+      p = jnp.exp2(s - lax.broadcast_in_dim(m_new, shape, [0]))
+      l = l * corr + jnp.sum(p, axis=1)
+      acc = acc * lax.broadcast_in_dim(corr, acc.shape, [0])
+      return accumulate(acc, p.astype(q_s.dtype), v_s.at[slot]), m_new, l
+
+    acc, m, l = lax.fori_loop(0, steps, step, (zeros, m0, l0))
+    acc = acc / lax.broadcast_in_dim(l, acc.shape, [0])
+    stat = (m + jnp.log2(l)) * (1.0 / LOG2E)  # natural log-sum-exp
+  # The result [64, D] through the query buffer (no wgmma reads it now), the row statistics
+  # (lse or delta) through their own, each one copy out.
+  q_s[...] = acc.astype(q_s.dtype)
+  out_s[...] = stat
+  plgpu.commit_smem()
+  if interpret:
+    for r in range(block):
+      src = q_s.at[pl.ds(r * groups, groups)]
+      plgpu.copy_smem_to_gmem(src, out_a.at[b, j0 + r, heads])
+  else:
+    dst = out_a.at[b, pl.ds(j0, block), heads]
+    plgpu.copy_smem_to_gmem(q_in.reshape(block, groups, _DIM), dst)
+  plgpu.copy_smem_to_gmem(out_s, out_b.at[b, h, rows_g])
+  plgpu.wait_smem_to_gmem(0)
+
+
+def _grouped(x, kv_heads):
+  """[B, H, T] statistics -> [B, K, T * G]: a block's packed rows m = r * G + g in order."""
+  bsz, heads, seq_len = x.shape
+  groups = heads // kv_heads
+  x = x.reshape(bsz, kv_heads, groups, seq_len).transpose(0, 1, 3, 2)
+  return x.reshape(bsz, kv_heads, seq_len * groups)
+
+
+def _ungrouped(x, groups):
+  """`_grouped`'s inverse: [B, K, T * G] -> [B, H, T]."""
+  bsz, kv_heads, rows = x.shape
+  x = x.reshape(bsz, kv_heads, rows // groups, groups).transpose(0, 1, 3, 2)
+  return x.reshape(bsz, kv_heads * groups, rows // groups)
+
+
+def _query_call(q, k, v, table, ins, *, dq_mode, window, interpret):
+  bsz, padded, heads, dim = q.shape
+  kv_heads = k.shape[2]
+  why = supported(q.shape, kv_heads, q.dtype)
+  if why is not None:
+    raise ValueError(f"the Mosaic GPU {'dq' if dq_mode else 'forward'} kernel: {why}")
+  groups = heads // kv_heads
+  block = _ROWS // groups
+  table = jnp.pad(table, (0, -table.shape[0] % 32))  # a copy moves a multiple of 128 bytes
+  kernel = functools.partial(
+    _query_kernel, dq_mode=dq_mode, window=window, groups=groups, block=block,
+    scale=dim**-0.5, with_dlse=len(ins) == 4, interpret=interpret,
+  )  # fmt: skip
+
+  def buffer(n=None):  # a copy view and a wgmma view of the same bytes
+    shape = (_ROWS, _DIM) if n is None else (n, _KEYS, _DIM)
+    return plgpu.RefUnion(
+      plgpu.SMEM(shape, q.dtype, transforms=_SWIZZLED),
+      plgpu.SMEM(shape, q.dtype, transforms=_TILED),
+    )
+
+  tiles = 1 + 2 * dq_mode  # q[, o, do]
+  stats = len(ins) - 2 if dq_mode else 0
+  arrivals = tiles * (block if interpret else 1) + stats
+  scratch = [
+    plgpu.SMEM(table.shape, jnp.int32),
+    *(buffer() for _ in range(tiles)),
+    buffer(2),  # k
+    buffer(2),  # v
+    plgpu.SMEM((max(stats, 1), _ROWS), jnp.float32),  # lse[, dlse]
+    plgpu.SMEM((_ROWS,), jnp.float32),  # the row statistics out (lse or delta)
+    plgpu.Barrier(num_arrivals=2 * (_KEYS // block), num_barriers=2),  # k, v: a copy a unit
+    plgpu.Barrier(num_arrivals=arrivals),
+    plgpu.Barrier(num_arrivals=1),
+    *([plgpu.SMEM((_ROWS, _KEYS), q.dtype)] if interpret else []),
+  ]
+  params = plgpu.CompilerParams(approx_math=True, lowering_semantics=plgpu.LoweringSemantics.Lane)
+  name = "dq" if dq_mode else "fwd"
+  stat_shape = jax.ShapeDtypeStruct((bsz, kv_heads, padded * groups), jnp.float32)
+  return plgpu.kernel(
+    kernel,
+    out_type=[jax.ShapeDtypeStruct(q.shape, q.dtype), stat_shape],
+    grid=(padded // block, bsz, kv_heads),
+    grid_names=("j", "b", "h"),
+    scratch_types=scratch,
+    compiler_params=params,
+    interpret=plgpu.InterpretGPUParams() if interpret else False,
+    kernel_name=f"fib_attention_packed_{name}_tma",
+  )(table, q, k, v, *ins)
+
+
+def forward(q, k, v, table, *, window: int, interpret: bool = False):
+  """(o [B, T, H, D], lse float32 [B, H, T]) of static rungs: q [B, T, H, D], k/v [B, T, K, D],
+  `table` from `kernels_pallas.gpu.rung_table`."""
+  o, lse = _query_call(q, k, v, table, (), dq_mode=False, window=window, interpret=interpret)
+  return o, _ungrouped(lse, q.shape[2] // k.shape[2])
+
+
+def dq(q, k, v, o, do, lse, table, *, window: int, dlse=None, interpret: bool = False):
+  """(dq [B, T, H, D], delta float32 [B, H, T]) of static rungs, delta = sum_d o do - dlse
+  (the dkv kernels' input); lse/dlse [B, H, T]. dq carries the 1 / sqrt(D) scale."""
+  kv_heads = k.shape[2]
+  stats = [_grouped(x, kv_heads) for x in (lse, *(() if dlse is None else (dlse,)))]
+  dq_, delta = _query_call(
+    q, k, v, table, (o, do, *stats), dq_mode=True, window=window, interpret=interpret
+  )
+  return dq_, _ungrouped(delta, q.shape[2] // kv_heads)
 
 
 def dkv(q, k, v, do, lse, delta, table, *, window: int, interpret: bool = False):

@@ -1,0 +1,74 @@
+"""The Mosaic GPU forward and dq kernels (kernels_pallas/mosaic.py) against the Triton packed
+kernels' o, lse, dq and delta on one shape, one line: on a GPU for real, on a CPU both in their
+interpreters.
+
+  python experiments/mosaic_query_check.py B T H K D W [d1,d2,...] [--dlse]
+
+Each check is its own process on a GPU: a kernel that faults ends its CUDA context.
+"""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+
+from kernels_pallas import mosaic
+
+NAMES = ("o", "lse", "dq", "delta")
+
+
+def check(batch, seq_len, heads, kv_heads, head_dim, window, far, dlse=False) -> list[float]:
+  """Relative errors of this module's (o, lse, dq, delta) against the Triton packed kernels',
+  bf16 inputs (on a CPU: both in their interpreters); `dlse`: a cotangent of lse as well."""
+  from kernels_pallas import gpu
+
+  interpret = jax.default_backend() == "cpu"
+  ks = jax.random.split(jax.random.key(0), 5)
+  shape_q = (batch, seq_len, heads, head_dim)
+  shape_kv = (batch, seq_len, kv_heads, head_dim)
+  q, do = (jax.random.normal(k, shape_q, jnp.bfloat16) for k in ks[:2])
+  k, v = (jax.random.normal(k, shape_kv, jnp.bfloat16) for k in ks[2:4])
+  table = gpu.rung_table(far, window)
+  kw = dict(window=window, blocks=gpu.GpuBlocks(kernel="packed"), interpret=interpret)
+  o, lse = gpu._forward_packed(q, k, v, table, **kw)
+  d_lse = jax.random.normal(ks[4], lse.shape) if dlse else None
+  dq, _, _ = gpu._backward_packed(q, k, v, o, lse, do, table, dlse=d_lse, **kw)
+  delta = jnp.einsum("bthd,bthd->bht", o.astype(jnp.float32), do.astype(jnp.float32))
+  delta = delta if d_lse is None else delta - d_lse
+  fwd = jax.jit(functools.partial(mosaic.forward, window=window, interpret=interpret))
+  bwd = jax.jit(functools.partial(mosaic.dq, window=window, interpret=interpret))
+  ours = (*fwd(q, k, v, table), *bwd(q, k, v, o, do, lse, table, dlse=d_lse))
+  return [
+    float(jnp.linalg.norm((a - b).astype(jnp.float32)) / jnp.linalg.norm(a.astype(jnp.float32)))
+    for a, b in zip((o, lse, dq, delta), ours, strict=True)
+  ]
+
+
+USAGE = (
+  "usage: mosaic_query_check.py B T H K D W [d1,d2,...] [--dlse] (integers; rung distances > W)"
+)
+
+
+def main(argv=None) -> None:
+  """python experiments/mosaic_query_check.py B T H K D W [d1,d2,...] [--dlse]: one line."""
+  import sys
+
+  args = sys.argv[1:] if argv is None else argv
+  dlse = "--dlse" in args
+  nums = [a for a in args if a != "--dlse"]
+  if len(nums) not in (6, 7):
+    raise SystemExit(USAGE)
+  try:
+    shape = [int(x) for x in nums[:6]]
+    far = tuple(int(x) for x in nums[6].split(",") if x) if len(nums) == 7 else ()
+  except ValueError:
+    raise SystemExit(f"mosaic_query_check.py: not integers: {' '.join(nums)!r}; {USAGE}") from None
+  errs = check(*shape, far, dlse=dlse)
+  # bf16 outputs: o within bf16's rounding (p rounded under another running max), the rest
+  # the same sums in another order.
+  found = dict(zip(NAMES, errs, strict=True))
+  print(" ".join(args), "OK" if max(errs) < 1e-2 else "WRONG", found, flush=True)
+
+
+if __name__ == "__main__":
+  main()
