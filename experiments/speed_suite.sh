@@ -40,6 +40,7 @@
 #   tests_bitwise  the packed kernels' gradients twice from the same inputs: bitwise the same
 #   tests_ew       the packed kernels with every static rung on CUDA cores (GpuBlocks.ew_rungs=7)
 #   tests_dkv_tma  the packed kernels with dk, dv from the Mosaic GPU kernel (GpuBlocks.dkv_tma=1)
+#   tests_q_tma    the packed kernels with all three Mosaic GPU kernels (q_tma=3, dkv_tma=1)
 #   tests_norm     the fused RMSNorm and log-sum-exp kernels against plain JAX, for real
 #   tests_model    the model's and the train step's GPU tests, for real: a train step with the
 #                  Pallas kernels against XLA's (tests/test_model.py), the kernels under
@@ -209,7 +210,7 @@ suite() {
           done
         done ;;
       tests_packed | tests_grouped | tests_ungrouped | tests_learned | tests_lse | tests_diagonal | tests_dkv_rows \
-        | tests_bitwise | tests_ew | tests_dkv_tma)
+        | tests_bitwise | tests_ew | tests_dkv_tma | tests_q_tma)
         local k=GpuPackedKernel
         [ "$s" = tests_learned ] && k="GpuLearnedRungs and not Diagonal and not DkvRows"
         [ "$s" = tests_grouped ] && k=GpuPackedGroupedKernel
@@ -220,6 +221,7 @@ suite() {
         [ "$s" = tests_bitwise ] && k="bitwise_the_same_gradients"
         [ "$s" = tests_ew ] && k=GpuPackedEwKernel
         [ "$s" = tests_dkv_tma ] && k=GpuPackedDkvTmaKernel
+        [ "$s" = tests_q_tma ] && k=GpuPackedQTmaKernel
         k=${TEST_K:-$k}
         step "$s" "${TEST_LIMIT_S:-900}" env FIBAX_GPU_TESTS=1 python -m pytest -m gpu tests/test_kernels.py -k "$k" \
           -vv -p no:cacheprovider "${per[@]}" --junitxml "$DIR/$s.xml" ;;  # -vv: the -q of addopts

@@ -52,7 +52,7 @@ def test_a_bad_block_config_is_named_before_anything_runs(capsys):
   bad_configs = (
     "16,2,16",
     "16,2,x,4",
-    "16,2,16,4,2,1,1,1,1,1,1,1,1,1,1,1,1",
+    "16,2,16,4,2,1,1,1,1,1,1,1,1,1,1,1,1,1",
     "16,2,16,4,0",
     "16,2,16,4,2,-1",
   )
@@ -106,18 +106,23 @@ def test_parse_spec_reads_the_stages_when_given():
     1,  # the dkv kernel's rung group: the backward's
     0,  # every kernel's static rungs as tensor-core tiles
     0,  # dk and dv from the Triton kernel
+    0,  # the forward and dq from the Triton kernels
   ]
   b = bench_attention.parse_spec("16,2,16,4,2,2,4")
   assert (b.kernel, b.rung_group, b.group_bwd) == ("packed", 4, 1)  # backward: 0, one a step
   got = bench_attention._spec(bench_attention.parse_spec("16,2,16,4,2,2,4,2"))
-  assert got[6:] == [4, 2, 0, 1, 2, 1, 1, 2, 0, 0]  # group_dkv: the backward's
+  assert got[6:] == [4, 2, 0, 1, 2, 1, 1, 2, 0, 0, 0]  # group_dkv: the backward's
   assert bench_attention.parse_spec("16,4,16,4,2,2,2,1,0,1,2,1,1,1,0,1").dkv_tma == 1
+  b = bench_attention.parse_spec("16,4,16,4,2,2,2,1,0,1,2,1,1,1,0,1,3")
+  assert (b.dkv_tma, b.q_tma) == (1, 3)  # all three kernels in Mosaic GPU
+  assert bench_attention._spec(b)[14:] == [0, 1, 3]
+  assert bench_attention.parse_spec("16,4,16,4,2,2,2,1,0,1,2,1,1,1,2,0,1").q_tma == 1  # fwd
   assert bench_attention.parse_spec("16,2,16,4,2,2,1,1,0").diagonal == 0
   assert bench_attention.parse_spec("16,2,16,4,2,2,1,1,0").dkv_t == 1  # the default
   assert bench_attention.parse_spec("16,2,16,4,2,2,1,1,0,0").dkv_t == 0
   b = bench_attention.parse_spec("16,2,16,4,2,3,1,1,0,1,2")
   assert (b.stages_dq, b.stages_dkv) == (3, 2)  # dq 3 stages, dkv 2
-  assert bench_attention._spec(b)[4:] == [2, 3, 1, 1, 0, 1, 2, 1, 1, 1, 0, 0]
+  assert bench_attention._spec(b)[4:] == [2, 3, 1, 1, 0, 1, 2, 1, 1, 1, 0, 0, 0]
   assert bench_attention.parse_spec("16,2,16,4,2,2,1,1,0,1,0,0").exp2 == 0
   assert bench_attention.parse_spec("16,2,16,4,2,2,1,1,0,1,0,1").fold == 1  # the default
   assert bench_attention.parse_spec("16,2,16,4,2,2,1,1,0,1,0,1,0").fold == 0
@@ -130,7 +135,9 @@ def test_parse_spec_reads_the_stages_when_given():
   "spec, why",
   [
     ("16,2,16", "of integers"),
-    ("16,2,16,4,2,2,4,2,1,1,1,1,1,1,1,1,1", "of integers"),
+    ("16,2,16,4,2,2,4,2,1,1,1,1,1,1,1,1,1,1", "of integers"),
+    ("16,2,16,4,2,2,1,1,0,1,0,1,1,0,0,0,4", "q_tma=4 must be a bitmask 0..3"),
+    ("16,2,16,4,2,2,1,1,0,1,0,1,1,0,3,0,2", "q_tma=2 and ew_rungs=3 both set the dq kernel"),
     ("16,2,16,4,2,2,1,1,0,1,0,1,1,0,9", "ew_rungs=9 must be a bitmask"),
     ("16,2,16,4,2,2,1,1,0,1,0,1,1,3", "rung_group_dkv=3 must be a power of two"),
     ("16,2,16,4,2,2,1,1,0,1,0,1,2", "fold=2 must be 0 or 1"),
@@ -173,6 +180,12 @@ def test_parse_spec_names_a_bad_config(spec, why):
       "dkv_tma is the packed kernel's option",
     ),
     (["--dkv-tma", "1", "--ew-rungs", "4"], "both set the dkv kernel"),
+    (["--q-tma", "4"], "q_tma=4 must be a bitmask 0..3"),
+    (
+      ["--sweep", "16,2,16,4,2,2,1,1,0,1,2,1,1,0,0,0,2", "--sweep-impl", "pallas"],
+      "q_tma is the packed kernel's option",
+    ),
+    (["--q-tma", "1", "--ew-rungs", "5"], "q_tma=1 and ew_rungs=5 both set the forward kernel"),
   ],
 )
 def test_bad_blocks_of_the_benchmark_are_one_line_errors_before_anything_runs(argv, why, capsys):
@@ -205,7 +218,7 @@ def test_the_rowwise_sweep_takes_specs_that_name_no_rung_groups(tmp_path, monkey
     tmp_path, monkeypatch, "16,0,16,4", "--sweep-impl", "pallas", "--lengths", "64"
   )
   got = [(r["impl"], r.get("blocks")) for r in report["results"]]
-  want = [16, 2, 16, 4, 2, 2, 1, 1, 0, 1, 2, 1, 0, 1, 0, 0]
+  want = [16, 2, 16, 4, 2, 2, 1, 1, 0, 1, 2, 1, 0, 1, 0, 0, 0]
   assert got == [("cudnn_window", None), ("pallas", want)]
 
 
@@ -235,11 +248,11 @@ def test_sweep_writes_every_config_beside_the_window_at_each_length(tmp_path, mo
   assert report["impl"] == "pallas_packed" and "--sweep" in report["command"]
   assert report["blocks_fields"][9:] == [
     "dkv_t", "num_stages_dkv", "exp2", "fold", "rung_group_dkv", "ew_rungs",
-    "dkv_tma"
+    "dkv_tma", "q_tma"
   ]  # fmt: skip
   got = [(r["seq_len"], r["impl"], r.get("blocks")) for r in report["results"]]
-  default = [16, 2, 16, 4, 2, 2, 2, 1, 0, 1, 2, 1, 1, 1, 0, 0]
-  big = [32, 4, 32, 4, 3, 3, 2, 1, 0, 1, 3, 1, 1, 1, 0, 0]
+  default = [16, 2, 16, 4, 2, 2, 2, 1, 0, 1, 2, 1, 1, 1, 0, 0, 0]
+  big = [32, 4, 32, 4, 3, 3, 2, 1, 0, 1, 3, 1, 1, 1, 0, 0, 0]
   assert got == [
     (64, "cudnn_window", None), (64, "pallas_packed", default), (64, "pallas_packed", big),
     (128, "cudnn_window", None), (128, "pallas_packed", default), (128, "pallas_packed", big),
@@ -284,14 +297,17 @@ def test_the_spec_format_names_every_spec_key_in_balanced_brackets():
 def test_autotune_takes_the_forward_from_the_fastest_forward_and_the_backward_from_the_rest(
   monkeypatch,
 ):
-  """The forward's fields (rows, warps, stages, group, exp2, fold) come from the config with the
-  fastest forward; the backward's (rows, warps, stages, group, dkv_t, the dkv kernel's
-  stages) from the one with the fastest forward + backward less its forward."""
+  """The forward's fields (rows, warps, stages, group, exp2, fold, the forward's bits of ew and
+  q_tma) come from the config with the fastest forward; the backward's (rows, warps, stages,
+  group, dkv_t, the dkv kernel's stages, dkv_tma, the other bits of ew and q_tma) from the one
+  with the fastest forward + backward less its forward."""
   rows = [
-    {"fwd_ms": 0.1, "fwdbwd_ms": 0.9, "blocks": [32, 4, 16, 4, 3, 2, 2, 1, 0, 1, 2, 0, 0, 1, 3, 1]},
-    {"fwd_ms": 0.3, "fwdbwd_ms": 0.5, "blocks": [16, 2, 64, 8, 2, 4, 1, 2, 0, 0, 3, 1, 1, 1, 4, 0]},
+    {"fwd_ms": 0.1, "fwdbwd_ms": 0.9,
+     "blocks": [32, 4, 16, 4, 3, 2, 2, 1, 0, 1, 2, 0, 0, 1, 3, 1, 0]},
+    {"fwd_ms": 0.3, "fwdbwd_ms": 0.5,
+     "blocks": [16, 2, 64, 8, 2, 4, 1, 2, 0, 0, 3, 1, 1, 1, 4, 0, 3]},
     {"error": "ValueError: too big", "blocks": [64, 8, 64, 8, 1, 1, 1, 1, 0, 1, 1, 1, 1, 1]},
-  ]
+  ]  # fmt: skip
   monkeypatch.setattr(bench_attention, "sweep", lambda *a, **k: rows)
   args = argparse.Namespace(lengths=[1024])
   got = bench_attention.autotune(args, [])["blocks"]
@@ -303,8 +319,13 @@ def test_autotune_takes_the_forward_from_the_fastest_forward_and_the_backward_fr
   assert (got.rung_group_dkv, got.group_dkv) == (1, 1)  # the backward's row's
   assert got.ew_rungs == 1 | 4  # the forward's bit from the forward's row, dq's and dkv's not
   assert got.dkv_tma == 0  # the backward's row's
+  assert got.q_tma == 2  # dq's bit from the backward's row, the forward's (0) from the forward's
+  rows[0]["blocks"][14:], rows[1]["blocks"][14:] = [0, 0, 3], [0, 1, 0]
+  got = bench_attention.autotune(args, [])["blocks"]
+  assert (got.q_tma, got.dkv_tma, got.ew_rungs) == (1, 1, 0)  # the forward's row's dq bit not
   args.sweep_impl = "pallas"  # the row-wise kernel's rows name no groups: the packed keeps its own
   got = bench_attention.autotune(args, [])["blocks"]
   assert (got.rung_group, got.rung_group_bwd, got.group, got.group_bwd) == (0, 0, 2, 1)
   assert (got.rung_group_dkv, got.group_dkv) == (0, 1)
   assert got.fold == 1  # the rows record fold 0 (the row-wise kernel folds none): not taken
+  assert (got.ew_rungs, got.q_tma) == (0, 0)  # the packed kernel's options: not taken

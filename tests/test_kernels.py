@@ -607,6 +607,7 @@ class DkvTmaTest(KernelTest):
   DTYPE = jnp.bfloat16
   HEAD_DIMS = (64,)
   GROUPS = 4
+  MOSAIC = ("dkv",)  # the `kernels_pallas.mosaic` kernels every case runs (traces counted)
 
   def check(self, seed):
     from kernels_pallas import mosaic
@@ -617,18 +618,21 @@ class DkvTmaTest(KernelTest):
       # One key a query: the reference's dq and dk are exactly 0 and bf16 leaves rounding
       # noise in their place, which a relative error cannot judge (seed 27, T = 1).
       pytest.skip("one key a query in bf16: gradients of q and k exactly 0")
-    calls = []
-    traced = mosaic.dkv
+    calls = dict.fromkeys(self.MOSAIC, 0)
 
-    def counted(*args, **kwargs):
-      calls.append(args[0].shape)
-      return traced(*args, **kwargs)
+    def counted(name, traced):
+      def fn(*args, **kwargs):
+        calls[name] += 1
+        return traced(*args, **kwargs)
+
+      return fn
 
     jax.clear_caches()  # the count is of traces: a cached backward would trace nothing
     with pytest.MonkeyPatch.context() as mp:
-      mp.setattr(mosaic, "dkv", counted)
+      for name in self.MOSAIC:
+        mp.setattr(mosaic, name, counted(name, getattr(mosaic, name)))
       super().check(seed)
-    assert calls, case
+    assert all(calls.values()), (calls, case)
 
 
 @pytest.mark.gpu
@@ -646,6 +650,38 @@ class TestGpuPackedDkvTmaInterpret(DkvTmaTest):
 
   @pytest.mark.parametrize(
     "seed", [pytest.param(s, marks=[] if s < 3 else [pytest.mark.slow]) for s in range(NUM_CASES)]
+  )
+  def test_matches_reference(self, seed):
+    self.check(seed)
+
+
+# All three Mosaic GPU kernels (kernels_pallas/mosaic.py): the forward and dq (GpuBlocks.q_tma,
+# four 16-row key tiles a step) and dkv, on the same cases as DKV_TMA (each case runs all
+# three, the check asserts). The forward's o differs from the Triton forward's at bf16's
+# rounding of p (rounded under another running max).
+Q_TMA = GpuBlocks(kernel="packed", q_tma=3, dkv_tma=1)
+
+
+class QTmaTest(DkvTmaTest):
+  BLOCKS = Q_TMA
+  MOSAIC = ("forward", "dq", "dkv")
+
+
+@pytest.mark.gpu
+class TestGpuPackedQTmaKernel(QTmaTest):
+  @pytest.mark.parametrize("seed", _gpu_seeds())
+  def test_matches_reference(self, seed):
+    self.check(seed)
+
+
+class TestGpuPackedQTmaInterpret(QTmaTest):
+  """The three Mosaic GPU kernels in Pallas' Mosaic GPU interpreter; CI runs 2 cases, `pytest
+  -m slow` the rest."""
+
+  BACKEND = "gpu_interpret"
+
+  @pytest.mark.parametrize(
+    "seed", [pytest.param(s, marks=[] if s < 2 else [pytest.mark.slow]) for s in range(NUM_CASES)]
   )
   def test_matches_reference(self, seed):
     self.check(seed)
@@ -725,13 +761,15 @@ def test_the_softmax_in_base_2_gives_the_same_attention(seed):
       assert _rel_err(a, b) < 1e-5, (name, options, seed)
 
 
-@pytest.mark.parametrize("dkv_tma", [0, 1])
+@pytest.mark.parametrize("tma", [(0, 0), (1, 0), (1, 3)], ids=["triton", "dkv_tma", "q_tma"])
 @pytest.mark.parametrize("backend", [pytest.param("gpu", marks=pytest.mark.gpu), "gpu_interpret"])
-def test_the_same_inputs_give_bitwise_the_same_gradients(backend, dkv_tma):
+def test_the_same_inputs_give_bitwise_the_same_gradients(backend, tma):
   """The packed kernels' backward has no atomics (dk, dv are summed key block by key block): the
   same inputs give bitwise the same dq, dk, dv and alpha's weights' gradient, run after run, for
   static rungs and learned ones; on a GPU at the paper's shape (T = 1,024, 8 / 2 heads, D = 64,
-  W = 12, bf16). With dkv_tma=1 the static rungs' dk, dv come from the Mosaic GPU kernel."""
+  W = 12, bf16). `tma`: (dkv_tma, q_tma); with dkv_tma=1 the static rungs' dk, dv come from the
+  Mosaic GPU kernel, with q_tma=3 their forward and dq too."""
+  dkv_tma, q_tma = tma
   seq_len, batch = (1024, 4) if backend == "gpu" else (64, 1)
   ks = jax.random.split(jax.random.key(7), 4)
   q = jax.random.normal(ks[0], (batch, seq_len, 8, 64), jnp.bfloat16)
@@ -741,7 +779,7 @@ def test_the_same_inputs_give_bitwise_the_same_gradients(backend, dkv_tma):
   pattern = Pattern.build(base="fib", alpha=1.3, window=12, seq_len=seq_len)
   lp = LearnedPattern.build(base="fib", window=12, seq_len=seq_len)
   lo, frac, keep = attention.learned_table(lp, 1.3)
-  blocks = GpuBlocks(kernel="packed", dkv_tma=dkv_tma)
+  blocks = GpuBlocks(kernel="packed", dkv_tma=dkv_tma, q_tma=q_tma)
 
   def static(q, k, v):
     o = fib_attention(q, k, v, pattern, backend=backend, blocks=blocks)

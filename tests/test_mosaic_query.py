@@ -1,0 +1,147 @@
+"""kernels_pallas/mosaic.py, the Mosaic GPU forward and dq kernels (`GpuBlocks.q_tma`), in Pallas'
+Mosaic GPU interpreter against the Triton packed kernels in theirs
+(experiments/mosaic_query_check.py). The interpreter gets the query-side tiles a row at a time
+into the tiled buffers and the wgmma A operand from shared memory; the GPU path's copies (one
+[16, 4, 64] box a tensor into the untiled swizzled view, four 16-row key tiles a step, the
+[B, K, T * G] statistics) run only on a GPU (`TestGpuPackedQTmaKernel` in tests/test_kernels.py);
+here they are lowered on a CPU."""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from experiments import mosaic_query_check
+from fibax.patterns import Pattern
+from kernels_pallas import fib_attention_lse, mosaic
+from kernels_pallas.gpu import GpuBlocks
+
+
+@pytest.mark.parametrize(
+  "shape, window, far, dlse",
+  [
+    ((1, 128, 8, 2, 64), 12, (13, 21, 34, 55, 89), False),  # rungs past T - j0 skipped
+    ((1, 128, 4, 1, 64), 3, (17,), False),  # one kv head; a rung off an 8-row tile, odd
+    ((2, 96, 8, 2, 64), 40, (), True),  # three window chunks, a step of four units; dlse
+  ],
+)
+def test_the_mosaic_kernels_give_the_triton_kernels_o_lse_dq_and_delta(shape, window, far, dlse):
+  """o within bf16's rounding of p (rounded under another running max: up to 7e-4 measured),
+  lse, dq and delta the same sums in another order (up to 1.4e-5 measured); a wrong mask is
+  off by 1e-2 or more."""
+  o, lse, dq, delta = mosaic_query_check.check(*shape, window, far, dlse=dlse)
+  assert o < 2e-3
+  assert max(lse, dq, delta) < 1e-4
+
+
+def test_the_mosaic_query_kernels_name_the_calls_they_do_not_take():
+  q = jnp.zeros((1, 64, 8, 32), jnp.bfloat16)
+  kv = jnp.zeros((1, 64, 2, 32), jnp.bfloat16)  # head_dim 32
+  st = jnp.zeros((1, 8, 64), jnp.float32)
+  table = jnp.zeros((16,), jnp.int32)
+  with pytest.raises(ValueError, match="the Mosaic GPU forward kernel: head_dim 32"):
+    mosaic.forward(q, kv, kv, table, window=4, interpret=True)
+  with pytest.raises(ValueError, match="the Mosaic GPU dq kernel: head_dim 32"):
+    mosaic.dq(q, kv, kv, q, q, st, table, window=4, interpret=True)
+
+
+def test_q_tma_is_a_bitmask_of_the_packed_kernels_not_with_ew_rungs_on_the_same_kernel():
+  with pytest.raises(ValueError, match=r"q_tma=4 must be a bitmask 0..3 \(1 fwd, 2 dq\)"):
+    GpuBlocks(kernel="packed", q_tma=4)
+  with pytest.raises(ValueError, match="q_tma=1 is the packed kernel's option"):
+    GpuBlocks(q_tma=1)
+  with pytest.raises(ValueError, match="q_tma=1 and ew_rungs=1 both set the forward kernel"):
+    GpuBlocks(kernel="packed", q_tma=1, ew_rungs=1)
+  with pytest.raises(ValueError, match="q_tma=2 and ew_rungs=2 both set the dq kernel"):
+    GpuBlocks(kernel="packed", q_tma=2, ew_rungs=2)
+  assert GpuBlocks(kernel="packed", q_tma=1, ew_rungs=2).q_tma == 1  # each kernel one way
+  assert GpuBlocks(kernel="packed", q_tma=3, dkv_tma=1).for_kernel("rowwise") == GpuBlocks()
+
+
+def test_the_check_script_names_bad_arguments():
+  with pytest.raises(SystemExit, match="usage"):
+    mosaic_query_check.main(["1", "2", "--dlse"])
+  with pytest.raises(SystemExit, match="not integers: '1 128 8 2 64 x'"):
+    mosaic_query_check.main(["1", "128", "8", "2", "64", "x"])
+  with pytest.raises(SystemExit, match="not integers: '1 128 8 2 64 12 13,y'"):
+    mosaic_query_check.main(["1", "128", "8", "2", "64", "12", "13,y", "--dlse"])
+
+
+def _grads(blocks, q, k, v, pattern):
+  """Gradients of a loss of o and lse (so the dq kernel's delta carries -dlse) in the GPU
+  interpreters."""
+  w = jax.random.normal(jax.random.key(7), q.shape, jnp.float32)
+  w_lse = jax.random.normal(jax.random.key(8), (q.shape[0], q.shape[2], q.shape[1]))
+
+  def loss(q, k, v):
+    o, lse = fib_attention_lse(q, k, v, pattern, backend="gpu_interpret", blocks=blocks)
+    return (o.astype(jnp.float32) * w).sum() + (lse * w_lse).sum()
+
+  return jax.jit(jax.grad(loss, argnums=(0, 1, 2)))(q, k, v)
+
+
+@pytest.mark.parametrize(
+  "heads, dtype, dkv_tma, takes",
+  [
+    (8, jnp.bfloat16, 0, True),
+    # All three Mosaic kernels (~11 s; CI runs them in tests/test_kernels.py's
+    # TestGpuPackedQTmaInterpret and the bitwise-determinism test): pytest -m slow.
+    pytest.param(8, jnp.bfloat16, 1, True, marks=pytest.mark.slow),
+    (4, jnp.bfloat16, 1, False),
+    (8, jnp.float32, 1, False),
+  ],
+)
+def test_q_tma_gives_the_default_gradients_or_falls_back(heads, dtype, dkv_tma, takes):
+  """GpuBlocks.q_tma=3 (with and without dkv_tma=1) against the default, with an lse cotangent:
+  the Mosaic forward and dq kernels where they take the call (G = 4, bf16; o to bf16 rounding,
+  the rest the same sums in another order), the Triton kernels' own results (bitwise) where
+  they do not (G = 2; float32)."""
+  pattern = Pattern.build(base="fib", alpha=1.0, window=6, seq_len=96)
+  ks = jax.random.split(jax.random.key(3), 3)
+  q = jax.random.normal(ks[0], (1, 96, heads, 64), dtype)
+  k, v = (jax.random.normal(x, (1, 96, 2, 64), dtype) for x in ks[1:])
+  calls = {"forward": 0, "dq": 0, "dkv": 0}
+
+  def counted(name):
+    traced = getattr(mosaic, name)
+
+    def fn(*args, **kwargs):
+      calls[name] += 1
+      return traced(*args, **kwargs)
+
+    return fn
+
+  jax.clear_caches()  # the count is of traces
+  with pytest.MonkeyPatch.context() as mp:
+    for name in calls:
+      mp.setattr(mosaic, name, counted(name))
+    tma = _grads(GpuBlocks(kernel="packed", q_tma=3, dkv_tma=dkv_tma), q, k, v, pattern)
+  base = _grads(GpuBlocks(kernel="packed"), q, k, v, pattern)
+  assert calls == {"forward": takes, "dq": takes, "dkv": takes and dkv_tma}
+  for a, b in zip(tma, base, strict=True):
+    a, b = np.asarray(a, np.float32), np.asarray(b, np.float32)
+    if takes:
+      np.testing.assert_allclose(a, b, rtol=1e-2, atol=1e-2 * np.abs(b).max())
+    else:
+      np.testing.assert_array_equal(a, b)
+
+
+def test_the_gpu_path_lowers_on_a_cpu_and_names_its_kernels():
+  """The kernels as a GPU runs them (the untiled swizzled copy views, the [16, 4, 64] boxes,
+  the [B, K, T * G] statistics, the wgmma A operand from registers), lowered to Mosaic GPU's
+  module on a CPU-only machine, dq with and without an lse cotangent; their names are the ones
+  profiles and Nsight Compute's filter (experiments/profile_kernels.py) look for."""
+  q = jax.ShapeDtypeStruct((2, 256, 8, 64), jnp.bfloat16)
+  kv = jax.ShapeDtypeStruct((2, 256, 2, 64), jnp.bfloat16)
+  stats = jax.ShapeDtypeStruct((2, 8, 256), jnp.float32)
+  table = jax.ShapeDtypeStruct((16,), jnp.int32)
+  for fn, args, kwargs, name in (
+    (mosaic.forward, (q, kv, kv, table), {}, "fwd"),
+    (mosaic.dq, (q, kv, kv, q, q, stats, table), {}, "dq"),
+    (mosaic.dq, (q, kv, kv, q, q, stats, table), {"dlse": stats}, "dq"),
+  ):
+    traced = jax.jit(functools.partial(fn, window=12)).trace(*args, **kwargs)
+    text = traced.lower(lowering_platforms=("cuda",)).as_text()
+    assert "mosaic_gpu" in text and f"fib_attention_packed_{name}_tma" in text, (name, kwargs)
