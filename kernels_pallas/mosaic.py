@@ -1,8 +1,20 @@
-"""The packed kernels' key-major backward (dk, dv of static rungs) in Mosaic GPU, for Hopper:
-`GpuBlocks.dkv_tma=1` (`kernels_pallas.gpu`).
+"""The packed kernels of static rungs in Mosaic GPU, for Hopper: the key-major backward (dk, dv;
+`GpuBlocks.dkv_tma=1`, `dkv`) and the query-major forward and dq (`GpuBlocks.q_tma`, 1 and 2;
+`forward`, `dq`, `_query_kernel`), each tile moved by the tensor-memory accelerator (TMA).
 
-The Triton dkv kernel (`gpu._dkv_packed_kernel`) gathers, for each rung d of a key block
-[j0, j0 + C), the query and dO rows j0 + d .. j0 + d + C - 1 of the G heads with per-thread
+The forward and dq take a query block of C = 16 rows x the G = 4 heads of a kv head (64 packed
+rows, one [16, 4, 64] copy a tensor) against key tiles of C rows, the window's chunks and then
+one a live rung (a table input, as in the Triton kernels), four such tiles a step: 64 keys, the
+contraction of p v and ds k, which wgmma needs at the 128-byte swizzle (K a multiple of 64).
+Each tile is one copy of k and one of v at any row, through the same untiled swizzled view of
+the buffer as the dkv kernel's query tiles (below); masks in absolute rows (a band for a chunk,
+one distance for a rung, nothing for the units past the program's last live rung). The forward
+keeps an online softmax in base 2 (scores times scale log2 e); dq forms delta = sum_d o do
+(- dlse) from its o and dO tiles and writes it for the dkv kernels, as the Triton dq does. p and
+ds are wgmma's A operand from registers (the interpreter: from shared memory).
+
+The dkv kernel. The Triton one (`gpu._dkv_packed_kernel`) gathers, for each rung d of a key
+block [j0, j0 + C), the query and dO rows j0 + d .. j0 + d + C - 1 of the G heads with per-thread
 loads through L1, and Nsight Compute finds it bound there on an H200 (79-85% of the LSU's peak,
 L2 at 54%). Here each step's tiles come by the tensor-memory accelerator (TMA): one copy a head
 and tensor, issued by one thread, the next step's copies in flight while the tensor cores work
@@ -25,8 +37,8 @@ on an H200 only from 8-row-aligned starts (wrong at rung 20, an illegal instruct
 experiments/results/mosaic_dkv_h200x2/). So the query-side buffers are also viewed untiled
 (`_TILED`, `_SWIZZLED` below), which a copy may start anywhere.
 
-Scope: static rungs, bf16 inputs, G = 4, D = 64, T a multiple of 16, a Hopper GPU (`supported`);
-`gpu` falls back to the Triton kernel elsewhere.
+Scope (all three): static rungs, bf16 inputs, G = 4, D = 64, T a multiple of 16, a Hopper GPU
+(`supported`); `gpu` falls back to the Triton kernels elsewhere.
 """
 
 from __future__ import annotations
@@ -304,12 +316,12 @@ def _query_kernel(
   zeros = plgpu.layout_cast(jnp.zeros((_ROWS, _DIM), jnp.float32), plgpu.Layout.WGMMA)
   if dq_mode:
     (_, o_s), (_, do_s) = side
-    o = plgpu.load(o_s, (), layout=plgpu.Layout.WGMMA).astype(jnp.float32)
-    do = plgpu.load(do_s, (), layout=plgpu.Layout.WGMMA).astype(jnp.float32)
+    o = plgpu.load(o_s, layout=plgpu.Layout.WGMMA).astype(jnp.float32)
+    do = plgpu.load(do_s, layout=plgpu.Layout.WGMMA).astype(jnp.float32)
     delta = jnp.sum(o * do, axis=1)  # FlashAttention-2's D_i, here rather than in XLA
     if with_dlse:
-      delta = delta - plgpu.load(stat_s.at[1], (), layout=row_layout)
-    lse2 = plgpu.load(stat_s.at[0], (), layout=row_layout) * LOG2E
+      delta = delta - plgpu.load(stat_s.at[1], layout=row_layout)
+    lse2 = plgpu.load(stat_s.at[0], layout=row_layout) * LOG2E
     lse2_b, delta_b = (lax.broadcast_in_dim(x, shape, [0]) for x in (lse2, delta))
 
     def step(n, dq):
