@@ -27,7 +27,7 @@ from fibax import attention
 from fibax.data.files import atomic_write_json
 from fibax.latency import median_ms
 from fibax.patterns import Pattern
-from kernels_pallas import fib_attention
+from kernels_pallas import fib_attention, gpu
 from kernels_pallas.gpu import GpuBlocks
 
 HEADS, KV_HEADS, HEAD_DIM, WINDOW = 8, 2, 64, 12
@@ -231,8 +231,9 @@ def main(argv=None):
     "--autotune",
     nargs="*",
     default=None,
-    help="pick block_q/warps/stages/group/exp2/fold/ew bit 1 (forward) and block_q_bwd/"
-    "warps_bwd/stages/group/group_dkv/dkv_t/stages_dkv/ew bits 2, 4 separately from these "
+    help="pick block_q/warps/stages/group/exp2/fold/ew bit 1/q_tma bit 1 (forward) and "
+    "block_q_bwd/warps_bwd/stages/group/group_dkv/dkv_t/stages_dkv/ew bits 2, 4/q_tma bit 2/"
+    "dkv_tma separately from these "
     "configs, timed on --sweep-impl's kernel at the longest length, alpha 1, then run the "
     "benchmark (both kernels) with them",
   )
@@ -271,7 +272,10 @@ def main(argv=None):
     ap.error(str(e))
   tuned = autotune(args, specs["--autotune"]) if args.autotune is not None else None
   defaults = tuned["blocks"] if tuned else GpuBlocks(kernel="packed")
-  blocks = dataclasses.replace(defaults, **given)
+  try:  # the flags over the tuned blocks (e.g. --ew-rungs 1 where it chose q_tma=1)
+    blocks = dataclasses.replace(defaults, **given)
+  except ValueError as e:
+    ap.error(f"the flags over the autotuned {defaults}: {e}")
   bw = copy_bandwidth()
   results = []
   for seq_len in args.lengths:
@@ -339,45 +343,9 @@ def write_report(args, command, blocks, bw, tuned, results, started) -> dict:
 AUTOTUNE = ("16,1,16,1", "16,2,16,2", "16,4,16,4", "32,4,32,2", "32,2,32,4")
 
 
-SPEC_KEYS = (
-  "block_q",
-  "num_warps",
-  "block_q_bwd",
-  "num_warps_bwd",
-  "num_stages",
-  "num_stages_bwd",
-  "rung_group",
-  "rung_group_bwd",
-  "diagonal",
-  "dkv_t",
-  "num_stages_dkv",
-  "exp2",
-  "fold",
-  "rung_group_dkv",
-  "ew_rungs",
-  "dkv_tma",
-  "q_tma",
-)
-SPEC_FORMAT = (
-  "'bq,warps,bq_bwd,warps_bwd[,stages[,stages_bwd[,group[,group_bwd[,diagonal[,dkv_t"
-  "[,stages_dkv[,exp2[,fold[,group_dkv[,ew[,dkv_tma[,q_tma]]]]]]]]]]]]]'"
-)
-
-
-def parse_spec(spec: str) -> GpuBlocks:
-  """SPEC_FORMAT -> GpuBlocks (of the packed kernel; `implementations` gives the row-wise one
-  the same blocks without rung groups), or a one-line error naming it."""
-  try:
-    vals = [int(x) for x in spec.split(",")]
-    if not 4 <= len(vals) <= len(SPEC_KEYS):
-      raise ValueError
-    # The stages and groups may be left out.
-    return GpuBlocks(kernel="packed", **dict(zip(SPEC_KEYS, vals, strict=False)))
-  except ValueError as e:
-    why = f" ({e})" if str(e) else ""
-    raise ValueError(
-      f"bad block config {spec!r}{why}: expected {SPEC_FORMAT} of integers"
-    ) from None
+# The spec of a block config, as `kernels_pallas.gpu.parse_blocks` reads it (also
+# `model.attention.gpu_blocks`).
+SPEC_KEYS, SPEC_FORMAT, parse_spec = gpu.SPEC_KEYS, gpu.SPEC_FORMAT, gpu.parse_blocks
 
 
 def _spec(b: GpuBlocks) -> list[int]:

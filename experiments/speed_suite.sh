@@ -70,7 +70,7 @@
 #   attention_sweep  bench_attention.py --sweep: the packed kernel's block rows, warps and
 #                  pipeline stages and rung groups (ATTN_SWEEP:
 #                  'bq,warps,bq_bwd,warps_bwd[,stages[,stages_bwd[,group[,group_bwd[,diagonal
-#                  [,dkv_t[,stages_dkv[,exp2[,fold[,group_dkv[,ew[,dkv_tma]]]]]]]]]]]]')
+#                  [,dkv_t[,stages_dkv[,exp2[,fold[,group_dkv[,ew[,dkv_tma[,q_tma]]]]]]]]]]]]]')
 #                  at T = 1K, 16K, 64K beside the cuDNN window and the HBM floor
 #   ncu            profile_kernels.py: Nsight Compute's counters (throughputs, hit rates, occupancy,
 #                  warp stalls) of the packed kernels and the cuDNN window at T = 1K and 16K, op

@@ -231,6 +231,19 @@ def gpu_blocks(blocks):
     _GPU_BLOCKS.reset(token)
 
 
+@contextlib.contextmanager
+def config_gpu_blocks(spec: str):
+  """`gpu_blocks` of a config's spec (`AttentionConfig.gpu_blocks`), unless "" or a
+  `gpu_blocks` context is already set (a run's own, which wins)."""
+  if not spec or _GPU_BLOCKS.get() is not None:
+    yield
+    return
+  from kernels_pallas.gpu import parse_blocks
+
+  with gpu_blocks(parse_blocks(spec)):
+    yield
+
+
 def gpu_blocks_for(backend: str | None, kernel: str | None):
   """The GpuBlocks a Pallas call on `backend` runs with: the enclosing `gpu_blocks`' (as
   `kernel`, "rowwise" when None) or the kernel's defaults; None off a GPU backend or where

@@ -37,6 +37,12 @@ class AttentionConfig:
   # window and the rungs, as every learned run before the kernel window did). The same
   # function; the rounding differs.
   learned_window: Literal["kernel", "jax"] = "kernel"
+  # The Pallas GPU kernels' blocks and options, a spec of integers
+  # ('bq,warps,bq_bwd,warps_bwd[,...]', `kernels_pallas.gpu.SPEC_FORMAT`), e.g.
+  # "16,4,16,4,2,2,2,1,0,1,2,1,1,1,0,1,3" for the three Mosaic GPU kernels of a Hopper GPU
+  # (q_tma=3, dkv_tma=1; the Triton kernels wherever they do not take a call); "" the
+  # defaults. A run's `attention.gpu_blocks` context (e.g. bench_train.py --blocks) wins.
+  gpu_blocks: str = ""
   # Set by `freeze`: per-layer alphas of a trained learned schedule, rounded into static
   # integer patterns (the paper's offsets, compiled like a static schedule).
   frozen_alphas: tuple[float, ...] | None = None
@@ -56,6 +62,10 @@ class AttentionConfig:
       raise ValueError(f"window={self.window} must be >= 0")
     if self.learned_window not in ("kernel", "jax"):
       raise ValueError(f"unknown learned_window={self.learned_window!r}; expected kernel or jax")
+    if self.gpu_blocks:
+      from kernels_pallas.gpu import parse_blocks
+
+      parse_blocks(self.gpu_blocks)  # a one-line error naming a bad spec
 
 
 REMAT = ("none", "block", "dots")

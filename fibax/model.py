@@ -198,10 +198,11 @@ class Attention(nn.Module):
       theta = self.param("theta", nn.with_logical_partitioning(nn.initializers.zeros, ()), ())
       alpha = 0.5 + jax.nn.sigmoid(theta)
       self.sow("intermediates", "alpha", alpha)
-    o_BxTxHxD = attention.attend(
-      q_BxTxHxD, k_BxTxKxD, v_BxTxKxD, self.pattern,
-      cfg.attention.impl, cfg.attention.dense_impl, alpha, cfg.attention.learned_window,
-    )  # fmt: skip
+    with attention.config_gpu_blocks(cfg.attention.gpu_blocks):
+      o_BxTxHxD = attention.attend(
+        q_BxTxHxD, k_BxTxKxD, v_BxTxKxD, self.pattern,
+        cfg.attention.impl, cfg.attention.dense_impl, alpha, cfg.attention.learned_window,
+      )  # fmt: skip
 
     # the paper: residual output projections further scaled by 1/sqrt(2L).
     out_std = std / np.sqrt(2 * cfg.num_layers)

@@ -204,13 +204,13 @@ class GpuBlocks:
       raise ValueError(f"q_tma={self.q_tma} must be a bitmask 0..3 (1 fwd, 2 dq)")
     if self.kernel != "packed" and self.q_tma:
       raise ValueError(f"q_tma={self.q_tma} is the packed kernel's option; kernel={self.kernel!r}")
+    if not 0 <= self.ew_rungs <= 7:
+      raise ValueError(f"ew_rungs={self.ew_rungs} must be a bitmask 0..7 (1 fwd, 2 dq, 4 dkv)")
     if self.q_tma & self.ew_rungs & 3:
       raise ValueError(
         f"q_tma={self.q_tma} and ew_rungs={self.ew_rungs} both set the "
         f"{'forward' if self.q_tma & self.ew_rungs & 1 else 'dq'} kernel"
       )
-    if not 0 <= self.ew_rungs <= 7:
-      raise ValueError(f"ew_rungs={self.ew_rungs} must be a bitmask 0..7 (1 fwd, 2 dq, 4 dkv)")
     if self.kernel != "packed" and self.dkv_tma:
       raise ValueError(f"dkv_tma=1 is the packed kernel's option; kernel={self.kernel!r}")
     if self.dkv_tma and self.ew_rungs & 4:
@@ -267,6 +267,34 @@ class GpuBlocks:
 
 
 KERNELS = ("rowwise", "packed")
+
+# A block config as a comma-separated spec of integers, these fields in this order (the
+# benchmarks' --sweep / --blocks, `model.attention.gpu_blocks`); those left out keep their
+# defaults.
+SPEC_KEYS = (
+  *("block_q", "num_warps", "block_q_bwd", "num_warps_bwd", "num_stages", "num_stages_bwd"),
+  *("rung_group", "rung_group_bwd", "diagonal", "dkv_t", "num_stages_dkv", "exp2", "fold"),
+  *("rung_group_dkv", "ew_rungs", "dkv_tma", "q_tma"),
+)
+SPEC_FORMAT = (
+  "'bq,warps,bq_bwd,warps_bwd[,stages[,stages_bwd[,group[,group_bwd[,diagonal[,dkv_t"
+  "[,stages_dkv[,exp2[,fold[,group_dkv[,ew[,dkv_tma[,q_tma]]]]]]]]]]]]]'"
+)
+
+
+def parse_blocks(spec: str) -> GpuBlocks:
+  """SPEC_FORMAT -> the packed kernel's GpuBlocks (`for_kernel` gives the row-wise one the same
+  blocks without its options), or a one-line ValueError naming the spec."""
+  try:
+    vals = [int(x) for x in spec.split(",")]
+    if not 4 <= len(vals) <= len(SPEC_KEYS):
+      raise ValueError
+    return GpuBlocks(kernel="packed", **dict(zip(SPEC_KEYS, vals, strict=False)))
+  except ValueError as e:
+    why = f" ({e})" if str(e) else ""
+    raise ValueError(
+      f"bad block config {spec!r}{why}: expected {SPEC_FORMAT} of integers"
+    ) from None
 
 
 def _rows(ref, rows, cols, valid, dtype=None):

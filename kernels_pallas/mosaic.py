@@ -61,11 +61,12 @@ assert _ROWS == _DIM
 
 
 def supported(q_shape, kv_heads: int, dtype) -> str | None:
-  """None where the kernel runs a (q [B, T, H, D], K kv heads, dtype) call; else why not."""
+  """None where the Mosaic kernels (all three) run a (q [B, T, H, D], K kv heads, dtype) call;
+  else why not."""
   _, seq_len, heads, dim = q_shape
   groups = heads // kv_heads
   if jnp.dtype(dtype) != jnp.dtype(jnp.bfloat16):
-    return f"dtype {jnp.dtype(dtype).name} (bf16 only: the one run)"
+    return f"dtype {jnp.dtype(dtype).name} (bf16 only: the one run on a GPU)"
   if groups != 4:
     return f"{groups} query heads a kv head (4 only)"
   if dim != _DIM:
@@ -385,15 +386,21 @@ def _ungrouped(x, groups):
   return x.reshape(bsz, kv_heads * groups, rows // groups)
 
 
-def _query_call(q, k, v, table, ins, *, dq_mode, window, interpret):
-  bsz, padded, heads, dim = q.shape
-  kv_heads = k.shape[2]
-  why = supported(q.shape, kv_heads, q.dtype)
+def _checked(q, k, table, name):
+  """(G, the block's query rows C, the table padded for its copy), or a one-line error naming
+  why the `name` kernel does not take the call."""
+  why = supported(q.shape, k.shape[2], q.dtype)
   if why is not None:
-    raise ValueError(f"the Mosaic GPU {'dq' if dq_mode else 'forward'} kernel: {why}")
-  groups = heads // kv_heads
-  block = _ROWS // groups
-  table = jnp.pad(table, (0, -table.shape[0] % 32))  # a copy moves a multiple of 128 bytes
+    raise ValueError(f"the Mosaic GPU {name} kernel does not take this call: {why}")
+  groups = q.shape[2] // k.shape[2]
+  # A copy moves a multiple of 128 bytes.
+  return groups, _ROWS // groups, jnp.pad(table, (0, -table.shape[0] % 32))
+
+
+def _query_call(q, k, v, table, ins, *, dq_mode, window, interpret):
+  bsz, padded, _, dim = q.shape
+  kv_heads = k.shape[2]
+  groups, block, table = _checked(q, k, table, "dq" if dq_mode else "forward")
   kernel = functools.partial(
     _query_kernel, dq_mode=dq_mode, window=window, groups=groups, block=block,
     scale=dim**-0.5, with_dlse=len(ins) == 4, interpret=interpret,
@@ -458,14 +465,9 @@ def dkv(q, k, v, do, lse, delta, table, *, window: int, interpret: bool = False)
   """(dk, dv) [B, T, K, D] of the packed kernels' static rungs: q/do [B, T, H, D], k/v
   [B, T, K, D], lse/delta float32 [B, H, T], `table` from `kernels_pallas.gpu.rung_table`.
   dk carries the 1 / sqrt(D) scale."""
-  bsz, padded, heads, dim = q.shape
+  bsz, padded, _, dim = q.shape
   kv_heads = k.shape[2]
-  why = supported(q.shape, kv_heads, q.dtype)
-  if why is not None:
-    raise ValueError(f"the Mosaic GPU dkv kernel does not take this call: {why}")
-  groups = heads // kv_heads
-  block = _ROWS // groups
-  table = jnp.pad(table, (0, -table.shape[0] % 32))  # a copy moves a multiple of 128 bytes
+  groups, block, table = _checked(q, k, table, "dkv")
   lse, delta = (  # [B, K, T, G]
     x.reshape(bsz, kv_heads, groups, padded).transpose(0, 1, 3, 2) for x in (lse, delta)
   )

@@ -1,5 +1,6 @@
 """Test set-up: 8 fake CPU devices (before JAX starts), rank promotion raises."""
 
+import contextlib
 import os
 
 # Cheaper XLA:CPU compiles: Pallas interpret mode compiles every kernel pattern, and
@@ -32,6 +33,42 @@ def pytest_collection_modifyitems(config, items):
   for item in items:
     if "gpu" in item.keywords and not has_gpu:
       item.add_marker(skip)
+
+
+@contextlib.contextmanager
+def counted_calls(module, names):
+  """module.<name> for each of `names` counted while the block runs: {name: calls}, filled in
+  as they happen (traces, for functions a jitted caller runs: clear jax's caches first)."""
+  calls = dict.fromkeys(names, 0)
+
+  def wrap(name, fn):
+    def counted(*args, **kwargs):
+      calls[name] += 1
+      return fn(*args, **kwargs)
+
+    return counted
+
+  with pytest.MonkeyPatch.context() as mp:
+    for name in names:
+      mp.setattr(module, name, wrap(name, getattr(module, name)))
+    yield calls
+
+
+def interpreter_grads(blocks, q, k, v, pattern):
+  """Gradients (q, k, v) of a loss of o and lse (so the dq kernel's delta carries -dlse) of the
+  GPU kernels with `blocks`, in their interpreters."""
+  import jax.numpy as jnp
+
+  from kernels_pallas import fib_attention_lse
+
+  w = jax.random.normal(jax.random.key(7), q.shape, jnp.float32)
+  w_lse = jax.random.normal(jax.random.key(8), (q.shape[0], q.shape[2], q.shape[1]))
+
+  def loss(q, k, v):
+    o, lse = fib_attention_lse(q, k, v, pattern, backend="gpu_interpret", blocks=blocks)
+    return (o.astype(jnp.float32) * w).sum() + (lse * w_lse).sum()
+
+  return jax.jit(jax.grad(loss, argnums=(0, 1, 2)))(q, k, v)
 
 
 def make_fixture_gutenberg(root):

@@ -149,6 +149,45 @@ def test_pallas_model_step_matches_xla(impl, schedule):
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), **tol)
 
 
+def test_the_configs_gpu_blocks_reach_the_kernels_and_a_bad_spec_is_named():
+  """AttentionConfig.gpu_blocks: the three Mosaic GPU kernels (q_tma=3, dkv_tma=1) run a bf16
+  model's static layers (G = 4, D = 64; in the GPU interpreters here), a step the same loss
+  and gradients as the Triton kernels to bf16 rounding; a bad spec is a one-line error at
+  config time."""
+  from conftest import counted_calls
+
+  from kernels_pallas import mosaic
+
+  with pytest.raises(ValueError, match="bad block config '16,4,16'"):
+    AttentionConfig(gpu_blocks="16,4,16")
+  with pytest.raises(ValueError, match="q_tma=4 must be a bitmask"):
+    AttentionConfig(gpu_blocks="16,4,16,4,2,2,2,1,0,1,2,1,1,1,0,1,4")
+  cfg = dataclasses.replace(
+    _small("stagger", impl="pallas_packed_interpret"), num_layers=2, num_heads=8, head_dim=64,
+    seq_len=32, compute_dtype="bfloat16",
+  )  # fmt: skip
+  tma = dataclasses.replace(
+    cfg,
+    attention=dataclasses.replace(cfg.attention, gpu_blocks="16,4,16,4,2,2,2,1,0,1,2,1,1,1,0,1,3"),
+  )
+  tokens = jax.random.randint(jax.random.key(1), (1, 33), 0, 97)
+  params = M.Transformer(cfg).init(jax.random.key(0), tokens[:, :-1])["params"]
+
+  def loss(params, cfg):
+    logits = M.Transformer(cfg).apply({"params": params}, tokens[:, :-1]).astype(jnp.float32)
+    return -jnp.mean(jnp.take_along_axis(jax.nn.log_softmax(logits), tokens[:, 1:, None], -1))
+
+  jax.clear_caches()  # the count is of traces
+  with counted_calls(mosaic, ["forward", "dq", "dkv"]) as calls:
+    l_t, g_t = jax.jit(jax.value_and_grad(loss), static_argnums=1)(params, tma)
+  assert all(calls.values()), calls
+  l_d, g_d = jax.jit(jax.value_and_grad(loss), static_argnums=1)(params, cfg)
+  assert float(l_t) == pytest.approx(float(l_d), rel=1e-2)
+  for a, b in zip(jax.tree_util.tree_leaves(g_t), jax.tree_util.tree_leaves(g_d), strict=True):
+    a, b = np.asarray(a, np.float32), np.asarray(b, np.float32)
+    np.testing.assert_allclose(a, b, atol=5e-2 * np.abs(b).max() + 1e-6)
+
+
 @pytest.mark.parametrize("other", ["onehot", "scatter_f32", "sorted"])
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_embedding_backward_variants_are_the_same_function(dtype, other):

@@ -11,10 +11,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import counted_calls, interpreter_grads
 
 from experiments import mosaic_dkv_check
 from fibax.patterns import Pattern
-from kernels_pallas import fib_attention_lse, mosaic
+from kernels_pallas import mosaic
 from kernels_pallas.gpu import GpuBlocks
 
 
@@ -60,19 +61,6 @@ def test_the_check_script_names_bad_arguments():
     mosaic_dkv_check.main(["1", "128", "8", "2", "64", "x"])
 
 
-def _grads(blocks, q, k, v, pattern):
-  """Gradients of a loss of o and lse (so the dq kernel's delta carries -dlse) in the GPU
-  interpreters."""
-  w = jax.random.normal(jax.random.key(7), q.shape, jnp.float32)
-  w_lse = jax.random.normal(jax.random.key(8), (q.shape[0], q.shape[2], q.shape[1]))
-
-  def loss(q, k, v):
-    o, lse = fib_attention_lse(q, k, v, pattern, backend="gpu_interpret", blocks=blocks)
-    return (o.astype(jnp.float32) * w).sum() + (lse * w_lse).sum()
-
-  return jax.jit(jax.grad(loss, argnums=(0, 1, 2)))(q, k, v)
-
-
 @pytest.mark.parametrize(
   "heads, dtype, takes",
   [(8, jnp.bfloat16, True), (4, jnp.bfloat16, False), (8, jnp.float32, False)],
@@ -85,18 +73,11 @@ def test_dkv_tma_gives_the_default_gradients_or_falls_back(heads, dtype, takes):
   ks = jax.random.split(jax.random.key(3), 3)
   q = jax.random.normal(ks[0], (1, 96, heads, 64), dtype)
   k, v = (jax.random.normal(x, (1, 96, 2, 64), dtype) for x in ks[1:])
-  calls = []
-  traced = mosaic.dkv
-
-  def counted(*args, **kwargs):
-    calls.append(1)
-    return traced(*args, **kwargs)
-
-  with pytest.MonkeyPatch.context() as mp:
-    mp.setattr(mosaic, "dkv", counted)
-    tma = _grads(GpuBlocks(kernel="packed", dkv_tma=1), q, k, v, pattern)
-  base = _grads(GpuBlocks(kernel="packed"), q, k, v, pattern)
-  assert bool(calls) == takes
+  jax.clear_caches()  # the count is of traces
+  with counted_calls(mosaic, ["dkv"]) as calls:
+    tma = interpreter_grads(GpuBlocks(kernel="packed", dkv_tma=1), q, k, v, pattern)
+  base = interpreter_grads(GpuBlocks(kernel="packed"), q, k, v, pattern)
+  assert calls == {"dkv": takes}
   for a, b in zip(tma, base, strict=True):
     a, b = np.asarray(a, np.float32), np.asarray(b, np.float32)
     if takes:

@@ -12,10 +12,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import counted_calls, interpreter_grads
 
 from experiments import mosaic_query_check
 from fibax.patterns import Pattern
-from kernels_pallas import fib_attention_lse, mosaic
+from kernels_pallas import mosaic
 from kernels_pallas.gpu import GpuBlocks
 
 
@@ -24,7 +25,9 @@ from kernels_pallas.gpu import GpuBlocks
   [
     ((1, 128, 8, 2, 64), 12, (13, 21, 34, 55, 89), False),  # rungs past T - j0 skipped
     ((1, 128, 4, 1, 64), 3, (17,), False),  # one kv head; a rung off an 8-row tile, odd
-    ((2, 96, 8, 2, 64), 40, (), True),  # three window chunks, a step of four units; dlse
+    ((2, 96, 8, 2, 64), 40, (), True),  # four window chunks, one step of four units; dlse
+    # Six chunks and two rungs: chunk units in a second step, and units past the last rung.
+    ((1, 128, 8, 2, 64), 60, (61, 97), False),
   ],
 )
 def test_the_mosaic_kernels_give_the_triton_kernels_o_lse_dq_and_delta(shape, window, far, dlse):
@@ -41,9 +44,13 @@ def test_the_mosaic_query_kernels_name_the_calls_they_do_not_take():
   kv = jnp.zeros((1, 64, 2, 32), jnp.bfloat16)  # head_dim 32
   st = jnp.zeros((1, 8, 64), jnp.float32)
   table = jnp.zeros((16,), jnp.int32)
-  with pytest.raises(ValueError, match="the Mosaic GPU forward kernel: head_dim 32"):
+  with pytest.raises(
+    ValueError, match="the Mosaic GPU forward kernel does not take this call: head_dim 32"
+  ):
     mosaic.forward(q, kv, kv, table, window=4, interpret=True)
-  with pytest.raises(ValueError, match="the Mosaic GPU dq kernel: head_dim 32"):
+  with pytest.raises(
+    ValueError, match="the Mosaic GPU dq kernel does not take this call: head_dim 32"
+  ):
     mosaic.dq(q, kv, kv, q, q, st, table, window=4, interpret=True)
 
 
@@ -67,59 +74,46 @@ def test_the_check_script_names_bad_arguments():
     mosaic_query_check.main(["1", "128", "8", "2", "64", "x"])
   with pytest.raises(SystemExit, match="not integers: '1 128 8 2 64 12 13,y'"):
     mosaic_query_check.main(["1", "128", "8", "2", "64", "12", "13,y", "--dlse"])
-
-
-def _grads(blocks, q, k, v, pattern):
-  """Gradients of a loss of o and lse (so the dq kernel's delta carries -dlse) in the GPU
-  interpreters."""
-  w = jax.random.normal(jax.random.key(7), q.shape, jnp.float32)
-  w_lse = jax.random.normal(jax.random.key(8), (q.shape[0], q.shape[2], q.shape[1]))
-
-  def loss(q, k, v):
-    o, lse = fib_attention_lse(q, k, v, pattern, backend="gpu_interpret", blocks=blocks)
-    return (o.astype(jnp.float32) * w).sum() + (lse * w_lse).sum()
-
-  return jax.jit(jax.grad(loss, argnums=(0, 1, 2)))(q, k, v)
+  with pytest.raises(SystemExit, match="'1 100 8 2 64 12': T = 100 must be a multiple of 16"):
+    mosaic_query_check.main(["1", "100", "8", "2", "64", "12"])
+  with pytest.raises(SystemExit, match="'1 128 8 2 64 12 5': .*rung distances > W"):
+    mosaic_query_check.main(["1", "128", "8", "2", "64", "12", "5"])
 
 
 @pytest.mark.parametrize(
-  "heads, dtype, dkv_tma, takes",
+  "heads, dtype, q_tma, dkv_tma, takes",
   [
-    (8, jnp.bfloat16, 0, True),
+    (8, jnp.bfloat16, 3, 0, True),
+    # Each kernel alone beside the Triton other: the Mosaic forward's lse into the Triton dq,
+    # the Triton forward's o into the Mosaic dq.
+    (8, jnp.bfloat16, 1, 0, True),
+    (8, jnp.bfloat16, 2, 0, True),
     # All three Mosaic kernels (~11 s; CI runs them in tests/test_kernels.py's
     # TestGpuPackedQTmaInterpret and the bitwise-determinism test): pytest -m slow.
-    pytest.param(8, jnp.bfloat16, 1, True, marks=pytest.mark.slow),
-    (4, jnp.bfloat16, 1, False),
-    (8, jnp.float32, 1, False),
+    pytest.param(8, jnp.bfloat16, 3, 1, True, marks=pytest.mark.slow),
+    (4, jnp.bfloat16, 3, 1, False),
+    (8, jnp.float32, 3, 1, False),
   ],
 )
-def test_q_tma_gives_the_default_gradients_or_falls_back(heads, dtype, dkv_tma, takes):
-  """GpuBlocks.q_tma=3 (with and without dkv_tma=1) against the default, with an lse cotangent:
-  the Mosaic forward and dq kernels where they take the call (G = 4, bf16; o to bf16 rounding,
-  the rest the same sums in another order), the Triton kernels' own results (bitwise) where
-  they do not (G = 2; float32)."""
+def test_q_tma_gives_the_default_gradients_or_falls_back(heads, dtype, q_tma, dkv_tma, takes):
+  """GpuBlocks.q_tma (1, 2, 3; with and without dkv_tma=1) against the default, with an lse
+  cotangent: the Mosaic forward and dq kernels where they take the call (G = 4, bf16; o to bf16
+  rounding, the rest the same sums in another order), the Triton kernels' own results
+  (bitwise) where they do not (G = 2; float32)."""
   pattern = Pattern.build(base="fib", alpha=1.0, window=6, seq_len=96)
   ks = jax.random.split(jax.random.key(3), 3)
   q = jax.random.normal(ks[0], (1, 96, heads, 64), dtype)
   k, v = (jax.random.normal(x, (1, 96, 2, 64), dtype) for x in ks[1:])
-  calls = {"forward": 0, "dq": 0, "dkv": 0}
-
-  def counted(name):
-    traced = getattr(mosaic, name)
-
-    def fn(*args, **kwargs):
-      calls[name] += 1
-      return traced(*args, **kwargs)
-
-    return fn
-
   jax.clear_caches()  # the count is of traces
-  with pytest.MonkeyPatch.context() as mp:
-    for name in calls:
-      mp.setattr(mosaic, name, counted(name))
-    tma = _grads(GpuBlocks(kernel="packed", q_tma=3, dkv_tma=dkv_tma), q, k, v, pattern)
-  base = _grads(GpuBlocks(kernel="packed"), q, k, v, pattern)
-  assert calls == {"forward": takes, "dq": takes, "dkv": takes and dkv_tma}
+  with counted_calls(mosaic, ["forward", "dq", "dkv"]) as calls:
+    blocks = GpuBlocks(kernel="packed", q_tma=q_tma, dkv_tma=dkv_tma)
+    tma = interpreter_grads(blocks, q, k, v, pattern)
+  base = interpreter_grads(GpuBlocks(kernel="packed"), q, k, v, pattern)
+  assert calls == {
+    "forward": takes * (q_tma & 1),
+    "dq": takes * (q_tma >> 1),
+    "dkv": takes * dkv_tma,
+  }
   for a, b in zip(tma, base, strict=True):
     a, b = np.asarray(a, np.float32), np.asarray(b, np.float32)
     if takes:
