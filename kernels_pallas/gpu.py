@@ -1286,9 +1286,19 @@ def _packed_backward(q, k, v, o, lse, do, tables, *, window, blocks, interpret, 
   dfrac_shape = jax.ShapeDtypeStruct((bsz, num_kv, seq_len // bq, rungs_pad), jnp.float32)
   takes = not learned and mosaic.supported(q.shape, num_kv, q.dtype) is None
   if blocks.q_tma & 2 and takes:
+    # With the Mosaic dkv kernel too, the statistics stay as both keep them ([B, K, T * G]).
+    grouped = bool(blocks.dkv_tma)
+    if grouped:
+      lse, dlse = (None if x is None else mosaic._grouped(x, num_kv) for x in (lse, dlse))
     dq_out = mosaic.dq(
-      q, k, v, o, do, lse, tables[0], window=window, dlse=dlse, interpret=interpret
-    )
+      q, k, v, o, do, lse, tables[0], window=window, dlse=dlse, grouped=grouped,
+      interpret=interpret,
+    )  # fmt: skip
+    if grouped:
+      dk, dv = mosaic.dkv(
+        q, k, v, do, lse, dq_out[1], tables[0], window=window, grouped=True, interpret=interpret
+      )
+      return dq_out[0], dk, dv
   else:
     dq_out = pl.pallas_call(
       functools.partial(

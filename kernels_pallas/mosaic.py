@@ -450,26 +450,36 @@ def forward(q, k, v, table, *, window: int, interpret: bool = False):
   return o, _ungrouped(lse, q.shape[2] // k.shape[2])
 
 
-def dq(q, k, v, o, do, lse, table, *, window: int, dlse=None, interpret: bool = False):
+def dq(
+  q, k, v, o, do, lse, table, *, window: int, dlse=None, grouped: bool = False,
+  interpret: bool = False,
+):  # fmt: skip
   """(dq [B, T, H, D], delta float32 [B, H, T]) of static rungs, delta = sum_d o do - dlse
-  (the dkv kernels' input); lse/dlse [B, H, T]. dq carries the 1 / sqrt(D) scale."""
+  (the dkv kernels' input); lse/dlse [B, H, T]. dq carries the 1 / sqrt(D) scale. `grouped`:
+  lse, dlse and delta as the kernels keep them, [B, K, T * G] (`_grouped`; for `dkv`'s
+  `grouped`: no transposes between the two)."""
   kv_heads = k.shape[2]
-  stats = [_grouped(x, kv_heads) for x in (lse, *(() if dlse is None else (dlse,)))]
+  stats = [
+    x if grouped else _grouped(x, kv_heads) for x in (lse, *(() if dlse is None else (dlse,)))
+  ]
   dq_, delta = _query_call(
     q, k, v, table, (o, do, *stats), dq_mode=True, window=window, interpret=interpret
   )
-  return dq_, _ungrouped(delta, q.shape[2] // kv_heads)
+  return dq_, delta if grouped else _ungrouped(delta, q.shape[2] // kv_heads)
 
 
-def dkv(q, k, v, do, lse, delta, table, *, window: int, interpret: bool = False):
+def dkv(
+  q, k, v, do, lse, delta, table, *, window: int, grouped: bool = False, interpret: bool = False
+):  # fmt: skip
   """(dk, dv) [B, T, K, D] of the packed kernels' static rungs: q/do [B, T, H, D], k/v
-  [B, T, K, D], lse/delta float32 [B, H, T], `table` from `kernels_pallas.gpu.rung_table`.
-  dk carries the 1 / sqrt(D) scale."""
+  [B, T, K, D], lse/delta float32 [B, H, T] (`grouped`: [B, K, T * G], as `dq` gives delta),
+  `table` from `kernels_pallas.gpu.rung_table`. dk carries the 1 / sqrt(D) scale."""
   bsz, padded, _, dim = q.shape
   kv_heads = k.shape[2]
   groups, block, table = _checked(q, k, table, "dkv")
   lse, delta = (  # [B, K, T, G]
-    x.reshape(bsz, kv_heads, groups, padded).transpose(0, 1, 3, 2) for x in (lse, delta)
+    (x if grouped else _grouped(x, kv_heads)).reshape(bsz, kv_heads, padded, groups)
+    for x in (lse, delta)
   )
   kernel = functools.partial(
     _kernel, window=window, groups=groups, block=block, scale=dim**-0.5, interpret=interpret

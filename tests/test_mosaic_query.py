@@ -16,7 +16,7 @@ from conftest import counted_calls, interpreter_grads
 
 from experiments import mosaic_query_check
 from fibax.patterns import Pattern
-from kernels_pallas import mosaic
+from kernels_pallas import gpu, mosaic
 from kernels_pallas.gpu import GpuBlocks
 
 
@@ -139,3 +139,10 @@ def test_the_gpu_path_lowers_on_a_cpu_and_names_its_kernels():
     traced = jax.jit(functools.partial(fn, window=12)).trace(*args, **kwargs)
     text = traced.lower(lowering_platforms=("cuda",)).as_text()
     assert "mosaic_gpu" in text and f"fib_attention_packed_{name}_tma" in text, (name, kwargs)
+  # The packed backward with both Mosaic backward kernels (their statistics passed grouped):
+  # no Triton kernel left in it, whose lowering would need a GPU here.
+  blocks = GpuBlocks(kernel="packed", q_tma=3, dkv_tma=1)
+  backward = functools.partial(gpu._backward_packed, window=12, blocks=blocks, interpret=False)
+  traced = jax.jit(backward).trace(q, kv, kv, q, stats, q, table, dlse=stats)
+  text = traced.lower(lowering_platforms=("cuda",)).as_text()
+  assert "fib_attention_packed_dq_tma" in text and "fib_attention_packed_dkv_tma" in text
