@@ -230,13 +230,13 @@ def test_blocks_reach_the_kernels_of_every_run_and_the_report(tmp_path, monkeypa
     (3, 2, 4, 2)
   ] * 2
   report = json.loads(out.read_text())
-  assert report["gpu_blocks"] == [16, 2, 16, 4, 3, 2, 4, 2, 0, 1, 2, 1, 1, 2, 0, 0]
+  assert report["gpu_blocks"] == [16, 2, 16, 4, 3, 2, 4, 2, 0, 1, 2, 1, 1, 2, 0, 0, 0]
   assert report["gpu_blocks_fields"][6:8] == ["rung_group", "rung_group_bwd"]  # names the list
   assert attention.gpu_blocks_for("gpu", "packed") == GpuBlocks(kernel="packed")  # context ended
   assert report["gpu_blocks_given"]
   bench_train.main(argv)  # no --blocks: the packed kernel's defaults, resolved, are recorded
   report = json.loads(out.read_text())
-  assert report["gpu_blocks"] == [16, 4, 16, 4, 2, 2, 2, 1, 0, 1, 2, 1, 1, 1, 0, 0]
+  assert report["gpu_blocks"] == [16, 4, 16, 4, 2, 2, 2, 1, 0, 1, 2, 1, 1, 1, 0, 0, 0]
   assert not report["gpu_blocks_given"] and len(seen) == 4
   with pytest.raises(SystemExit):
     bench_train.main([*argv, "--blocks", "16,2,16,4,2,2,3"])
