@@ -541,6 +541,13 @@ def main(argv=None):
     for seq_len in args.seq_lens
     for run in args.runs
   ]
+  # The configs' own blocks (`--set model.attention.gpu_blocks=...`) where --blocks is not
+  # given (--blocks wins: its context is the run's), so that the report records what ran.
+  specs = {cfg.model.attention.gpu_blocks for _, _, cfg in configs}
+  if blocks is None and specs != {""}:
+    if len(specs) > 1:
+      p.error(f"the runs' model.attention.gpu_blocks differ: {sorted(specs)}")
+    blocks = bench_attention.parse_spec(specs.pop())
   peak = matmul_peak_tflops(args.peak_n)
   vendor = metrics.peak_tflops(jax.devices()[0].device_kind)
   print(f"measured bf16 matmul peak {peak:.0f} TFLOP/s (vendor {vendor})", flush=True)

@@ -56,6 +56,8 @@ def _replace(obj, names: list[str], text: str, full: str):
     value = _replace(current, names[1:], text, full)
   else:
     value = _literal(text)
+    if isinstance(current, str) and not isinstance(value, str):
+      value = text  # a string field takes the text as written (e.g. "16,4,16,4", not a tuple)
     if isinstance(current, float) and isinstance(value, int) and not isinstance(value, bool):
       value = float(value)
     if isinstance(current, tuple) and isinstance(value, list):

@@ -60,6 +60,7 @@ OPERATIONAL_FIELDS = frozenset(
     "data_dir",
     "model.attention.impl",
     "model.attention.dense_impl",
+    "model.attention.gpu_blocks",
     "model.embed_backward",
     "model.mlp_pad",
     "model.loss_chunk",

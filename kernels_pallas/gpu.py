@@ -1289,7 +1289,7 @@ def _packed_backward(q, k, v, o, lse, do, tables, *, window, blocks, interpret, 
     # With the Mosaic dkv kernel too, the statistics stay as both keep them ([B, K, T * G]).
     grouped = bool(blocks.dkv_tma)
     if grouped:
-      lse, dlse = (None if x is None else mosaic._grouped(x, num_kv) for x in (lse, dlse))
+      lse, dlse = (None if x is None else mosaic.group_stats(x, num_kv) for x in (lse, dlse))
     dq_out = mosaic.dq(
       q, k, v, o, do, lse, tables[0], window=window, dlse=dlse, grouped=grouped,
       interpret=interpret,

@@ -371,7 +371,7 @@ def _query_kernel(
   plgpu.wait_smem_to_gmem(0)
 
 
-def _grouped(x, kv_heads):
+def group_stats(x, kv_heads):
   """[B, H, T] statistics -> [B, K, T * G]: a block's packed rows m = r * G + g in order."""
   bsz, heads, seq_len = x.shape
   groups = heads // kv_heads
@@ -379,8 +379,18 @@ def _grouped(x, kv_heads):
   return x.reshape(bsz, kv_heads, seq_len * groups)
 
 
-def _ungrouped(x, groups):
-  """`_grouped`'s inverse: [B, K, T * G] -> [B, H, T]."""
+def _stats(x, q, kv_heads: int, grouped: bool):
+  """Row statistics as the kernels take them, [B, K, T * G]: given so (`grouped`) or [B, H, T];
+  a one-line error naming a shape that is neither."""
+  bsz, seq_len, heads, _ = q.shape
+  want = (bsz, kv_heads, seq_len * heads // kv_heads) if grouped else (bsz, heads, seq_len)
+  if x.shape != want:
+    raise ValueError(f"row statistics of shape {x.shape}: expected {want} (grouped={grouped})")
+  return x if grouped else group_stats(x, kv_heads)
+
+
+def _ungroup_stats(x, groups):
+  """`group_stats`'s inverse: [B, K, T * G] -> [B, H, T]."""
   bsz, kv_heads, rows = x.shape
   x = x.reshape(bsz, kv_heads, rows // groups, groups).transpose(0, 1, 3, 2)
   return x.reshape(bsz, kv_heads * groups, rows // groups)
@@ -447,7 +457,7 @@ def forward(q, k, v, table, *, window: int, interpret: bool = False):
   """(o [B, T, H, D], lse float32 [B, H, T]) of static rungs: q [B, T, H, D], k/v [B, T, K, D],
   `table` from `kernels_pallas.gpu.rung_table`."""
   o, lse = _query_call(q, k, v, table, (), dq_mode=False, window=window, interpret=interpret)
-  return o, _ungrouped(lse, q.shape[2] // k.shape[2])
+  return o, _ungroup_stats(lse, q.shape[2] // k.shape[2])
 
 
 def dq(
@@ -456,16 +466,14 @@ def dq(
 ):  # fmt: skip
   """(dq [B, T, H, D], delta float32 [B, H, T]) of static rungs, delta = sum_d o do - dlse
   (the dkv kernels' input); lse/dlse [B, H, T]. dq carries the 1 / sqrt(D) scale. `grouped`:
-  lse, dlse and delta as the kernels keep them, [B, K, T * G] (`_grouped`; for `dkv`'s
+  lse, dlse and delta as the kernels keep them, [B, K, T * G] (`group_stats`; for `dkv`'s
   `grouped`: no transposes between the two)."""
   kv_heads = k.shape[2]
-  stats = [
-    x if grouped else _grouped(x, kv_heads) for x in (lse, *(() if dlse is None else (dlse,)))
-  ]
+  stats = [_stats(x, q, kv_heads, grouped) for x in (lse, *(() if dlse is None else (dlse,)))]
   dq_, delta = _query_call(
     q, k, v, table, (o, do, *stats), dq_mode=True, window=window, interpret=interpret
   )
-  return dq_, delta if grouped else _ungrouped(delta, q.shape[2] // kv_heads)
+  return dq_, delta if grouped else _ungroup_stats(delta, q.shape[2] // kv_heads)
 
 
 def dkv(
@@ -478,8 +486,7 @@ def dkv(
   kv_heads = k.shape[2]
   groups, block, table = _checked(q, k, table, "dkv")
   lse, delta = (  # [B, K, T, G]
-    (x if grouped else _grouped(x, kv_heads)).reshape(bsz, kv_heads, padded, groups)
-    for x in (lse, delta)
+    _stats(x, q, kv_heads, grouped).reshape(bsz, kv_heads, padded, groups) for x in (lse, delta)
   )
   kernel = functools.partial(
     _kernel, window=window, groups=groups, block=block, scale=dim**-0.5, interpret=interpret

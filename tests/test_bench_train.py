@@ -238,6 +238,12 @@ def test_blocks_reach_the_kernels_of_every_run_and_the_report(tmp_path, monkeypa
   report = json.loads(out.read_text())
   assert report["gpu_blocks"] == [16, 4, 16, 4, 2, 2, 2, 1, 0, 1, 2, 1, 1, 1, 0, 0, 0]
   assert not report["gpu_blocks_given"] and len(seen) == 4
+  # The configs' own blocks (--set model.attention.gpu_blocks) where --blocks is not given.
+  bench_train.main([*argv, "--set", "model.attention.gpu_blocks=16,2,16,4,3,2,4,2"])
+  report = json.loads(out.read_text())
+  assert report["gpu_blocks"][:8] == [16, 2, 16, 4, 3, 2, 4, 2] and report["gpu_blocks_given"]
+  assert seen[-1] == bench_train.bench_attention.parse_spec("16,2,16,4,3,2,4,2")
+  del seen[4:]
   with pytest.raises(SystemExit):
     bench_train.main([*argv, "--blocks", "16,2,16,4,2,2,3"])
   err = capsys.readouterr().err.strip().splitlines()[-1]

@@ -10,8 +10,11 @@ import optax
 import pytest
 from flax import linen as nn
 
+from fibax import attention
 from fibax import model as M
-from fibax.config import AttentionConfig, ModelConfig
+from fibax.config import AttentionConfig, ModelConfig, RunConfig
+from fibax.config_loader import apply_overrides
+from kernels_pallas.gpu import GpuBlocks
 
 
 def _small(schedule="stagger", impl="xla", **kw):
@@ -162,6 +165,10 @@ def test_the_configs_gpu_blocks_reach_the_kernels_and_a_bad_spec_is_named():
     AttentionConfig(gpu_blocks="16,4,16")
   with pytest.raises(ValueError, match="q_tma=4 must be a bitmask"):
     AttentionConfig(gpu_blocks="16,4,16,4,2,2,2,1,0,1,2,1,1,1,0,1,4")
+  spec = "16,4,16,4,2,2,2,1,0,1,2,1,1,1,0,1,3"
+  # --set takes the spec as written (not as a tuple of integers).
+  run = apply_overrides(RunConfig(), [f"model.attention.gpu_blocks={spec}"])
+  assert run.model.attention.gpu_blocks == spec
   cfg = dataclasses.replace(
     _small("stagger", impl="pallas_packed_interpret"), num_layers=2, num_heads=8, head_dim=64,
     seq_len=32, compute_dtype="bfloat16",
@@ -181,6 +188,12 @@ def test_the_configs_gpu_blocks_reach_the_kernels_and_a_bad_spec_is_named():
   with counted_calls(mosaic, ["forward", "dq", "dkv"]) as calls:
     l_t, g_t = jax.jit(jax.value_and_grad(loss), static_argnums=1)(params, tma)
   assert all(calls.values()), calls
+  # A run's own `gpu_blocks` context wins over the config's: the Triton kernels here.
+  jax.clear_caches()
+  with counted_calls(mosaic, ["forward", "dq", "dkv"]) as calls:
+    with attention.gpu_blocks(GpuBlocks(kernel="packed")):
+      jax.jit(jax.value_and_grad(loss), static_argnums=1)(params, tma)
+  assert not any(calls.values()), calls
   l_d, g_d = jax.jit(jax.value_and_grad(loss), static_argnums=1)(params, cfg)
   assert float(l_t) == pytest.approx(float(l_d), rel=1e-2)
   for a, b in zip(jax.tree_util.tree_leaves(g_t), jax.tree_util.tree_leaves(g_d), strict=True):

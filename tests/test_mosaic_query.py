@@ -87,9 +87,9 @@ def test_the_check_script_names_bad_arguments():
     # the Triton forward's o into the Mosaic dq.
     (8, jnp.bfloat16, 1, 0, True),
     (8, jnp.bfloat16, 2, 0, True),
-    # All three Mosaic kernels (~11 s; CI runs them in tests/test_kernels.py's
-    # TestGpuPackedQTmaInterpret and the bitwise-determinism test): pytest -m slow.
-    pytest.param(8, jnp.bfloat16, 3, 1, True, marks=pytest.mark.slow),
+    # All three Mosaic kernels (dq and dkv passing their statistics grouped), with the lse
+    # cotangent.
+    (8, jnp.bfloat16, 3, 1, True),
     (4, jnp.bfloat16, 3, 1, False),
     (8, jnp.float32, 3, 1, False),
   ],

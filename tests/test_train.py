@@ -186,17 +186,23 @@ def test_pallas_kernels_run_per_device_on_a_mesh(tmp_path_factory, impl, schedul
 
 
 def test_resume_allows_the_operational_fields_and_a_checkpoint_written_before_them():
-  """How the norms and the loss's log-sum-exp run (`model.norm_impl`, `model.loss_lse`) may
-  change between a run's starts, and a checkpoint's config that predates them (no such keys)
-  does not contradict them; a field of what the model computes still does."""
+  """How the norms, the loss's log-sum-exp and the attention kernels run (`model.norm_impl`,
+  `model.loss_lse`, `model.attention.gpu_blocks`) may change between a run's starts, and a
+  checkpoint's config that predates them (no such keys) does not contradict them; a field of
+  what the model computes still does."""
   from configs.tiny import get_config
   from fibax.train import contradictions
 
   cfg = get_config()
   saved = json.loads(json.dumps(dataclasses.asdict(cfg)))
   del saved["model"]["norm_impl"], saved["model"]["loss_lse"]
+  del saved["model"]["attention"]["gpu_blocks"]
+  tma = dataclasses.replace(cfg.model.attention, gpu_blocks="16,4,16,4,2,2,2,1,0,1,2,1,1,1,0,1,3")
   fast = dataclasses.replace(
-    cfg, model=dataclasses.replace(cfg.model, norm_impl="pallas_interpret", logits_grad="compute")
+    cfg,
+    model=dataclasses.replace(
+      cfg.model, norm_impl="pallas_interpret", logits_grad="compute", attention=tma
+    ),
   )
   fast = dataclasses.replace(fast, model=dataclasses.replace(fast.model, loss_lse="online"))
   assert contradictions(fast, saved) == ["model.logits_grad='compute' (checkpoints: 'float32')"]
