@@ -38,7 +38,14 @@ def pytest_collection_modifyitems(config, items):
 @contextlib.contextmanager
 def counted_calls(module, names):
   """module.<name> for each of `names` counted while the block runs: {name: calls}, filled in
-  as they happen (traces, for functions a jitted caller runs: clear jax's caches first)."""
+  as they happen. For the GPU kernels' functions these are traces: the packed kernels' jitted
+  entry points (`kernels_pallas.gpu`) are cleared of earlier traces first, so that a cached
+  one cannot hide a call (only theirs: clearing all of jax's caches made the tests after
+  recompile what they shared)."""
+  from kernels_pallas import gpu
+
+  for fn in (gpu.forward, gpu.backward, gpu._forward_packed, gpu._backward_packed):
+    fn.clear_cache()
   calls = dict.fromkeys(names, 0)
 
   def wrap(name, fn):
