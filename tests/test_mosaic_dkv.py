@@ -62,7 +62,11 @@ def test_the_check_script_names_bad_arguments():
 
 @pytest.mark.parametrize(
   "heads, dtype, takes",
-  [(8, jnp.bfloat16, True), (4, jnp.bfloat16, False), (8, jnp.float32, False)],
+  [
+    (8, jnp.bfloat16, True),
+    (4, jnp.bfloat16, False),
+    pytest.param(8, jnp.float32, False, marks=pytest.mark.slow),  # CI time
+  ],
 )
 def test_dkv_tma_gives_the_default_gradients_or_falls_back(heads, dtype, takes):
   """GpuBlocks.dkv_tma=1 against 0, with an lse cotangent: the Mosaic kernel where it takes

@@ -23,7 +23,8 @@ from kernels_pallas.gpu import GpuBlocks
   "shape, window, far, dlse",
   [
     ((1, 128, 8, 2, 64), 12, (13, 21, 34, 55, 89), False),  # rungs past T - j0 skipped
-    ((1, 128, 4, 1, 64), 3, (17,), False),  # one kv head; a rung off an 8-row tile, odd
+    # One kv head; a rung off an 8-row tile, odd (pytest -m slow: CI time).
+    pytest.param((1, 128, 4, 1, 64), 3, (17,), False, marks=pytest.mark.slow),
     ((2, 96, 8, 2, 64), 40, (), True),  # four window chunks, one step of four units; dlse
     # Six chunks and two rungs: chunk units in a second step, and units past the last rung.
     ((1, 128, 8, 2, 64), 60, (61, 97), False),
@@ -82,16 +83,18 @@ def test_the_check_script_names_bad_arguments():
 @pytest.mark.parametrize(
   "heads, dtype, q_tma, dkv_tma, takes",
   [
-    (8, jnp.bfloat16, 3, 0, True),
+    # (CI runs the grouped path, the mixed one of the Mosaic dq and a fallback; pytest -m slow
+    # the rest.)
+    pytest.param(8, jnp.bfloat16, 3, 0, True, marks=pytest.mark.slow),
     # Each kernel alone beside the Triton other: the Mosaic forward's lse into the Triton dq,
     # the Triton forward's o into the Mosaic dq.
-    (8, jnp.bfloat16, 1, 0, True),
+    pytest.param(8, jnp.bfloat16, 1, 0, True, marks=pytest.mark.slow),
     (8, jnp.bfloat16, 2, 0, True),
     # All three Mosaic kernels (dq and dkv passing their statistics grouped), with the lse
     # cotangent.
     (8, jnp.bfloat16, 3, 1, True),
     (4, jnp.bfloat16, 3, 1, False),
-    (8, jnp.float32, 3, 1, False),
+    pytest.param(8, jnp.float32, 3, 1, False, marks=pytest.mark.slow),
   ],
 )
 def test_q_tma_gives_the_default_gradients_or_falls_back(heads, dtype, q_tma, dkv_tma, takes):
