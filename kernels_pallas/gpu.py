@@ -167,7 +167,8 @@ class GpuBlocks:
   # key tiles of 16 rows (window chunks or rungs) a step, where it takes the call (as
   # `dkv_tma`); the Triton kernels elsewhere and for learned rungs. The same attention up to the
   # order of float32 sums (and, in the forward, the bf16 rounding of p under another running
-  # max).
+  # max). Their k and v tiles' pipeline depth is num_stages (the forward) and stages_dq (dq),
+  # 1..4 buffers of a step's 64 keys.
   q_tma: int = 0
 
   def __post_init__(self):
@@ -206,6 +207,9 @@ class GpuBlocks:
       raise ValueError(f"q_tma={self.q_tma} is the packed kernel's option; kernel={self.kernel!r}")
     if not 0 <= self.ew_rungs <= 7:
       raise ValueError(f"ew_rungs={self.ew_rungs} must be a bitmask 0..7 (1 fwd, 2 dq, 4 dkv)")
+    for bit, name, n in ((1, "num_stages", self.num_stages), (2, "stages_dq", self.stages_dq)):
+      if self.q_tma & bit and n > 4:
+        raise ValueError(f"q_tma={self.q_tma}: {name}={n}, the Mosaic kernel's buffers, 1..4")
     if self.q_tma & self.ew_rungs & 3:
       raise ValueError(
         f"q_tma={self.q_tma} and ew_rungs={self.ew_rungs} both set the "
@@ -1243,7 +1247,9 @@ def _packed_forward(q, k, v, tables, *, window, blocks, interpret, num_rungs=Non
   groups = num_heads // num_kv
   bq = blocks.block_q
   if blocks.q_tma & 1 and num_rungs is None and mosaic.supported(q.shape, num_kv, q.dtype) is None:
-    return mosaic.forward(q, k, v, tables[0], window=window, interpret=interpret)
+    return mosaic.forward(
+      q, k, v, tables[0], window=window, buffers=blocks.num_stages, interpret=interpret
+    )
   sp = _packed_specs(seq_len, groups, head_dim, bq, tables)
   kernel = functools.partial(
     _fwd_packed_kernel, window=window, groups=groups, scale=head_dim**-0.5, block_q=bq,
@@ -1292,7 +1298,7 @@ def _packed_backward(q, k, v, o, lse, do, tables, *, window, blocks, interpret, 
       lse, dlse = (None if x is None else mosaic.group_stats(x, num_kv) for x in (lse, dlse))
     dq_out = mosaic.dq(
       q, k, v, o, do, lse, tables[0], window=window, dlse=dlse, grouped=grouped,
-      interpret=interpret,
+      buffers=blocks.stages_dq, interpret=interpret,
     )  # fmt: skip
     if grouped:
       dk, dv = mosaic.dkv(

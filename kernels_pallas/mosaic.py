@@ -7,11 +7,13 @@ rows, one [16, 4, 64] copy a tensor) against key tiles of C rows, the window's c
 one a live rung (a table input, as in the Triton kernels), four such tiles a step: 64 keys, the
 contraction of p v and ds k, which wgmma needs at the 128-byte swizzle (K a multiple of 64).
 Each tile is one copy of k and one of v at any row, through the same untiled swizzled view of
-the buffer as the dkv kernel's query tiles (below); masks in absolute rows (a band for a chunk,
-one distance for a rung, nothing for the units past the program's last live rung). The forward
-keeps an online softmax in base 2 (scores times scale log2 e); dq forms delta = sum_d o do
-(- dlse) from its o and dO tiles and writes it for the dkv kernels, as the Triton dq does. p and
-ds are wgmma's A operand from registers (the interpreter: from shared memory).
+the buffer as the dkv kernel's query tiles (below), into one of `buffers` step buffers (the
+next steps' copies in flight during this one's wgmmas; `GpuBlocks.num_stages`); masks in
+absolute rows (a band for a chunk, one distance for a rung, nothing for the units past the
+program's last live rung). The forward keeps an online softmax in base 2 (scores times scale
+log2 e); dq forms delta = sum_d o do (- dlse) from its o and dO tiles and writes it for the dkv
+kernels, as the Triton dq does. p and ds are wgmma's A operand from registers (the interpreter:
+from shared memory).
 
 The dkv kernel. The Triton one (`gpu._dkv_packed_kernel`) gathers, for each rung d of a key
 block [j0, j0 + C), the query and dO rows j0 + d .. j0 + d + C - 1 of the G heads with per-thread
@@ -210,14 +212,14 @@ def _kernel(
 
 def _query_kernel(
   table_ref, q_ref, k_ref, v_ref, *refs, dq_mode, window, groups, block, scale, with_dlse,
-  interpret,
+  buffers, interpret,
 ):  # fmt: skip
   """The forward (o, lse) or dq (dq, delta) of one query block [j0, j0 + C) x the G heads of
   kv head h, 64 packed rows. Its key tiles of C rows are units: the window's chunks (keys from
   j0 - n C, a band mask), then one a live rung (a diagonal mask); a step takes 4 units as one
   [64, D] key tile (64 keys: the contraction of p v and ds k, wgmma's K at the 128-byte
-  swizzle), each unit one TMA copy of k and of v into the step's buffer, the next step's in
-  flight during this one's wgmmas."""
+  swizzle), each unit one TMA copy of k and of v into the step's buffer, the next `buffers` - 1
+  steps' in flight during this one's wgmmas."""
   n_in = (3 + with_dlse) if dq_mode else 0  # o, do, lse[, dlse]
   ins, (out_a, out_b), scratch = refs[:n_in], refs[n_in : n_in + 2], refs[n_in + 2 :]
   tab_s, q_u, *side, k_u, v_u, stat_s, out_s, bars, q_bar, tab_bar = scratch[: 9 + 2 * dq_mode]
@@ -267,14 +269,16 @@ def _query_kernel(
     return jnp.maximum(j0 - off, 0), lo, hi
 
   def issue(n):
-    slot = n % 2
+    slot = n % buffers
     for u in range(units):
       rows = pl.ds(unit(n * units + u)[0], block)
       for ref, dst in ((k_ref, k_in), (v_ref, v_in)):
         dst_u = dst.at[slot, pl.ds(u * block, block)]
         plgpu.copy_gmem_to_smem(ref.at[b, rows, h], dst_u, bars.at[slot])
 
-  issue(0)
+  for n in range(buffers - 1):  # the first steps' copies (steps past the last issue none)
+    pl.when(n < steps)(functools.partial(issue, n))
+
   plgpu.barrier_wait(q_bar)
   shape = (_ROWS, _KEYS)
   m_i = plgpu.broadcasted_iota(jnp.int32, shape, 0, layout=plgpu.Layout.WGMMA)
@@ -298,12 +302,13 @@ def _query_kernel(
     return pl.run_state(lambda acc_ref: plgpu.wgmma(acc_ref, a, b_ref))(plgpu.ACC.init(acc))
 
   def prologue(n):
-    """Issue step n + 1's copies, wait for step n's; its mask [64 packed rows, 64 keys]."""
-    slot = n % 2
+    """Issue step n + buffers - 1's copies (into the buffer step n - 1 read), wait for step
+    n's; its mask [64 packed rows, 64 keys]."""
+    slot = n % buffers
 
-    @pl.when(n + 1 < steps)
+    @pl.when(n + buffers - 1 < steps)
     def _():
-      issue(n + 1)
+      issue(n + buffers - 1)
 
     plgpu.barrier_wait(bars.at[slot])
     start, lo, hi = 0, 1, 0
@@ -407,13 +412,16 @@ def _checked(q, k, table, name):
   return groups, _ROWS // groups, jnp.pad(table, (0, -table.shape[0] % 32))
 
 
-def _query_call(q, k, v, table, ins, *, dq_mode, window, interpret):
+def _query_call(q, k, v, table, ins, *, dq_mode, window, buffers, interpret):
   bsz, padded, _, dim = q.shape
   kv_heads = k.shape[2]
-  groups, block, table = _checked(q, k, table, "dq" if dq_mode else "forward")
+  name = "dq" if dq_mode else "forward"
+  groups, block, table = _checked(q, k, table, name)
+  if not 1 <= buffers <= 4:
+    raise ValueError(f"buffers={buffers}: the Mosaic GPU {name} kernel takes 1..4")
   kernel = functools.partial(
     _query_kernel, dq_mode=dq_mode, window=window, groups=groups, block=block,
-    scale=dim**-0.5, with_dlse=len(ins) == 4, interpret=interpret,
+    scale=dim**-0.5, with_dlse=len(ins) == 4, buffers=buffers, interpret=interpret,
   )  # fmt: skip
 
   def buffer(n=None):  # a copy view and a wgmma view of the same bytes
@@ -429,17 +437,16 @@ def _query_call(q, k, v, table, ins, *, dq_mode, window, interpret):
   scratch = [
     plgpu.SMEM(table.shape, jnp.int32),
     *(buffer() for _ in range(tiles)),
-    buffer(2),  # k
-    buffer(2),  # v
+    buffer(buffers),  # k
+    buffer(buffers),  # v
     plgpu.SMEM((max(stats, 1), _ROWS), jnp.float32),  # lse[, dlse]
     plgpu.SMEM((_ROWS,), jnp.float32),  # the row statistics out (lse or delta)
-    plgpu.Barrier(num_arrivals=2 * (_KEYS // block), num_barriers=2),  # k, v: a copy a unit
+    plgpu.Barrier(num_arrivals=2 * (_KEYS // block), num_barriers=buffers),  # k, v: a copy a unit
     plgpu.Barrier(num_arrivals=arrivals),
     plgpu.Barrier(num_arrivals=1),
     *([plgpu.SMEM((_ROWS, _KEYS), q.dtype)] if interpret else []),
   ]
   params = plgpu.CompilerParams(approx_math=True, lowering_semantics=plgpu.LoweringSemantics.Lane)
-  name = "dq" if dq_mode else "fwd"
   stat_shape = jax.ShapeDtypeStruct((bsz, kv_heads, padded * groups), jnp.float32)
   return plgpu.kernel(
     kernel,
@@ -449,29 +456,40 @@ def _query_call(q, k, v, table, ins, *, dq_mode, window, interpret):
     scratch_types=scratch,
     compiler_params=params,
     interpret=plgpu.InterpretGPUParams() if interpret else False,
-    kernel_name=f"fib_attention_packed_{name}_tma",
+    kernel_name=f"fib_attention_packed_{'dq' if dq_mode else 'fwd'}_tma",
   )(table, q, k, v, *ins)
 
 
-def forward(q, k, v, table, *, window: int, interpret: bool = False):
+def forward(q, k, v, table, *, window: int, buffers: int = 2, interpret: bool = False):
   """(o [B, T, H, D], lse float32 [B, H, T]) of static rungs: q [B, T, H, D], k/v [B, T, K, D],
-  `table` from `kernels_pallas.gpu.rung_table`."""
-  o, lse = _query_call(q, k, v, table, (), dq_mode=False, window=window, interpret=interpret)
+  `table` from `kernels_pallas.gpu.rung_table`. `buffers`: the k and v tiles' pipeline depth
+  (`GpuBlocks.num_stages`), 1..4 (1: each step's copies waited for before its wgmmas)."""
+  o, lse = _query_call(
+    q, k, v, table, (), dq_mode=False, window=window, buffers=buffers, interpret=interpret
+  )
   return o, _ungroup_stats(lse, q.shape[2] // k.shape[2])
 
 
 def dq(
   q, k, v, o, do, lse, table, *, window: int, dlse=None, grouped: bool = False,
-  interpret: bool = False,
+  buffers: int = 2, interpret: bool = False,
 ):  # fmt: skip
   """(dq [B, T, H, D], delta float32 [B, H, T]) of static rungs, delta = sum_d o do - dlse
   (the dkv kernels' input); lse/dlse [B, H, T]. dq carries the 1 / sqrt(D) scale. `grouped`:
   lse, dlse and delta as the kernels keep them, [B, K, T * G] (`group_stats`; for `dkv`'s
-  `grouped`: no transposes between the two)."""
+  `grouped`: no transposes between the two). `buffers` as `forward`'s."""
   kv_heads = k.shape[2]
   stats = [_stats(x, q, kv_heads, grouped) for x in (lse, *(() if dlse is None else (dlse,)))]
   dq_, delta = _query_call(
-    q, k, v, table, (o, do, *stats), dq_mode=True, window=window, interpret=interpret
+    q,
+    k,
+    v,
+    table,
+    (o, do, *stats),
+    dq_mode=True,
+    window=window,
+    buffers=buffers,
+    interpret=interpret,
   )
   return dq_, delta if grouped else _ungroup_stats(delta, q.shape[2] // kv_heads)
 

@@ -20,21 +20,26 @@ from kernels_pallas.gpu import GpuBlocks
 
 
 @pytest.mark.parametrize(
-  "shape, window, far, dlse",
+  "shape, window, far, dlse, buffers",
   [
-    ((1, 128, 8, 2, 64), 12, (13, 21, 34, 55, 89), False),  # rungs past T - j0 skipped
+    ((1, 128, 8, 2, 64), 12, (13, 21, 34, 55, 89), False, 2),  # rungs past T - j0 skipped
     # One kv head; a rung off an 8-row tile, odd (pytest -m slow: CI time).
-    pytest.param((1, 128, 4, 1, 64), 3, (17,), False, marks=pytest.mark.slow),
-    ((2, 96, 8, 2, 64), 40, (), True),  # four window chunks, one step of four units; dlse
-    # Six chunks and two rungs: chunk units in a second step, and units past the last rung.
-    ((1, 128, 8, 2, 64), 60, (61, 97), False),
+    pytest.param((1, 128, 4, 1, 64), 3, (17,), False, 2, marks=pytest.mark.slow),
+    ((2, 96, 8, 2, 64), 40, (), True, 2),  # four window chunks, one step of four units; dlse
+    # Five chunks and eight rungs, three buffers: chunk units in a second step, units past the
+    # last rung, up to four steps (a buffer reused) and blocks of fewer steps than buffers.
+    ((1, 128, 8, 2, 64), 60, (61, 67, 73, 79, 85, 97, 103, 109), False, 3),
+    # No prefetch: each step's copies issued and waited for in the step.
+    pytest.param((1, 128, 8, 2, 64), 12, (13, 21, 34, 55, 89), True, 1, marks=pytest.mark.slow),
   ],
 )
-def test_the_mosaic_kernels_give_the_triton_kernels_o_lse_dq_and_delta(shape, window, far, dlse):
+def test_the_mosaic_kernels_give_the_triton_kernels_o_lse_dq_and_delta(
+  shape, window, far, dlse, buffers
+):
   """o within bf16's rounding of p (rounded under another running max: up to 7e-4 measured),
   lse, dq and delta the same sums in another order (up to 1.4e-5 measured); a wrong mask is
   off by 1e-2 or more."""
-  o, lse, dq, delta = mosaic_query_check.check(*shape, window, far, dlse=dlse)
+  o, lse, dq, delta = mosaic_query_check.check(*shape, window, far, dlse=dlse, buffers=buffers)
   assert o < 2e-3
   assert max(lse, dq, delta) < 1e-4
 
@@ -52,6 +57,11 @@ def test_the_mosaic_query_kernels_name_the_calls_they_do_not_take():
     ValueError, match="the Mosaic GPU dq kernel does not take this call: head_dim 32"
   ):
     mosaic.dq(q, kv, kv, q, q, st, table, window=4, interpret=True)
+  q, kv = jnp.zeros((1, 64, 8, 64), jnp.bfloat16), jnp.zeros((1, 64, 2, 64), jnp.bfloat16)
+  with pytest.raises(ValueError, match="buffers=5: the Mosaic GPU forward kernel takes 1..4"):
+    mosaic.forward(q, kv, kv, table, window=4, buffers=5, interpret=True)
+  with pytest.raises(ValueError, match="buffers=0: the Mosaic GPU dq kernel takes 1..4"):
+    mosaic.dq(q, kv, kv, q, q, st, table, window=4, buffers=0, interpret=True)
 
 
 def test_q_tma_is_a_bitmask_of_the_packed_kernels_not_with_ew_rungs_on_the_same_kernel():
@@ -63,6 +73,9 @@ def test_q_tma_is_a_bitmask_of_the_packed_kernels_not_with_ew_rungs_on_the_same_
     GpuBlocks(kernel="packed", q_tma=1, ew_rungs=1)
   with pytest.raises(ValueError, match="q_tma=2 and ew_rungs=2 both set the dq kernel"):
     GpuBlocks(kernel="packed", q_tma=2, ew_rungs=2)
+  with pytest.raises(ValueError, match="q_tma=2: stages_dq=5, the Mosaic kernel's buffers"):
+    GpuBlocks(kernel="packed", q_tma=2, num_stages=5)
+  assert GpuBlocks(kernel="packed", q_tma=2, num_stages=5, num_stages_bwd=3).stages_dq == 3
   assert GpuBlocks(kernel="packed", q_tma=1, ew_rungs=2).q_tma == 1  # each kernel one way
   assert GpuBlocks(kernel="packed", q_tma=3, dkv_tma=1).for_kernel("rowwise") == GpuBlocks()
 
@@ -78,6 +91,10 @@ def test_the_check_script_names_bad_arguments():
     mosaic_query_check.main(["1", "100", "8", "2", "64", "12"])
   with pytest.raises(SystemExit, match="'1 128 8 2 64 12 5': .*rung distances > W"):
     mosaic_query_check.main(["1", "128", "8", "2", "64", "12", "5"])
+  with pytest.raises(SystemExit, match="--buffers 7: 1..4"):
+    mosaic_query_check.main(["1", "128", "8", "2", "64", "12", "--buffers", "7"])
+  with pytest.raises(SystemExit, match="usage"):
+    mosaic_query_check.main(["1", "128", "8", "2", "64", "12", "--buffers"])
 
 
 @pytest.mark.parametrize(
