@@ -7,6 +7,7 @@ into the tiled buffers and the wgmma A operand from shared memory; the GPU path'
 here they are lowered on a CPU."""
 
 import functools
+import json
 
 import jax
 import jax.numpy as jnp
@@ -159,3 +160,25 @@ def test_the_gpu_path_lowers_on_a_cpu_and_names_its_kernels():
   traced = jax.jit(backward).trace(q, kv, kv, q, stats, q, table, dlse=stats)
   text = traced.lower(lowering_platforms=("cuda",)).as_text()
   assert "fib_attention_packed_dq_tma" in text and "fib_attention_packed_dkv_tma" in text
+
+
+def test_compile_attention_times_the_layers_given_and_names_bad_arguments(tmp_path, capsys):
+  """experiments/compile_attention.py: the paper model's first layers, each phase timed, the
+  line written to --out; its arguments' errors named. (Pallas' interpreters on a CPU.)"""
+  from experiments import compile_attention
+
+  out = tmp_path / "c.json"
+  spec = "16,4,16,4,2,2,2,1,0,1,2,1,1,1,0,1,3"
+  argv = ["--seq-len", "32", "--batch", "1", "--layers", "2", "--blocks", spec, "--interpret"]
+  compile_attention.main([*argv, "--out", str(out)])
+  found = json.loads(out.read_text())
+  assert (found["layers"], found["seq_len"], found["blocks"]) == (2, 32, spec)
+  assert min(found[k] for k in ("trace_s", "lower_s", "compile_s", "first_call_s")) > 0
+  for bad, why in (
+    (["--run", "nope"], "--run: unknown run name='nope'"),
+    (["--blocks", "1,2"], "--blocks: bad block config '1,2'"),
+    (["--layers", "0"], "--layers 0: >= 1"),
+  ):
+    with pytest.raises(SystemExit):
+      compile_attention.main(bad)
+    assert why in capsys.readouterr().err

@@ -1,0 +1,107 @@
+"""Where a sparse train step's extra compile time goes: the attention of a paper model's layers
+alone (forward and backward of `fib_attention` over each layer's pattern, the layers chained as
+in the model), traced, lowered, compiled and run once, timed apart, in one fresh process.
+
+  python experiments/compile_attention.py [--run fib_stagger_w12] [--seq-len 1024]
+      [--batch 32] [--layers 16] [--blocks SPEC] [--out FILE] [--interpret]
+
+One JSON line (and FILE, where given): trace_s, lower_s, compile_s, first_call_s (a kernel
+compiled when first run shows here), second_call_s, the distinct attention kernels in the
+lowered module. Each configuration its own process, so that no in-process cache of an earlier
+one helps it (`for s in SPEC1 SPEC2; do python ... --blocks $s; done`).
+"""
+
+import argparse
+import json
+import re
+import sys
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from configs.paper import get_config  # noqa: E402
+from fibax import cli  # noqa: E402
+from fibax.model import layer_patterns  # noqa: E402
+from kernels_pallas import fib_attention  # noqa: E402
+from kernels_pallas.gpu import SPEC_FORMAT, GpuBlocks, parse_blocks  # noqa: E402
+
+
+def measure(
+  run: str, seq_len: int, batch: int, layers: int, blocks: GpuBlocks, backend: str = "gpu"
+) -> dict:
+  cfg = get_config(run).model
+  pats = layer_patterns(cfg, seq_len)[:layers]
+  heads, kv_heads, dim = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+  ks = jax.random.split(jax.random.key(0), 3)
+  q = jax.random.normal(ks[0], (batch, seq_len, heads, dim), jnp.bfloat16)
+  k, v = (jax.random.normal(x, (batch, seq_len, kv_heads, dim), jnp.bfloat16) for x in ks[1:])
+
+  def loss(q, k, v):
+    x = q
+    for p in pats:  # each layer's output is the next one's queries, as through a block
+      x = fib_attention(x, k, v, p, backend=backend, blocks=blocks)
+    return jnp.sum(x.astype(jnp.float32))
+
+  step = jax.jit(jax.grad(loss, argnums=(0, 1, 2)))
+  t0 = time.perf_counter()
+  traced = step.trace(q, k, v)
+  t1 = time.perf_counter()
+  lowered = traced.lower()
+  t2 = time.perf_counter()
+  compiled = lowered.compile()
+  t3 = time.perf_counter()
+  jax.block_until_ready(compiled(q, k, v))
+  t4 = time.perf_counter()
+  jax.block_until_ready(compiled(q, k, v))
+  t5 = time.perf_counter()
+  names = sorted(set(re.findall(r"fib_attention_\w+", lowered.as_text())))
+  return {
+    "run": run,
+    "seq_len": seq_len,
+    "batch": batch,
+    "layers": len(pats),
+    "trace_s": round(t1 - t0, 3),
+    "lower_s": round(t2 - t1, 3),
+    "compile_s": round(t3 - t2, 3),
+    "first_call_s": round(t4 - t3, 3),
+    "second_call_s": round(t5 - t4, 4),
+    "kernels": names,
+  }
+
+
+def main(argv=None) -> None:
+  p = argparse.ArgumentParser(prog="compile_attention.py", description=__doc__.split("\n\n")[0])
+  p.add_argument("--run", default="fib_stagger_w12", help="a configs/paper.py run")
+  p.add_argument("--seq-len", type=int, default=1024)
+  p.add_argument("--batch", type=int, default=32)
+  p.add_argument("--layers", type=int, default=16, help="the model's first N layers")
+  p.add_argument("--blocks", default=None, help=f"GpuBlocks, {SPEC_FORMAT} (default: packed)")
+  p.add_argument("--out", default=None)
+  p.add_argument("--interpret", action="store_true", help="Pallas' interpreters (a CPU check)")
+  args = p.parse_args(argv)
+  try:
+    blocks = GpuBlocks(kernel="packed") if args.blocks is None else parse_blocks(args.blocks)
+  except ValueError as e:
+    p.error(f"--blocks: {e}")
+  if min(args.seq_len, args.batch, args.layers) < 1:
+    p.error(f"--seq-len {args.seq_len}, --batch {args.batch}, --layers {args.layers}: >= 1")
+  try:
+    get_config(args.run)
+  except ValueError as e:
+    p.error(f"--run: {e}")
+  cli.set_xla_defaults()
+  backend = "gpu_interpret" if args.interpret else "gpu"
+  found = measure(args.run, args.seq_len, args.batch, args.layers, blocks, backend)
+  found |= {"blocks": args.blocks, "jax": jax.__version__, "device": jax.devices()[0].device_kind}
+  line = json.dumps(found)
+  print(line, flush=True)
+  if args.out:
+    Path(args.out).write_text(line + "\n")
+
+
+if __name__ == "__main__":
+  main()
