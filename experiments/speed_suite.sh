@@ -85,6 +85,16 @@
 #   train_text     bench_train.py on real batches (SPEED_DATA: a prepared data directory on
 #                  the machine), fib_stagger_w12 at T = 1,024, once per input-embedding
 #                  gradient of EMBED_SETS (default: sorted onehot scatter), one process each
+#   compile        compile_attention.py: the attention of the stagger model's layers alone
+#                  (T = 1,024, B = 32), traced, lowered, compiled and first run timed apart,
+#                  each spec of COMPILE_SPECS (default: the Triton kernels, the three Mosaic
+#                  ones) at each layer count of COMPILE_LAYERS (1 16), one process each
+#   train_run      python -m fibax.train on SPEED_DATA (a prepared data directory on the
+#                  machine): RUN_CONFIG (configs/paper.py:fib_stagger_w12,steps=300), once per
+#                  blocks spec of RUN_BLOCKS (default: the kernels' own, then the three Mosaic
+#                  kernels through model.attention.gpu_blocks); RUN_SETS: more overrides
+#                  (default model.attention.impl=pallas_packed: the paper configs' impl is xla);
+#                  metrics.jsonl and config.json kept, checkpoints deleted
 #   latency        python -m fibax.eval latency: the paper model's forward with a static
 #                  (fixed), the learned (alpha on its dynamic path) and the frozen learned
 #                  schedule, freshly initialised (every alpha 1), at batch LAT_BATCH (default
@@ -199,6 +209,40 @@ suite() {
           step "train_text_$e" 600 python experiments/bench_train.py --runs fib_stagger_w12 \
             --seq-lens 1024 --impl pallas_packed --data "$SPEED_DATA" --set model.embed_backward="$e" \
             model.logits_grad=compute model.mlp_pad=128 --out "$DIR/bench_train_text_$e.json"
+        done ;;
+      compile)
+        # Each spec its own process (no in-process cache of another helps it), at each layer
+        # count of COMPILE_LAYERS.
+        local n=0
+        for spec in ${COMPILE_SPECS:-16,4,16,4,2,2,2,1,0,1,2,1,1,1,0,0,0 16,4,16,4,2,2,2,1,0,1,2,1,1,1,0,1,3}; do
+          for layers in ${COMPILE_LAYERS:-1 16}; do
+            step "compile_$n" 300 python experiments/compile_attention.py --blocks "$spec" \
+              --layers "$layers" --out "$DIR/compile_$n.json"
+            n=$((n + 1))
+          done
+        done ;;
+      train_run)
+        # A short real training run of RUN_CONFIG on SPEED_DATA, once per blocks spec of
+        # RUN_BLOCKS ("default": the kernels' own), each its own workdir; the metrics kept,
+        # the checkpoints deleted.
+        if [ -z "${SPEED_DATA:-}" ]; then
+          echo "$(date +%s) skipped train_run: SPEED_DATA names no prepared data directory" >> "$DIR/log.txt"
+          continue
+        fi
+        local n=0
+        for spec in ${RUN_BLOCKS:-default 16,4,16,4,2,2,2,1,0,1,2,1,1,1,0,1,3}; do
+          local blk=()
+          [ "$spec" = default ] || blk=(model.attention.gpu_blocks="$spec")
+          # shellcheck disable=SC2086  # RUN_SETS: several overrides
+          step "train_run_$n" 600 python -m fibax.train \
+            --config "${RUN_CONFIG:-configs/paper.py:fib_stagger_w12,steps=300}" \
+            --workdir "$SCRATCH/runs/$NAME/run_$n" --set data_dir="$SPEED_DATA" \
+            train.progress_bar=False "${blk[@]}" ${RUN_SETS-model.attention.impl=pallas_packed}
+          mkdir -p "$DIR/run_$n"
+          cp "$SCRATCH/runs/$NAME/run_$n"/{metrics.jsonl,config.json} "$DIR/run_$n/" 2>/dev/null || true
+          echo "$spec" > "$DIR/run_$n/blocks.txt"
+          rm -rf "$SCRATCH/runs/$NAME/run_$n/checkpoints"
+          n=$((n + 1))
         done ;;
       latency)
         # shellcheck disable=SC2086  # LAT_BATCH: several numbers

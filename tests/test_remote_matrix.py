@@ -231,6 +231,62 @@ def test_speed_suite_latency_step_and_a_test_step_with_its_own_cases(tmp_path):
   assert norm[norm.index("-k") + 1] == k and "tests/test_norm.py" in norm
 
 
+def test_speed_suite_compile_and_train_run_steps(tmp_path):
+  """speed_suite.sh: `compile` runs compile_attention.py once per spec and layer count, each
+  into its own JSON; `train_run` trains once per blocks spec ("default": no override), on
+  SPEED_DATA, each in its own workdir, keeping the metrics and deleting the checkpoints.
+  `python` is a stand-in that logs its calls and writes a run's files."""
+  suite = SCRIPT.with_name("speed_suite.sh")
+  calls = tmp_path / "calls.txt"
+  fake = tmp_path / "bin" / "python"
+  fake.parent.mkdir()
+  fake.write_text(
+    f'#!/bin/bash\nprintf "%s|" "$@" >> {calls}\necho >> {calls}\n'
+    'for ((i = 1; i < $#; i++)); do if [ "${!i}" = --workdir ]; then j=$((i + 1)); '
+    'mkdir -p "${!j}/checkpoints"; echo "{}" > "${!j}/metrics.jsonl"; fi; done\n'
+  )
+  fake.chmod(0o755)
+  env = dict(
+    os.environ, FIBAX_SCRATCH=str(tmp_path / "s"), PATH=f"{fake.parent}:{os.environ['PATH']}"
+  )
+  env |= dict(
+    SPEED_STEPS="compile train_run", SPEED_NAME="cr", SPEED_DATA="/data/x",
+    COMPILE_SPECS="16,4,16,4 16,4,16,4,2,2,2,1,0,1,2,1,1,1,0,1,3", COMPILE_LAYERS="1 16",
+    RUN_BLOCKS="default 16,4,16,4,2,2,2,1,0,1,2,1,1,1,0,1,3", RUN_SETS="train.total_steps=5",
+  )  # fmt: skip
+
+  def sh(*args):
+    return subprocess.run(
+      ["bash", str(suite), *map(str, args)], capture_output=True, text=True, env=env, timeout=120
+    )
+
+  assert sh("start", 0).returncode == 0
+  proc = sh("poll", 60, tmp_path / "out")
+  assert proc.returncode == 0, proc.stderr
+  argvs = [line.rstrip("|").split("|") for line in calls.read_text().splitlines()]
+  argvs = [a for a in argvs if a[:1] != ["-c"]]  # not the suite's probe for pytest-timeout
+  out = tmp_path / "s" / "cr"
+  compiles = [a for a in argvs if a[0] == "experiments/compile_attention.py"]
+  assert [(a[a.index("--blocks") + 1], a[a.index("--layers") + 1]) for a in compiles] == [
+    ("16,4,16,4", "1"),
+    ("16,4,16,4", "16"),
+    ("16,4,16,4,2,2,2,1,0,1,2,1,1,1,0,1,3", "1"),
+    ("16,4,16,4,2,2,2,1,0,1,2,1,1,1,0,1,3", "16"),
+  ]
+  assert compiles[3][compiles[3].index("--out") + 1] == f"{out}/compile_3.json"
+  runs = [a for a in argvs if a[:2] == ["-m", "fibax.train"]]
+  assert len(runs) == 2
+  for n, run in enumerate(runs):
+    sets = run[run.index("--set") + 1 :]
+    assert sets[0] == "data_dir=/data/x" and sets[-1] == "train.total_steps=5"
+    blocks = [x for x in sets if x.startswith("model.attention.gpu_blocks=")]
+    assert blocks == ([] if n == 0 else ["model.attention.gpu_blocks=" + env["RUN_BLOCKS"][8:]])
+    assert run[run.index("--workdir") + 1] == f"{tmp_path}/s/runs/cr/run_{n}"
+    assert (out / f"run_{n}" / "metrics.jsonl").read_text() == "{}\n"
+    assert not (tmp_path / "s" / "runs" / "cr" / f"run_{n}" / "checkpoints").exists()
+  assert (out / "run_0" / "blocks.txt").read_text() == "default\n"
+
+
 def test_start_with_sharding_first_runs_the_check_then_the_queue_within_the_deadline(tmp_path):
   """SHARDING_FIRST=1: tokenize, the sharding check on every GPU, then the queue, whose
   deadline is what is left of the one given to `start` (tokenizing and the check come out of
