@@ -283,8 +283,13 @@ def _query_kernel(
   shape = (_ROWS, _KEYS)
   m_i = plgpu.broadcasted_iota(jnp.int32, shape, 0, layout=plgpu.Layout.WGMMA)
   c_i = plgpu.broadcasted_iota(jnp.int32, shape, 1, layout=plgpu.Layout.WGMMA)
-  rows = j0 + m_i // groups  # the packed row's query row
-  u_i, c_u = c_i // block, c_i % block  # the key column's unit, its row in the unit
+  # The packed row's query row less the key column's row in its unit: a unit starting at key
+  # row `start` keeps distance rel = row - (start + c % C) in lo..hi, so x = row - c % C in
+  # start + lo .. start + hi, two bounds a column (a [64] vector, one select chain a step)
+  # against which each entry is two comparisons.
+  x_i = j0 + m_i // groups - c_i % block
+  col_layout = plgpu.Layout.WGMMA.reduce(0)
+  u_c = plgpu.broadcasted_iota(jnp.int32, (_KEYS,), 0, layout=col_layout) // block
   row_layout = plgpu.Layout.WGMMA.reduce(1)
   sc = scale * LOG2E  # scores in base 2
 
@@ -311,13 +316,14 @@ def _query_kernel(
       issue(n + buffers - 1)
 
     plgpu.barrier_wait(bars.at[slot])
-    start, lo, hi = 0, 1, 0
+    first, last = 1, 0
     for u in range(units):
       start_u, lo_u, hi_u = unit(n * units + u)
-      pairs = ((start_u, start), (lo_u, lo), (hi_u, hi))
-      start, lo, hi = (jnp.where(u_i == u, x, y) for x, y in pairs)
-    rel = rows - (start + c_u)
-    return slot, (rel >= lo) & (rel <= hi)
+      first, last = (
+        jnp.where(u_c == u, x, y) for x, y in ((start_u + lo_u, first), (start_u + hi_u, last))
+      )
+    first, last = (lax.broadcast_in_dim(x, shape, [1]) for x in (first, last))
+    return slot, (x_i >= first) & (x_i <= last)
 
   zeros = plgpu.layout_cast(jnp.zeros((_ROWS, _DIM), jnp.float32), plgpu.Layout.WGMMA)
   if dq_mode:
