@@ -28,7 +28,7 @@ from fibax.data.files import atomic_write_json
 from fibax.latency import median_ms
 from fibax.patterns import Pattern
 from kernels_pallas import fib_attention, gpu
-from kernels_pallas.gpu import GpuBlocks
+from kernels_pallas.gpu import GpuBlocks, default_blocks
 
 HEADS, KV_HEADS, HEAD_DIM, WINDOW = 8, 2, 64, 12
 
@@ -271,7 +271,8 @@ def main(argv=None):
   except ValueError as e:
     ap.error(str(e))
   tuned = autotune(args, specs["--autotune"]) if args.autotune is not None else None
-  defaults = tuned["blocks"] if tuned else GpuBlocks(kernel="packed")
+  # Else fibax's default on this machine (on a Hopper GPU the Mosaic kernels).
+  defaults = tuned["blocks"] if tuned else default_blocks("packed")
   try:  # the flags over the tuned blocks (e.g. --ew-rungs 1 where it chose q_tma=1)
     blocks = dataclasses.replace(defaults, **given)
   except ValueError as e:

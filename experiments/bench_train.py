@@ -557,9 +557,10 @@ def main(argv=None):
     "xla_flags": os.environ.get("XLA_FLAGS", ""),
     "tokens_per_step": args.tokens,
     "overrides": args.overrides,
-    # The packed kernel's blocks, resolved (the defaults unless --blocks); a row-wise call
-    # (impl=pallas) takes them without rung groups and with its own warps where num_warps is 0.
-    "gpu_blocks": bench_attention._spec(blocks or bench_attention.GpuBlocks(kernel="packed")),
+    # The packed kernel's blocks, resolved (this machine's defaults unless --blocks or the
+    # configs name some); a row-wise call (impl=pallas) takes them without rung groups and
+    # Mosaic kernels and with its own warps where num_warps is 0.
+    "gpu_blocks": bench_attention._spec(blocks or bench_attention.default_blocks("packed")),
     "gpu_blocks_given": blocks is not None,
     "gpu_blocks_fields": list(bench_attention.SPEC_KEYS),  # what each position is
     "batches": "random tokens"

@@ -27,7 +27,7 @@ from configs.paper import get_config  # noqa: E402
 from fibax import cli  # noqa: E402
 from fibax.model import layer_patterns  # noqa: E402
 from kernels_pallas import fib_attention  # noqa: E402
-from kernels_pallas.gpu import SPEC_FORMAT, GpuBlocks, parse_blocks  # noqa: E402
+from kernels_pallas.gpu import SPEC_FORMAT, GpuBlocks, default_blocks, parse_blocks  # noqa: E402
 
 
 def measure(
@@ -79,12 +79,14 @@ def main(argv=None) -> None:
   p.add_argument("--seq-len", type=int, default=1024)
   p.add_argument("--batch", type=int, default=32)
   p.add_argument("--layers", type=int, default=16, help="the model's first N layers")
-  p.add_argument("--blocks", default=None, help=f"GpuBlocks, {SPEC_FORMAT} (default: packed)")
+  p.add_argument(
+    "--blocks", default=None, help=f"GpuBlocks, {SPEC_FORMAT} (default: this machine's default)"
+  )
   p.add_argument("--out", default=None)
   p.add_argument("--interpret", action="store_true", help="Pallas' interpreters (a CPU check)")
   args = p.parse_args(argv)
   try:
-    blocks = GpuBlocks(kernel="packed") if args.blocks is None else parse_blocks(args.blocks)
+    blocks = default_blocks("packed") if args.blocks is None else parse_blocks(args.blocks)
   except ValueError as e:
     p.error(f"--blocks: {e}")
   if min(args.seq_len, args.batch, args.layers) < 1:

@@ -246,15 +246,18 @@ def config_gpu_blocks(spec: str):
 
 def gpu_blocks_for(backend: str | None, kernel: str | None):
   """The GpuBlocks a Pallas call on `backend` runs with: the enclosing `gpu_blocks`' (as
-  `kernel`, "rowwise" when None) or the kernel's defaults; None off a GPU backend or where
-  the op's own defaults apply."""
+  `kernel`, "rowwise" when None) or the kernel's defaults (`kernels_pallas.gpu.default_blocks`:
+  on a Hopper GPU the packed kernel's Mosaic GPU kernels; the declared `GpuBlocks` in Pallas'
+  interpreter); None off a GPU backend or where the op's own defaults apply."""
   if backend is None or not backend.startswith("gpu"):
     return None
-  from kernels_pallas.gpu import GpuBlocks
+  from kernels_pallas.gpu import GpuBlocks, default_blocks
 
   tuned = _GPU_BLOCKS.get()
+  if tuned is None and kernel:
+    return default_blocks(kernel) if backend == "gpu" else GpuBlocks(kernel=kernel)
   if tuned is None:
-    return GpuBlocks(kernel=kernel) if kernel else None
+    return None
   return tuned.for_kernel(kernel or "rowwise")
 
 

@@ -272,6 +272,22 @@ class GpuBlocks:
 
 KERNELS = ("rowwise", "packed")
 
+
+def default_blocks(kernel: str = "packed") -> GpuBlocks:
+  """The blocks a model's `kernel` runs with where no run or config names any
+  (`fibax.attention.gpu_blocks_for`): on a Hopper GPU the packed kernel's static rungs in the
+  three Mosaic GPU kernels (q_tma=3, dkv_tma=1; each falls back to its Triton kernel where
+  `mosaic.supported` refuses a call: another dtype, G or head_dim, learned rungs), which made
+  forward + backward 8-12% faster than the Triton kernels and the paper model's train step
+  at T = 1,024 0.88-0.90x the dense one in every process timed on an H200
+  (experiments/results/speed_h200x2_27290d6/, speed_h200x2_eadc133/); elsewhere, and in
+  Pallas' interpreters, the Triton kernels (`GpuBlocks` as declared)."""
+  blocks = GpuBlocks(kernel=kernel)
+  if kernel == "packed" and mosaic.on_hopper():
+    return dataclasses.replace(blocks, dkv_tma=1, q_tma=3)
+  return blocks
+
+
 # A block config as a comma-separated spec of integers, these fields in this order (the
 # benchmarks' --sweep / --blocks, `model.attention.gpu_blocks`); those left out keep their
 # defaults.

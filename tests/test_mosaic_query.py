@@ -182,3 +182,33 @@ def test_compile_attention_times_the_layers_given_and_names_bad_arguments(tmp_pa
     with pytest.raises(SystemExit):
       compile_attention.main(bad)
     assert why in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+  "cc, hopper", [("9.0", True), ("8.0", False), ("10.0", False), (None, False)]
+)
+def test_the_mosaic_kernels_are_the_packed_default_on_hopper_only(monkeypatch, cc, hopper):
+  """On a GPU of compute capability 9.x the packed kernel's default blocks take the three
+  Mosaic kernels (wgmma is Hopper's: not 8.x, not 10.x, whose calls `supported` refuses), a
+  model's packed attention runs them unless a run or config names its blocks, and Pallas'
+  interpreter keeps the Triton kernels; off a GPU nothing changes."""
+  from fibax import attention
+
+  triton = GpuBlocks(kernel="packed")
+  assert gpu.default_blocks("packed") == triton  # this machine: a CPU
+  monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+  monkeypatch.setattr(mosaic, "_compute_capability", lambda: cc)
+  assert mosaic.on_hopper() is hopper
+  why = mosaic.supported((1, 64, 8, 64), 2, jnp.bfloat16)
+  assert (why is None) is (hopper or cc is None), why
+  if cc is not None and not hopper:
+    assert why == f"a GPU of compute capability {cc} (wgmma: 9.x, Hopper)"
+  want = GpuBlocks(kernel="packed", dkv_tma=1, q_tma=3) if hopper else triton
+  assert gpu.default_blocks("packed") == want
+  assert gpu.default_blocks("rowwise") == GpuBlocks()  # the row-wise kernel has no Mosaic ones
+  assert attention.gpu_blocks_for("gpu", "packed") == want
+  assert attention.gpu_blocks_for("gpu_interpret", "packed") == triton
+  assert attention.gpu_blocks_for("gpu", None) is None  # the op's own defaults
+  named = gpu.parse_blocks("16,4,16,4,2,2,2,1,0,1,2,1,1,1,0,0,0")
+  with attention.gpu_blocks(named):  # a run's or config's blocks win
+    assert attention.gpu_blocks_for("gpu", "packed") == named
