@@ -106,7 +106,11 @@
 # "GpuPackedDiagonalKernel and (44] or 45])"; in a queue file, in double quotes, without $,
 # backquotes or double quotes inside, as the line is evaluated).
 set -euo pipefail
-cd "$(dirname "$0")/.."
+# This script by its absolute path (its detached parts run it again from the checkout's root),
+# and a queue FILE given relative to where it was called from.
+SELF="$(cd "$(dirname "$0")" && pwd)/$(basename "$0")"
+CALLER=$PWD
+cd "$(dirname "$SELF")/.."
 SCRATCH=${FIBAX_SCRATCH:-/root/fibax}
 
 die() { echo "speed_suite.sh: error: $*" >&2; exit 1; }
@@ -288,7 +292,7 @@ case "${1:-}" in
       git rev-parse HEAD > "$DIR/commit.txt" 2>/dev/null || true
     fi
     export CUDA_VISIBLE_DEVICES=$gpu SPEED_STEPS=${SPEED_STEPS:-}
-    setsid nohup bash "$0" _suite > "$DIR/suite.log" 2>&1 < /dev/null &
+    setsid nohup bash "$SELF" _suite > "$DIR/suite.log" 2>&1 < /dev/null &
     echo $! > "$DIR.pid"
     sleep 2; cat "$DIR/log.txt" ;;
   _suite)
@@ -304,6 +308,7 @@ case "${1:-}" in
     nvidia-smi --query-gpu=index,memory.used,utilization.gpu --format=csv,noheader || true ;;
   queue)
     gpu=${2:?GPU index}; file=${3:?queue file}
+    [[ "$file" = /* ]] || file=$CALLER/$file
     [ -f "$file" ] || die "no queue file $file"
     [[ "$gpu" =~ ^[0-9]+$ ]] || die "bad GPU index $gpu"
     while read -r name _ || [ -n "$name" ]; do  # (a last line without its newline too)
@@ -318,7 +323,7 @@ case "${1:-}" in
     source experiments/gpu_env.sh  # once, before the queue's suites start
     mkdir -p "$SCRATCH"
     cp "$file" "$SCRATCH/queue_$id.txt"
-    setsid nohup bash "$0" _queue "$gpu" "$id" "$prev" > "$SCRATCH/queue_$id.log" 2>&1 < /dev/null &
+    setsid nohup bash "$SELF" _queue "$gpu" "$id" "$prev" > "$SCRATCH/queue_$id.log" 2>&1 < /dev/null &
     echo "queue $id on GPU $gpu started${prev:+ (after queue $prev)}: $SCRATCH/queue_$id.log" ;;
   _queue)
     gpu=$2 id=$3 prev=$4
@@ -330,7 +335,7 @@ case "${1:-}" in
       echo "$(date +%s) start $name: $settings"
       # In a subshell: a bad line (an unset variable under set -u) fails this suite only. The
       # start's own output, its error if it fails, goes to queue_ID.starts.
-      if ! (eval "SPEED_NAME=$name $settings bash \"\$0\" start $gpu") >> "$SCRATCH/queue_$id.starts" 2>&1; then
+      if ! (eval "SPEED_NAME=$name $settings bash \"\$SELF\" start $gpu") >> "$SCRATCH/queue_$id.starts" 2>&1; then
         echo "$(date +%s) failed to start $name (queue_$id.starts)"; continue
       fi
       # Until the suite is done, or its process is gone (stopped, killed): the next one never

@@ -231,6 +231,39 @@ def test_speed_suite_latency_step_and_a_test_step_with_its_own_cases(tmp_path):
   assert norm[norm.index("-k") + 1] == k and "tests/test_norm.py" in norm
 
 
+def test_speed_suite_queues_from_another_directory_by_relative_paths(tmp_path):
+  """A copy of the checkout called by a relative path from elsewhere, with its queue file
+  relative to the caller: the queue runs that copy's suite (not a script of the caller's
+  directory) and is done. `python` is a stand-in that logs its calls."""
+  suite = SCRIPT.with_name("speed_suite.sh")
+  calls = tmp_path / "calls.txt"
+  fake = tmp_path / "bin" / "python"
+  fake.parent.mkdir()
+  fake.write_text(f'#!/bin/sh\nprintf "%s|" "$@" >> {calls}\necho >> {calls}\n')
+  fake.chmod(0o755)
+  caller = tmp_path / "elsewhere"
+  caller.mkdir()
+  (caller / "q.txt").write_text("lat SPEED_STEPS=latency LAT_IMPLS=xla LAT_LENS=64 LAT_BATCH=1\n")
+  env = dict(
+    os.environ, FIBAX_SCRATCH=str(tmp_path / "s"), PATH=f"{fake.parent}:{os.environ['PATH']}"
+  )
+  rel = os.path.relpath(suite, caller)
+
+  def sh(*args):
+    return subprocess.run(
+      ["bash", rel, *map(str, args)], capture_output=True, text=True, env=env, timeout=120,
+      cwd=caller,
+    )  # fmt: skip
+
+  proc = sh("queue", 0, "q.txt")
+  assert proc.returncode == 0, proc.stderr
+  proc = sh("poll-all", 60, tmp_path / "out")
+  assert proc.returncode == 0, proc.stderr
+  assert "queue done" in (tmp_path / "s" / "queue_0.log").read_text()
+  assert "end latency_xla_T64: exit 0" in (tmp_path / "s" / "lat" / "log.txt").read_text()
+  assert "fibax.eval|latency" in calls.read_text()
+
+
 def test_speed_suite_compile_and_train_run_steps(tmp_path):
   """speed_suite.sh: `compile` runs compile_attention.py once per spec and layer count, each
   into its own JSON; `train_run` trains once per blocks spec ("default": no override), on
