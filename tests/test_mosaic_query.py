@@ -6,6 +6,7 @@ into the tiled buffers and the wgmma A operand from shared memory; the GPU path'
 [B, K, T * G] statistics) run only on a GPU (`TestGpuPackedQTmaKernel` in tests/test_kernels.py);
 here they are lowered on a CPU."""
 
+import dataclasses
 import functools
 import json
 
@@ -212,3 +213,37 @@ def test_the_mosaic_kernels_are_the_packed_default_on_hopper_only(monkeypatch, c
   named = gpu.parse_blocks("16,4,16,4,2,2,2,1,0,1,2,1,1,1,0,0,0")
   with attention.gpu_blocks(named):  # a run's or config's blocks win
     assert attention.gpu_blocks_for("gpu", "packed") == named
+
+
+def test_a_train_steps_layers_share_each_mosaic_kernel():
+  """The stagger model's train step lowered for a GPU with the three Mosaic kernels: each
+  kernel is in the module once (one Mosaic GPU module a kernel, lowered and compiled once),
+  called by all 16 layers, whose rung tables are the kernels' inputs."""
+  import re
+
+  from configs.paper import get_config
+  from fibax import attention, sharding
+  from fibax.steps import make_steps
+
+  cfg = get_config("fib_stagger_w12")
+  model = dataclasses.replace(
+    cfg.model,
+    seq_len=256,
+    attention=dataclasses.replace(cfg.model.attention, impl="pallas_packed"),
+  )
+  cfg = dataclasses.replace(cfg, model=model, train=dataclasses.replace(cfg.train, batch_size=2))
+  mesh = sharding.make_mesh(data=1, model=1, devices=jax.devices()[:1])
+  with attention.gpu_blocks(GpuBlocks(kernel="packed", q_tma=3, dkv_tma=1)):
+    steps = make_steps(cfg, mesh)
+    batch_sh = sharding.batch_sharding(mesh)
+    batch = {
+      k: jax.ShapeDtypeStruct((2, 256), jnp.int32, sharding=batch_sh) for k in ("inputs", "targets")
+    }
+    text = steps.train.trace(steps.abstract_state, batch).lower(lowering_platforms=("cuda",))
+    text = text.as_text()
+  assert cfg.model.num_layers == 16
+  calls = re.findall(r"call @(\w+)", text)
+  assert calls.count("mosaic_gpu_v2") == 3, calls  # forward, dq, dkv: one module each
+  assert calls.count("_forward_packed") == calls.count("_backward_packed") == 16  # every layer
+  for name in ("fwd", "dq", "dkv"):
+    assert f"fib_attention_packed_{name}_tma" in text
