@@ -13,7 +13,8 @@
 # repository's current HEAD: name the commit the tree is), else the checkout's HEAD.
 #
 #   bash experiments/speed_suite.sh queue GPU FILE     # detached: FILE's suites one after another
-#                                                      # (after the GPU's earlier queues)
+#                                                      # (after the GPU's earlier queues), from a
+#                                                      # snapshot of the checkout, $SCRATCH/tree_ID
 #   bash experiments/speed_suite.sh poll-all SECONDS OUT   # wait for every queue; OUT/all.tar.gz
 # A queue runs the suites of FILE, one a line, `NAME VAR=VALUE ...` (the suite's settings, as
 # for `start`; '#' starts a comment), each started when the one before it is done, on one GPU,
@@ -323,7 +324,15 @@ case "${1:-}" in
     source experiments/gpu_env.sh  # once, before the queue's suites start
     mkdir -p "$SCRATCH"
     cp "$file" "$SCRATCH/queue_$id.txt"
-    setsid nohup bash "$SELF" _queue "$gpu" "$id" "$prev" > "$SCRATCH/queue_$id.log" 2>&1 < /dev/null &
+    # The queue's suites run from a snapshot of this checkout (its code, .stage and .whl; not
+    # .git, .venv, results, runs or data), so that a runner copying a new tree over this one
+    # while they run (a later call's upload) cannot pull a file from under a starting step.
+    snap=$SCRATCH/tree_$id
+    rm -rf "$snap" && mkdir -p "$snap"
+    tar -C "$PWD" --exclude=./.git --exclude=./.venv --exclude=./experiments/results \
+      --exclude=./runs --exclude=./data -cf - . | tar -C "$snap" -xf -
+    setsid nohup bash "$snap/experiments/speed_suite.sh" _queue "$gpu" "$id" "$prev" \
+      > "$SCRATCH/queue_$id.log" 2>&1 < /dev/null &
     echo "queue $id on GPU $gpu started${prev:+ (after queue $prev)}: $SCRATCH/queue_$id.log" ;;
   _queue)
     gpu=$2 id=$3 prev=$4

@@ -264,6 +264,45 @@ def test_speed_suite_queues_from_another_directory_by_relative_paths(tmp_path):
   assert "fibax.eval|latency" in calls.read_text()
 
 
+def test_a_queue_runs_from_a_snapshot_of_the_checkout(tmp_path):
+  """`queue` copies the checkout and runs its suites from the copy: a runner that replaces the
+  checkout's files while a queue runs (here: deletes its experiments/) does not stop a later
+  suite of the queue from starting. `python` is a stand-in that logs its calls."""
+  import shutil
+
+  suite = SCRIPT.with_name("speed_suite.sh")
+  repo = tmp_path / "repo"
+  (repo / "experiments").mkdir(parents=True)
+  for name in ("speed_suite.sh", "gpu_env.sh"):
+    shutil.copy(suite.with_name(name), repo / "experiments" / name)
+  calls = tmp_path / "calls.txt"
+  fake = tmp_path / "bin" / "python"
+  fake.parent.mkdir()
+  fake.write_text(f'#!/bin/sh\nprintf "%s|" "$@" >> {calls}\necho >> {calls}\n')
+  fake.chmod(0o755)
+  queue = tmp_path / "q.txt"
+  queue.write_text(
+    "first SPEED_STEPS=bogus\nsecond SPEED_STEPS=latency LAT_IMPLS=xla LAT_LENS=64 LAT_BATCH=1\n"
+  )
+  env = dict(
+    os.environ, FIBAX_SCRATCH=str(tmp_path / "s"), PATH=f"{fake.parent}:{os.environ['PATH']}"
+  )
+
+  def sh(script, *args):
+    return subprocess.run(
+      ["bash", str(script), *map(str, args)], capture_output=True, text=True, env=env, timeout=120
+    )
+
+  proc = sh(repo / "experiments" / "speed_suite.sh", "queue", 0, queue)
+  assert proc.returncode == 0, proc.stderr
+  shutil.rmtree(repo / "experiments")  # the checkout replaced under the running queue
+  proc = sh(suite, "poll-all", 60, tmp_path / "out")
+  assert proc.returncode == 0, proc.stderr
+  assert "queue done" in (tmp_path / "s" / "queue_0.log").read_text()
+  assert "end latency_xla_T64: exit 0" in (tmp_path / "s" / "second" / "log.txt").read_text()
+  assert (tmp_path / "s" / "tree_0" / "experiments" / "speed_suite.sh").is_file()
+
+
 def test_speed_suite_compile_and_train_run_steps(tmp_path):
   """speed_suite.sh: `compile` runs compile_attention.py once per spec and layer count, each
   into its own JSON; `train_run` trains once per blocks spec ("default": no override), on
