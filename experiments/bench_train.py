@@ -365,8 +365,10 @@ def bench(
   inputs = batches(cfg, mesh, data_dir)
   t0 = time.perf_counter()  # tracing and lowering count, as in a first call of the step
   lowered = steps.train.lower(state, inputs[0])
+  t1 = time.perf_counter()
   compiled = {"": lowered.compile()}
   compile_s = time.perf_counter() - t0
+  lower_s = t1 - t0
   for name, variant in (variants or {}).items():
     compiled[name] = lowered.compile(compiler_options=variant)
   # The profile's executable: op by op, so the trace names every kernel (or the timed one).
@@ -392,6 +394,9 @@ def bench(
   traced = {} if trace_dir is None else profile(profiled, state, inputs, steps_timed, trace_dir)
   return {
     "compile_s": round(compile_s, 1),
+    # Of which tracing and lowering (Python: the model, and Pallas' kernels to their modules);
+    # the rest is XLA's compile (the Triton and Mosaic GPU kernels' own included).
+    "lower_s": round(lower_s, 2),
     "ms_per_step": round(step_s * 1e3, 2),
     **{f"ms_per_step_{k}": round(statistics.median(t) * 1e3, 2) for k, t in times.items() if k},
     "steps_per_s": round(1 / step_s, 3),

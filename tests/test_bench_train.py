@@ -63,6 +63,7 @@ def test_variants_are_timed_in_the_same_rounds_and_the_profile_runs_op_by_op(tmp
   result = bench_train.bench(cfg, 1, None, None, variants)
   assert options == [None, bench_train.NO_COMMAND_BUFFERS]
   assert result["ms_per_step"] > 0 and result["ms_per_step_no_command_buffers"] > 0
+  assert 0 < result["lower_s"] < result["compile_s"] + 0.05  # a part of it (compile_s rounded)
   options.clear()
   result = bench_train.bench(cfg, 1, None, tmp_path / "trace")
   assert options == [None, bench_train.NO_COMMAND_BUFFERS]  # the default timed, op by op traced
