@@ -215,10 +215,12 @@ def test_the_mosaic_kernels_are_the_packed_default_on_hopper_only(monkeypatch, c
     assert attention.gpu_blocks_for("gpu", "packed") == named
 
 
-def test_a_train_steps_layers_share_each_mosaic_kernel():
+@pytest.mark.parametrize("data, model", [(1, 1), (2, 2)])
+def test_a_train_steps_layers_share_each_mosaic_kernel(data, model):
   """The stagger model's train step lowered for a GPU with the three Mosaic kernels: each
   kernel is in the module once (one Mosaic GPU module a kernel, lowered and compiled once),
-  called by all 16 layers, whose rung tables are the kernels' inputs."""
+  called by all 16 layers, whose rung tables are the kernels' inputs; on a mesh of data and
+  model axes too (the kernels per device under shard_map, a device's 4 heads of its kv head)."""
   import re
 
   from configs.paper import get_config
@@ -226,13 +228,13 @@ def test_a_train_steps_layers_share_each_mosaic_kernel():
   from fibax.steps import make_steps
 
   cfg = get_config("fib_stagger_w12")
-  model = dataclasses.replace(
-    cfg.model,
-    seq_len=256,
-    attention=dataclasses.replace(cfg.model.attention, impl="pallas_packed"),
+  attn = dataclasses.replace(cfg.model.attention, impl="pallas_packed")
+  cfg = dataclasses.replace(
+    cfg,
+    model=dataclasses.replace(cfg.model, seq_len=256, attention=attn),
+    train=dataclasses.replace(cfg.train, batch_size=2),
   )
-  cfg = dataclasses.replace(cfg, model=model, train=dataclasses.replace(cfg.train, batch_size=2))
-  mesh = sharding.make_mesh(data=1, model=1, devices=jax.devices()[:1])
+  mesh = sharding.make_mesh(data=data, model=model, devices=jax.devices()[: data * model])
   with attention.gpu_blocks(GpuBlocks(kernel="packed", q_tma=3, dkv_tma=1)):
     steps = make_steps(cfg, mesh)
     batch_sh = sharding.batch_sharding(mesh)
