@@ -183,20 +183,26 @@ def test_speed_suite_runs_its_steps_detached_and_packs_what_they_wrote(tmp_path)
   assert again.returncode == 1 and "was already started" in again.stderr
 
 
+def _logging_python(tmp_path, more: str = ""):
+  """A stand-in `python` that logs each call's arguments ("|"-separated, a line a call) to the
+  returned file, then runs `more` (bash); the environment that puts it first on PATH, with
+  FIBAX_SCRATCH at tmp_path / "s"."""
+  calls = tmp_path / "calls.txt"
+  fake = tmp_path / "bin" / "python"
+  fake.parent.mkdir()
+  fake.write_text(f'#!/bin/bash\nprintf "%s|" "$@" >> {calls}\necho >> {calls}\n{more}')
+  fake.chmod(0o755)
+  path = f"{fake.parent}:{os.environ['PATH']}"
+  return calls, dict(os.environ, FIBAX_SCRATCH=str(tmp_path / "s"), PATH=path)
+
+
 def test_speed_suite_latency_step_and_a_test_step_with_its_own_cases(tmp_path):
   """speed_suite.sh: `latency` runs `fibax.eval latency` once per impl and length, each into
   its own JSON; TEST_K replaces the -k expression of the suite's test steps (tests_model's
   and tests_norm's too), its brackets and parentheses kept through a queue file's line.
   `python` is a stand-in that logs its calls."""
   suite = SCRIPT.with_name("speed_suite.sh")
-  calls = tmp_path / "calls.txt"
-  fake = tmp_path / "bin" / "python"
-  fake.parent.mkdir()
-  fake.write_text(f'#!/bin/sh\nprintf "%s|" "$@" >> {calls}\necho >> {calls}\n')
-  fake.chmod(0o755)
-  env = dict(
-    os.environ, FIBAX_SCRATCH=str(tmp_path / "s"), PATH=f"{fake.parent}:{os.environ['PATH']}"
-  )
+  calls, env = _logging_python(tmp_path)
   queue = tmp_path / "queue.txt"
   queue.write_text(
     'lat SPEED_STEPS="latency tests_diagonal tests_model tests_norm" '
@@ -236,17 +242,10 @@ def test_speed_suite_queues_from_another_directory_by_relative_paths(tmp_path):
   relative to the caller: the queue runs that copy's suite (not a script of the caller's
   directory) and is done. `python` is a stand-in that logs its calls."""
   suite = SCRIPT.with_name("speed_suite.sh")
-  calls = tmp_path / "calls.txt"
-  fake = tmp_path / "bin" / "python"
-  fake.parent.mkdir()
-  fake.write_text(f'#!/bin/sh\nprintf "%s|" "$@" >> {calls}\necho >> {calls}\n')
-  fake.chmod(0o755)
+  calls, env = _logging_python(tmp_path)
   caller = tmp_path / "elsewhere"
   caller.mkdir()
   (caller / "q.txt").write_text("lat SPEED_STEPS=latency LAT_IMPLS=xla LAT_LENS=64 LAT_BATCH=1\n")
-  env = dict(
-    os.environ, FIBAX_SCRATCH=str(tmp_path / "s"), PATH=f"{fake.parent}:{os.environ['PATH']}"
-  )
   rel = os.path.relpath(suite, caller)
 
   def sh(*args):
@@ -275,17 +274,10 @@ def test_a_queue_runs_from_a_snapshot_of_the_checkout(tmp_path):
   (repo / "experiments").mkdir(parents=True)
   for name in ("speed_suite.sh", "gpu_env.sh"):
     shutil.copy(suite.with_name(name), repo / "experiments" / name)
-  calls = tmp_path / "calls.txt"
-  fake = tmp_path / "bin" / "python"
-  fake.parent.mkdir()
-  fake.write_text(f'#!/bin/sh\nprintf "%s|" "$@" >> {calls}\necho >> {calls}\n')
-  fake.chmod(0o755)
+  calls, env = _logging_python(tmp_path)
   queue = tmp_path / "q.txt"
   queue.write_text(
     "first SPEED_STEPS=bogus\nsecond SPEED_STEPS=latency LAT_IMPLS=xla LAT_LENS=64 LAT_BATCH=1\n"
-  )
-  env = dict(
-    os.environ, FIBAX_SCRATCH=str(tmp_path / "s"), PATH=f"{fake.parent}:{os.environ['PATH']}"
   )
 
   def sh(script, *args):
@@ -309,17 +301,10 @@ def test_speed_suite_compile_and_train_run_steps(tmp_path):
   SPEED_DATA, each in its own workdir, keeping the metrics and deleting the checkpoints.
   `python` is a stand-in that logs its calls and writes a run's files."""
   suite = SCRIPT.with_name("speed_suite.sh")
-  calls = tmp_path / "calls.txt"
-  fake = tmp_path / "bin" / "python"
-  fake.parent.mkdir()
-  fake.write_text(
-    f'#!/bin/bash\nprintf "%s|" "$@" >> {calls}\necho >> {calls}\n'
+  calls, env = _logging_python(
+    tmp_path,  # and a training run's files
     'for ((i = 1; i < $#; i++)); do if [ "${!i}" = --workdir ]; then j=$((i + 1)); '
-    'mkdir -p "${!j}/checkpoints"; echo "{}" > "${!j}/metrics.jsonl"; fi; done\n'
-  )
-  fake.chmod(0o755)
-  env = dict(
-    os.environ, FIBAX_SCRATCH=str(tmp_path / "s"), PATH=f"{fake.parent}:{os.environ['PATH']}"
+    'mkdir -p "${!j}/checkpoints"; echo "{}" > "${!j}/metrics.jsonl"; fi; done\n',
   )
   env |= dict(
     SPEED_STEPS="compile train_run", SPEED_NAME="cr", SPEED_DATA="/data/x",
