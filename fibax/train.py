@@ -39,7 +39,7 @@ import numpy as np
 from etils import epath
 from jax.experimental import multihost_utils
 
-from fibax import cli, sharding
+from fibax import attention, cli, sharding
 from fibax import metrics as metrics_lib
 from fibax.checkpoint import Checkpointer, CheckpointError, quiet_orbax
 from fibax.config import RunConfig
@@ -118,6 +118,20 @@ class _StopFlag:
     if jax.process_count() > 1:
       flag = multihost_utils.process_allgather(flag).max()
     return bool(flag)
+
+
+def kernel_blocks_note(att) -> str:
+  """For a packed Pallas GPU impl, the start line's ", Pallas GPU blocks SPEC": the blocks its
+  layers run with (the config's `gpu_blocks`, else the machine's default: on a Hopper GPU the
+  Mosaic kernels), as `gpu_blocks` takes them; "" for any other impl."""
+  backend = attention.PALLAS_BACKENDS.get(att.impl, "")
+  if not backend.startswith("gpu") or "packed" not in att.impl:
+    return ""
+  from kernels_pallas.gpu import SPEC_KEYS
+
+  with attention.config_gpu_blocks(att.gpu_blocks):
+    blocks = attention.gpu_blocks_for(backend, "packed")
+  return ", Pallas GPU blocks " + ",".join(str(getattr(blocks, k)) for k in SPEC_KEYS)
 
 
 @contextlib.contextmanager
@@ -330,6 +344,7 @@ def _train(cfg: RunConfig, workdir: epath.Path, main: bool, log: Callable[[str],
   log(
     f"{'resuming at' if restored else 'starting'} step {step} of {tc.total_steps} on "
     f"{mesh.devices.size} {jax.devices()[0].platform} device(s), mesh {dict(mesh.shape)}"
+    f"{kernel_blocks_note(cfg.model.attention)}"
   )
   writer = metrics_lib.MetricWriter(workdir, enabled=main, resume_step=step)
   progress = metrics_lib.Progress(tc.total_steps, step, bar=main and tc.progress_bar, log=log)

@@ -196,7 +196,8 @@ def test_the_mosaic_kernels_are_the_packed_default_on_hopper_only(monkeypatch, c
   from fibax import attention
 
   triton = GpuBlocks(kernel="packed")
-  assert gpu.default_blocks("packed") == triton  # this machine: a CPU
+  monkeypatch.setattr(jax, "default_backend", lambda: "cpu")
+  assert gpu.default_blocks("packed") == triton  # off a GPU
   monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
   monkeypatch.setattr(mosaic, "_compute_capability", lambda: cc)
   assert mosaic.on_hopper() is hopper
@@ -213,6 +214,16 @@ def test_the_mosaic_kernels_are_the_packed_default_on_hopper_only(monkeypatch, c
   named = gpu.parse_blocks("16,4,16,4,2,2,2,1,0,1,2,1,1,1,0,0,0")
   with attention.gpu_blocks(named):  # a run's or config's blocks win
     assert attention.gpu_blocks_for("gpu", "packed") == named
+  # A training run's first line names the blocks its layers run with.
+  from fibax.config import AttentionConfig
+  from fibax.train import kernel_blocks_note
+
+  tail = "1,3" if hopper else "0,0"
+  assert kernel_blocks_note(AttentionConfig(impl="pallas_packed")).endswith(f",0,{tail}")
+  spec = "16,4,16,4,2,2,2,1,0,1,2,1,1,1,0,0,0"
+  note = kernel_blocks_note(AttentionConfig(impl="pallas_packed", gpu_blocks=spec))
+  assert note == f", Pallas GPU blocks {spec}"
+  assert kernel_blocks_note(AttentionConfig(impl="xla")) == ""
 
 
 @pytest.mark.parametrize("data, model", [(1, 1), (2, 2)])
