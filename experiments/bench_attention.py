@@ -8,6 +8,10 @@ and XLA: `--every-alpha`); forward and forward+backward milliseconds, all in one
 the HBM floor (q, k, v, o bytes once over a copy bandwidth measured in the same run) and
 XLA's compiled memory footprint, and the run's own wall time. Prints a table and writes JSON with a
 `summary` of the ratios that the targets name.
+
+The packed kernel runs with fibax's default on the machine (`kernels_pallas.gpu.default_blocks`:
+on a Hopper GPU the Mosaic GPU kernels) where no block flag is given; block flags tune the
+declared `GpuBlocks` (the Triton kernels, unless --q-tma / --dkv-tma name the Mosaic ones).
 """
 
 from __future__ import annotations
@@ -271,8 +275,12 @@ def main(argv=None):
   except ValueError as e:
     ap.error(str(e))
   tuned = autotune(args, specs["--autotune"]) if args.autotune is not None else None
-  # Else fibax's default on this machine (on a Hopper GPU the Mosaic kernels).
-  defaults = tuned["blocks"] if tuned else default_blocks("packed")
+  # Else, with no block flag, fibax's default on this machine (on a Hopper GPU the Mosaic
+  # kernels); with some, the declared GpuBlocks (the Triton kernels unless --q-tma / --dkv-tma
+  # say otherwise), which the flags tune.
+  defaults = tuned["blocks"] if tuned else GpuBlocks(kernel="packed")
+  if not tuned and not given:
+    defaults = default_blocks("packed")
   try:  # the flags over the tuned blocks (e.g. --ew-rungs 1 where it chose q_tma=1)
     blocks = dataclasses.replace(defaults, **given)
   except ValueError as e:

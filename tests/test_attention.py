@@ -221,7 +221,7 @@ def test_gpu_blocks_reach_every_pallas_gpu_call_inside_their_context(monkeypatch
   row-wise ones the same blocks without rung groups, TPU backends nothing; outside the context
   the kernels' defaults. The grouped packed kernel still matches the reference there."""
   import kernels_pallas
-  from kernels_pallas.gpu import GpuBlocks
+  from kernels_pallas.gpu import GpuBlocks, default_blocks
 
   tuned = GpuBlocks(kernel="packed", num_warps=8, rung_group=2, rung_group_bwd=4)
   with attention.gpu_blocks(tuned):
@@ -232,7 +232,8 @@ def test_gpu_blocks_reach_every_pallas_gpu_call_inside_their_context(monkeypatch
     )  # fmt: skip
     assert attention.gpu_blocks_for("tpu", "packed") is None
     assert attention.gpu_blocks_for(None, "packed") is None
-  assert attention.gpu_blocks_for("gpu", "packed") == GpuBlocks(kernel="packed")
+  # Outside the context: the machine's default (on a Hopper GPU the Mosaic kernels).
+  assert attention.gpu_blocks_for("gpu", "packed") == default_blocks("packed")
   assert attention.gpu_blocks_for("gpu", None) is None  # the op's defaults
 
   pattern = Pattern.build(base="fib", alpha=0.7, window=3, seq_len=70)

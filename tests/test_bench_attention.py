@@ -1,6 +1,7 @@
 """experiments/bench_attention.py: what it times, on CPU (the GPU numbers come from a device)."""
 
 import argparse
+import dataclasses
 import json
 
 import jax
@@ -329,3 +330,38 @@ def test_autotune_takes_the_forward_from_the_fastest_forward_and_the_backward_fr
   assert (got.rung_group_dkv, got.group_dkv) == (0, 1)
   assert got.fold == 1  # the rows record fold 0 (the row-wise kernel folds none): not taken
   assert (got.ew_rungs, got.q_tma) == (0, 0)  # the packed kernel's options: not taken
+
+
+def test_the_packed_kernel_runs_the_machines_default_unless_block_flags_tune_it(
+  tmp_path, monkeypatch
+):
+  """No block flag: fibax's default on the machine (here a stand-in for a Hopper GPU's, the
+  Mosaic kernels); block flags tune the declared blocks (the Triton kernels) unless they name
+  the Mosaic ones themselves; what ran is in the JSON."""
+  mosaic = GpuBlocks(kernel="packed", q_tma=3, dkv_tma=1)
+  monkeypatch.setattr(bench_attention, "default_blocks", lambda kernel: mosaic)
+  monkeypatch.setattr(bench_attention, "copy_bandwidth", lambda: 1e12)
+  seen = []
+
+  def spy(pattern, blocks):
+    seen.append(blocks)
+    return {"pallas_packed": None}
+
+  monkeypatch.setattr(bench_attention, "implementations", spy)
+  monkeypatch.setattr(
+    bench_attention,
+    "bench_one",
+    lambda name, *a: {"impl": name, "fwd_ms": 1.0, "fwdbwd_ms": 2.0, "fwd_bytes": 1},
+  )
+  base = ["--lengths", "64", "--tokens", "64", "--impls", "pallas_packed", "--alphas", "1.0"]
+  for flags, want in (
+    ([], mosaic),
+    (["--num-warps", "2"], GpuBlocks(kernel="packed", num_warps=2)),
+    (
+      ["--num-warps", "2", "--q-tma", "3", "--dkv-tma", "1"],
+      dataclasses.replace(mosaic, num_warps=2),
+    ),
+  ):
+    seen.clear()
+    bench_attention.main([*base, *flags, "--out", str(tmp_path / "b.json")])
+    assert seen and all(b == want for b in seen), (flags, seen)
