@@ -92,8 +92,9 @@
 #                  ones) at each layer count of COMPILE_LAYERS (1 16), one process each
 #   train_run      python -m fibax.train on SPEED_DATA (a prepared data directory on the
 #                  machine): RUN_CONFIG (configs/paper.py:fib_stagger_w12,steps=300), once per
-#                  blocks spec of RUN_BLOCKS (default: the kernels' own, then the three Mosaic
-#                  kernels through model.attention.gpu_blocks); RUN_SETS: more overrides
+#                  blocks spec of RUN_BLOCKS (default: the Triton kernels through
+#                  model.attention.gpu_blocks, then "default", the machine's: on a Hopper GPU
+#                  the three Mosaic kernels); RUN_SETS: more overrides
 #                  (default model.attention.impl=pallas_packed: the paper configs' impl is xla);
 #                  metrics.jsonl and config.json kept, checkpoints deleted
 #   latency        python -m fibax.eval latency: the paper model's forward with a static
@@ -113,6 +114,8 @@ SELF="$(cd "$(dirname "$0")" && pwd)/$(basename "$0")"
 CALLER=$PWD
 cd "$(dirname "$SELF")/.."
 SCRATCH=${FIBAX_SCRATCH:-/root/fibax}
+[[ "$SCRATCH" = /* ]] || SCRATCH=$CALLER/$SCRATCH
+export FIBAX_SCRATCH=$SCRATCH  # absolute for the detached parts, which start elsewhere
 
 die() { echo "speed_suite.sh: error: $*" >&2; exit 1; }
 
@@ -130,6 +133,10 @@ step() {
 }
 
 suite() {
+  # A relative SPEED_DATA is the checkout's that queued the suite (the suite runs in a copy).
+  if [ -n "${SPEED_DATA:-}" ] && [[ "$SPEED_DATA" != /* ]] && [ -n "${FIBAX_CHECKOUT:-}" ]; then
+    SPEED_DATA=$FIBAX_CHECKOUT/$SPEED_DATA
+  fi
   local steps=${SPEED_STEPS:-tests_packed attention train tests_learned attention2}
   local common=(--set model.embed_backward=sorted)
   # The test steps' per-case limit, where pytest-timeout is installed.
@@ -235,7 +242,7 @@ suite() {
           continue
         fi
         local n=0
-        for spec in ${RUN_BLOCKS:-default 16,4,16,4,2,2,2,1,0,1,2,1,1,1,0,1,3}; do
+        for spec in ${RUN_BLOCKS:-16,4,16,4,2,2,2,1,0,1,2,1,1,1,0,0,0 default}; do
           local blk=()
           [ "$spec" = default ] || blk=(model.attention.gpu_blocks="$spec")
           # shellcheck disable=SC2086  # RUN_SETS: several overrides
@@ -326,11 +333,16 @@ case "${1:-}" in
     cp "$file" "$SCRATCH/queue_$id.txt"
     # The queue's suites run from a snapshot of this checkout (its code, .stage and .whl; not
     # .git, .venv, results, runs or data), so that a runner copying a new tree over this one
-    # while they run (a later call's upload) cannot pull a file from under a starting step.
+    # while they run (a later upload) cannot pull a file from under a starting step.
+    # The snapshot is deleted when the queue is done; its suites' commit.txt is SPEED_COMMIT or
+    # this checkout's HEAD (the snapshot has no .git), a relative SPEED_DATA this checkout's.
     snap=$SCRATCH/tree_$id
     rm -rf "$snap" && mkdir -p "$snap"
-    tar -C "$PWD" --exclude=./.git --exclude=./.venv --exclude=./experiments/results \
-      --exclude=./runs --exclude=./data -cf - . | tar -C "$snap" -xf -
+    # (tar exits 1 when a file changes as it reads it: the copy it made stands)
+    { tar -C "$PWD" --exclude=./.git --exclude=./.venv --exclude=./experiments/results \
+      --exclude=./runs --exclude=./data -cf - . || [ $? = 1 ]; } | tar -C "$snap" -xf -
+    export SPEED_COMMIT=${SPEED_COMMIT:-$(git rev-parse HEAD 2>/dev/null || true)}
+    export FIBAX_CHECKOUT=$PWD
     setsid nohup bash "$snap/experiments/speed_suite.sh" _queue "$gpu" "$id" "$prev" \
       > "$SCRATCH/queue_$id.log" 2>&1 < /dev/null &
     echo "queue $id on GPU $gpu started${prev:+ (after queue $prev)}: $SCRATCH/queue_$id.log" ;;
@@ -355,7 +367,9 @@ case "${1:-}" in
       done
       echo "$(date +%s) end $name"
     done < "$SCRATCH/queue_$id.txt"
-    echo "$(date +%s) queue done" ;;
+    echo "$(date +%s) queue done"
+    [ "$(cd "$(dirname "$SELF")/.." && pwd)" = "$SCRATCH/tree_$id" ] && rm -rf "$SCRATCH/tree_$id"
+    true ;;
   poll-all)
     wait_s=${2:?seconds}; out=${3:?output folder}
     compgen -G "$SCRATCH/queue_*.log" > /dev/null || die "no queue started"

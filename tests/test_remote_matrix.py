@@ -266,33 +266,53 @@ def test_speed_suite_queues_from_another_directory_by_relative_paths(tmp_path):
 def test_a_queue_runs_from_a_snapshot_of_the_checkout(tmp_path):
   """`queue` copies the checkout and runs its suites from the copy: a runner that replaces the
   checkout's files while a queue runs (here: deletes its experiments/) does not stop a later
-  suite of the queue from starting. `python` is a stand-in that logs its calls."""
+  suite of the queue from starting. The suites' commit.txt is the checkout's HEAD, a relative
+  SPEED_DATA is the checkout's, a relative FIBAX_SCRATCH the caller's; the copy is deleted
+  when the queue is done. `python` is a stand-in that logs its calls."""
   import shutil
+  import time
 
   suite = SCRIPT.with_name("speed_suite.sh")
   repo = tmp_path / "repo"
   (repo / "experiments").mkdir(parents=True)
   for name in ("speed_suite.sh", "gpu_env.sh"):
     shutil.copy(suite.with_name(name), repo / "experiments" / name)
+  git = ["git", "-C", str(repo), "-c", "user.name=t", "-c", "user.email=t@t"]
+  for cmd in (["init", "-q"], ["add", "."], ["commit", "-qm", "x"]):
+    subprocess.run([*git, *cmd], check=True, capture_output=True)
+  head = subprocess.run([*git, "rev-parse", "HEAD"], capture_output=True, text=True).stdout
   calls, env = _logging_python(tmp_path)
+  env["FIBAX_SCRATCH"] = "s"  # relative to the caller, tmp_path
+  env.pop("SPEED_COMMIT", None)
   queue = tmp_path / "q.txt"
   queue.write_text(
-    "first SPEED_STEPS=bogus\nsecond SPEED_STEPS=latency LAT_IMPLS=xla LAT_LENS=64 LAT_BATCH=1\n"
+    "first SPEED_STEPS=bogus\n"
+    'second SPEED_STEPS="latency train_run" LAT_IMPLS=xla LAT_LENS=64 LAT_BATCH=1 SPEED_DATA=d '
+    "RUN_BLOCKS=default\n"
   )
 
   def sh(script, *args):
     return subprocess.run(
-      ["bash", str(script), *map(str, args)], capture_output=True, text=True, env=env, timeout=120
-    )
+      ["bash", str(script), *map(str, args)], capture_output=True, text=True, env=env, timeout=120,
+      cwd=tmp_path,
+    )  # fmt: skip
 
   proc = sh(repo / "experiments" / "speed_suite.sh", "queue", 0, queue)
   assert proc.returncode == 0, proc.stderr
   shutil.rmtree(repo / "experiments")  # the checkout replaced under the running queue
   proc = sh(suite, "poll-all", 60, tmp_path / "out")
   assert proc.returncode == 0, proc.stderr
-  assert "queue done" in (tmp_path / "s" / "queue_0.log").read_text()
-  assert "end latency_xla_T64: exit 0" in (tmp_path / "s" / "second" / "log.txt").read_text()
-  assert (tmp_path / "s" / "tree_0" / "experiments" / "speed_suite.sh").is_file()
+  scratch = tmp_path / "s"
+  assert "queue done" in (scratch / "queue_0.log").read_text()
+  log = (scratch / "second" / "log.txt").read_text()
+  assert "end latency_xla_T64: exit 0" in log and "end train_run_0: exit 0" in log
+  assert f"data_dir={repo}/d|" in calls.read_text()
+  assert (scratch / "second" / "commit.txt").read_text() == head
+  for _ in range(50):  # the snapshot is deleted once the queue is done
+    if not (scratch / "tree_0").exists():
+      break
+    time.sleep(0.2)
+  assert not (scratch / "tree_0").exists()
 
 
 def test_speed_suite_compile_and_train_run_steps(tmp_path):
