@@ -86,7 +86,9 @@ def main(argv=None) -> None:
   p.add_argument("--interpret", action="store_true", help="Pallas' interpreters (a CPU check)")
   args = p.parse_args(argv)
   try:
-    blocks = default_blocks("packed") if args.blocks is None else parse_blocks(args.blocks)
+    # (the interpreter: the declared blocks, as a model's interpreted attention takes them)
+    default = GpuBlocks(kernel="packed") if args.interpret else default_blocks("packed")
+    blocks = default if args.blocks is None else parse_blocks(args.blocks)
   except ValueError as e:
     p.error(f"--blocks: {e}")
   if min(args.seq_len, args.batch, args.layers) < 1:

@@ -41,7 +41,9 @@ class AttentionConfig:
   # ('bq,warps,bq_bwd,warps_bwd[,...]', `kernels_pallas.gpu.SPEC_FORMAT`), e.g.
   # "16,4,16,4,2,2,2,1,0,1,2,1,1,1,0,1,3" for the three Mosaic GPU kernels of a Hopper GPU
   # (q_tma=3, dkv_tma=1; the Triton kernels wherever they do not take a call); "" the
-  # defaults. A run's `attention.gpu_blocks` context (e.g. bench_train.py --blocks) wins.
+  # machine's defaults (`kernels_pallas.gpu.default_blocks`: on a Hopper GPU those Mosaic
+  # kernels, elsewhere the Triton ones). A run's `attention.gpu_blocks` context (e.g.
+  # bench_train.py --blocks) wins.
   gpu_blocks: str = ""
   # Set by `freeze`: per-layer alphas of a trained learned schedule, rounded into static
   # integer patterns (the paper's offsets, compiled like a static schedule).
