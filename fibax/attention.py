@@ -261,6 +261,21 @@ def gpu_blocks_for(backend: str | None, kernel: str | None):
   return tuned.for_kernel(kernel or "rowwise")
 
 
+def resolved_gpu_blocks(att) -> str:
+  """The blocks a packed Pallas GPU impl's layers run with (an `AttentionConfig`'s
+  `gpu_blocks`, else the machine's default: on a Hopper GPU the Mosaic kernels), as a spec
+  that `gpu_blocks` takes; "" for any other impl. (Read where no `gpu_blocks` context is
+  open: a run's own would win.)"""
+  backend = PALLAS_BACKENDS.get(att.impl, "")
+  if not backend.startswith("gpu") or "packed" not in att.impl:
+    return ""
+  from kernels_pallas.gpu import SPEC_KEYS
+
+  with config_gpu_blocks(att.gpu_blocks):
+    blocks = gpu_blocks_for(backend, "packed")
+  return ",".join(str(getattr(blocks, k)) for k in SPEC_KEYS)
+
+
 AttentionFn = Callable[[Array, Array, Array, Pattern], Array]
 
 # The kernel backend of each Pallas impl; a learned layer runs its window through it.

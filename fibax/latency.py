@@ -20,6 +20,7 @@ from collections.abc import Callable, Sequence
 
 import jax
 
+from fibax import attention
 from fibax.config import ModelConfig
 from fibax.evaluate import freeze
 from fibax.model import Transformer, init_params
@@ -87,7 +88,7 @@ def latency_table(
   """ms per forward and tokens/s for each variant and batch size, with the ratio to static.
 
   Returns:
-    {"device", "jax_version", "seq_len", "impl", "static_schedule", "frozen_alphas",
+    {"device", "jax_version", "seq_len", "impl", "gpu_blocks", "static_schedule", "frozen_alphas",
      "learned_alphas" ("given": `learned_params`' alphas; "initial": a fresh model's, every
      alpha 1), "rows": [{"variant", "batch_size", "ms", "tokens_per_s", "vs_static"}]}.
   """
@@ -120,6 +121,9 @@ def latency_table(
     "jax_version": jax.__version__,
     "seq_len": seq_len,
     "impl": cfg.attention.impl,
+    # The packed Pallas GPU kernels' blocks of the static and frozen layers ("" for another
+    # impl; learned rungs always take the Triton kernels).
+    "gpu_blocks": attention.resolved_gpu_blocks(cfg.attention),
     "static_schedule": static_schedule,
     "frozen_alphas": list(models["frozen"][0].attention.frozen_alphas),
     "learned_alphas": "initial" if learned_params is None else "given",

@@ -121,17 +121,10 @@ class _StopFlag:
 
 
 def kernel_blocks_note(att) -> str:
-  """For a packed Pallas GPU impl, the start line's ", Pallas GPU blocks SPEC": the blocks its
-  layers run with (the config's `gpu_blocks`, else the machine's default: on a Hopper GPU the
-  Mosaic kernels), as `gpu_blocks` takes them; "" for any other impl."""
-  backend = attention.PALLAS_BACKENDS.get(att.impl, "")
-  if not backend.startswith("gpu") or "packed" not in att.impl:
-    return ""
-  from kernels_pallas.gpu import SPEC_KEYS
-
-  with attention.config_gpu_blocks(att.gpu_blocks):
-    blocks = attention.gpu_blocks_for(backend, "packed")
-  return ", Pallas GPU blocks " + ",".join(str(getattr(blocks, k)) for k in SPEC_KEYS)
+  """The start line's ", Pallas GPU blocks SPEC" for a packed Pallas GPU impl
+  (`attention.resolved_gpu_blocks`); "" for any other impl."""
+  spec = attention.resolved_gpu_blocks(att)
+  return f", Pallas GPU blocks {spec}" if spec else ""
 
 
 @contextlib.contextmanager

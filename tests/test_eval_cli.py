@@ -173,5 +173,6 @@ def test_latency_of_static_learned_and_frozen_on_cpu():
   assert set(rows) == {"static", "learned", "frozen"}
   assert rows["static"]["vs_static"] == 1.0 and table["frozen_alphas"] == [1.0, 1.0]
   assert table["learned_alphas"] == "initial"  # no learned_params: a fresh model's
+  assert table["gpu_blocks"] == ""  # not a packed Pallas GPU impl: no blocks
   for row in rows.values():
     assert row["ms"] > 0 and row["tokens_per_s"] == pytest.approx(2 * SEQ_LEN / row["ms"] * 1e3)

@@ -224,6 +224,9 @@ def test_the_mosaic_kernels_are_the_packed_default_on_hopper_only(monkeypatch, c
   note = kernel_blocks_note(AttentionConfig(impl="pallas_packed", gpu_blocks=spec))
   assert note == f", Pallas GPU blocks {spec}"
   assert kernel_blocks_note(AttentionConfig(impl="xla")) == ""
+  assert (
+    attention.resolved_gpu_blocks(AttentionConfig(impl="pallas_packed", gpu_blocks=spec)) == spec
+  )
 
 
 @pytest.mark.parametrize("data, model", [(1, 1), (2, 2)])
