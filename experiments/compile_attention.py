@@ -5,10 +5,10 @@ in the model), traced, lowered, compiled and run once, timed apart, in one fresh
   python experiments/compile_attention.py [--run fib_stagger_w12] [--seq-len 1024]
       [--batch 32] [--layers 16] [--blocks SPEC] [--out FILE] [--interpret]
 
-One JSON line (and FILE, where given): trace_s, lower_s, compile_s, first_call_s (a kernel
-compiled when first run shows here), second_call_s, the distinct attention kernels in the
-lowered module. Each configuration its own process, so that no in-process cache of an earlier
-one helps it (`for s in SPEC1 SPEC2; do python ... --blocks $s; done`).
+One JSON line (and FILE, written whole or not at all, where given): trace_s, lower_s,
+compile_s, first_call_s (a kernel compiled when first run shows here), second_call_s, the
+distinct attention kernels in the lowered module. Each configuration its own process, so that
+no in-process cache of an earlier one helps it (`for s in A B; do python ... --blocks $s; done`).
 """
 
 import argparse
@@ -25,6 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from configs.paper import get_config  # noqa: E402
 from fibax import cli  # noqa: E402
+from fibax.data.files import atomic_write_json  # noqa: E402
 from fibax.model import layer_patterns  # noqa: E402
 from kernels_pallas import fib_attention  # noqa: E402
 from kernels_pallas.gpu import SPEC_FORMAT, GpuBlocks, default_blocks, parse_blocks  # noqa: E402
@@ -101,10 +102,9 @@ def main(argv=None) -> None:
   backend = "gpu_interpret" if args.interpret else "gpu"
   found = measure(args.run, args.seq_len, args.batch, args.layers, blocks, backend)
   found |= {"blocks": args.blocks, "jax": jax.__version__, "device": jax.devices()[0].device_kind}
-  line = json.dumps(found)
-  print(line, flush=True)
+  print(json.dumps(found), flush=True)
   if args.out:
-    Path(args.out).write_text(line + "\n")
+    atomic_write_json(args.out, found)
 
 
 if __name__ == "__main__":

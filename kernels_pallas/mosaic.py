@@ -77,7 +77,7 @@ def supported(q_shape, kv_heads: int, dtype) -> str | None:
     return f"T = {seq_len} must be a multiple of {_ROWS // groups}"
   if jax.default_backend() == "gpu":  # (interpreted or lowered on a CPU: no device to ask)
     cc = _compute_capability()
-    if cc is not None and not 9.0 <= float(cc) < 10.0:
+    if cc is not None and not _hopper(cc):
       return f"a GPU of compute capability {cc} (wgmma: 9.x, Hopper)"
   return None
 
@@ -86,13 +86,17 @@ def _compute_capability() -> str | None:
   return getattr(jax.devices()[0], "compute_capability", None)
 
 
+def _hopper(cc: str) -> bool:
+  return 9.0 <= float(cc) < 10.0
+
+
 def on_hopper() -> bool:
   """Whether this process's first device is a Hopper GPU (compute capability 9.x), where the
   Mosaic kernels are the packed kernel's default (`kernels_pallas.gpu.default_blocks`)."""
   if jax.default_backend() != "gpu":
     return False
   cc = _compute_capability()
-  return cc is not None and 9.0 <= float(cc) < 10.0
+  return cc is not None and _hopper(cc)
 
 
 # Every shared-memory tile: 8-row tiles of 64 bf16 (128 bytes) with the 128-byte swizzle, the
