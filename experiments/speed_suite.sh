@@ -235,7 +235,7 @@ suite() {
         done ;;
       train_run)
         # A short real training run of RUN_CONFIG on SPEED_DATA, once per blocks spec of
-        # RUN_BLOCKS ("default": the kernels' own), each its own workdir; the metrics kept,
+        # RUN_BLOCKS ("default": the machine's), each its own workdir; the metrics kept,
         # the checkpoints deleted.
         if [ -z "${SPEED_DATA:-}" ]; then
           echo "$(date +%s) skipped train_run: SPEED_DATA names no prepared data directory" >> "$DIR/log.txt"
