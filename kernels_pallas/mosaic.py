@@ -58,6 +58,7 @@ from kernels_pallas.reference import LOG2E
 _ROWS = 64  # packed rows of a step's tile: one warpgroup's wgmma M
 _KEYS = 64  # key rows of the query-major kernels' step: wgmma's K for p v and ds k
 _DIM = 64  # head dim: a row is the 128-byte swizzle, so a tiled tile is row-major (below)
+_NONE = 1 << 30  # a rung table's padding: a distance no unit reaches (it keeps nothing)
 # p^T and ds^T [C, 64 packed rows] buffers hold dk and dv [C, D] at the end: the same shape.
 assert _ROWS == _DIM
 
@@ -275,15 +276,19 @@ def _query_kernel(
   steps = (chunks + live + units - 1) // units
 
   def unit(i):
-    """Unit i's (first key row, the kept distances lo..hi of query row - key row)."""
-    rung = tab_s[1 + jnp.clip(i - chunks, 0, last)]
-    off = jnp.where(i < chunks, i * block, rung)
-    # A chunk whose start would be below row 0 lies wholly before it; units past the last
-    # live rung keep nothing (lo > hi).
-    ok = jnp.where(i < chunks, j0 >= off, i < chunks + live)
-    lo = jnp.where(ok, jnp.where(i < chunks, 0, off), 1)
-    hi = jnp.where(ok, jnp.where(i < chunks, window, off), 0)
-    return jnp.maximum(j0 - off, 0), lo, hi
+    """Unit i's first key row and the bounds of y = m // G - c (packed row m, key column c of
+    the unit) it keeps, `prologue`'s mask. A unit index known when tracing (a Python int: the
+    first steps', unrolled) may be a window chunk; a traced one is a rung's (`_NONE`-padded
+    table: units past the table's rungs keep nothing, as do rungs beyond the block's rows)."""
+    if isinstance(i, int) and i < chunks:  # keys j0 - i C .., distances 0..W from row j0
+      off = i * block
+      start = jnp.maximum(j0 - off, 0)
+      # A chunk whose start would be below row 0 lies wholly before it: it keeps nothing.
+      return start, jnp.where(j0 >= off, -off, _NONE), window - off
+    off = tab_s[1 + i - chunks]
+    start = jnp.maximum(j0 - off, 0)
+    y = start + off - j0  # distance off: y = 0 from a start at j0 - off, else off - j0
+    return start, y, y
 
   def issue(n):
     slot = n % buffers
@@ -298,15 +303,14 @@ def _query_kernel(
 
   plgpu.barrier_wait(q_bar)
   shape = (_ROWS, _KEYS)
-  m_i = plgpu.broadcasted_iota(jnp.int32, shape, 0, layout=plgpu.Layout.WGMMA)
-  c_i = plgpu.broadcasted_iota(jnp.int32, shape, 1, layout=plgpu.Layout.WGMMA)
-  # The packed row's query row less the key column's row in its unit: a unit starting at key
-  # row `start` keeps distance rel = row - (start + c % C) in lo..hi, so x = row - c % C in
-  # start + lo .. start + hi, two bounds a column (a [64] vector, one select chain a step)
-  # against which each entry is two comparisons.
-  x_i = j0 + m_i // groups - c_i % block
-  col_layout = plgpu.Layout.WGMMA.reduce(0)
-  u_c = plgpu.broadcasted_iota(jnp.int32, (_KEYS,), 0, layout=col_layout) // block
+  # A unit's mask: its key column c (row start + c of C) is kept for the packed row m (query
+  # row j0 + m // G) where the distance j0 + m // G - start - c lies in lo..hi, i.e. where
+  # y = m // G - c lies in start + lo - j0 .. start + hi - j0: two scalar bounds a unit
+  # against one [64, C] tile y, each unit's columns a static slice of the step's scores (the
+  # WGMMA layout's registers: slicing and joining them is free).
+  unit_shape = (_ROWS, block)
+  y_i = plgpu.broadcasted_iota(jnp.int32, unit_shape, 0, layout=plgpu.Layout.WGMMA) // groups
+  y_i = y_i - plgpu.broadcasted_iota(jnp.int32, unit_shape, 1, layout=plgpu.Layout.WGMMA)
   row_layout = plgpu.Layout.WGMMA.reduce(1)
   sc = scale * LOG2E  # scores in base 2
 
@@ -333,14 +337,25 @@ def _query_kernel(
       issue(n + buffers - 1)
 
     plgpu.barrier_wait(bars.at[slot])
-    first, last = 1, 0
-    for u in range(units):
-      start_u, lo_u, hi_u = unit(n * units + u)
-      first, last = (
-        jnp.where(u_c == u, x, y) for x, y in ((start_u + lo_u, first), (start_u + hi_u, last))
+    bounds = [unit(n * units + u)[1:] for u in range(units)]
+
+    def masked(x, fill):  # x [64 packed rows, 64 keys] with `fill` where the mask drops
+      return jnp.concatenate(
+        [
+          jnp.where((y_i >= lo) & (y_i <= hi), x[:, u * block : (u + 1) * block], fill)
+          for u, (lo, hi) in enumerate(bounds)
+        ],
+        axis=1,
       )
-    first, last = (lax.broadcast_in_dim(x, shape, [1]) for x in (first, last))
-    return slot, (x_i >= first) & (x_i <= last)
+
+    return slot, masked
+
+  def run(step, carry):
+    """The steps: those holding window chunks unrolled (`unit`'s static units), the rest
+    (rungs only) a loop."""
+    for n in range(-(-chunks // units)):  # (always below `steps`)
+      carry = step(n, carry)
+    return lax.fori_loop(-(-chunks // units), steps, step, carry)
 
   zeros = plgpu.layout_cast(jnp.zeros((_ROWS, _DIM), jnp.float32), plgpu.Layout.WGMMA)
   if dq_mode:
@@ -354,14 +369,14 @@ def _query_kernel(
     lse2_b, delta_b = (lax.broadcast_in_dim(x, shape, [0]) for x in (lse2, delta))
 
     def step(n, dq):
-      slot, keep = prologue(n)
+      slot, masked = prologue(n)
       s = wgmma_value(q_s, k_s.at[slot].transpose((1, 0)))
       dp = wgmma_value(do_s, v_s.at[slot].transpose((1, 0)))
-      p = jnp.where(keep, jnp.exp2(s * sc - lse2_b), 0.0)
+      p = masked(jnp.exp2(s * sc - lse2_b), 0.0)
       ds = p * (dp - delta_b)
       return accumulate(dq, ds.astype(q_s.dtype), k_s.at[slot])
 
-    acc = lax.fori_loop(0, steps, step, zeros) * scale
+    acc = run(step, zeros) * scale
     stat = delta
   else:
     m0, l0 = (
@@ -370,17 +385,19 @@ def _query_kernel(
 
     def step(n, carry):
       acc, m, l = carry
-      slot, keep = prologue(n)
-      s = jnp.where(keep, wgmma_value(q_s, k_s.at[slot].transpose((1, 0))) * sc, -jnp.inf)
-      # Step 0 holds every row's own key (unit 0, distance 0): m is finite after it.
-      m_new = jnp.maximum(m, jnp.max(s, axis=1))
+      slot, masked = prologue(n)
+      s = masked(wgmma_value(q_s, k_s.at[slot].transpose((1, 0))), -jnp.inf)
+      # Step 0 holds every row's own key (unit 0, distance 0): m is finite after it. The scale
+      # after the max (a positive factor: the same maximum) and in p's exponent, s sc - m, one
+      # fused multiply-add an entry (Mosaic GPU allows the contraction).
+      m_new = jnp.maximum(m, jnp.max(s, axis=1) * sc)
       corr = jnp.exp2(m - m_new)
-      p = jnp.exp2(s - lax.broadcast_in_dim(m_new, shape, [0]))
+      p = jnp.exp2(s * sc - lax.broadcast_in_dim(m_new, shape, [0]))
       l = l * corr + jnp.sum(p, axis=1)
       acc = acc * lax.broadcast_in_dim(corr, acc.shape, [0])
       return accumulate(acc, p.astype(q_s.dtype), v_s.at[slot]), m_new, l
 
-    acc, m, l = lax.fori_loop(0, steps, step, (zeros, m0, l0))
+    acc, m, l = run(step, (zeros, m0, l0))
     acc = acc / lax.broadcast_in_dim(l, acc.shape, [0])
     stat = (m + jnp.log2(l)) * (1.0 / LOG2E)  # natural log-sum-exp
   # The result [64, D] through the query buffer (no wgmma reads it now), the row statistics
@@ -431,8 +448,11 @@ def _checked(q, k, table, name):
   if why is not None:
     raise ValueError(f"the Mosaic GPU {name} kernel does not take this call: {why}")
   groups = q.shape[2] // k.shape[2]
-  # A copy moves a multiple of 128 bytes.
-  return groups, _ROWS // groups, jnp.pad(table, (0, -table.shape[0] % 32))
+  # Entries past the count `_NONE` (the query kernels read up to 3 past it: a step's units
+  # past the last rung); a copy moves a multiple of 128 bytes.
+  size = table.shape[0]
+  table = jnp.where(jnp.arange(size) > table[0], _NONE, table)
+  return groups, _ROWS // groups, jnp.pad(table, (0, 3 + -(size + 3) % 32), constant_values=_NONE)
 
 
 def _query_call(q, k, v, table, ins, *, dq_mode, window, buffers, interpret):

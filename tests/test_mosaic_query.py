@@ -66,6 +66,19 @@ def test_the_mosaic_query_kernels_name_the_calls_they_do_not_take():
     mosaic.dq(q, kv, kv, q, q, st, table, window=4, buffers=0, interpret=True)
 
 
+@pytest.mark.parametrize("rungs", [1, 15, 16, 31])
+def test_the_kernels_rung_table_reads_a_distance_no_unit_reaches_past_its_count(rungs):
+  """The query kernels read a step's units past the last rung from the table (up to 3 entries
+  past its count) and keep nothing there only because those entries lie beyond every block:
+  rung_table's zero padding (a distance-0 rung: the diagonal again) replaced and extended."""
+  q, kv = jnp.zeros((1, 64, 8, 64), jnp.bfloat16), jnp.zeros((1, 64, 2, 64), jnp.bfloat16)
+  far = tuple(range(13, 13 + 2 * rungs, 2))
+  _, _, table = mosaic._checked(q, kv, gpu.rung_table(far, 12), "forward")
+  assert table.shape[0] % 32 == 0 and table.shape[0] >= 1 + rungs + 3
+  assert table[: 1 + rungs].tolist() == [rungs, *far]
+  assert (table[1 + rungs :] == mosaic._NONE).all()
+
+
 def test_q_tma_is_a_bitmask_of_the_packed_kernels_not_with_ew_rungs_on_the_same_kernel():
   with pytest.raises(ValueError, match=r"q_tma=4 must be a bitmask 0..3 \(1 fwd, 2 dq\)"):
     GpuBlocks(kernel="packed", q_tma=4)
