@@ -277,11 +277,11 @@ def default_blocks(kernel: str = "packed") -> GpuBlocks:
   """The blocks a model's `kernel` runs with where no run or config names any
   (`fibax.attention.gpu_blocks_for`): on a Hopper GPU the packed kernel's static rungs in the
   three Mosaic GPU kernels (q_tma=3, dkv_tma=1; each falls back to its Triton kernel where
-  `mosaic.supported` refuses a call: another dtype, G or head_dim, learned rungs), which made
-  forward + backward 8-13% faster than the Triton kernels and the paper model's train step
-  at T = 1,024 0.882-0.903x the dense one (eight of nine processes under 0.9x) on H200s
-  (experiments/results/speed_h200x2_27290d6/, speed_h200x2_eadc133/); elsewhere, and in
-  Pallas' interpreters, the Triton kernels (`GpuBlocks` as declared)."""
+  `mosaic.supported` refuses a call: another dtype, G or head_dim, learned rungs), with which
+  forward + backward is 12-18% faster than the Triton kernels and the paper model's train step
+  at T = 1,024 0.883-0.895x the dense one (six processes) on H200s
+  (experiments/results/speed_h200x2_7b2e4cf/); elsewhere, and in Pallas' interpreters, the
+  Triton kernels (`GpuBlocks` as declared)."""
   blocks = GpuBlocks(kernel=kernel)
   if kernel == "packed" and mosaic.on_hopper():
     return dataclasses.replace(blocks, dkv_tma=1, q_tma=3)

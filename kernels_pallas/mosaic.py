@@ -8,12 +8,13 @@ one a live rung (a table input, as in the Triton kernels), four such tiles a ste
 contraction of p v and ds k, which wgmma needs at the 128-byte swizzle (K a multiple of 64).
 Each tile is one copy of k and one of v at any row, through the same untiled swizzled view of
 the buffer as the dkv kernel's query tiles (below), into one of `buffers` step buffers (the
-next steps' copies in flight during this one's wgmmas; `GpuBlocks.num_stages`); masks in
-absolute rows (a band for a chunk, one distance for a rung, nothing for the units past the
-program's last live rung). The forward keeps an online softmax in base 2 (scores times scale
-log2 e); dq forms delta = sum_d o do (- dlse) from its o and dO tiles and writes it for the dkv
-kernels, as the Triton dq does. p and ds are wgmma's A operand from registers (the interpreter:
-from shared memory).
+next steps' copies in flight during this one's wgmmas; `GpuBlocks.num_stages`); each tile's
+mask two scalar bounds on its own column slice of the step's scores (a band for a chunk, one
+distance for a rung, nothing for the units past the program's last live rung), the steps that
+hold window chunks unrolled so that the loop's units are rungs only (`unit`). The forward keeps
+an online softmax in base 2 (scores times scale log2 e); dq forms delta = sum_d o do (- dlse)
+from its o and dO tiles and writes it for the dkv kernels, as the Triton dq does. p and ds are
+wgmma's A operand from registers (the interpreter: from shared memory).
 
 The dkv kernel. The Triton one (`gpu._dkv_packed_kernel`) gathers, for each rung d of a key
 block [j0, j0 + C), the query and dO rows j0 + d .. j0 + d + C - 1 of the G heads with per-thread
