@@ -1,6 +1,8 @@
 """Where a sparse train step's extra compile time goes: the attention of a paper model's layers
-alone (forward and backward of `fib_attention` over each layer's pattern, the layers chained as
-in the model), traced, lowered, compiled and run once, timed apart, in one fresh process.
+alone (forward and backward of each layer's attention as the model calls it, `attention.attend`
+with `pallas_packed`, the layers chained as in the model; a learned run's alphas, one a layer at
+the model's initial 1, differentiated too), traced, lowered, compiled and run once, timed
+apart, in one fresh process.
 
   python experiments/compile_attention.py [--run fib_stagger_w12] [--seq-len 1024]
       [--batch 32] [--layers 16] [--blocks SPEC] [--out FILE] [--interpret]
@@ -24,44 +26,49 @@ import jax.numpy as jnp
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from configs.paper import get_config  # noqa: E402
-from fibax import cli  # noqa: E402
+from fibax import attention, cli  # noqa: E402
 from fibax.data.files import atomic_write_json  # noqa: E402
 from fibax.model import layer_patterns  # noqa: E402
-from kernels_pallas import fib_attention  # noqa: E402
-from kernels_pallas.gpu import SPEC_FORMAT, GpuBlocks, default_blocks, parse_blocks  # noqa: E402
+from kernels_pallas.gpu import SPEC_FORMAT, GpuBlocks, parse_blocks  # noqa: E402
 
 
 def measure(
-  run: str, seq_len: int, batch: int, layers: int, blocks: GpuBlocks, backend: str = "gpu"
+  run: str, seq_len: int, batch: int, layers: int, blocks: GpuBlocks | None, interpret=False
 ) -> dict:
+  """`blocks`: the kernels' (None: the machine's default, as a model with no `gpu_blocks`)."""
   cfg = get_config(run).model
   pats = layer_patterns(cfg, seq_len)[:layers]
   heads, kv_heads, dim = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
   ks = jax.random.split(jax.random.key(0), 3)
   q = jax.random.normal(ks[0], (batch, seq_len, heads, dim), jnp.bfloat16)
   k, v = (jax.random.normal(x, (batch, seq_len, kv_heads, dim), jnp.bfloat16) for x in ks[1:])
+  alphas = jnp.ones((len(pats),), jnp.float32)  # learned layers' (static ones take none)
+  impl = "pallas_packed_interpret" if interpret else "pallas_packed"
 
-  def loss(q, k, v):
+  def loss(q, k, v, alphas):
     x = q
-    for p in pats:  # each layer's output is the next one's queries, as through a block
-      x = fib_attention(x, k, v, p, backend=backend, blocks=blocks)
+    for i, p in enumerate(pats):  # each layer's output is the next one's queries
+      x = attention.attend(x, k, v, p, impl, cfg.attention.dense_impl, alphas[i])
     return jnp.sum(x.astype(jnp.float32))
 
-  step = jax.jit(jax.grad(loss, argnums=(0, 1, 2)))
+  step = jax.jit(jax.grad(loss, argnums=(0, 1, 2, 3)))
+  args = (q, k, v, alphas)
   t0 = time.perf_counter()
-  traced = step.trace(q, k, v)
+  with attention.gpu_blocks(blocks):  # read when tracing
+    traced = step.trace(*args)
   t1 = time.perf_counter()
   lowered = traced.lower()
   t2 = time.perf_counter()
   compiled = lowered.compile()
   t3 = time.perf_counter()
-  jax.block_until_ready(compiled(q, k, v))
+  jax.block_until_ready(compiled(*args))
   t4 = time.perf_counter()
-  jax.block_until_ready(compiled(q, k, v))
+  jax.block_until_ready(compiled(*args))
   t5 = time.perf_counter()
   names = sorted(set(re.findall(r"fib_attention_\w+", lowered.as_text())))
   return {
     "run": run,
+    "impl": impl,
     "seq_len": seq_len,
     "batch": batch,
     "layers": len(pats),
@@ -87,9 +94,7 @@ def main(argv=None) -> None:
   p.add_argument("--interpret", action="store_true", help="Pallas' interpreters (a CPU check)")
   args = p.parse_args(argv)
   try:
-    # (the interpreter: the declared blocks, as a model's interpreted attention takes them)
-    default = GpuBlocks(kernel="packed") if args.interpret else default_blocks("packed")
-    blocks = default if args.blocks is None else parse_blocks(args.blocks)
+    blocks = None if args.blocks is None else parse_blocks(args.blocks)
   except ValueError as e:
     p.error(f"--blocks: {e}")
   if min(args.seq_len, args.batch, args.layers) < 1:
@@ -99,8 +104,7 @@ def main(argv=None) -> None:
   except ValueError as e:
     p.error(f"--run: {e}")
   cli.set_xla_defaults()
-  backend = "gpu_interpret" if args.interpret else "gpu"
-  found = measure(args.run, args.seq_len, args.batch, args.layers, blocks, backend)
+  found = measure(args.run, args.seq_len, args.batch, args.layers, blocks, args.interpret)
   found |= {"blocks": args.blocks, "jax": jax.__version__, "device": jax.devices()[0].device_kind}
   print(json.dumps(found), flush=True)
   if args.out:

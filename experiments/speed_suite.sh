@@ -86,10 +86,12 @@
 #   train_text     bench_train.py on real batches (SPEED_DATA: a prepared data directory on
 #                  the machine), fib_stagger_w12 at T = 1,024, once per input-embedding
 #                  gradient of EMBED_SETS (default: sorted onehot scatter), one process each
-#   compile        compile_attention.py: the attention of the stagger model's layers alone
-#                  (T = 1,024, B = 32), traced, lowered, compiled and first run timed apart,
-#                  each spec of COMPILE_SPECS (default: the Triton kernels, the three Mosaic
-#                  ones) at each layer count of COMPILE_LAYERS (1 16), one process each
+#   compile        compile_attention.py: the attention of a model's layers alone (T = 1,024,
+#                  B = 32), traced, lowered, compiled and first run timed apart, each run of
+#                  COMPILE_RUNS (default fib_stagger_w12; fib_learned_w12: the learned
+#                  kernels) with each spec of COMPILE_SPECS (default: the Triton kernels, the
+#                  three Mosaic ones; "default": the machine's) at each layer count of
+#                  COMPILE_LAYERS (1 16), one process each
 #   train_run      python -m fibax.train on SPEED_DATA (a prepared data directory on the
 #                  machine): RUN_CONFIG (configs/paper.py:fib_stagger_w12,steps=300), once per
 #                  blocks spec of RUN_BLOCKS (default: the Triton kernels through
@@ -223,14 +225,18 @@ suite() {
             model.logits_grad=compute model.mlp_pad=128 --out "$DIR/bench_train_text_$e.json"
         done ;;
       compile)
-        # Each spec its own process (no in-process cache of another helps it), at each layer
-        # count of COMPILE_LAYERS.
+        # Each run, spec and layer count its own process (no in-process cache of another
+        # helps it); the spec "default" names no blocks (the machine's default).
         local n=0
-        for spec in ${COMPILE_SPECS:-16,4,16,4,2,2,2,1,0,1,2,1,1,1,0,0,0 16,4,16,4,2,2,2,1,0,1,2,1,1,1,0,1,3}; do
-          for layers in ${COMPILE_LAYERS:-1 16}; do
-            step "compile_$n" 300 python experiments/compile_attention.py --blocks "$spec" \
-              --layers "$layers" --out "$DIR/compile_$n.json"
-            n=$((n + 1))
+        for run in ${COMPILE_RUNS:-fib_stagger_w12}; do
+          for spec in ${COMPILE_SPECS:-16,4,16,4,2,2,2,1,0,1,2,1,1,1,0,0,0 16,4,16,4,2,2,2,1,0,1,2,1,1,1,0,1,3}; do
+            local blk=(--blocks "$spec")
+            [ "$spec" = default ] && blk=()
+            for layers in ${COMPILE_LAYERS:-1 16}; do
+              step "compile_$n" 300 python experiments/compile_attention.py --run "$run" "${blk[@]}" \
+                --layers "$layers" --out "$DIR/compile_$n.json"
+              n=$((n + 1))
+            done
           done
         done ;;
       train_run)

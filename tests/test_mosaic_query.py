@@ -188,6 +188,14 @@ def test_compile_attention_times_the_layers_given_and_names_bad_arguments(tmp_pa
   found = json.loads(out.read_text())
   assert (found["layers"], found["seq_len"], found["blocks"]) == (2, 32, spec)
   assert min(found[k] for k in ("trace_s", "lower_s", "compile_s", "first_call_s")) > 0
+  # A learned run's layers, as the model calls them: through the learned-rung kernels.
+  import kernels_pallas
+
+  with counted_calls(kernels_pallas, ["fib_attention_learned"]) as calls:
+    compile_attention.main(["--run", "fib_learned_w12", *argv[:6], "--interpret"])
+  found = json.loads(capsys.readouterr().out.splitlines()[-1])
+  learned = (found["run"], found["layers"], calls["fib_attention_learned"])
+  assert learned == ("fib_learned_w12", 2, 2)
   for bad, why in (
     (["--run", "nope"], "--run: unknown run name='nope'"),
     (["--blocks", "1,2"], "--blocks: bad block config '1,2'"),

@@ -328,7 +328,8 @@ def test_speed_suite_compile_and_train_run_steps(tmp_path):
   )
   env |= dict(
     SPEED_STEPS="compile train_run", SPEED_NAME="cr", SPEED_DATA="/data/x",
-    COMPILE_SPECS="16,4,16,4 16,4,16,4,2,2,2,1,0,1,2,1,1,1,0,1,3", COMPILE_LAYERS="1 16",
+    COMPILE_SPECS="16,4,16,4 default", COMPILE_LAYERS="1 16",
+    COMPILE_RUNS="fib_stagger_w12 fib_learned_w12",
     RUN_BLOCKS="default 16,4,16,4,2,2,2,1,0,1,2,1,1,1,0,1,3", RUN_SETS="train.total_steps=5",
   )  # fmt: skip
 
@@ -344,13 +345,17 @@ def test_speed_suite_compile_and_train_run_steps(tmp_path):
   argvs = [a for a in argvs if a[:1] != ["-c"]]  # not the suite's probe for pytest-timeout
   out = tmp_path / "s" / "cr"
   compiles = [a for a in argvs if a[0] == "experiments/compile_attention.py"]
-  assert [(a[a.index("--blocks") + 1], a[a.index("--layers") + 1]) for a in compiles] == [
-    ("16,4,16,4", "1"),
-    ("16,4,16,4", "16"),
-    ("16,4,16,4,2,2,2,1,0,1,2,1,1,1,0,1,3", "1"),
-    ("16,4,16,4,2,2,2,1,0,1,2,1,1,1,0,1,3", "16"),
+
+  def arg(a, flag):
+    return a[a.index(flag) + 1] if flag in a else None
+
+  assert [(arg(a, "--run"), arg(a, "--blocks"), arg(a, "--layers")) for a in compiles] == [
+    (run, blocks, layers)
+    for run in ("fib_stagger_w12", "fib_learned_w12")
+    for blocks in ("16,4,16,4", None)  # "default": no --blocks
+    for layers in ("1", "16")
   ]
-  assert compiles[3][compiles[3].index("--out") + 1] == f"{out}/compile_3.json"
+  assert arg(compiles[7], "--out") == f"{out}/compile_7.json"
   runs = [a for a in argvs if a[:2] == ["-m", "fibax.train"]]
   assert len(runs) == 2
   for n, run in enumerate(runs):
