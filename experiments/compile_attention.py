@@ -1,15 +1,16 @@
 """Where a sparse train step's extra compile time goes: the attention of a paper model's layers
-alone (forward and backward of each layer's attention as the model calls it, `attention.attend`
-with `pallas_packed`, the layers chained as in the model; a learned run's alphas, one a layer at
-the model's initial 1, differentiated too), traced, lowered, compiled and run once, timed
-apart, in one fresh process.
+alone (forward and backward of each layer's `attention.attend` with `pallas_packed`, the
+layers chained as in the model; a learned run's alphas, one a layer at the model's initial 1,
+differentiated too), traced, lowered, compiled and run once, timed apart, in one fresh
+process.
 
   python experiments/compile_attention.py [--run fib_stagger_w12] [--seq-len 1024]
       [--batch 32] [--layers 16] [--blocks SPEC] [--out FILE] [--interpret]
 
 One JSON line (and FILE, written whole or not at all, where given): trace_s, lower_s,
 compile_s, first_call_s (a kernel compiled when first run shows here), second_call_s, the
-distinct attention kernels in the lowered module. Each configuration its own process, so that
+distinct attention kernels in the lowered module, the blocks given (`blocks`) and those the
+packed kernels run with (`gpu_blocks`, a spec). Each configuration its own process, so that
 no in-process cache of an earlier one helps it (`for s in A B; do python ... --blocks $s; done`).
 """
 
@@ -29,7 +30,7 @@ from configs.paper import get_config  # noqa: E402
 from fibax import attention, cli  # noqa: E402
 from fibax.data.files import atomic_write_json  # noqa: E402
 from fibax.model import layer_patterns  # noqa: E402
-from kernels_pallas.gpu import SPEC_FORMAT, GpuBlocks, parse_blocks  # noqa: E402
+from kernels_pallas.gpu import SPEC_FORMAT, SPEC_KEYS, GpuBlocks, parse_blocks  # noqa: E402
 
 
 def measure(
@@ -105,7 +106,14 @@ def main(argv=None) -> None:
     p.error(f"--run: {e}")
   cli.set_xla_defaults()
   found = measure(args.run, args.seq_len, args.batch, args.layers, blocks, args.interpret)
-  found |= {"blocks": args.blocks, "jax": jax.__version__, "device": jax.devices()[0].device_kind}
+  with attention.gpu_blocks(blocks):
+    used = attention.gpu_blocks_for("gpu_interpret" if args.interpret else "gpu", "packed")
+  found |= {
+    "blocks": args.blocks,
+    "gpu_blocks": ",".join(str(getattr(used, k)) for k in SPEC_KEYS),
+    "jax": jax.__version__,
+    "device": jax.devices()[0].device_kind,
+  }
   print(json.dumps(found), flush=True)
   if args.out:
     atomic_write_json(args.out, found)

@@ -638,9 +638,11 @@ def backward(q, k, v, o, lse, do, *, window, far, blocks: GpuBlocks, interpret: 
 
 def rung_table(far: tuple[int, ...], window: int = 0) -> jax.Array:
   """int32 [1 + R rounded up to a power of two >= 16]: the rung count, then the rung
-  distances in increasing order (zero padding, never read). Layers whose R + 1 round to the
-  same length share one compiled kernel. The distances are distinct and beyond the window
-  (a `Pattern`'s are), as the kernels' folded rungs need: their bitmask is a sum of bits."""
+  distances in increasing order (zero padding: the Triton kernels never read it; the Mosaic
+  ones read a distance no block reaches in its place, `mosaic._checked`). Layers whose R + 1
+  round to the same length share one compiled kernel. The distances are distinct and beyond
+  the window (a `Pattern`'s are), as the kernels' folded rungs need: their bitmask is a sum of
+  bits."""
   if len(set(far)) != len(far) or any(d <= window for d in far):
     raise ValueError(f"far={far} must be distinct distances > window={window}")
   size = _pow2_at_least(len(far) + 1)

@@ -281,14 +281,14 @@ def _query_kernel(
     the unit) it keeps, `prologue`'s mask. A unit index known when tracing (a Python int: the
     first steps', unrolled) may be a window chunk; a traced one is a rung's (`_NONE`-padded
     table: units past the table's rungs keep nothing, as do rungs beyond the block's rows)."""
-    if isinstance(i, int) and i < chunks:  # keys j0 - i C .., distances 0..W from row j0
+    if isinstance(i, int) and i < chunks:  # keys from j0 - i C, distances 0..W from a row
       off = i * block
       start = jnp.maximum(j0 - off, 0)
       # A chunk whose start would be below row 0 lies wholly before it: it keeps nothing.
       return start, jnp.where(j0 >= off, -off, _NONE), window - off
     off = tab_s[1 + i - chunks]
     start = jnp.maximum(j0 - off, 0)
-    y = start + off - j0  # distance off: y = 0 from a start at j0 - off, else off - j0
+    y = start + off - j0  # = max(off - j0, 0): 0 from a start at j0 - off, else off - j0
     return start, y, y
 
   def issue(n):
@@ -330,7 +330,7 @@ def _query_kernel(
 
   def prologue(n):
     """Issue step n + buffers - 1's copies (into the buffer step n - 1 read), wait for step
-    n's; its mask [64 packed rows, 64 keys]."""
+    n's; (its buffer, its mask as a function of [64 packed rows, 64 keys] scores)."""
     slot = n % buffers
 
     @pl.when(n + buffers - 1 < steps)
@@ -354,9 +354,10 @@ def _query_kernel(
   def run(step, carry):
     """The steps: those holding window chunks unrolled (`unit`'s static units), the rest
     (rungs only) a loop."""
-    for n in range(-(-chunks // units)):  # (always below `steps`)
+    unrolled = -(-chunks // units)  # (always at most `steps`)
+    for n in range(unrolled):
       carry = step(n, carry)
-    return lax.fori_loop(-(-chunks // units), steps, step, carry)
+    return lax.fori_loop(unrolled, steps, step, carry)
 
   zeros = plgpu.layout_cast(jnp.zeros((_ROWS, _DIM), jnp.float32), plgpu.Layout.WGMMA)
   if dq_mode:

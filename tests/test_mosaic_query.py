@@ -184,9 +184,13 @@ def test_compile_attention_times_the_layers_given_and_names_bad_arguments(tmp_pa
   out = tmp_path / "c.json"
   spec = "16,4,16,4,2,2,2,1,0,1,2,1,1,1,0,1,3"
   argv = ["--seq-len", "32", "--batch", "1", "--layers", "2", "--blocks", spec, "--interpret"]
-  compile_attention.main([*argv, "--out", str(out)])
+  with counted_calls(mosaic, ("forward", "dq", "dkv")) as calls:  # the blocks reach the kernels
+    compile_attention.main([*argv, "--out", str(out)])
+  assert all(calls.values()), calls
   found = json.loads(out.read_text())
-  assert (found["layers"], found["seq_len"], found["blocks"]) == (2, 32, spec)
+  assert (found["layers"], found["seq_len"], found["blocks"], found["gpu_blocks"]) == (
+    2, 32, spec, spec
+  )  # fmt: skip
   assert min(found[k] for k in ("trace_s", "lower_s", "compile_s", "first_call_s")) > 0
   # A learned run's layers, as the model calls them: through the learned-rung kernels.
   import kernels_pallas
