@@ -288,3 +288,22 @@ def test_a_train_steps_layers_share_each_mosaic_kernel(data, model):
   assert calls.count("_forward_packed") == calls.count("_backward_packed") == 16  # every layer
   for name in ("fwd", "dq", "dkv"):
     assert f"fib_attention_packed_{name}_tma" in text
+
+
+def test_mosaic_ops_counts_each_kernels_loop_the_same_at_any_length_and_rungs(capsys):
+  """experiments/mosaic_ops.py: each Mosaic kernel's main loop, lowered for a GPU on a CPU and
+  counted by kind (the loop found: it holds the TMA copies and the wgmmas); the rungs are a
+  table input and T only the grid, so neither moves the counts."""
+  from experiments import mosaic_ops
+
+  a = mosaic_ops.count(12, (13, 21, 34), 256)
+  b = mosaic_ops.count(12, (17, 55, 89, 144, 233), 512)
+  assert a == b
+  for name, loop in a.items():
+    kinds = loop["by_kind"]
+    assert loop["ops"] == sum(kinds.values()) > 1000, name
+    assert kinds["nvvm.cp.async.bulk.tensor.shared.cluster.global"] > 0, name  # TMA copies
+    assert kinds["nvvm.wgmma.fence.aligned"] > 0, name
+  with pytest.raises(SystemExit):
+    mosaic_ops.main(["--rungs", "5"])  # not beyond the window
+  assert "--rungs '5'" in capsys.readouterr().err
