@@ -30,7 +30,7 @@ from configs.paper import get_config  # noqa: E402
 from fibax import attention, cli  # noqa: E402
 from fibax.data.files import atomic_write_json  # noqa: E402
 from fibax.model import layer_patterns  # noqa: E402
-from kernels_pallas.gpu import SPEC_FORMAT, SPEC_KEYS, GpuBlocks, parse_blocks  # noqa: E402
+from kernels_pallas.gpu import SPEC_FORMAT, GpuBlocks, blocks_spec, parse_blocks  # noqa: E402
 
 
 def measure(
@@ -110,7 +110,7 @@ def main(argv=None) -> None:
     used = attention.gpu_blocks_for("gpu_interpret" if args.interpret else "gpu", "packed")
   found |= {
     "blocks": args.blocks,
-    "gpu_blocks": ",".join(str(getattr(used, k)) for k in SPEC_KEYS),
+    "gpu_blocks": blocks_spec(used),
     "jax": jax.__version__,
     "device": jax.devices()[0].device_kind,
   }

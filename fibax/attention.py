@@ -269,11 +269,10 @@ def resolved_gpu_blocks(att) -> str:
   backend = PALLAS_BACKENDS.get(att.impl, "")
   if not backend.startswith("gpu") or "packed" not in att.impl:
     return ""
-  from kernels_pallas.gpu import SPEC_KEYS
+  from kernels_pallas.gpu import blocks_spec
 
   with config_gpu_blocks(att.gpu_blocks):
-    blocks = gpu_blocks_for(backend, "packed")
-  return ",".join(str(getattr(blocks, k)) for k in SPEC_KEYS)
+    return blocks_spec(gpu_blocks_for(backend, "packed"))
 
 
 AttentionFn = Callable[[Array, Array, Array, Pattern], Array]

@@ -317,6 +317,11 @@ def parse_blocks(spec: str) -> GpuBlocks:
     ) from None
 
 
+def blocks_spec(blocks: GpuBlocks) -> str:
+  """`parse_blocks`' inverse: every field of SPEC_KEYS, comma-separated."""
+  return ",".join(str(getattr(blocks, k)) for k in SPEC_KEYS)
+
+
 def _rows(ref, rows, cols, valid, dtype=None):
   """Gathers ref[rows, :] with rows clamped to the ref and zero where not `valid`."""
   rows_c = jnp.clip(rows, 0, ref.shape[0] - 1)

@@ -307,3 +307,10 @@ def test_mosaic_ops_counts_each_kernels_loop_the_same_at_any_length_and_rungs(ca
   with pytest.raises(SystemExit):
     mosaic_ops.main(["--rungs", "5"])  # not beyond the window
   assert "--rungs '5'" in capsys.readouterr().err
+
+
+def test_blocks_spec_is_parse_blocks_inverse():
+  spec = "16,4,16,4,2,2,2,1,0,1,2,1,1,1,0,1,3"
+  assert gpu.blocks_spec(gpu.parse_blocks(spec)) == spec
+  blocks = GpuBlocks(kernel="packed", q_tma=2)
+  assert gpu.parse_blocks(gpu.blocks_spec(blocks)) == blocks
