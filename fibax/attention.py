@@ -83,21 +83,24 @@ def _dense(implementation: str | None):
 def learned_table(pattern: LearnedPattern, alpha, ct=jnp.float32):
   """Each rung's run-time floor lo (int32 [R]), weight frac = alpha * b - lo ([R] in `ct`,
   differentiable in alpha) and whether it is kept ([R] bool): a rung is skipped when
-  round(t) <= W, lo > cap, or lo is already used by the window or an earlier kept rung."""
+  round(t) <= W, lo > cap, or lo is already used by the window or an earlier kept rung.
+
+  Whole-array operations on the [R] rungs (and one [R, R] comparison), a fixed number of
+  them whatever R: written rung by rung, each layer's table was some 260 scalar operations
+  that XLA fused into one multi-output loop fusion whose LLVM code took ~1.6 s a layer to
+  compile on a GPU (a learned model's attention compiled in 37 s for 16 layers, against 3 s
+  for its static twin: experiments/results/speed_h200_9d2b72f/)."""
   alpha = jnp.asarray(alpha, ct)
-  los, fracs, keeps = [], [], []
-  for b in pattern.terms:
-    t = alpha * b
-    lo = jnp.floor(t)
-    lo_i = lo.astype(jnp.int32)
-    # jnp.round is half-to-even, like Python's round in the paper's code.
-    skip = (jnp.round(t) <= pattern.window) | (lo_i > pattern.cap) | (lo_i <= pattern.window)
-    for prev_lo, prev_keep in zip(los, keeps, strict=True):
-      skip = skip | (prev_keep & (prev_lo == lo_i))
-    los.append(lo_i)
-    fracs.append(t - lo)
-    keeps.append(~skip)
-  return jnp.stack(los), jnp.stack(fracs), jnp.stack(keeps)
+  t_R = alpha * jnp.asarray(pattern.terms, ct)
+  lo_R = jnp.floor(t_R)
+  lo_i = lo_R.astype(jnp.int32)
+  # jnp.round is half-to-even, like Python's round in the paper's code.
+  open_R = ~((jnp.round(t_R) <= pattern.window) | (lo_i > pattern.cap) | (lo_i <= pattern.window))
+  # An earlier kept rung has this floor iff an earlier open one does: the first open rung of
+  # a floor is kept (no earlier kept rung can share its floor).
+  before_RxR = np.tri(len(pattern.terms), k=-1, dtype=bool)  # [r, j]: j < r
+  taken_R = jnp.any(before_RxR & open_R[None, :] & (lo_i[:, None] == lo_i[None, :]), axis=1)
+  return lo_i, t_R - lo_R, open_R & ~taken_R
 
 
 def _learned_rungs(k, v, pattern: LearnedPattern, alpha, ct):

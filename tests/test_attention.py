@@ -89,6 +89,52 @@ def test_learned_gradient_matches_finite_difference():
   assert grad == pytest.approx(fd, rel=1e-4)
 
 
+def _table_rung_by_rung(pattern, alpha):
+  """The skip rules of `attention.learned_table` as the paper's code applies them, one rung
+  after another (float32 products, half-to-even rounding); also how many rungs only the
+  taken-floor rule skipped."""
+  los, fracs, keeps, taken_only = [], [], [], 0
+  for b in pattern.terms:
+    t = np.float32(alpha) * np.float32(b)
+    lo = int(np.floor(t))
+    taken = any(k and prev == lo for prev, k in zip(los, keeps, strict=True))
+    skip = round(float(t)) <= pattern.window or lo > pattern.cap or lo <= pattern.window
+    taken_only += taken and not skip
+    los.append(lo)
+    fracs.append(t - np.float32(lo))
+    keeps.append(not (skip or taken))
+  return (np.array(los), np.array(fracs, np.float32), np.array(keeps)), taken_only
+
+
+def test_learned_table_matches_the_rung_by_rung_rules():
+  """Random terms (unsorted, repeated, close enough that two rungs share a floor), windows,
+  caps and alphas: the whole-array table equals the rules applied rung by rung, including
+  which of two rungs with one floor is kept (the first open one)."""
+  rng = np.random.default_rng(0)
+  taken_only = 0
+  for _ in range(300):
+    terms = tuple(int(x) for x in rng.integers(1, 40, size=int(rng.integers(1, 12))))
+    lp = LearnedPattern(int(rng.integers(0, 6)), terms, int(rng.integers(4, 60)))
+    alpha = float(rng.uniform(0.05, 3.0))
+    want, n = _table_rung_by_rung(lp, alpha)
+    taken_only += n
+    got = attention.learned_table(lp, jnp.float32(alpha))
+    for g, w in zip(got, want, strict=True):
+      np.testing.assert_array_equal(np.asarray(g), w, err_msg=f"{lp} alpha={alpha}")
+  assert taken_only > 50  # the rule for a floor already taken was exercised
+
+
+def test_learned_table_is_the_same_operations_at_any_rung_count():
+  """A fixed number of whole-array operations, not a chain a rung (which compiled in seconds
+  a layer on a GPU): the traced table of 15 rungs has as many equations as that of 3."""
+
+  def eqns(num_terms):
+    lp = LearnedPattern(4, tuple(range(5, 5 + 3 * num_terms, 3)), 100)
+    return len(jax.make_jaxpr(lambda a: attention.learned_table(lp, a))(1.0).eqns)
+
+  assert eqns(15) == eqns(3) < 30
+
+
 def test_learned_skip_rules():
   """The learned path against a hand-built softmax over the slots the paper keeps.
 
