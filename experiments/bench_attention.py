@@ -358,17 +358,8 @@ SPEC_KEYS, SPEC_FORMAT, parse_spec = gpu.SPEC_KEYS, gpu.SPEC_FORMAT, gpu.parse_b
 
 
 def _spec(b: GpuBlocks) -> list[int]:
-  """bq, warps, bq_bwd, warps_bwd, stages, stages_bwd, group, group_bwd, diagonal, dkv_t,
-  stages_dkv, exp2, fold, group_dkv, ew, dkv_tma, q_tma (resolved; the row-wise kernel folds no
-  rungs and takes no tiles to leave: 0)."""
-  packed = b.kernel == "packed"
-  return [
-    *(b.block_q, b.warps, b.block_q_bwd, b.num_warps_bwd, b.num_stages, b.stages_dq),
-    *(b.group, b.group_bwd, b.diagonal, b.dkv_t, b.stages_dkv, b.exp2),
-    *(b.fold if packed else 0, b.group_dkv, b.ew_rungs if packed else 0),
-    b.dkv_tma if packed else 0,
-    b.q_tma if packed else 0,
-  ]
+  """`gpu.blocks_spec` as a list: SPEC_KEYS' values, resolved (the row-wise kernel's fold 0)."""
+  return [int(x) for x in gpu.blocks_spec(b).split(",")]
 
 
 def autotune(args, specs: list[GpuBlocks]) -> dict:

@@ -259,6 +259,21 @@ class GpuBlocks:
   def stages_dkv(self) -> int:
     return self.num_stages_dkv or self.stages_dq
 
+  def resolved(self) -> GpuBlocks:
+    """These blocks with each 0 that stands for a default or another field's value replaced
+    by the value it takes (warps, backward stages, rung groups), and the row-wise kernel's
+    fold 0 (it folds no rungs): the same kernels, as a record names them (`blocks_spec`)."""
+    return dataclasses.replace(
+      self,
+      num_warps=self.warps,
+      num_stages_bwd=self.stages_dq,
+      num_stages_dkv=self.stages_dkv,
+      rung_group=self.group,
+      rung_group_bwd=self.group_bwd,
+      rung_group_dkv=self.group_dkv,
+      fold=self.fold if self.kernel == "packed" else 0,
+    )
+
   def for_kernel(self, kernel: str) -> GpuBlocks:
     """These blocks for `kernel`; the row-wise kernel's without the rung groups, ew_rungs,
     dkv_tma and q_tma (it has none of them)."""
@@ -318,8 +333,11 @@ def parse_blocks(spec: str) -> GpuBlocks:
 
 
 def blocks_spec(blocks: GpuBlocks) -> str:
-  """`parse_blocks`' inverse: every field of SPEC_KEYS, comma-separated."""
-  return ",".join(str(getattr(blocks, k)) for k in SPEC_KEYS)
+  """`parse_blocks`' inverse up to `GpuBlocks.resolved`: every field of SPEC_KEYS,
+  comma-separated, as the kernels take it (a 0 that stands for a default written as that
+  default), so that every record names blocks alike."""
+  resolved = blocks.resolved()
+  return ",".join(str(getattr(resolved, k)) for k in SPEC_KEYS)
 
 
 def _rows(ref, rows, cols, valid, dtype=None):

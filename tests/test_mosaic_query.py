@@ -309,8 +309,18 @@ def test_mosaic_ops_counts_each_kernels_loop_the_same_at_any_length_and_rungs(ca
   assert "--rungs '5'" in capsys.readouterr().err
 
 
-def test_blocks_spec_is_parse_blocks_inverse():
+def test_blocks_spec_is_parse_blocks_inverse_with_each_default_resolved():
   spec = "16,4,16,4,2,2,2,1,0,1,2,1,1,1,0,1,3"
   assert gpu.blocks_spec(gpu.parse_blocks(spec)) == spec
+  # The declared defaults' zeros (warps, backward stages, rung groups) come back as the values
+  # they stand for: the same kernels, named as every record names them.
   blocks = GpuBlocks(kernel="packed", q_tma=2)
-  assert gpu.parse_blocks(gpu.blocks_spec(blocks)) == blocks
+  back = gpu.parse_blocks(gpu.blocks_spec(blocks))
+  assert back == blocks.resolved() == back.resolved() != blocks
+  assert (back.num_warps, back.rung_group, back.rung_group_bwd, back.num_stages_bwd) == (4, 2, 1, 2)
+  props = ("warps", "group", "group_bwd", "group_dkv", "stages_dq", "stages_dkv")
+  assert all(getattr(back, p) == getattr(blocks, p) for p in props)
+  assert gpu.blocks_spec(blocks) == "16,4,16,4,2,2,2,1,0,1,2,1,1,1,0,0,2"
+  # The row-wise kernel folds no rungs and has no rung groups: 0 and 1 whatever was declared.
+  rowwise = GpuBlocks(kernel="rowwise", fold=1)
+  assert gpu.blocks_spec(rowwise) == "16,2,16,4,2,2,1,1,0,1,2,1,0,1,0,0,0"
