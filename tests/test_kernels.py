@@ -260,12 +260,15 @@ class LearnedRungsTest:
   BACKEND = "gpu"
   BLOCKS = None  # the kernels' defaults
 
-  def check(self, seed):
+  def check(self, seed, alpha=None, window=None):
+    """Random case `seed`; `alpha` and `window` (then T >= 40) in place of its own."""
     rng = np.random.default_rng(seed)
-    seq_len, window = int(rng.integers(2, 200)), int(rng.integers(0, 16))
-    window = min(window, seq_len - 1)
+    seq_len, drawn = int(rng.integers(2, 200)), int(rng.integers(0, 16))
+    if window is not None:
+      seq_len = max(seq_len, 40)
+    window = min(drawn if window is None else window, seq_len - 1)
     lp = LearnedPattern.build(base="fib", window=window, seq_len=seq_len)
-    alpha = jnp.float32(rng.uniform(0.5, 1.5))
+    alpha = jnp.float32(rng.uniform(0.5, 1.5) if alpha is None else alpha)
     num_kv, groups = int(rng.choice([1, 2])), int(rng.choice([1, 2, 4]))
     dtype = [jnp.float32, jnp.bfloat16][int(rng.integers(0, 2))]
     case = dict(
@@ -315,6 +318,11 @@ class TestGpuLearnedRungs(LearnedRungsTest):
   def test_matches_plain_jax(self, seed):
     self.check(seed)
 
+  @pytest.mark.parametrize("seed, window", [(0, 4), (1, 7), (2, 12)])
+  @pytest.mark.parametrize("side", [0.0, 2.0])
+  def test_next_to_alpha_one(self, seed, window, side):  # as the interpreter's class
+    self.check(seed, alpha=np.nextafter(np.float32(1), np.float32(side)), window=window)
+
 
 class TestGpuInterpretLearnedRungs(LearnedRungsTest):
   BACKEND = "gpu_interpret"
@@ -322,6 +330,15 @@ class TestGpuInterpretLearnedRungs(LearnedRungsTest):
   @pytest.mark.parametrize("seed", _seeds())
   def test_matches_plain_jax(self, seed):
     self.check(seed)
+
+  @pytest.mark.parametrize("seed, window", [(0, 4), (1, 7), (2, 12)])
+  @pytest.mark.parametrize("side", [0.0, 2.0])
+  def test_next_to_alpha_one(self, seed, window, side):
+    """A learned model starts at alpha = 1, where every rung's floor and the skip rule jump:
+    just below 1 each rung b has floor b - 1 and weight ~1, and the rung b = W + 1 (a
+    Fibonacci number here) is skipped; just above, floor b and weight ~0. Either side, the
+    kernels as the plain-JAX path."""
+    self.check(seed, alpha=np.nextafter(np.float32(1), np.float32(side)), window=window)
 
 
 @pytest.mark.gpu
