@@ -55,6 +55,7 @@ from configs.paper import get_config
 from experiments import bench_attention
 from experiments.bench_attention import versions
 from fibax import attention, cli, metrics, sharding
+from fibax import model as model_lib
 from fibax.config_loader import add_overrides_argument, apply_overrides
 from fibax.data.files import atomic_write_json
 from fibax.steps import make_steps
@@ -402,6 +403,14 @@ def bench(
     "steps_per_s": round(1 / step_s, 3),
     "tokens_per_s": round(shape[0] * shape[1] / step_s),
     "loss_after": float(m["loss"]),
+    # A learned model's alphas after the steps: it starts at alpha = 1, where each rung's
+    # floor and the skip rule jump, so the side of 1 a layer's alpha takes early decides which
+    # rungs it keeps, and with them the loss (experiments/results/speed_h200_cd8aba6/).
+    **(
+      {"alphas_after": list(model_lib.learned_alphas(state.params, cfg.model))}
+      if cfg.model.attention.schedule == "learned"
+      else {}
+    ),
     "temp_bytes": None if memory is None else int(memory.temp_size_in_bytes),
     **traced,
   }

@@ -335,7 +335,9 @@ def parse_blocks(spec: str) -> GpuBlocks:
 def blocks_spec(blocks: GpuBlocks) -> str:
   """`parse_blocks`' inverse up to `GpuBlocks.resolved`: every field of SPEC_KEYS,
   comma-separated, as the kernels take it (a 0 that stands for a default written as that
-  default), so that every record names blocks alike."""
+  default), so that every record names blocks alike. The values are `blocks.kernel`'s: a spec
+  of the packed kernel's blocks names its warps and rung groups, which the row-wise kernel
+  (another default warp count, no rung groups) would not take as its own."""
   resolved = blocks.resolved()
   return ",".join(str(getattr(resolved, k)) for k in SPEC_KEYS)
 

@@ -209,6 +209,18 @@ def test_mfu_counts_against_the_higher_of_the_two_peak_measurements(tmp_path, mo
   assert "--xla_gpu_enable_triton_gemm=false" in report["xla_flags"]
 
 
+def test_a_learned_run_reports_each_layers_alpha_after_its_steps(tmp_path):
+  """A learned model's per-layer alphas after the timed steps (each moved off its start, 1),
+  none for a static one."""
+  from eval_helpers import micro_run_config
+
+  learned = bench_train.bench(micro_run_config(tmp_path, "learned"), 1, None, None)
+  alphas = learned["alphas_after"]
+  assert len(alphas) == 2 and all(0.5 < a < 1.5 and a != 1.0 for a in alphas)
+  static = bench_train.bench(micro_run_config(tmp_path, "stagger"), 1, None, None)
+  assert "alphas_after" not in static
+
+
 def test_blocks_reach_the_kernels_of_every_run_and_the_report(tmp_path, monkeypatch, capsys):
   """--blocks: each run traces under `attention.gpu_blocks` with them (the packed kernel's
   rung groups included) and the JSON records them; a bad config stops before any measurement."""

@@ -306,6 +306,18 @@ class LearnedRungsTest:
       assert _rel_err(g, r) < tol * 2, (name, case, float(alpha))
 
 
+def _next_to_one(window, side):
+  """The float32 next to 1 towards `side` (0 or 2), where the rung W + 1 (a Fibonacci number)
+  is skipped (below 1) or kept (above): asserted, so these cases keep testing the jump."""
+  alpha = np.nextafter(np.float32(1), np.float32(side))
+  lp = LearnedPattern.build(base="fib", window=window, seq_len=40)
+  lo, frac, keep = (np.asarray(x) for x in attention.learned_table(lp, jnp.float32(alpha)))
+  rung = lp.terms.index(window + 1)
+  assert keep[rung] == (side > 1) and lo[rung] == window + (side > 1), (window, side)
+  assert np.all(frac[keep] > 0.99) if side < 1 else np.all(frac[keep] < 0.01)
+  return alpha
+
+
 def _gpu_seeds():
   """FIBAX_KERNEL_SHARD=i/n runs every n-th seed, so n processes can share the compiles."""
   i, n = (int(x) for x in os.environ.get("FIBAX_KERNEL_SHARD", "0/1").split("/"))
@@ -321,7 +333,7 @@ class TestGpuLearnedRungs(LearnedRungsTest):
   @pytest.mark.parametrize("seed, window", [(0, 4), (1, 7), (2, 12)])
   @pytest.mark.parametrize("side", [0.0, 2.0])
   def test_next_to_alpha_one(self, seed, window, side):  # as the interpreter's class
-    self.check(seed, alpha=np.nextafter(np.float32(1), np.float32(side)), window=window)
+    self.check(seed, alpha=_next_to_one(window, side), window=window)
 
 
 class TestGpuInterpretLearnedRungs(LearnedRungsTest):
@@ -338,7 +350,7 @@ class TestGpuInterpretLearnedRungs(LearnedRungsTest):
     just below 1 each rung b has floor b - 1 and weight ~1, and the rung b = W + 1 (a
     Fibonacci number here) is skipped; just above, floor b and weight ~0. Either side, the
     kernels as the plain-JAX path."""
-    self.check(seed, alpha=np.nextafter(np.float32(1), np.float32(side)), window=window)
+    self.check(seed, alpha=_next_to_one(window, side), window=window)
 
 
 @pytest.mark.gpu
