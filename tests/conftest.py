@@ -1,7 +1,10 @@
-"""Test set-up: 8 fake CPU devices (before JAX starts), rank promotion raises."""
+"""Test set-up: 8 fake CPU devices (before JAX starts), rank promotion raises, a hung test
+ends the run with every thread's traceback."""
 
 import contextlib
+import faulthandler
 import os
+import sys
 
 # Cheaper XLA:CPU compiles: Pallas interpret mode compiles every kernel pattern, and
 # compile time, not run time, dominates the CPU suite.
@@ -25,6 +28,29 @@ import jax  # noqa: E402
 import pytest  # noqa: E402
 
 jax.config.update("jax_numpy_rank_promotion", "raise")
+
+
+# A test still running after FIBAX_TEST_HANG_S seconds (default 600; the slowest CPU test takes
+# ~35 s on a 2-core machine; 0: no limit) has every thread's traceback written to the terminal
+# and ends the run with exit status 1, by faulthandler's own thread, which needs no GIL: a hang
+# inside native code (seen once in a CI run: orbax's restore of a damaged checkpoint, in
+# asyncio's cancellation of its other reads) fails the run with its stacks instead of stalling.
+_HANG_S = float(os.environ.get("FIBAX_TEST_HANG_S", "600"))
+_TERMINAL = []  # the terminal's stderr, as it was before pytest captured it
+
+
+def pytest_configure(config):
+  capture = config.pluginmanager.getplugin("capturemanager")
+  with capture.global_and_fixture_disabled() if capture else contextlib.nullcontext():
+    _TERMINAL.append(os.fdopen(os.dup(sys.stderr.fileno()), "w"))
+
+
+@pytest.fixture(autouse=True)
+def _hang_guard():
+  if _HANG_S > 0:
+    faulthandler.dump_traceback_later(_HANG_S, exit=True, file=_TERMINAL[0])
+  yield
+  faulthandler.cancel_dump_traceback_later()
 
 
 def pytest_collection_modifyitems(config, items):
