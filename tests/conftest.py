@@ -35,11 +35,16 @@ jax.config.update("jax_numpy_rank_promotion", "raise")
 # and ends the run with exit status 1, by faulthandler's own thread, which needs no GIL: a hang
 # inside native code (seen once in a CI run: orbax's restore of a damaged checkpoint, in
 # asyncio's cancellation of its other reads) fails the run with its stacks instead of stalling.
-_HANG_S = float(os.environ.get("FIBAX_TEST_HANG_S", "600"))
+_HANG_S = []  # FIBAX_TEST_HANG_S, read when pytest starts
 _TERMINAL = []  # the terminal's stderr, as it was before pytest captured it
 
 
 def pytest_configure(config):
+  value = os.environ.get("FIBAX_TEST_HANG_S", "600")
+  try:
+    _HANG_S.append(float(value))
+  except ValueError:
+    raise pytest.UsageError(f"FIBAX_TEST_HANG_S={value!r}: seconds (0: no limit)") from None
   capture = config.pluginmanager.getplugin("capturemanager")
   with capture.global_and_fixture_disabled() if capture else contextlib.nullcontext():
     _TERMINAL.append(os.fdopen(os.dup(sys.stderr.fileno()), "w"))
@@ -47,8 +52,8 @@ def pytest_configure(config):
 
 @pytest.fixture(autouse=True)
 def _hang_guard():
-  if _HANG_S > 0:
-    faulthandler.dump_traceback_later(_HANG_S, exit=True, file=_TERMINAL[0])
+  if _HANG_S[0] > 0:
+    faulthandler.dump_traceback_later(_HANG_S[0], exit=True, file=_TERMINAL[0])
   yield
   faulthandler.cancel_dump_traceback_later()
 
